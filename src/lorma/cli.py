@@ -1,0 +1,63 @@
+"""The `lorma` command: a thin shell over the library.
+
+Each subcommand lives in its own module, which exposes ``register(subparsers)`` (adds its parser and
+sets ``func`` on it) so that this file stays a table and importing the CLI stays cheap: a module is
+imported only when listed here, and heavy imports (torch, transformers) happen inside each ``func``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> module that defines ``register(subparsers)``
+SUBCOMMAND_MODULES: dict[str, str] = {
+    "train": "lorma.recipes.commands",
+    "compare": "lorma.recipes.commands",
+    "merge": "lorma.recipes.commands",
+    "demo": "lorma.recipes.commands",
+    "analyze": "lorma.analysis.cli",
+    "evaluate": "lorma.tasks.evaluate_cli",
+}
+
+
+class LormaCLIError(Exception):
+    """An error in the user's input: printed as one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lorma",
+        description="LoRMA: low-rank multiplicative adaptation (W = I(BA) W0) for transformers models.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    seen: set[str] = set()
+    for module_name in SUBCOMMAND_MODULES.values():
+        if module_name in seen:
+            continue
+        seen.add(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:  # a subcommand still being built must not break the others
+            if err.name and err.name.startswith("lorma"):
+                continue
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.func(args)
+    except LormaCLIError as err:
+        print(f"lorma {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
