@@ -1,0 +1,153 @@
+"""``LormaConfig``: the peft configuration of a LoRMA adapter."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from peft.config import PeftConfig
+
+from .functional import INFLATIONS, SIDES
+
+# Default target modules per transformers model_type: the paper's set-ups.
+# RoBERTa / BERT: query and value (Table 14). GPT-2: the fused c_attn, q and v parts only (Table 16).
+# Gemma-2B: q, k, v, o, up, down, gate; LLaMA-3-8B: up, down, o, gate (Table 17).
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "camembert": ["query", "value"],
+    "gpt2": ["c_attn"],
+    "llama": ["up_proj", "down_proj", "o_proj", "gate_proj"],
+    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"],
+    "gemma2": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"],
+}
+
+# GPT-2's c_attn outputs [q | k | v]; the paper adapts q and v, each with its own transform.
+DEFAULT_FUSED_PARTS: dict[str, dict[str, dict[str, Any]]] = {
+    "gpt2": {"c_attn": {"num_parts": 3, "parts": [0, 2]}},
+}
+
+
+@dataclass
+class LormaConfig(PeftConfig):
+    """Configuration of a LoRMA adapter: ``W = I(BA) W0`` (``side="pre"``) or ``W0 I(BA)`` (``"post"``).
+
+    Args:
+        r: rank of ``A`` (``r x d``) and ``B`` (``d x r``).
+        alpha: the scaling is ``s = alpha / r``.
+        inflation: ``"plus"`` (``I + sBA``, LoRMA+), ``"pi"`` (``s pi(BA)``, LoRMA_pi) or ``"none"``
+            (``s BA``, the rank-limited ablation).
+        side: ``"pre"`` (paper default, ``d = d_out``) or ``"post"`` (``d = d_in``).
+        dropout: dropout on the adapter path only; the frozen path ``W0 x`` never sees it.
+        target_modules / exclude_modules / layers_to_transform / layers_pattern: as in peft's LoRA.
+        init_weights: ``True`` for the paper's identity initialisation; ``False`` for random ``A`` and
+            ``B`` (tests).
+        rank_pattern / alpha_pattern: per-module ``r`` and ``alpha`` (regex on the module name's end).
+        modules_to_save: extra modules trained in full and saved (e.g. a classification head).
+        fan_in_fan_out: the base weight is stored ``(d_in, d_out)`` (transformers' ``Conv1D``); set
+            automatically for ``Conv1D``.
+        fused_parts: adapt only some equal parts of a fused projection's output, each with its own
+            transform: ``{"c_attn": {"num_parts": 3, "parts": [0, 2]}}`` (GPT-2's q and v). Keys match
+            module names like ``target_modules`` entries (name or dotted suffix, or a regex).
+    """
+
+    r: int = field(default=8, metadata={"help": "Rank of A (r x d) and B (d x r)."})
+    alpha: float = field(default=8.0, metadata={"help": "Scaling numerator: s = alpha / r."})
+    inflation: str = field(default="plus", metadata={"help": "Rank inflation: 'plus', 'pi' or 'none'."})
+    side: str = field(default="pre", metadata={"help": "'pre': W = I(BA) W0; 'post': W = W0 I(BA)."})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout probability on the adapter path."})
+    target_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Module names (or suffixes, or one regex) to adapt."}
+    )
+    exclude_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Module names (or suffixes, or one regex) never to adapt."}
+    )
+    init_weights: bool = field(
+        default=True, metadata={"help": "Identity initialisation (the paper's); False: random A and B."}
+    )
+    layers_to_transform: list[int] | int | None = field(default=None, metadata={"help": "Layer indices."})
+    layers_pattern: list[str] | str | None = field(default=None, metadata={"help": "Layer list name."})
+    rank_pattern: dict[str, int] = field(default_factory=dict, metadata={"help": "Per-module r."})
+    alpha_pattern: dict[str, float] = field(default_factory=dict, metadata={"help": "Per-module alpha."})
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Modules trained in full and saved with the adapter."}
+    )
+    fan_in_fan_out: bool = field(
+        default=False, metadata={"help": "Base weight stored (d_in, d_out), as in transformers' Conv1D."}
+    )
+    fused_parts: dict[str, dict[str, Any]] | None = field(
+        default=None,
+        metadata={"help": "Per fused module: {'num_parts': P, 'parts': [indices to adapt]}."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from .registry import lorma_peft_type
+
+        if self.peft_type is not None and str(getattr(self.peft_type, "value", self.peft_type)) != "LORMA":
+            raise ValueError(f"LormaConfig: this is a {self.peft_type} adapter config, not a LORMA one")
+        self.peft_type = lorma_peft_type()
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"LormaConfig: r must be a positive integer, got {self.r!r}")
+        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+            raise ValueError(f"LormaConfig: alpha must be a positive number, got {self.alpha!r}")
+        if self.inflation not in INFLATIONS:
+            raise ValueError(f"LormaConfig: unknown inflation {self.inflation!r}; expected one of {INFLATIONS}")
+        if self.side not in SIDES:
+            raise ValueError(f"LormaConfig: unknown side {self.side!r}; expected one of {SIDES}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"LormaConfig: dropout must be in [0, 1), got {self.dropout!r}")
+        for name, value in self.rank_pattern.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"LormaConfig: rank_pattern[{name!r}] must be a positive integer, got {value!r}")
+        for name, value in self.alpha_pattern.items():
+            if not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"LormaConfig: alpha_pattern[{name!r}] must be positive, got {value!r}")
+        if self.fused_parts is not None:
+            for name, spec in self.fused_parts.items():
+                validate_fused_spec(name, spec)
+        if isinstance(self.target_modules, (list, tuple)):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, (list, tuple)):
+            self.exclude_modules = set(self.exclude_modules)
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("LormaConfig: layers_to_transform cannot be used when target_modules is a str")
+
+    @classmethod
+    def from_peft_type(cls, **kwargs: Any) -> PeftConfig:
+        """Refuse another method's saved config instead of silently returning that method's config class."""
+        peft_type = kwargs.get("peft_type")
+        if peft_type is not None and str(getattr(peft_type, "value", peft_type)) != "LORMA":
+            raise ValueError(f"LormaConfig: the saved adapter config is peft_type {peft_type!r}, not 'LORMA'")
+        return super().from_peft_type(**kwargs)
+
+    def fused_spec_for(self, module_name: str) -> tuple[int, list[int]] | None:
+        """``(num_parts, parts)`` for a module name, or ``None`` if it is adapted as a whole."""
+        if not self.fused_parts:
+            return None
+        for key, spec in self.fused_parts.items():
+            if module_name == key or module_name.endswith("." + key) or re.fullmatch(key, module_name):
+                return int(spec["num_parts"]), sorted(int(p) for p in spec["parts"])
+        return None
+
+
+def validate_fused_spec(name: str, spec: Any) -> None:
+    """Raise a ValueError naming ``name`` unless ``spec`` is ``{"num_parts": P, "parts": [...]}``."""
+    if not isinstance(spec, dict) or set(spec) != {"num_parts", "parts"}:
+        raise ValueError(
+            f"LormaConfig: fused_parts[{name!r}] must be a dict with keys 'num_parts' and 'parts', got {spec!r}"
+        )
+    num_parts, parts = spec["num_parts"], spec["parts"]
+    if isinstance(num_parts, bool) or not isinstance(num_parts, int) or num_parts < 1:
+        raise ValueError(f"LormaConfig: fused_parts[{name!r}]['num_parts'] must be >= 1, got {num_parts!r}")
+    if not isinstance(parts, (list, tuple)) or not parts:
+        raise ValueError(f"LormaConfig: fused_parts[{name!r}]['parts'] must be a non-empty list, got {parts!r}")
+    if len(set(parts)) != len(parts) or any(
+        isinstance(p, bool) or not isinstance(p, int) or not 0 <= p < num_parts for p in parts
+    ):
+        raise ValueError(
+            f"LormaConfig: fused_parts[{name!r}]['parts'] must be distinct indices in [0, {num_parts}), "
+            f"got {list(parts)!r}"
+        )
