@@ -202,7 +202,7 @@ class LormaLayer(BaseTunerLayer):
     def _delta_for(self, adapter: str, weight: torch.Tensor) -> torch.Tensor:
         """What merging ``adapter`` adds to ``weight`` (Linear layout, float), computed without ``W - W0``."""
         side, inflation, s = self.side[adapter], self.inflation[adapter], self.scaling[adapter]
-        delta = torch.zeros_like(weight)
+        delta = weight if self.fused[adapter] is None else torch.zeros_like(weight)
         for rows, A, B in self._pairs(adapter):
             w = weight if rows is None else weight[rows]
             A, B = A.to(weight.dtype), B.to(weight.dtype)
@@ -249,7 +249,8 @@ class LormaLayer(BaseTunerLayer):
             return False  # the merged weight was rounded: only a copy gives W0 back bit for bit
         s = self.scaling[adapter]
         for _, A, B in self._pairs(adapter):
-            core = torch.eye(A.shape[0], dtype=torch.float64) + s * (A.detach().double().cpu() @ B.detach().double().cpu())
+            a64, b64 = A.detach().double().cpu(), B.detach().double().cpu()
+            core = torch.eye(A.shape[0], dtype=torch.float64) + s * (a64 @ b64)
             cond = torch.linalg.cond(core)
             if not torch.isfinite(cond) or cond > _WOODBURY_MAX_CONDITION:
                 return False

@@ -107,7 +107,11 @@ class LormaModel(BaseTuner):
             for name, param in model.state_dict().items()
             if any(f".{p}.{adapter_name}" in name for p in LormaLayer.adapter_layer_names)
         }
-        loaded = {k: v for k, v in remapped.items() if any(f".{p}." in k or k.endswith(f".{p}") for p in ("lorma_A", "lorma_B"))}
+        loaded = {
+            k: v
+            for k, v in remapped.items()
+            if any(f".{p}." in k or k.endswith(f".{p}") for p in LormaLayer.adapter_layer_names)
+        }
         missing = sorted(set(expected) - set(loaded))
         unexpected = sorted(set(loaded) - set(expected))
         problems: list[str] = []
