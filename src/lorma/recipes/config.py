@@ -1,0 +1,270 @@
+"""One run's settings (:class:`RunConfig`), merged from an optional YAML file and command-line flags.
+
+Every key of the YAML file is also a flag (``train_file`` <-> ``--train-file``), and any field of HF
+``TrainingArguments`` can be given at the top level of the YAML file, under ``training:``, or as a flag
+(``--learning-rate 4e-4``), so that a run needs no YAML file and a YAML file needs no new vocabulary.
+Flags win over the file. Unknown keys are errors that name the key and the file: a typo must not be
+silently ignored and leave the run with a default the user did not ask for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lorma.cli import LormaCLIError
+
+METHODS: tuple[str, ...] = ("lorma-plus", "lorma-pi", "lorma-none", "lora", "dora", "full", "bitfit", "head-only")
+# which methods are a peft adapter (saved as an adapter, mergeable)
+ADAPTER_METHODS: tuple[str, ...] = ("lorma-plus", "lorma-pi", "lorma-none", "lora", "dora")
+
+# Training defaults for adapters: TrainingArguments' own default learning rate (5e-5) is a full
+# fine-tuning value and leaves adapters barely moving; logging every step gives the per-step loss log.
+DEFAULT_TRAINING: dict[str, Any] = {
+    "learning_rate": 4e-4,
+    "per_device_train_batch_size": 16,
+    "per_device_eval_batch_size": 64,
+    "num_train_epochs": 3.0,
+    "warmup_ratio": 0.06,
+    "lr_scheduler_type": "linear",
+    "weight_decay": 0.0,
+    "logging_steps": 1,
+}
+
+
+class RecipeError(LormaCLIError):
+    """A problem with the user's config, data, model or output directory: printed as one line, exit 2."""
+
+
+@dataclass
+class RunConfig:
+    """The settings of one training run. ``None`` means "the task's or method's default"."""
+
+    model: str | None = field(default=None, metadata={"help": "Base model: a local directory or a hub name."})
+    task: str = field(
+        default="classification",
+        metadata={"help": "Task name: 'classification', a GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, "
+                  "rte) or one registered by another module of lorma.tasks."},
+    )
+    data: str | None = field(
+        default=None, metadata={"help": "A GLUE task folder (train.tsv, dev.tsv) or a saved HF dataset directory."}
+    )
+    train_file: str | None = field(default=None, metadata={"help": "Training data: CSV, TSV or JSONL."})
+    eval_file: str | None = field(default=None, metadata={"help": "Held-out data: CSV, TSV or JSONL."})
+    text_column: str | None = field(default=None, metadata={"help": "Column of the text (default: 'text')."})
+    text_pair_column: str | None = field(default=None, metadata={"help": "Column of the second text, if any."})
+    label_column: str | None = field(default=None, metadata={"help": "Column of the label (default: 'label')."})
+    file_encoding: str = field(default="utf-8", metadata={"help": "Encoding of CSV/TSV/JSONL files."})
+    problem_type: str | None = field(
+        default=None, metadata={"help": "'classification' or 'regression' (default: from the task / labels)."}
+    )
+    eval_split: float = field(
+        default=0.1, metadata={"help": "Fraction of the training data held out when no eval data is given."}
+    )
+    split_seed: int = field(
+        default=0, metadata={"help": "Seed of that split and of sub-sampling (the same for every run seed)."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many eval rows."})
+    max_seq_length: int = field(default=128, metadata={"help": "Truncate inputs to this many tokens."})
+    method: str = field(default="lorma-plus", metadata={"help": f"Fine-tuning method: {', '.join(METHODS)}."})
+    r: int = field(default=8, metadata={"help": "Rank of the adapter (LoRMA, LoRA, DoRA)."})
+    alpha: float = field(default=8.0, metadata={"help": "Scaling numerator: s = alpha / r."})
+    side: str = field(default="pre", metadata={"help": "LoRMA side: 'pre' (W = I(BA) W0) or 'post' (W0 I(BA))."})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter path."})
+    target_modules: list[str] | None = field(
+        default=None, metadata={"help": "Modules to adapt (default: the paper's set for the model type)."}
+    )
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Modules trained in full and saved with the adapter (default: the head)."}
+    )
+    output_dir: str | None = field(default=None, metadata={"help": "Where the run writes everything."})
+    seed: int = field(default=42, metadata={"help": "Seed of initialisation, shuffling and dropout."})
+    track_rank: int | None = field(
+        default=None, metadata={"help": "Every N steps, record the rank of I(BA) (lorma.analysis)."}
+    )
+    training: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "HF TrainingArguments fields (overrides the defaults)."}
+    )
+    task_options: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "Free-form options read by the task (e.g. generation settings)."}
+    )
+
+    def training_arguments(self) -> dict[str, Any]:
+        """The TrainingArguments keyword arguments: defaults, then ``training``."""
+        merged = dict(DEFAULT_TRAINING)
+        merged.update(self.training)
+        merged["seed"] = self.seed
+        return merged
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict (for the resolved ``config.yaml``)."""
+        return dataclasses.asdict(self)
+
+
+RUN_FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(RunConfig)}
+
+
+def training_argument_names() -> set[str]:
+    """Names of HF TrainingArguments fields (imported lazily: transformers is slow to import)."""
+    from transformers import TrainingArguments
+
+    return {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+
+
+def _coerce(name: str, value: Any, where: str) -> Any:
+    """Check and convert ``value`` for RunConfig field ``name``; ``where`` names the source in errors."""
+    if value is None:
+        return None
+    kind = RUN_FIELDS[name].type
+    kind = kind if isinstance(kind, str) else str(kind)
+    try:
+        if kind.startswith("int"):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind.startswith("float"):
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if kind.startswith("str"):
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+        if kind.startswith("list"):
+            if isinstance(value, str):
+                return [part.strip() for part in value.split(",") if part.strip()]
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            return [str(v) for v in value]
+        if kind.startswith("dict"):
+            if not isinstance(value, dict):
+                raise ValueError
+            return dict(value)
+    except ValueError:
+        raise RecipeError(f"{where}: '{name}' must be of type {kind}, got {value!r}") from None
+    return value
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML config file into a dict, with errors that name the file (and line, for syntax errors)."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"config file not found: {p}")
+    try:
+        with open(p, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise RecipeError(f"{p}:{at} invalid YAML ({getattr(err, 'problem', err)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{p}: a config file must be a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def build_config(
+    yaml_values: dict[str, Any] | None = None,
+    flag_values: dict[str, Any] | None = None,
+    source: str = "config",
+) -> RunConfig:
+    """Merge YAML values and flag values (flags win) into a checked :class:`RunConfig`.
+
+    Keys that are not RunConfig fields but are TrainingArguments fields go to ``training``; anything
+    else is an error naming the key and where it came from.
+    """
+    ta_names: set[str] | None = None
+    values: dict[str, Any] = {}
+    training: dict[str, Any] = {}
+    for where, mapping in ((source, yaml_values or {}), ("command line", flag_values or {})):
+        for key, value in mapping.items():
+            name = str(key).replace("-", "_")
+            if name == "training":
+                if not isinstance(value, dict):
+                    raise RecipeError(f"{where}: 'training' must be a mapping of TrainingArguments fields")
+                if ta_names is None:
+                    ta_names = training_argument_names()
+                for tkey, tval in value.items():
+                    if tkey not in ta_names:
+                        raise RecipeError(f"{where}: training.{tkey} is not a field of transformers TrainingArguments")
+                    training[tkey] = tval
+                continue
+            if name in RUN_FIELDS:
+                if name == "task_options":
+                    values.setdefault("task_options", {}).update(_coerce(name, value, where) or {})
+                else:
+                    values[name] = _coerce(name, value, where)
+                continue
+            if ta_names is None:
+                ta_names = training_argument_names()
+            if name in ta_names:
+                if name in ("seed", "output_dir"):
+                    values[name] = _coerce(name, value, where)
+                else:
+                    training[name] = value
+                continue
+            raise RecipeError(
+                f"{where}: unknown key '{key}' (neither a lorma run setting nor a TrainingArguments field)"
+            )
+    values["training"] = training
+    cfg = RunConfig(**values)
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: RunConfig) -> None:
+    """Errors for settings that are wrong on their face, before any model or data is touched."""
+    if cfg.method not in METHODS:
+        raise RecipeError(f"unknown method '{cfg.method}'; expected one of: {', '.join(METHODS)}")
+    if cfg.side not in ("pre", "post"):
+        raise RecipeError(f"unknown side '{cfg.side}'; expected 'pre' or 'post'")
+    if cfg.r <= 0:
+        raise RecipeError(f"r must be a positive integer, got {cfg.r}")
+    if cfg.alpha <= 0:
+        raise RecipeError(f"alpha must be positive, got {cfg.alpha}")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise RecipeError(f"dropout must be in [0, 1), got {cfg.dropout}")
+    if not 0.0 < cfg.eval_split < 1.0:
+        raise RecipeError(f"eval_split must be in (0, 1), got {cfg.eval_split}")
+    if cfg.max_seq_length <= 0:
+        raise RecipeError(f"max_seq_length must be positive, got {cfg.max_seq_length}")
+    if cfg.problem_type not in (None, "classification", "regression"):
+        raise RecipeError(f"problem_type must be 'classification' or 'regression', got '{cfg.problem_type}'")
+    if cfg.track_rank is not None and cfg.track_rank <= 0:
+        raise RecipeError(f"track_rank must be a positive number of steps, got {cfg.track_rank}")
+    for key in ("max_train_samples", "max_eval_samples"):
+        value = getattr(cfg, key)
+        if value is not None and value <= 0:
+            raise RecipeError(f"{key} must be positive, got {value}")
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same folder and ``os.replace``.
+
+    A run killed mid-write leaves the old file (or none), never a truncated one.
+    """
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def dump_yaml(values: dict[str, Any]) -> str:
+    """YAML text of a config dict, keys in field order."""
+    import yaml
+
+    return yaml.safe_dump(values, sort_keys=False, allow_unicode=True)

@@ -1,0 +1,175 @@
+"""The Task interface of ``lorma train``, and the registry of tasks by name.
+
+A task turns a :class:`lorma.recipes.config.RunConfig` into everything the trainer needs: the model
+(its transformers class), the datasets, the collator and the metrics. The recipes (train, compare,
+merge) are written against this interface only, so a new task works with every method and command.
+
+How to add a task (e.g. ``e2e`` generation with a causal LM):
+
+1. Create ``src/lorma/tasks/<your_module>.py`` with a subclass of :class:`Task`, decorated with
+   ``@register_task("e2e")`` (several names may share one class; the name is ``self.name``).
+2. Implement:
+
+   - ``check_inputs()``: look at files and columns before anything heavy; raise
+     :class:`lorma.recipes.config.RecipeError` naming the file/line/column that is wrong.
+   - ``load_model(tokenizer)``: the base model (e.g. ``AutoModelForCausalLM.from_pretrained``). Record in
+     ``self.model_info`` what is needed to rebuild it for ``lorma merge`` (see :meth:`Task.model_info`).
+   - ``build_datasets(tokenizer)``: ``(train_dataset, eval_dataset)``, tokenized; ``eval_dataset`` may be a
+     dict of named datasets (Trainer evaluates each, prefixing metrics with the name) or ``None``.
+   - ``data_collator(tokenizer)``: the collator for Trainer.
+   - ``compute_metrics(eval_pred)``: metrics from Trainer's predictions (or leave ``None`` and override
+     :meth:`Task.evaluate`).
+3. Optionally override:
+
+   - ``evaluate(trainer, eval_dataset)``: e.g. generation with beam search and corpus BLEU (the default
+     calls ``trainer.evaluate``). Return a flat ``{metric: float}`` dict, keys prefixed ``eval_``.
+   - ``head_module_names(model)``: modules trained in full and saved with an adapter (a classifier
+     head). Causal LMs usually return ``[]``.
+   - ``baseline_metrics()``: a trivial baseline on the eval data (e.g. majority class), shown by compare.
+   - ``peft_task_type``: the peft ``TaskType`` string (``"SEQ_CLS"``, ``"CAUSAL_LM"``).
+   - ``metric_for_best_model`` / ``greater_is_better``.
+
+``get_task(name)`` finds tasks in modules not yet imported by importing every module of this package
+once, so a new file is all a new task needs: no table to edit.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from lorma.recipes.config import RunConfig
+
+_TASKS: dict[str, type[Task]] = {}
+_SCANNED = False
+
+
+class Task:
+    """One kind of training job: which model class, which data, which metrics. See the module docstring."""
+
+    #: the peft TaskType (string) for adapters of this task, e.g. ``"SEQ_CLS"`` or ``"CAUSAL_LM"``
+    peft_task_type: ClassVar[str | None] = None
+    #: the eval metric (without ``eval_``) Trainer uses to pick the best checkpoint, if any
+    metric_for_best_model: ClassVar[str | None] = None
+    greater_is_better: ClassVar[bool] = True
+
+    def __init__(self, name: str, config: RunConfig) -> None:
+        self.name = name
+        self.config = config
+        #: facts about the built model that ``lorma merge`` needs to rebuild it (JSON-serialisable)
+        self.model_info: dict[str, Any] = {}
+
+    # --- must implement -------------------------------------------------------------------------------
+    def check_inputs(self) -> None:
+        """Raise RecipeError naming the problem if data files, columns or labels are wrong. Cheap."""
+        raise NotImplementedError
+
+    def load_model(self, tokenizer: Any) -> Any:
+        """The base transformers model, with its task head; fill :attr:`model_info`."""
+        raise NotImplementedError
+
+    def build_datasets(self, tokenizer: Any) -> tuple[Any, Any]:
+        """``(train_dataset, eval_dataset)``: tokenized datasets (eval may be a dict of them, or None)."""
+        raise NotImplementedError
+
+    def data_collator(self, tokenizer: Any) -> Any:
+        """The collator handed to Trainer."""
+        raise NotImplementedError
+
+    # --- may override ---------------------------------------------------------------------------------
+    def load_tokenizer(self) -> Any:
+        """The tokenizer of ``config.model`` (a pad token is added from EOS when the model has none)."""
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(self.config.model)
+        if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
+
+    def compute_metrics(self, eval_pred: Any) -> dict[str, float]:
+        """Metrics from Trainer's ``EvalPrediction``; the default reports none."""
+        return {}
+
+    def has_compute_metrics(self) -> bool:
+        """Whether Trainer should call :meth:`compute_metrics` (False when the subclass keeps the default)."""
+        return type(self).compute_metrics is not Task.compute_metrics
+
+    def evaluate(self, trainer: Any, eval_dataset: Any) -> dict[str, float]:
+        """Final evaluation: ``trainer.evaluate`` on each eval set (flat dict, keys prefixed ``eval_``)."""
+        if eval_dataset is None:
+            return {}
+        if isinstance(eval_dataset, dict):
+            out: dict[str, float] = {}
+            for key, dataset in eval_dataset.items():
+                out.update(trainer.evaluate(dataset, metric_key_prefix=f"eval_{key}"))
+            return out
+        return dict(trainer.evaluate(eval_dataset))
+
+    def head_module_names(self, model: Any) -> list[str]:
+        """Modules trained in full (and saved with an adapter) alongside the adapter; none by default."""
+        return []
+
+    def baseline_metrics(self) -> dict[str, float] | None:
+        """A trivial baseline's eval metrics (same keys as :meth:`evaluate`), or None."""
+        return None
+
+    @classmethod
+    def load_model_for_merge(cls, model_path: str, model_info: dict[str, Any]) -> Any:
+        """Rebuild the base model recorded in ``model_info`` (for ``lorma merge``); a plain AutoModel by default."""
+        from transformers import AutoModel
+
+        return AutoModel.from_pretrained(model_path)
+
+
+def register_task(*names: str) -> Callable[[type[Task]], type[Task]]:
+    """Class decorator: make ``lorma train --task NAME`` use this Task subclass."""
+
+    def decorate(cls: type[Task]) -> type[Task]:
+        for name in names:
+            existing = _TASKS.get(name)
+            if existing is not None and existing is not cls:
+                owner = f"{existing.__module__}.{existing.__name__}"
+                raise ValueError(f"task name '{name}' is already registered by {owner}")
+            _TASKS[name] = cls
+        return cls
+
+    return decorate
+
+
+def _scan_task_modules() -> None:
+    """Import every module of ``lorma.tasks`` once, so that their ``@register_task`` run."""
+    global _SCANNED
+    if _SCANNED:
+        return
+    _SCANNED = True
+    import lorma.tasks as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name in ("base",) or info.name.endswith("_cli"):
+            continue
+        importlib.import_module(f"{package.__name__}.{info.name}")
+
+
+def task_names() -> list[str]:
+    """All registered task names, sorted."""
+    _scan_task_modules()
+    return sorted(_TASKS)
+
+
+def task_class(name: str) -> type[Task]:
+    """The Task class registered under ``name``; RecipeError listing the known names otherwise."""
+    from lorma.recipes.config import RecipeError
+
+    if name not in _TASKS:
+        _scan_task_modules()
+    if name not in _TASKS:
+        raise RecipeError(f"unknown task '{name}'; known tasks: {', '.join(sorted(_TASKS))}")
+    return _TASKS[name]
+
+
+def get_task(config: RunConfig) -> Task:
+    """The Task object for ``config.task``."""
+    return task_class(config.task)(config.task, config)
