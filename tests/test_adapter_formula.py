@@ -109,7 +109,8 @@ def test_forward_equals_dense_formula(inflation: str, side: str, conv1d: bool) -
         with torch.no_grad():
             folded = layer._folded_forward("default", torch.randn(200, 12))
         tokens = torch.randn(200, 12)
-        strategy = LF.choose_dense_strategy(200, layer.transform_size_for(side, None), 12 if side == "pre" else 20, False)
+        d_other = 12 if side == "pre" else 20
+        strategy = LF.choose_dense_strategy(200, layer.transform_size_for(side, None), d_other, False)
         with torch.no_grad():
             out_big = layer(tokens)
         assert rel_err(out_big, dense_forward(layer, "default", tokens)) < 1e-5

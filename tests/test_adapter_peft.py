@@ -219,7 +219,7 @@ def test_save_and_load_in_fresh_process_bit_for_bit(tiny_gpt2, tmp_path, inflati
     script = tmp_path / "load.py"
     script.write_text(SCRIPT)
     subprocess.run(
-        [sys.executable, str(script), str(base_dir), str(adapter_dir), str(tmp_path / "ids.pt"), str(tmp_path / "o.pt")],
+        [sys.executable, str(script), base_dir, adapter_dir, tmp_path / "ids.pt", tmp_path / "o.pt"],
         check=True,
         capture_output=True,
     )
