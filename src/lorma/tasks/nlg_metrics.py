@@ -1,0 +1,343 @@
+"""Data-to-text metrics with references grouped by input: BLEU, NIST, METEOR, ROUGE-L, CIDEr-D, TER.
+
+Each input has a *group* of references (E2E: all rows with the same MR), and every metric compares a
+prediction with its whole group, as the official E2E scorer does. What each number is:
+
+* BLEU: ``sacrebleu.corpus_bleu`` (13a tokenisation, case-sensitive, multi-reference), 0-100.
+* TER: ``sacrebleu``'s TER against all references (edits to the closest one), 0-100 (lower is better).
+* NIST: ``nltk.translate.nist_score.corpus_nist`` (n = 5) on 13a tokens, case-sensitive.
+* METEOR: ``nltk.translate.meteor_score.meteor_score`` per input (best over its references; exact,
+  Porter-stem and WordNet-synonym matching, lower-cased), averaged over inputs, 0-100. It needs
+  WordNet: read from the Debian package ``wordnet-base`` (``/usr/share/wordnet``), or from a folder
+  named by ``$LORMA_WORDNET_DIR``, or from nltk's own ``wordnet`` data if installed.
+* ROUGE-L: ``rouge_score`` (its tokeniser lower-cases and drops punctuation), F1 of the LCS, the best
+  reference per input (``score_multi``), averaged over inputs, 0-100.
+* CIDEr-D: written here (see :func:`cider_d`), raw scale (about 0-10).
+
+These follow each metric's definition with maintained libraries; they are not bit-identical to the
+E2E challenge's scripts (mteval Perl for BLEU/NIST, METEOR 1.5 in Java with paraphrase tables,
+pycocoevalcap's ROUGE-L with beta 1.2), so compare numbers computed by the same code.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import threading
+import warnings
+from collections import Counter
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "TASK_METRICS",
+    "MetricDataError",
+    "WordNetUnavailableError",
+    "bleu",
+    "check_aligned",
+    "cider_d",
+    "load_wordnet",
+    "meteor",
+    "nist",
+    "rouge_l",
+    "score_data_to_text",
+    "ter",
+    "tokenize",
+]
+
+#: metrics reported per task (the paper's Tables 3 and 13)
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "e2e": ("bleu", "nist", "meteor", "rouge_l", "cider"),
+    "dart": ("bleu", "meteor", "ter"),
+    "webnlg": ("bleu", "meteor", "ter"),
+}
+
+DEBIAN_WORDNET_DIR = Path("/usr/share/wordnet")
+
+
+class MetricDataError(ValueError):
+    """Predictions and references that cannot be scored together (counts differ, a group is empty)."""
+
+
+class WordNetUnavailableError(RuntimeError):
+    """METEOR was asked for but no WordNet data can be found offline."""
+
+
+def check_aligned(
+    predictions: Sequence[str],
+    references: Sequence[Sequence[str]],
+    predictions_name: str = "predictions",
+    references_name: str = "references",
+) -> None:
+    """Raise :class:`MetricDataError` unless there is one prediction per non-empty reference group."""
+    if len(predictions) != len(references):
+        raise MetricDataError(
+            f"{predictions_name} has {len(predictions)} prediction(s) but {references_name} has "
+            f"{len(references)} input(s) with references; they must line up one to one"
+        )
+    if not predictions:
+        raise MetricDataError(f"{predictions_name} and {references_name} are empty: nothing to score")
+    for i, group in enumerate(references):
+        if not group:
+            raise MetricDataError(f"{references_name}: input {i + 1} has no reference")
+
+
+@lru_cache(maxsize=1)
+def _tokenizer13a() -> Any:
+    from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
+
+    return Tokenizer13a()
+
+
+def tokenize(text: str, lowercase: bool = False) -> list[str]:
+    """sacrebleu's 13a tokenisation (the WMT standard), so every metric sees the same tokens."""
+    toks = _tokenizer13a()(text.strip()).split()
+    return [t.lower() for t in toks] if lowercase else toks
+
+
+def _ref_streams(references: Sequence[Sequence[str]]) -> list[list[str | None]]:
+    """sacrebleu wants one stream per reference index; shorter groups are padded with None."""
+    width = max(len(g) for g in references)
+    return [[g[k] if k < len(g) else None for g in references] for k in range(width)]
+
+
+def bleu(predictions: Sequence[str], references: Sequence[Sequence[str]], lowercase: bool = False) -> float:
+    """Corpus BLEU (0-100), multi-reference, via sacrebleu."""
+    from sacrebleu.metrics import BLEU
+
+    check_aligned(predictions, references)
+    return float(BLEU(lowercase=lowercase).corpus_score(list(predictions), _ref_streams(references)).score)
+
+
+def ter(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """Corpus TER (0-100, lower is better), multi-reference, via sacrebleu."""
+    from sacrebleu.metrics import TER
+
+    check_aligned(predictions, references)
+    return float(TER().corpus_score(list(predictions), _ref_streams(references)).score)
+
+
+def nist(predictions: Sequence[str], references: Sequence[Sequence[str]], n: int = 5) -> float:
+    """Corpus NIST (n = 5) via nltk, on 13a tokens."""
+    from nltk.translate.nist_score import corpus_nist
+
+    check_aligned(predictions, references)
+    hyps = [tokenize(p) for p in predictions]
+    refs = [[tokenize(r) for r in group] for group in references]
+    # nltk divides by the number of hypothesis n-grams of each order and fails when a whole corpus has
+    # none of some order (every prediction shorter than n). Such an order adds nothing to the NIST sum
+    # (mteval skips it), so the sum is taken over the orders that occur.
+    longest = max(len(h) for h in hyps)
+    if longest == 0:
+        return 0.0
+    return float(corpus_nist(refs, hyps, n=min(n, longest)))
+
+
+def rouge_l(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """ROUGE-L F1 (0-100): per input the best reference, then the mean over inputs."""
+    from rouge_score import rouge_scorer
+
+    check_aligned(predictions, references)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    total = 0.0
+    for pred, group in zip(predictions, references):
+        total += scorer.score_multi(list(group), pred)["rougeL"].fmeasure
+    return 100.0 * total / len(predictions)
+
+
+# --------------------------------------------------------------------------------------------------
+# WordNet for METEOR, offline
+# --------------------------------------------------------------------------------------------------
+
+# The 45 lexicographer file names of WordNet 3.0, in file-number order (the `lexnames` table of the
+# WordNet database format, lexnames(5WN)). Debian's wordnet-base ships the database but not this small
+# index, which nltk's reader insists on opening; METEOR never looks at it.
+_LEXNAMES = (
+    "adj.all", "adj.pert", "adv.all", "noun.Tops", "noun.act", "noun.animal", "noun.artifact",
+    "noun.attribute", "noun.body", "noun.cognition", "noun.communication", "noun.event", "noun.feeling",
+    "noun.food", "noun.group", "noun.location", "noun.motive", "noun.object", "noun.person",
+    "noun.phenomenon", "noun.plant", "noun.possession", "noun.process", "noun.quantity",
+    "noun.relation", "noun.shape", "noun.state", "noun.substance", "noun.time", "verb.body",
+    "verb.change", "verb.cognition", "verb.communication", "verb.competition", "verb.consumption",
+    "verb.contact", "verb.creation", "verb.emotion", "verb.motion", "verb.perception",
+    "verb.possession", "verb.social", "verb.stative", "verb.weather", "adj.ppl",
+)
+_LEX_CATEGORY = {"noun": 1, "verb": 2, "adj": 3, "adv": 4}
+_REQUIRED_WORDNET_FILES = ("data.noun", "index.noun", "data.verb", "index.verb", "data.adj", "index.adj",
+                           "data.adv", "index.adv", "noun.exc", "verb.exc", "adj.exc", "adv.exc")
+_wordnet_lock = threading.Lock()
+
+
+def _wordnet_dirs() -> list[Path]:
+    dirs = []
+    if os.environ.get("LORMA_WORDNET_DIR"):
+        dirs.append(Path(os.environ["LORMA_WORDNET_DIR"]))
+    dirs.append(DEBIAN_WORDNET_DIR)
+    return dirs
+
+
+@lru_cache(maxsize=1)
+def load_wordnet() -> Any:
+    """A WordNet reader for METEOR that needs no download.
+
+    Looks in ``$LORMA_WORDNET_DIR``, then Debian's ``/usr/share/wordnet`` (``apt-get install
+    wordnet-base``), then nltk's own ``wordnet`` corpus. Raises :class:`WordNetUnavailableError`
+    naming what is missing.
+    """
+    import nltk.data
+    from nltk.corpus.reader.wordnet import WordNetCorpusReader
+
+    class _DictFolderWordNet(WordNetCorpusReader):
+        """nltk's reader over a plain WordNet 3.0 ``dict`` folder (as Debian installs it)."""
+
+        def open(self, fileid: str) -> Any:
+            if fileid == "lexnames" and not (Path(str(self._root)) / "lexnames").exists():
+                text = "".join(
+                    f"{i:02d}\t{name}\t{_LEX_CATEGORY[name.split('.')[0]]}\n" for i, name in enumerate(_LEXNAMES)
+                )
+                return io.StringIO(text)
+            return super().open(fileid)
+
+        def map_wn(self, version: str = "wordnet") -> None:
+            # The mapping only serves the Open Multilingual Wordnet, which METEOR does not use; nltk
+            # would otherwise look for its own downloaded copy to build it.
+            return None
+
+    checked = []
+    for folder in _wordnet_dirs():
+        missing = [f for f in _REQUIRED_WORDNET_FILES if not (folder / f).is_file()]
+        if missing:
+            checked.append(f"{folder} (missing {', '.join(missing[:3])}{'...' if len(missing) > 3 else ''})")
+            continue
+        with _wordnet_lock:
+            resolved = str(folder.resolve())
+            if resolved not in [str(p) for p in nltk.data.path]:
+                nltk.data.path.append(resolved)  # nltk only opens corpora under its data paths
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "multilingual functions are not available"
+                return _DictFolderWordNet(nltk.data.FileSystemPathPointer(resolved), None)
+    try:
+        from nltk.corpus import wordnet
+
+        wordnet.ensure_loaded()
+        return wordnet
+    except (LookupError, OSError, PermissionError, ValueError):
+        checked.append("nltk's 'wordnet' corpus (not installed)")
+    raise WordNetUnavailableError(
+        "METEOR needs WordNet 3.0 data and none was found: install Debian's package "
+        "(`apt-get install --no-install-recommends wordnet-base`, which fills /usr/share/wordnet) or set "
+        "LORMA_WORDNET_DIR to a WordNet dict folder. Looked in: " + "; ".join(checked)
+    )
+
+
+def meteor(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """METEOR (0-100): nltk's per-input score against all its references, averaged over inputs."""
+    from nltk.translate.meteor_score import meteor_score
+
+    check_aligned(predictions, references)
+    wordnet = load_wordnet()
+    total = 0.0
+    for pred, group in zip(predictions, references):
+        total += meteor_score([tokenize(r) for r in group], tokenize(pred), wordnet=wordnet)
+    return 100.0 * total / len(predictions)
+
+
+# --------------------------------------------------------------------------------------------------
+# CIDEr-D
+# --------------------------------------------------------------------------------------------------
+
+
+def _ngrams(tokens: list[str], n: int) -> Counter[tuple[str, ...]]:
+    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
+
+
+def cider_d(
+    predictions: Sequence[str], references: Sequence[Sequence[str]], max_n: int = 4, sigma: float = 6.0
+) -> float:
+    """CIDEr-D (Vedantam et al., 2015), the mean over inputs.
+
+    Written by hand because no maintained package computes it offline (pycocoevalcap needs Java for
+    its tokenizer and is unmaintained). Definition used, per input with candidate c and references
+    s_1..s_m, lower-cased 13a tokens:
+
+    * g^n(x)_k = count of n-gram k in x times idf_k, idf_k = log(N / max(1, df_k)), N the number of
+      inputs, df_k the number of inputs whose reference group contains k (so idf comes from the
+      references of the scored corpus, as in the CIDEr-D paper's evaluation);
+    * CIDEr-D_n = (10 / m) sum_j exp(-(l(c) - l(s_j))^2 / (2 sigma^2))
+      * sum_k min(g^n(c)_k, g^n(s_j)_k) g^n(s_j)_k / (||g^n(c)|| ||g^n(s_j)||), with l the length in
+      tokens and 0 where a norm is 0;
+    * CIDEr-D = (1 / max_n) sum_{n=1..max_n} CIDEr-D_n.
+    """
+    check_aligned(predictions, references)
+    cands = [tokenize(p, lowercase=True) for p in predictions]
+    refs = [[tokenize(r, lowercase=True) for r in group] for group in references]
+    n_inputs = len(cands)
+    df: Counter[tuple[str, ...]] = Counter()
+    for group in refs:
+        seen: set[tuple[str, ...]] = set()
+        for r in group:
+            for n in range(1, max_n + 1):
+                seen.update(_ngrams(r, n))
+        df.update(seen)
+    log_n = math.log(n_inputs)
+
+    def vector(tokens: list[str], n: int) -> tuple[dict[tuple[str, ...], float], float]:
+        vec = {g: tf * (log_n - math.log(max(1, df[g]))) for g, tf in _ngrams(tokens, n).items()}
+        return vec, math.sqrt(sum(v * v for v in vec.values()))
+
+    total = 0.0
+    for cand, group in zip(cands, refs):
+        score = 0.0
+        for n in range(1, max_n + 1):
+            vc, norm_c = vector(cand, n)
+            per_ref = 0.0
+            for r in group:
+                vr, norm_r = vector(r, n)
+                if norm_c == 0.0 or norm_r == 0.0:
+                    continue
+                dot = sum(min(v, vr[g]) * vr[g] for g, v in vc.items() if g in vr)
+                penalty = math.exp(-((len(cand) - len(r)) ** 2) / (2.0 * sigma**2))
+                per_ref += penalty * dot / (norm_c * norm_r)
+            score += 10.0 * per_ref / len(group)
+        total += score / max_n
+    return total / n_inputs
+
+
+# --------------------------------------------------------------------------------------------------
+
+_METRIC_FUNCS = {
+    "bleu": bleu,
+    "nist": nist,
+    "meteor": meteor,
+    "rouge_l": rouge_l,
+    "cider": cider_d,
+    "ter": ter,
+}
+
+
+def score_data_to_text(
+    task: str,
+    predictions: Sequence[str],
+    references: Sequence[Sequence[str]],
+    metrics: Sequence[str] | None = None,
+    predictions_name: str = "predictions",
+    references_name: str = "references",
+) -> dict[str, float]:
+    """All metrics of ``task`` (or the named ``metrics``) for aligned predictions and reference groups.
+
+    The alignment is checked once, up front, with the file names in the message.
+    """
+    if metrics is None:
+        if task not in TASK_METRICS:
+            raise ValueError(f"unknown data-to-text task {task!r}; known: {sorted(TASK_METRICS)}")
+        metrics = TASK_METRICS[task]
+    unknown = [m for m in metrics if m not in _METRIC_FUNCS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; known: {sorted(_METRIC_FUNCS)}")
+    check_aligned(predictions, references, predictions_name, references_name)
+    if "meteor" in metrics:
+        load_wordnet()  # fail before the slower metrics run
+    return {name: _METRIC_FUNCS[name](predictions, references) for name in metrics}
