@@ -256,3 +256,68 @@ def score_math(
     extracted = [extract_answer(p, task) for p in predictions]
     correct = sum(answers_match(e, g) for e, g in zip(extracted, gold_answers))
     return MathScore(100.0 * correct / len(predictions), correct, len(predictions), extracted)
+
+
+# --------------------------------------------------------------------------------------------------
+# The training task (``lorma train --task gsm8k|math``)
+# --------------------------------------------------------------------------------------------------
+
+
+def _register_math_task() -> None:
+    """Define and register the task here, so that importing the extraction helpers stays light."""
+    from pathlib import Path
+
+    from lorma.tasks.base import register_task
+    from lorma.tasks.data_to_text import CausalLMGenerationTask
+    from lorma.tasks.decoding import generate_texts, merged_copy, one_line, write_lines_atomic
+    from lorma.tasks.readers import MathExample, ReadResult, read_math_eval, read_metamathqa
+
+    @register_task("gsm8k", "math")
+    class MathTask(CausalLMGenerationTask):
+        """MetaMathQA-format ``--train-file``; ``--eval-file`` in GSM8K (or MATH) format for accuracy.
+
+        The held-out loss is on a split of the training data (``eval_split``); accuracy is greedy
+        decoding on the eval file (``max_generate_samples`` of them), answers extracted as above.
+        """
+
+        def read_train(self, path: str) -> ReadResult[MathExample]:
+            return self._read(lambda p: read_metamathqa(p, self.skip_bad), path, "train file")
+
+        def read_eval(self, path: str) -> ReadResult[MathExample]:
+            return self._read(lambda p: read_math_eval(self.name, p, self.skip_bad), path, "eval file")
+
+        def build_datasets(self, tokenizer: Any) -> tuple[Any, Any]:
+            # the loss is held out from the MetaMathQA data; the eval file is for accuracy only
+            if not hasattr(self, "_train"):
+                self.check_inputs()
+            eval_file = self._eval
+            self._eval = None
+            try:
+                train, held_out = super().build_datasets(tokenizer)
+            finally:
+                self._eval = eval_file
+            items = list(eval_file.items) if eval_file is not None else []
+            limit = self.options.get("max_generate_samples")
+            self._generation_items = items[: int(limit)] if limit else items
+            return train, held_out
+
+        def training_pairs(self, items: list[MathExample]) -> list[tuple[str, str]]:
+            return [(build_math_prompt(ex.question), ex.response.strip()) for ex in items]
+
+        def generation_eval(
+            self, model: Any, tokenizer: Any, items: list[MathExample], prefix: Path | None
+        ) -> dict[str, float]:
+            merged = merged_copy(model)
+            prompts = [build_math_prompt(ex.question) for ex in items]
+            outputs = generate_texts(merged, tokenizer, prompts, self.decoding(), description=f"{self.name} greedy")
+            score = score_math(self.name, outputs, [ex.answer for ex in items])
+            if prefix is not None:
+                write_lines_atomic(prefix.with_name(prefix.name + ".predictions.txt"), [one_line(o) for o in outputs])
+                write_lines_atomic(prefix.with_name(prefix.name + ".references.txt"), [one_line(ex.answer)
+                                                                                       for ex in items])
+            return {"accuracy": score.accuracy}
+
+    globals()["MathTask"] = MathTask
+
+
+_register_math_task()

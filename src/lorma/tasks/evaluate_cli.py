@@ -1,0 +1,128 @@
+"""``lorma evaluate``: score existing predictions against references, no model needed.
+
+    lorma evaluate --task e2e --predictions preds.txt --references test.csv
+    lorma evaluate --task gsm8k --predictions outputs.txt --references test.jsonl
+
+Predictions are one per line. References: for ``e2e`` the official CSV (``mr``, ``ref``), ``MR||ref``
+lines, or groups of reference lines separated by blank lines (the E2E scorer's layout, also what
+``lorma train`` writes beside its predictions); for ``dart`` / ``webnlg`` their JSON files or the
+blank-line layout; for ``gsm8k`` / ``math`` their JSONL / JSON files, or one gold answer per line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+TASKS = ("e2e", "webnlg", "dart", "gsm8k", "math")
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``evaluate`` subcommand."""
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="Score predictions (one per line) against references: BLEU, NIST, METEOR, ROUGE-L, CIDEr, TER, "
+        "or math accuracy.",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--task", required=True, choices=TASKS, help="Which task's references and metrics.")
+    parser.add_argument("--predictions", required=True, help="Predictions file, one per line.")
+    parser.add_argument("--references", required=True, help="References file (format: see above).")
+    parser.add_argument(
+        "--metrics", default=None, help="Comma-separated subset of bleu,nist,meteor,rouge_l,cider,ter."
+    )
+    parser.add_argument("--skip-bad", action="store_true", help="Skip malformed reference records (reported).")
+    parser.add_argument("--output", default=None, help="Also write the scores as JSON to this file.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace --output if it exists.")
+    parser.set_defaults(func=run)
+
+
+def _reference_groups(task: str, path: str, skip_bad: bool) -> tuple[list[tuple[str, ...]], str | None]:
+    """Reference groups (one per input) from ``path``, and a skipped-records message if any."""
+    from lorma.tasks.readers import read_data_to_text, read_reference_groups
+
+    p = Path(path)
+    structured = (
+        (task == "e2e" and (p.suffix.lower() == ".csv" or _has_mr_separator(p)))
+        or (task in ("dart", "webnlg") and p.suffix.lower() == ".json")
+    )
+    if not structured:
+        return read_reference_groups(p), None
+    result = read_data_to_text(task, p, skip_bad=skip_bad)
+    groups = [ex.references for ex in result.items]
+    empty = [ex.line for ex in result.items if not ex.references]
+    if empty:
+        from lorma.tasks.readers import DataFormatError
+
+        raise DataFormatError(p, empty[0], "input without references (cannot be scored)")
+    return groups, result.skip_message()
+
+
+def _has_mr_separator(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.strip():
+                    return "||" in line
+    except OSError:
+        return False
+    return False
+
+
+def _gold_answers(task: str, path: str, skip_bad: bool) -> tuple[list[str], str | None]:
+    from lorma.tasks.readers import read_math_eval, read_predictions
+
+    p = Path(path)
+    if p.suffix.lower() in (".json", ".jsonl"):
+        result = read_math_eval(task, p, skip_bad=skip_bad)
+        return [ex.answer for ex in result.items], result.skip_message()
+    return [line.strip() for line in read_predictions(p)], None
+
+
+def evaluate_files(
+    task: str, predictions: str, references: str, metrics: list[str] | None = None, skip_bad: bool = False
+) -> tuple[dict[str, Any], str | None]:
+    """Scores for a predictions file and a references file; raises on bad or misaligned input."""
+    from lorma.tasks.math_reasoning import score_math
+    from lorma.tasks.nlg_metrics import score_data_to_text
+    from lorma.tasks.readers import read_predictions
+
+    preds = read_predictions(predictions)
+    if task in ("gsm8k", "math"):
+        gold, note = _gold_answers(task, references, skip_bad)
+        score = score_math(task, preds, gold, str(predictions), str(references))
+        return score.as_dict(), note
+    groups, note = _reference_groups(task, references, skip_bad)
+    return score_data_to_text(task, preds, groups, metrics, str(predictions), str(references)), note
+
+
+def run(args: argparse.Namespace) -> int:
+    """The ``evaluate`` command: print the scores (and write them with ``--output``)."""
+    from lorma.cli import LormaCLIError
+    from lorma.tasks.nlg_metrics import MetricDataError, WordNetUnavailableError
+    from lorma.tasks.readers import DataFormatError
+
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    if args.task in ("gsm8k", "math") and metrics:
+        raise LormaCLIError(f"--metrics does not apply to {args.task} (its score is accuracy)")
+    out_path = Path(args.output) if args.output else None
+    if out_path is not None and out_path.exists() and not args.overwrite:
+        raise LormaCLIError(f"{out_path} already exists (pass --overwrite to replace it)")
+    try:
+        scores, note = evaluate_files(args.task, args.predictions, args.references, metrics, args.skip_bad)
+    except (DataFormatError, MetricDataError, WordNetUnavailableError, ValueError) as err:
+        raise LormaCLIError(str(err)) from None
+    if note:
+        print(note)
+    for name, value in scores.items():
+        print(f"{name:>10}  {value:.4f}" if isinstance(value, float) else f"{name:>10}  {value}")
+    if out_path is not None:
+        from lorma.recipes.config import atomic_write_text
+
+        payload = {"task": args.task, "predictions": str(args.predictions), "references": str(args.references),
+                   "scores": scores}
+        atomic_write_text(out_path, json.dumps(payload, indent=2) + "\n")
+    return 0
