@@ -1,0 +1,116 @@
+"""``lorma analyze RUN_DIR [--against OTHER] [--base-model DIR] [--out DIR] [--tol RTOL]``.
+
+Prints a table per module and a summary over modules, and writes ``analysis.json``, ``analysis.txt``
+and PNG plots to ``--out`` (default ``RUN_DIR/analysis``). Heavy imports happen inside :func:`run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any
+
+__all__ = ["register", "run"]
+
+
+def _smoothing(text: str) -> int | float | None:
+    """``none``, an int window (>= 0) or a float EMA weight in [0, 1)."""
+    if text.lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"not a window (int), EMA weight (float) or 'none': {text!r}") from err
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"a float smoothing is an EMA weight in [0, 1), got {text}")
+    return value
+
+
+def _rtol(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from err
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``analyze`` subcommand."""
+    p = subparsers.add_parser(
+        "analyze",
+        help="The paper's measurements on a run: rank of delta W and I(BA), delta W vs another run, convergence.",
+        description="Measure a `lorma train` run directory or any saved peft adapter (with --base-model): rank "
+        "of delta W = W - W0 per module, rank of I(BA) (final, and over training when the run has "
+        "rank_log.jsonl), loss AUC; with --against, delta W against the other run's delta W (Frobenius "
+        "distance, cosine, top-r singular values and eigenvalues, first principal angle, random control) "
+        "and the convergence comparison. Prints tables; writes analysis.json, analysis.txt and PNG plots.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="A `lorma train` output directory or a saved peft adapter.")
+    p.add_argument("--against", metavar="OTHER_RUN_DIR", help="Reference run (e.g. LoRA) to compare against.")
+    p.add_argument("--base-model", metavar="DIR", help="Base model directory (default: from the run's config, "
+                   "else the adapter's base_model_name_or_path).")
+    p.add_argument("--against-base-model", metavar="DIR", help="Base model of --against (default: --base-model).")
+    p.add_argument("--out", metavar="DIR", help="Where to write the report and plots (default: RUN_DIR/analysis).")
+    p.add_argument("--tol", type=_rtol, default=None, metavar="RTOL",
+                   help="Relative rank tolerance: singular values > RTOL * sigma_max count (default: "
+                   "max(m, n) * eps of float32).")
+    p.add_argument("--smoothing", type=_smoothing, default=5, metavar="S",
+                   help="Loss smoothing, the same for every run: int = centred moving-average window in logged "
+                   "points, float in [0, 1) = EMA weight, 'none' (default: 5).")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the random control matrices (default: 0).")
+    p.add_argument("--no-plots", action="store_true", help="Skip the PNG plots.")
+    p.add_argument("--overwrite", action="store_true", help="Replace an existing report in --out.")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check the inputs, measure, print the tables; user errors become :class:`LormaCLIError`."""
+    from lorma.cli import LormaCLIError
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise LormaCLIError(f"RUN_DIR {run_dir}: no such directory")
+    if args.against is not None and not Path(args.against).is_dir():
+        raise LormaCLIError(f"--against {args.against}: no such directory")
+    for flag, value in (("--base-model", args.base_model), ("--against-base-model", args.against_base_model)):
+        if value is not None and not Path(value).is_dir():
+            raise LormaCLIError(f"{flag} {value}: not a local directory")
+    out = Path(args.out) if args.out else run_dir / "analysis"
+    from .report import OUTPUT_NAMES
+
+    existing = [name for name in OUTPUT_NAMES if (out / name).exists()]
+    if existing and not args.overwrite:
+        raise LormaCLIError(f"{out} already holds {', '.join(existing)}; pass --overwrite or choose --out")
+
+    from .report import analyze, format_report
+    from .runs import read_run
+
+    try:
+        info = read_run(run_dir)
+        if info.adapter_dir is None and info.loss_curve is None and info.rank_log is None:
+            raise LormaCLIError(
+                f"{run_dir}: nothing to analyze (no adapter_config.json, training-loss log or rank_log.jsonl)"
+            )
+        result = analyze(
+            run_dir,
+            against=args.against,
+            base_model=args.base_model,
+            against_base_model=args.against_base_model,
+            out_dir=out,
+            rtol=args.tol,
+            smoothing=args.smoothing,
+            seed=args.seed,
+            plots=not args.no_plots,
+        )
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        raise LormaCLIError(str(err)) from err
+    print(format_report(result), end="")
+    print(f"report: {out / 'analysis.txt'}, {out / 'analysis.json'}")
+    return 0

@@ -1,0 +1,186 @@
+"""delta W = W - W0 per adapted module, from a live peft model or from a saved adapter plus its base model.
+
+Deltas come from the adapters' own ``get_delta_weight`` (what merging would add): LoRMA's
+``LormaLayer.get_delta_weight`` and peft's ``LoraLayer.get_delta_weight``, so the analysis measures
+exactly what the methods apply. Every delta is returned in ``nn.Linear`` layout ``(d_out, d_in)``
+(LoRA's delta of a transformers ``Conv1D`` comes in the stored, transposed layout and is turned back),
+as a float32 CPU tensor, keyed by the module's name without peft's ``base_model.model.`` prefix so that
+runs of different methods on the same base model line up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ModuleDelta", "extract_deltas", "load_adapter_model", "resolve_base_model", "read_adapter_config"]
+
+
+@dataclass
+class ModuleDelta:
+    """One module's delta W and what produced it."""
+
+    delta: Any  # torch.Tensor (d_out, d_in), float32, CPU
+    method: str  # "lorma" or "lora"
+    r: int
+    adapter: str
+    inflation: str | None = None  # LoRMA only
+    side: str | None = None  # LoRMA only
+
+
+def extract_deltas(model: Any, adapter: str | None = None) -> dict[str, ModuleDelta]:
+    """delta W of every LoRMA or LoRA layer in ``model`` for ``adapter`` (default: the active one)."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    from lorma.layer import LormaLayer
+
+    from .callback import module_key
+
+    out: dict[str, ModuleDelta] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LormaLayer):
+            names = list(module.lorma_A)
+        elif isinstance(module, LoraLayer):
+            names = list(module.lora_A)
+        else:
+            continue
+        chosen = adapter if adapter is not None else _active(module, names)
+        if chosen is None or chosen not in names:
+            continue
+        with torch.no_grad():
+            if isinstance(module, LormaLayer):
+                delta = module.get_delta_weight(chosen).detach().float().cpu()
+                out[module_key(name)] = ModuleDelta(
+                    delta, "lorma", int(module.r[chosen]), chosen, module.inflation[chosen], module.side[chosen]
+                )
+            else:
+                if getattr(module, "use_dora", {}).get(chosen, False):
+                    raise ValueError(
+                        f"module {module_key(name)!r}: DoRA adapter {chosen!r}: its weight update is not "
+                        f"lora's get_delta_weight alone (magnitude rescaling); not supported here"
+                    )
+                delta = module.get_delta_weight(chosen).detach().float().cpu()
+                if delta.dim() != 2:
+                    continue  # LoRA on embeddings / convolutions: not a Linear delta W
+                if getattr(module, "fan_in_fan_out", False):
+                    delta = delta.T.contiguous()
+                out[module_key(name)] = ModuleDelta(delta, "lora", int(module.r[chosen]), chosen)
+    if not out:
+        raise ValueError(
+            "the model has no LoRMA or LoRA layers"
+            + (f" with an adapter named {adapter!r}" if adapter is not None else "")
+        )
+    return out
+
+
+def _active(module: Any, names: list[str]) -> str | None:
+    active = [a for a in getattr(module, "active_adapters", []) if a in names]
+    if active:
+        return active[0]
+    return names[0] if len(names) == 1 else None
+
+
+def read_adapter_config(adapter_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """``adapter_config.json`` of a saved peft adapter, with errors naming the file."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{adapter_dir}: not a saved peft adapter (no adapter_config.json)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from err
+
+
+def resolve_base_model(adapter_dir: str | os.PathLike[str], base_model: str | None, hint: str | None = None) -> str:
+    """The base model directory: given, else a run's config ``hint``, else the adapter's own record.
+
+    Only local directories are accepted (nothing is downloaded); a missing one is an error that says
+    where the path came from.
+    """
+    if base_model is not None:
+        source, path = "--base-model", base_model
+    elif hint is not None:
+        source, path = "the run's config", hint
+    else:
+        recorded = read_adapter_config(adapter_dir).get("base_model_name_or_path")
+        if not recorded:
+            raise ValueError(f"{adapter_dir}: the adapter does not record its base model; pass --base-model DIR")
+        source, path = f"{adapter_dir}/adapter_config.json (base_model_name_or_path)", recorded
+    if not Path(path).is_dir():
+        raise FileNotFoundError(
+            f"base model {path!r} (from {source}) is not a local directory; pass --base-model DIR"
+        )
+    return str(path)
+
+
+_TASK_CLASSES = {
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+    "FEATURE_EXTRACTION": "AutoModel",
+}
+
+
+def _adapter_tensors(adapter_dir: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    st = adapter_dir / "adapter_model.safetensors"
+    if st.is_file():
+        return load_file(str(st))
+    binary = adapter_dir / "adapter_model.bin"
+    if binary.is_file():
+        import torch
+
+        return torch.load(str(binary), map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{adapter_dir}: no adapter_model.safetensors (or adapter_model.bin)")
+
+
+def _num_labels(tensors: dict[str, Any]) -> int | None:
+    """Output size of a saved classification head (modules_to_save), so the base head matches it."""
+    for key, value in tensors.items():
+        if key.endswith(("classifier.weight", "score.weight", "classifier.out_proj.weight")) and value.dim() == 2:
+            return int(value.shape[0])
+    return None
+
+
+def load_adapter_model(adapter_dir: str | os.PathLike[str], base_model: str, adapter_name: str = "default") -> Any:
+    """The base model with the saved adapter loaded (``PeftModel.from_pretrained``), float32, eval mode.
+
+    The model class follows the adapter's ``task_type`` so that the saved keys (which include the task
+    model's prefixes, e.g. ``bert.``) find their modules; afterwards every saved tensor is checked
+    against the loaded model, because a key that matched nothing would otherwise leave that adapter at
+    its initial value and every measurement silently wrong.
+    """
+    import torch
+    import transformers
+    from peft import PeftModel, get_peft_model_state_dict
+
+    import lorma  # noqa: F401  (registers the LORMA peft type)
+
+    adapter_dir = Path(adapter_dir)
+    config = read_adapter_config(adapter_dir)
+    tensors = _adapter_tensors(adapter_dir)
+    class_name = _TASK_CLASSES.get(str(config.get("task_type")), "AutoModel")
+    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    labels = _num_labels(tensors) if class_name == "AutoModelForSequenceClassification" else None
+    if labels is not None:
+        kwargs["num_labels"] = labels
+    base = getattr(transformers, class_name).from_pretrained(base_model, **kwargs)
+    model = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=adapter_name)
+    model.eval()
+    loaded = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    for key, value in tensors.items():
+        if key not in loaded:
+            raise ValueError(
+                f"{adapter_dir}: saved tensor {key!r} matches no module of base model {base_model} loaded as "
+                f"{class_name} (is it the adapter's base model?)"
+            )
+        if loaded[key].shape != value.shape or not torch.equal(loaded[key].float().cpu(), value.float()):
+            raise ValueError(f"{adapter_dir}: saved tensor {key!r} did not load into {base_model} unchanged")
+    return model

@@ -1,0 +1,143 @@
+"""PNG plots of the measurements (matplotlib, Agg backend: no display needed).
+
+Every function writes one PNG atomically (to a temporary name in the same directory, then
+``os.replace``) and returns its path.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["plot_rank_over_steps", "plot_singular_values", "plot_loss_curves", "plot_module_bars"]
+
+
+def _figure(width: float = 8.0, height: float = 4.5) -> tuple[Any, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(width, height))
+
+
+def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _short(name: str) -> str:
+    """A module name short enough for a legend: the layer number and the last component."""
+    parts = name.split(".")
+    numbers = [p for p in parts if p.isdigit()]
+    return f"L{numbers[-1]}.{parts[-1]}" if numbers else parts[-1]
+
+
+def plot_rank_over_steps(records: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], title: str = "") -> Path:
+    """Fig. 7: numerical rank of every I(BA) against the step, with the full rank d as a dashed line."""
+    fig, ax = _figure()
+    series: dict[str, list[tuple[float, float]]] = {}
+    dims: set[int] = set()
+    for rec in records:
+        key = rec["module"] + (f"[{rec['part']}]" if rec.get("part") is not None else "")
+        series.setdefault(key, []).append((float(rec["step"]), float(rec["rank"])))
+        dims.add(int(rec.get("d", rec.get("size", 0))))
+    for key, points in sorted(series.items()):
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=_short(key), alpha=0.8)
+    for d in sorted(dims):
+        ax.axhline(d, color="k", linestyle="--", linewidth=0.8)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("numerical rank of I(BA)")
+    ax.set_title(title or "Rank of I(BA) during training (dashed: full rank d)")
+    if len(series) <= 24:
+        ax.legend(fontsize="x-small", ncol=3)
+    return _save(fig, path)
+
+
+def plot_singular_values(
+    spectra: Mapping[str, Mapping[str, np.ndarray]], path: str | os.PathLike[str], title: str = ""
+) -> Path:
+    """Singular values of delta W, largest first, log scale: one colour per run, one line per module."""
+    fig, ax = _figure()
+    colours = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
+    for i, (run, modules) in enumerate(spectra.items()):
+        for j, (_, svals) in enumerate(sorted(modules.items())):
+            values = np.maximum(np.asarray(svals, dtype=float), np.finfo(float).tiny)
+            ax.semilogy(
+                np.arange(1, values.size + 1), values, color=colours[i % len(colours)], alpha=0.4,
+                label=run if j == 0 else None,
+            )
+    ax.set_xlabel("index i")
+    ax.set_ylabel("singular value s_i of delta W")
+    ax.set_title(title or "Singular-value spectra of delta W (one line per module)")
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def plot_loss_curves(
+    curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    path: str | os.PathLike[str],
+    table: Mapping[str, Mapping[str, Any]] | None = None,
+    smoothing: int | float | None = None,
+) -> Path:
+    """Fig. 6: smoothed training losses; the reference's minimum as a dotted line and each run's mark there."""
+    from .convergence import smooth
+
+    fig, ax = _figure()
+    for name, (steps, losses) in curves.items():
+        ax.plot(steps, smooth(losses, smoothing), label=name)
+    if table:
+        first = next(iter(table.values()))
+        ax.axhline(first["reference_min_loss"], color="k", linestyle=":", linewidth=1,
+                   label=f"{first['reference']} minimum")
+        for name, row in table.items():
+            if row.get("steps_to_ref_min") is not None and name != first["reference"] and row.get("speedup"):
+                ax.plot(row["steps_to_ref_min"], first["reference_min_loss"], "kv")
+                ax.annotate(f"{name}: {row['speedup']:.2f}x (step {row['steps_to_ref_min']:g})",
+                            (row["steps_to_ref_min"], first["reference_min_loss"]),
+                            textcoords="offset points", xytext=(4, 8), fontsize="small")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("training loss" + (f" (smoothing {smoothing})" if smoothing not in (None, 0, 1) else ""))
+    ax.set_title("Training loss")
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def plot_module_bars(
+    values: Mapping[str, Mapping[str, float | None]],
+    path: str | os.PathLike[str],
+    ylabel: str,
+    title: str = "",
+    log: bool = False,
+) -> Path:
+    """Grouped bars, one group per module, one bar per series (e.g. run vs random control)."""
+    series = list(values)
+    modules = sorted({m for s in values.values() for m in s})
+    fig, ax = _figure(max(8.0, 0.35 * len(modules) * max(1, len(series))), 4.5)
+    width = 0.8 / max(1, len(series))
+    x = np.arange(len(modules))
+    for i, name in enumerate(series):
+        heights = [values[name].get(m) for m in modules]
+        ax.bar(x + i * width, [np.nan if h is None else h for h in heights], width, label=name)
+    ax.set_xticks(x + width * (len(series) - 1) / 2)
+    ax.set_xticklabels([_short(m) for m in modules], rotation=60, ha="right", fontsize="x-small")
+    ax.set_ylabel(ylabel)
+    if log:
+        ax.set_yscale("log")
+    ax.set_title(title)
+    if len(series) > 1:
+        ax.legend(fontsize="small")
+    return _save(fig, path)

@@ -1,0 +1,219 @@
+"""Reading what a run directory holds, tolerant of what is missing.
+
+A run directory of ``lorma train`` holds the adapter (``adapter_config.json`` +
+``adapter_model.safetensors``, in the directory itself or a sub-directory), the resolved config YAML
+(with the base model), ``metrics.json``, a per-step training-loss log and, with ``--track-rank``, the
+``rank_log.jsonl`` of :class:`~lorma.analysis.callback.RankTrackingCallback`. Any saved peft adapter
+directory works too; then the base model comes from ``--base-model`` or the adapter's own record.
+Nothing here is required except what a measurement needs; each reader returns None when its input is
+absent and raises an error naming the file (and line) when it is present but malformed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .callback import RANK_LOG_NAME
+
+__all__ = ["RunInfo", "read_run", "find_adapter_dir", "read_loss_curve", "method_label"]
+
+_ADAPTER_SUBDIRS = ("adapter", "final", "final_adapter", "best")
+_CONFIG_NAMES = ("config.yaml", "resolved_config.yaml", "run_config.yaml", "config.yml", "train_config.yaml")
+_LOSS_JSONL_NAMES = ("train_loss.jsonl", "loss_log.jsonl", "losses.jsonl", "train_log.jsonl", "log_history.jsonl")
+_LOSS_CSV_NAMES = ("train_loss.csv", "loss_log.csv", "losses.csv")
+
+
+@dataclass
+class RunInfo:
+    """What :func:`read_run` found in one directory (None: not there)."""
+
+    path: Path
+    label: str
+    adapter_dir: Path | None
+    adapter_config: dict[str, Any] | None
+    config: dict[str, Any] | None
+    config_path: Path | None
+    base_model_hint: str | None
+    metrics: dict[str, Any] | None
+    loss_curve: tuple[list[float], list[float]] | None
+    loss_source: Path | None
+    rank_log: Path | None
+    notes: list[str] = field(default_factory=list)
+
+
+def _checkpoint_number(path: Path) -> int:
+    match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+    return int(match.group(1)) if match else -1
+
+
+def find_adapter_dir(run_dir: Path) -> Path | None:
+    """The directory holding ``adapter_config.json``: the run dir, a known sub-dir, or the latest checkpoint."""
+    if (run_dir / "adapter_config.json").is_file():
+        return run_dir
+    for name in _ADAPTER_SUBDIRS:
+        if (run_dir / name / "adapter_config.json").is_file():
+            return run_dir / name
+    checkpoints = sorted(
+        (p for p in run_dir.glob("checkpoint-*") if (p / "adapter_config.json").is_file()), key=_checkpoint_number
+    )
+    if checkpoints:
+        return checkpoints[-1]
+    others = sorted(p.parent for p in run_dir.glob("*/adapter_config.json"))
+    return others[0] if len(others) == 1 else None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ValueError(f"{where}: invalid YAML ({getattr(err, 'problem', err)})") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from err
+
+
+def _curve_from_records(records: list[dict[str, Any]], where: str) -> tuple[list[float], list[float]] | None:
+    """Training-loss points (``step``, ``loss``) of HF-style log records; eval / summary records skipped.
+
+    Later records for a step replace earlier ones (a resumed run logs some steps again).
+    """
+    by_step: dict[float, float] = {}
+    for rec in records:
+        loss = rec.get("loss", rec.get("train_loss_step"))
+        step = rec.get("step", rec.get("global_step"))
+        if loss is None or step is None or "eval_loss" in rec or "train_runtime" in rec:
+            continue
+        try:
+            by_step[float(step)] = float(loss)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{where}: step {step!r} / loss {loss!r} is not a number") from err
+    if len(by_step) < 2:
+        return None
+    steps = sorted(by_step)
+    return steps, [by_step[s] for s in steps]
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    records = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number == len(lines):  # a torn last line from an interrupted run
+                break
+            raise ValueError(f"{path}:{number}: not a JSON line ({err.msg})") from err
+    return records
+
+
+def read_loss_curve(run_dir: Path) -> tuple[tuple[list[float], list[float]], Path] | None:
+    """The per-step training loss of a run and the file it came from, or None if there is none.
+
+    Looks for a JSONL loss log, a CSV with ``step`` and ``loss`` columns, and the ``log_history`` of HF
+    Trainer's ``trainer_state.json`` (the run dir's own, else the latest checkpoint's), in that order.
+    """
+    for name in _LOSS_JSONL_NAMES:
+        path = run_dir / name
+        if path.is_file():
+            curve = _curve_from_records(_read_jsonl(path), str(path))
+            if curve is not None:
+                return curve, path
+    for name in _LOSS_CSV_NAMES:
+        path = run_dir / name
+        if path.is_file():
+            with open(path, newline="", encoding="utf-8") as fh:
+                reader = csv.DictReader(fh)
+                if reader.fieldnames is None or not {"step", "loss"} <= set(reader.fieldnames):
+                    raise ValueError(f"{path}:1: expected columns 'step' and 'loss', got {reader.fieldnames}")
+                curve = _curve_from_records(list(reader), str(path))
+            if curve is not None:
+                return curve, path
+    states = [run_dir / "trainer_state.json"] + [
+        p / "trainer_state.json" for p in sorted(run_dir.glob("checkpoint-*"), key=_checkpoint_number, reverse=True)
+    ]
+    for path in states:
+        if path.is_file():
+            data = _read_json(path)
+            history = data.get("log_history") if isinstance(data, dict) else None
+            if isinstance(history, list):
+                curve = _curve_from_records(history, str(path))
+                if curve is not None:
+                    return curve, path
+    return None
+
+
+def method_label(adapter_config: dict[str, Any] | None, config: dict[str, Any] | None) -> str | None:
+    """``lorma-plus`` / ``lorma-pi`` / ``lorma-none`` (``-post`` when post-side) / ``lora``, or the run's method."""
+    if config and isinstance(config.get("method"), str):
+        label = config["method"]
+        if label.startswith("lorma") and config.get("side") == "post":
+            label += "-post"
+        return label
+    if not adapter_config:
+        return None
+    peft_type = str(adapter_config.get("peft_type", "")).upper()
+    if peft_type == "LORMA":
+        label = f"lorma-{adapter_config.get('inflation', 'plus')}"
+        return label + "-post" if adapter_config.get("side") == "post" else label
+    if peft_type == "LORA":
+        return "dora" if adapter_config.get("use_dora") else "lora"
+    return peft_type.lower() or None
+
+
+def read_run(run_dir: str | Path) -> RunInfo:
+    """Everything :mod:`lorma.analysis` can use from a run directory or a saved adapter directory."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such directory")
+    notes: list[str] = []
+    adapter_dir = find_adapter_dir(path)
+    adapter_config = _read_json(adapter_dir / "adapter_config.json") if adapter_dir else None
+    config_path = next((path / n for n in _CONFIG_NAMES if (path / n).is_file()), None)
+    config = _read_yaml(config_path) if config_path else None
+    hint = None
+    if config:
+        for key in ("model", "model_name_or_path", "base_model"):
+            if isinstance(config.get(key), str):
+                hint = config[key]
+                break
+    metrics_path = path / "metrics.json"
+    metrics = _read_json(metrics_path) if metrics_path.is_file() else None
+    loss = read_loss_curve(path)
+    rank_log = path / RANK_LOG_NAME
+    if adapter_dir is None:
+        notes.append("no saved adapter (adapter_config.json) found")
+    if loss is None:
+        notes.append("no training-loss log found")
+    label = method_label(adapter_config, config) or path.name
+    return RunInfo(
+        path=path,
+        label=label,
+        adapter_dir=adapter_dir,
+        adapter_config=adapter_config,
+        config=config,
+        config_path=config_path,
+        base_model_hint=hint,
+        metrics=metrics if isinstance(metrics, dict) else None,
+        loss_curve=loss[0] if loss else None,
+        loss_source=loss[1] if loss else None,
+        rank_log=rank_log if rank_log.is_file() else None,
+        notes=notes,
+    )
