@@ -220,10 +220,7 @@ def load_wordnet() -> Any:
                 warnings.simplefilter("ignore")  # "multilingual functions are not available"
                 return _DictFolderWordNet(nltk.data.FileSystemPathPointer(resolved), None)
     try:
-        from nltk.corpus import wordnet
-
-        wordnet.ensure_loaded()
-        return wordnet
+        return _nltk_wordnet()
     except (LookupError, OSError, PermissionError, ValueError):
         checked.append("nltk's 'wordnet' corpus (not installed)")
     raise WordNetUnavailableError(
@@ -231,6 +228,14 @@ def load_wordnet() -> Any:
         "(`apt-get install --no-install-recommends wordnet-base`, which fills /usr/share/wordnet) or set "
         "LORMA_WORDNET_DIR to a WordNet dict folder. Looked in: " + "; ".join(checked)
     )
+
+
+def _nltk_wordnet() -> Any:
+    """nltk's own downloaded ``wordnet`` corpus (LookupError when it is not installed)."""
+    from nltk.corpus import wordnet
+
+    wordnet.ensure_loaded()
+    return wordnet
 
 
 def meteor(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
