@@ -29,7 +29,7 @@ DEFAULT_TRAINING: dict[str, Any] = {
     "per_device_train_batch_size": 16,
     "per_device_eval_batch_size": 64,
     "num_train_epochs": 3.0,
-    "warmup_ratio": 0.06,
+    "warmup_steps": 0.06,  # transformers 5: a float in [0, 1) is a ratio of the total steps
     "lr_scheduler_type": "linear",
     "weight_decay": 0.0,
     "logging_steps": 1,
@@ -193,6 +193,8 @@ def build_config(
                 if ta_names is None:
                     ta_names = training_argument_names()
                 for tkey, tval in value.items():
+                    if tkey == "warmup_ratio" and tkey not in ta_names:
+                        tkey = "warmup_steps"
                     if tkey not in ta_names:
                         raise RecipeError(f"{where}: training.{tkey} is not a field of transformers TrainingArguments")
                     training[tkey] = tval
@@ -205,6 +207,10 @@ def build_config(
                 continue
             if ta_names is None:
                 ta_names = training_argument_names()
+            if name == "warmup_ratio" and name not in ta_names:
+                # transformers 5 folded warmup_ratio into warmup_steps (a float < 1 is a ratio); the
+                # paper's tables and older configs say warmup_ratio
+                name = "warmup_steps"
             if name in ta_names:
                 if name in ("seed", "output_dir"):
                     values[name] = _coerce(name, value, where)
@@ -255,12 +261,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     try:
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file the usual mode
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    """The process umask (read by setting it and restoring it at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def dump_yaml(values: dict[str, Any]) -> str:

@@ -1,0 +1,225 @@
+"""``lorma compare``: one task, several methods and seeds; a results table, results.md / .json and a PNG
+of the training-loss curves (the paper's Fig. 6 as a picture).
+
+Layout: ``OUTPUT_DIR/<method>/seed-<seed>/`` is an ordinary ``lorma train`` run directory;
+``OUTPUT_DIR/results.{md,json}`` and ``OUTPUT_DIR/loss_curves.png`` summarise them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lorma.recipes.config import METHODS, RecipeError, RunConfig, atomic_write_text
+
+try:  # the canonical AUC (same smoothing for every run) lives with the convergence analysis
+    from lorma.analysis.convergence import loss_auc
+except ImportError:  # pragma: no cover - only while lorma.analysis is absent
+
+    def loss_auc(steps: Sequence[float], losses: Sequence[float]) -> float:  # type: ignore[misc]
+        """Area under the training-loss curve by the trapezoid rule (numpy's)."""
+        return float(np.trapezoid(np.asarray(losses, dtype=float), np.asarray(steps, dtype=float)))
+
+
+RESULT_FILES = ("results.json", "results.md", "loss_curves.png")
+# Trainer's bookkeeping numbers: not metrics of the model
+_NOT_METRICS = ("_runtime", "_samples_per_second", "_steps_per_second", "epoch")
+
+
+def parse_methods(text: str | Sequence[str]) -> list[str]:
+    """``"lora,lorma-plus"`` -> ``["lora", "lorma-plus"]``, each checked against the known methods."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    methods = [m.strip() for m in items if m.strip()]
+    if not methods:
+        raise RecipeError("--methods: give at least one method")
+    for method in methods:
+        if method not in METHODS:
+            raise RecipeError(f"unknown method '{method}'; expected one of: {', '.join(METHODS)}")
+    if len(set(methods)) != len(methods):
+        raise RecipeError(f"--methods: a method is listed twice ({', '.join(methods)})")
+    return methods
+
+
+def _mean_std(values: list[float]) -> dict[str, float | None]:
+    clean = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not clean:
+        return {"mean": None, "std": None, "n": 0}
+    arr = np.asarray(clean, dtype=float)
+    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0, "n": int(arr.size)}
+
+
+def metric_keys(eval_metrics: dict[str, float]) -> list[str]:
+    """The eval metrics worth a column: not loss, not Trainer's timing numbers."""
+    return [k for k in eval_metrics if not k.endswith(_NOT_METRICS) and not k.endswith("_loss")]
+
+
+def aggregate(runs: dict[str, list[dict[str, Any]]], run_dirs: dict[str, list[str]]) -> dict[str, Any]:
+    """Per method: mean and std over seeds of every eval metric, loss AUC, seconds per step; parameters."""
+    methods: dict[str, Any] = {}
+    for method, metrics_list in runs.items():
+        keys: list[str] = []
+        for m in metrics_list:
+            keys += [k for k in metric_keys(m["eval"]) if k not in keys]
+        methods[method] = {
+            "metrics": {k: _mean_std([m["eval"].get(k) for m in metrics_list]) for k in keys},
+            "best_metrics": {k: _mean_std([m.get("best_eval", {}).get(k) for m in metrics_list]) for k in keys},
+            "trainable_params": metrics_list[0]["trainable_params"],
+            "total_params": metrics_list[0]["total_params"],
+            "loss_auc": _mean_std([m.get("loss_auc") for m in metrics_list]),
+            "seconds_per_step": _mean_std([m.get("seconds_per_step") for m in metrics_list]),
+            "seeds": [m["seed"] for m in metrics_list],
+            "run_dirs": run_dirs[method],
+        }
+    return methods
+
+
+def _fmt(stat: dict[str, Any] | None, digits: int = 4) -> str:
+    if not stat or stat.get("mean") is None:
+        return "-"
+    if stat["n"] > 1:
+        return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+    return f"{stat['mean']:.{digits}f}"
+
+
+def results_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the results table (methods, then the majority baseline if there is one)."""
+    metric_cols: list[str] = []
+    for info in results["methods"].values():
+        metric_cols += [k for k in info["metrics"] if k not in metric_cols]
+    header = ["method", *[k.removeprefix("eval_") for k in metric_cols], "trainable params", "loss AUC", "s/step"]
+    rows = []
+    for method, info in results["methods"].items():
+        rows.append([
+            method,
+            *[_fmt(info["metrics"].get(k)) for k in metric_cols],
+            f"{info['trainable_params']:,}",
+            _fmt(info["loss_auc"], 2),
+            _fmt(info["seconds_per_step"], 3),
+        ])
+    baseline = results.get("baseline")
+    if baseline:
+        rows.append([
+            "majority baseline",
+            *[f"{baseline[k]:.4f}" if k in baseline and baseline[k] is not None else "-" for k in metric_cols],
+            "0", "-", "-",
+        ])
+    return header, rows
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    """A plain-text table with aligned columns (for the terminal)."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+def format_markdown(results: dict[str, Any]) -> str:
+    """results.md: the table, then what the numbers are."""
+    header, rows = results_rows(results)
+    lines = [f"# lorma compare: {results['task']} on {results['model']}", ""]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "|".join("---" for _ in header) + "|")
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += [
+        "",
+        f"Metrics: final evaluation, mean ± std over seeds {results['seeds']}; loss AUC: area under the "
+        "per-step training-loss curve (trapezoid rule); s/step: training time per optimizer step.",
+        "The majority baseline always predicts the most frequent training label.",
+        "",
+        "Runs: " + ", ".join(d for info in results["methods"].values() for d in info["run_dirs"]),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot_loss_curves(curves: dict[str, list[tuple[list[int], list[float]]]], path: Path, title: str) -> None:
+    """One line per method (mean over seeds where the steps agree), each seed faint behind it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (method, seed_curves) in enumerate(curves.items()):
+        color = f"C{i}"
+        for steps, losses in seed_curves:
+            ax.plot(steps, losses, color=color, alpha=0.25, linewidth=0.8)
+        lengths = {len(s) for s, _ in seed_curves}
+        if seed_curves and len(lengths) == 1:
+            mean = np.mean([np.asarray(losses) for _, losses in seed_curves], axis=0)
+            ax.plot(seed_curves[0][0], mean, color=color, linewidth=1.8, label=method)
+        elif seed_curves:
+            ax.plot(*seed_curves[0], color=color, linewidth=1.8, label=method)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def check_compare_output(output_dir: str | None, methods: list[str], overwrite: bool) -> Path:
+    """Refuse to write over an earlier comparison unless ``overwrite``."""
+    if not output_dir:
+        raise RecipeError("no output directory: give --output-dir")
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise RecipeError(f"output directory {out} exists and is not a directory")
+    existing = [n for n in (*RESULT_FILES, *methods) if (out / n).exists()]
+    if existing and not overwrite:
+        raise RecipeError(f"output directory {out} already holds results ({', '.join(existing)}); give --overwrite")
+    return out
+
+
+def run_compare(
+    cfg: RunConfig, methods: list[str], seeds: int, overwrite: bool = False, quiet: bool = False
+) -> dict[str, Any]:
+    """Train every method with ``seeds`` seeds (``cfg.seed``, ``cfg.seed + 1``, ...) and summarise."""
+    from tqdm.auto import tqdm
+
+    from lorma.recipes.train import is_main_process, read_loss_log, run_training
+    from lorma.tasks.base import get_task
+
+    if seeds < 1:
+        raise RecipeError(f"--seeds must be at least 1, got {seeds}")
+    out = check_compare_output(cfg.output_dir, methods, overwrite)
+    get_task(cfg).check_inputs()  # fail on bad data before the first of many runs
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+    run_dirs: dict[str, list[str]] = {m: [] for m in methods}
+    curves: dict[str, list[tuple[list[int], list[float]]]] = {m: [] for m in methods}
+    plan = [(m, cfg.seed + i) for m in methods for i in range(seeds)]
+    for method, seed in tqdm(plan, desc="compare: runs", unit="run", disable=quiet or not is_main_process()):
+        run_dir = out / method / f"seed-{seed}"
+        run_cfg = dataclasses.replace(cfg, method=method, seed=seed, output_dir=str(run_dir))
+        metrics = run_training(run_cfg, overwrite=overwrite)
+        runs[method].append(metrics)
+        run_dirs[method].append(str(run_dir))
+        if (run_dir / "train_log.jsonl").exists():
+            curves[method].append(read_loss_log(run_dir / "train_log.jsonl"))
+    first = runs[methods[0]][0]
+    results = {
+        "task": first["task"],
+        "model": cfg.model,
+        "seeds": [cfg.seed + i for i in range(seeds)],
+        "methods": aggregate(runs, run_dirs),
+        "baseline": first.get("baseline"),
+        "data": first.get("data"),
+    }
+    if is_main_process():
+        atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+        atomic_write_text(out / "results.md", format_markdown(results))
+        plot_loss_curves(curves, out / "loss_curves.png", f"{results['task']}: training loss ({cfg.model})")
+    results["plot"] = str(out / "loss_curves.png")
+    return results

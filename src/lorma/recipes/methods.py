@@ -1,0 +1,109 @@
+"""Building the model to train for a method name: LoRMA (plus / pi / none, pre / post), LoRA, DoRA, and
+the paper's non-adapter baselines (full fine-tuning, BitFit, head only).
+
+Adapters go through peft (``get_peft_model``), so saving, loading and merging are peft's; the head of the
+task (e.g. a classifier) is trained in full and saved with the adapter through ``modules_to_save``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lorma.recipes.config import ADAPTER_METHODS, RecipeError, RunConfig
+
+LORMA_INFLATION = {"lorma-plus": "plus", "lorma-pi": "pi", "lorma-none": "none"}
+
+
+def default_target_modules(model: Any) -> list[str]:
+    """The paper's adapted modules for the model's type (query and value for BERT / RoBERTa, ...)."""
+    from lorma import DEFAULT_TARGET_MODULES
+
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in DEFAULT_TARGET_MODULES:
+        raise RecipeError(
+            f"no default target modules for model type '{model_type}'; name them with --target-modules"
+        )
+    return list(DEFAULT_TARGET_MODULES[model_type])
+
+
+def _check_targets(model: Any, targets: list[str]) -> None:
+    """Every target name must match a module, or the adapter would silently adapt less than asked."""
+    names = [name for name, _ in model.named_modules()]
+    for target in targets:
+        if not any(name == target or name.endswith("." + target) for name in names):
+            raise RecipeError(f"target module '{target}' matches no module of {type(model).__name__}")
+
+
+def _freeze_all_but(model: Any, keep: Any) -> None:
+    for name, param in model.named_parameters():
+        param.requires_grad_(bool(keep(name)))
+
+
+def _in_modules(name: str, modules: list[str]) -> bool:
+    return any(name.startswith(m + ".") or f".{m}." in f".{name}" for m in modules)
+
+
+def build_method_model(model: Any, cfg: RunConfig, head_modules: list[str], peft_task_type: str | None) -> Any:
+    """Wrap or freeze ``model`` for ``cfg.method``; returns the model to train (a PeftModel for adapters)."""
+    method = cfg.method
+    modules_to_save = cfg.modules_to_save if cfg.modules_to_save is not None else list(head_modules)
+    if method in ADAPTER_METHODS:
+        from peft import get_peft_model
+
+        targets = cfg.target_modules or default_target_modules(model)
+        _check_targets(model, targets)
+        fused = None
+        if method in LORMA_INFLATION:
+            from lorma import DEFAULT_FUSED_PARTS, LormaConfig
+
+            if cfg.target_modules is None:
+                fused = DEFAULT_FUSED_PARTS.get(getattr(model.config, "model_type", ""))
+            peft_config: Any = LormaConfig(
+                r=cfg.r,
+                alpha=cfg.alpha,
+                inflation=LORMA_INFLATION[method],
+                side=cfg.side,
+                dropout=cfg.dropout,
+                target_modules=targets,
+                modules_to_save=modules_to_save or None,
+                fused_parts=fused,
+                task_type=peft_task_type,
+            )
+        else:
+            from peft import LoraConfig
+
+            peft_config = LoraConfig(
+                r=cfg.r,
+                lora_alpha=cfg.alpha,
+                lora_dropout=cfg.dropout,
+                target_modules=targets,
+                modules_to_save=modules_to_save or None,
+                use_dora=method == "dora",
+                task_type=peft_task_type,
+            )
+        try:
+            return get_peft_model(model, peft_config)
+        except ValueError as err:
+            raise RecipeError(f"cannot build the {method} adapter: {err}") from None
+    if method == "full":
+        _freeze_all_but(model, lambda name: True)
+    elif method == "bitfit":
+        # BitFit (Ben Zaken et al., 2022): biases only, plus the task head
+        _freeze_all_but(model, lambda name: name.endswith(".bias") or _in_modules(name, modules_to_save))
+    elif method == "head-only":
+        _freeze_all_but(model, lambda name: _in_modules(name, modules_to_save))
+    else:  # pragma: no cover - validated in config
+        raise RecipeError(f"unknown method '{method}'")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise RecipeError(f"method {method} leaves no trainable parameter (head modules: {modules_to_save})")
+    return model
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts (peft's own count for adapters, so both agree)."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        trainable, total = model.get_nb_trainable_parameters()
+        return int(trainable), int(total)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return int(trainable), int(total)

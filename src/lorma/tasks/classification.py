@@ -1,0 +1,614 @@
+"""Sequence classification and regression, as in GLUE: any ``AutoModelForSequenceClassification``.
+
+Data comes as a GLUE task folder (``train.tsv`` / ``dev.tsv`` with that task's own columns), CSV / TSV /
+JSONL files with text, optional text-pair and label columns, or a saved HF dataset (``load_from_disk``).
+The 8 GLUE tasks are known by name, with the paper's metrics; other data gets accuracy and macro-F1
+(or Pearson / Spearman for regression). Everything about the files is checked before the model loads.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lorma.recipes.config import RecipeError
+from lorma.tasks.base import Task, register_task
+
+
+@dataclass(frozen=True)
+class GlueSpec:
+    """Where a GLUE task's columns are in its TSV files, its labels and its metrics."""
+
+    text: str | int
+    pair: str | int | None
+    label: str | int
+    labels: tuple[str, ...] | None  # None: regression
+    metrics: tuple[str, ...]
+    has_header: bool = True
+    dev_files: dict[str, str] = field(default_factory=lambda: {"": "dev.tsv"})
+    # columns of the HF ``glue`` dataset (for saved HF datasets)
+    hf_columns: tuple[str, str | None] = ("sentence", None)
+    hf_eval_splits: dict[str, str] = field(default_factory=lambda: {"": "validation"})
+
+
+# Label orders follow the HF ``glue`` datasets, so that integer labels of a saved HF dataset mean the same.
+GLUE_TASKS: dict[str, GlueSpec] = {
+    # CoLA's TSVs have no header: source, label, original label, sentence
+    "cola": GlueSpec(3, None, 1, ("0", "1"), ("matthews_correlation",), has_header=False),
+    "sst2": GlueSpec("sentence", None, "label", ("0", "1"), ("accuracy",)),
+    "mrpc": GlueSpec("#1 String", "#2 String", "Quality", ("0", "1"), ("f1", "accuracy"),
+                     hf_columns=("sentence1", "sentence2")),
+    "qqp": GlueSpec("question1", "question2", "is_duplicate", ("0", "1"), ("f1", "accuracy"),
+                    hf_columns=("question1", "question2")),
+    "stsb": GlueSpec("sentence1", "sentence2", "score", None, ("pearson", "spearmanr"),
+                     hf_columns=("sentence1", "sentence2")),
+    "mnli": GlueSpec("sentence1", "sentence2", "gold_label", ("entailment", "neutral", "contradiction"),
+                     ("accuracy",), dev_files={"matched": "dev_matched.tsv", "mismatched": "dev_mismatched.tsv"},
+                     hf_columns=("premise", "hypothesis"),
+                     hf_eval_splits={"matched": "validation_matched", "mismatched": "validation_mismatched"}),
+    "qnli": GlueSpec("question", "sentence", "label", ("entailment", "not_entailment"), ("accuracy",),
+                     hf_columns=("question", "sentence")),
+    "rte": GlueSpec("sentence1", "sentence2", "label", ("entailment", "not_entailment"), ("accuracy",),
+                    hf_columns=("sentence1", "sentence2")),
+}
+GLUE_ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "mnli-m": "mnli"}
+
+HEAD_NAMES = ("pre_classifier", "classifier", "score", "classification_head")
+
+
+@dataclass
+class Examples:
+    """Raw examples of one split: texts, optional pair texts, raw labels, and where each came from."""
+
+    source: str
+    texts: list[str] = field(default_factory=list)
+    pairs: list[str] | None = None
+    labels: list[Any] = field(default_factory=list)
+    lines: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, index: list[int] | np.ndarray) -> Examples:
+        """The examples at ``index``, in that order."""
+        return Examples(
+            self.source,
+            [self.texts[i] for i in index],
+            None if self.pairs is None else [self.pairs[i] for i in index],
+            [self.labels[i] for i in index],
+            [self.lines[i] for i in index],
+        )
+
+
+def _missing_column(path: Path, column: str | int, header: list[str]) -> RecipeError:
+    if isinstance(column, int):
+        return RecipeError(f"{path}: has no column number {column} (rows have {len(header)} columns)")
+    return RecipeError(f"{path}: no column '{column}' (columns: {', '.join(header) or 'none'})")
+
+
+def _read_rows(
+    path: Path, columns: list[str | int], encoding: str, delimiter: str, has_header: bool, quoting: int
+) -> tuple[list[list[str]], list[int]]:
+    """Rows of a delimited file, restricted to ``columns`` (names or indices); errors name file and line."""
+    rows: list[list[str]] = []
+    lines: list[int] = []
+    try:
+        with open(path, encoding=encoding, newline="") as fh:
+            reader = csv.reader(fh, delimiter=delimiter, quoting=quoting)
+            header: list[str] = []
+            if has_header:
+                header = next(reader, [])
+                if not header:
+                    raise RecipeError(f"{path}: empty file (expected a header line)")
+            index: list[int] = []
+            for column in columns:
+                if isinstance(column, int):
+                    index.append(column)
+                elif column in header:
+                    index.append(header.index(column))
+                else:
+                    raise _missing_column(path, column, header)
+            need = max(index) + 1
+            for row in reader:
+                if not row or (len(row) == 1 and not row[0].strip()):
+                    continue
+                if len(row) < need:
+                    raise RecipeError(
+                        f"{path}:{reader.line_num}: row has {len(row)} fields, expected at least {need}"
+                    )
+                rows.append([row[i] for i in index])
+                lines.append(reader.line_num)
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"{path}: not valid {encoding} text ({err.reason} at byte {err.start}); "
+                          "set --file-encoding") from None
+    except csv.Error as err:
+        raise RecipeError(f"{path}: malformed CSV ({err})") from None
+    return rows, lines
+
+
+def _read_jsonl(path: Path, columns: list[str], encoding: str) -> tuple[list[list[Any]], list[int]]:
+    """Rows of a JSONL file restricted to ``columns``; errors name file, line and key."""
+    rows: list[list[Any]] = []
+    lines: list[int] = []
+    try:
+        with open(path, encoding=encoding) as fh:
+            for number, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise RecipeError(f"{path}:{number}: invalid JSON ({err.msg})") from None
+                if not isinstance(record, dict):
+                    raise RecipeError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+                for column in columns:
+                    if column not in record:
+                        keys = ", ".join(record) or "none"
+                        raise RecipeError(f"{path}:{number}: no key '{column}' (keys: {keys})")
+                rows.append([record[c] for c in columns])
+                lines.append(number)
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"{path}: not valid {encoding} text ({err.reason}); set --file-encoding") from None
+    return rows, lines
+
+
+def read_examples(
+    path: str | Path,
+    text: str | int,
+    pair: str | int | None,
+    label: str | int,
+    encoding: str = "utf-8",
+    has_header: bool = True,
+    glue_tsv: bool = False,
+) -> Examples:
+    """Read one data file (CSV, TSV, JSONL) into :class:`Examples`, checking columns and empty cells."""
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"data file not found: {p}")
+    columns: list[str | int] = [text] + ([pair] if pair is not None else []) + [label]
+    suffix = p.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        rows, lines = _read_jsonl(p, [str(c) for c in columns], encoding)
+    elif suffix in (".csv", ".tsv", ".txt"):
+        delimiter = "," if suffix == ".csv" else "\t"
+        # GLUE's TSVs contain unbalanced quotes: they must be read without quote handling.
+        quoting = csv.QUOTE_NONE if glue_tsv else csv.QUOTE_MINIMAL
+        rows, lines = _read_rows(p, columns, encoding, delimiter, has_header, quoting)
+    else:
+        raise RecipeError(f"{p}: unknown data file type '{suffix}' (expected .csv, .tsv, .jsonl)")
+    if not rows:
+        raise RecipeError(f"{p}: no data rows")
+    out = Examples(str(p), pairs=[] if pair is not None else None)
+    names = ["text", "text pair", "label"] if pair is not None else ["text", "label"]
+    for row, line in zip(rows, lines):
+        for value, what, column in zip(row, names, columns):
+            if value is None or (isinstance(value, str) and not value.strip()):
+                raise RecipeError(f"{p}:{line}: empty {what} (column '{column}')")
+        out.texts.append(str(row[0]))
+        if out.pairs is not None:
+            out.pairs.append(str(row[1]))
+        out.labels.append(row[-1])
+        out.lines.append(line)
+    return out
+
+
+def _label_key(value: Any) -> str:
+    """Labels compare as strings, so 1 (JSON), "1" (CSV) and 1.0 mean the same class."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+def _sorted_labels(values: set[str]) -> list[str]:
+    """Labels in a stable order: numerically when all are integers, else alphabetically."""
+    try:
+        return sorted(values, key=int)
+    except ValueError:
+        return sorted(values)
+
+
+def _is_default_label_names(id2label: dict[int, str]) -> bool:
+    return all(str(name) == f"LABEL_{int(i)}" for i, name in id2label.items())
+
+
+def classification_metrics(names: tuple[str, ...], predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """The named metrics, via scikit-learn / scipy."""
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, mean_squared_error
+
+    out: dict[str, float] = {}
+    for name in names:
+        if name == "accuracy":
+            out[name] = float(accuracy_score(labels, predictions))
+        elif name == "f1":
+            out[name] = float(f1_score(labels, predictions, zero_division=0))
+        elif name == "macro_f1":
+            out[name] = float(f1_score(labels, predictions, average="macro", zero_division=0))
+        elif name == "matthews_correlation":
+            out[name] = float(matthews_corrcoef(labels, predictions))
+        elif name in ("pearson", "spearmanr"):
+            # a constant prediction has no correlation: report nan rather than a warning and a guess
+            if np.ptp(predictions) == 0 or np.ptp(labels) == 0:
+                out[name] = math.nan
+            else:
+                stat = pearsonr if name == "pearson" else spearmanr
+                out[name] = float(stat(predictions, labels)[0])
+        elif name == "mse":
+            out[name] = float(mean_squared_error(labels, predictions))
+        else:  # pragma: no cover - names come from this module
+            raise ValueError(f"unknown metric {name}")
+    return out
+
+
+@register_task("classification", *GLUE_TASKS)
+class ClassificationTask(Task):
+    """GLUE-style sequence classification / regression with ``AutoModelForSequenceClassification``."""
+
+    peft_task_type = "SEQ_CLS"
+
+    def __init__(self, name: str, config: Any) -> None:
+        super().__init__(GLUE_ALIASES.get(name, name), config)
+        self.glue: GlueSpec | None = GLUE_TASKS.get(self.name)
+        self._train: Examples | None = None
+        self._eval: dict[str, Examples] | None = None
+        self.label_names: list[str] | None = None  # None: regression
+        self.metric_names: tuple[str, ...] = ()
+
+    # --- data ---------------------------------------------------------------------------------------
+    @property
+    def regression(self) -> bool:
+        """Regression (one float output) or classification."""
+        if self.config.problem_type is not None:
+            return self.config.problem_type == "regression"
+        return self.glue is not None and self.glue.labels is None
+
+    def _columns(self) -> tuple[str | int, str | int | None, str | int]:
+        cfg = self.config
+        if self.glue is not None and cfg.data is not None and cfg.train_file is None and self._data_is_glue_folder():
+            default = (self.glue.text, self.glue.pair, self.glue.label)
+        elif self.glue is not None:
+            default = (self.glue.hf_columns[0], self.glue.hf_columns[1], "label")
+        else:
+            default = ("text", None, "label")
+        return (
+            cfg.text_column if cfg.text_column is not None else default[0],
+            cfg.text_pair_column if cfg.text_pair_column is not None else default[1],
+            cfg.label_column if cfg.label_column is not None else default[2],
+        )
+
+    def _data_is_glue_folder(self) -> bool:
+        return self.config.data is not None and (Path(self.config.data) / "train.tsv").is_file()
+
+    def _read(self) -> tuple[Examples, dict[str, Examples]]:
+        cfg = self.config
+        text, pair, label = self._columns()
+        if cfg.train_file is not None:
+            train = read_examples(cfg.train_file, text, pair, label, cfg.file_encoding)
+            evals = (
+                {"": read_examples(cfg.eval_file, text, pair, label, cfg.file_encoding)}
+                if cfg.eval_file is not None
+                else {}
+            )
+            return train, evals
+        if cfg.data is None:
+            raise RecipeError(
+                "no training data: give --train-file (CSV/TSV/JSONL) or --data (GLUE folder / HF dataset)"
+            )
+        folder = Path(cfg.data)
+        if not folder.exists():
+            raise RecipeError(f"data directory not found: {folder}")
+        if self._data_is_glue_folder():
+            glue = self.glue
+            has_header = glue.has_header if glue is not None else True
+            train = read_examples(folder / "train.tsv", text, pair, label, cfg.file_encoding, has_header, True)
+            dev_files = glue.dev_files if glue is not None else {"": "dev.tsv"}
+            evals: dict[str, Examples] = {}
+            for key, name in dev_files.items():
+                if not (folder / name).is_file():
+                    raise RecipeError(f"{folder}: no {name} (the {self.name} dev set)")
+                evals[key] = read_examples(folder / name, text, pair, label, cfg.file_encoding, has_header, True)
+            return train, evals
+        if (folder / "dataset_dict.json").is_file() or (folder / "dataset_info.json").is_file():
+            return self._read_hf(folder, text, pair, label)
+        raise RecipeError(
+            f"{folder}: neither a GLUE task folder (train.tsv) nor a saved HF dataset (dataset_dict.json)"
+        )
+
+    def _read_hf(
+        self, folder: Path, text: str | int, pair: str | int | None, label: str | int
+    ) -> tuple[Examples, dict[str, Examples]]:
+        from datasets import Dataset, DatasetDict, load_from_disk
+
+        try:
+            loaded = load_from_disk(str(folder))
+        except Exception as err:  # datasets raises several types for a broken folder
+            raise RecipeError(f"{folder}: cannot load the saved HF dataset ({err})") from None
+        if isinstance(loaded, Dataset):
+            loaded = DatasetDict({"train": loaded})
+        if "train" not in loaded:
+            raise RecipeError(f"{folder}: the saved dataset has no 'train' split (splits: {', '.join(loaded)})")
+        if self.glue is not None and all(s in loaded for s in self.glue.hf_eval_splits.values()):
+            eval_splits = dict(self.glue.hf_eval_splits)
+        else:
+            found = [s for s in ("validation", "dev", "eval", "test") if s in loaded]
+            eval_splits = {"": found[0]} if found else {}
+
+        def convert(split: str) -> Examples:
+            ds = loaded[split]
+            where = f"{folder} split '{split}'"
+            columns = [text] + ([pair] if pair is not None else []) + [label]
+            for column in columns:
+                if column not in ds.column_names:
+                    raise RecipeError(f"{where}: no column '{column}' (columns: {', '.join(ds.column_names)})")
+            feature = ds.features[label]
+            names = getattr(feature, "names", None)
+            raw = ds[label]
+            labels = [names[v] if names is not None and isinstance(v, int) and v >= 0 else v for v in raw]
+            if names is None and self.glue is not None and self.glue.labels is not None:
+                labels = [self.glue.labels[v] if isinstance(v, int) and 0 <= v < len(self.glue.labels) else v
+                          for v in labels]
+            out = Examples(where, [str(t) for t in ds[text]], None if pair is None else [str(t) for t in ds[pair]],
+                           labels, list(range(len(ds))))
+            # GLUE test splits carry label -1: unusable for training or evaluation
+            for i, value in enumerate(raw):
+                if value is None or (isinstance(value, int) and value < 0):
+                    raise RecipeError(f"{where}: row {i} has no label ({value!r})")
+            return out
+
+        return convert("train"), {key: convert(split) for key, split in eval_splits.items()}
+
+    def _labels_of(self, train: Examples) -> list[str] | None:
+        if self.regression:
+            return None
+        if self.glue is not None and self.glue.labels is not None:
+            return list(self.glue.labels)
+        return _sorted_labels({_label_key(v) for v in train.labels})
+
+    def _check_labels(self, examples: Examples) -> None:
+        if self.label_names is None:
+            for value, line in zip(examples.labels, examples.lines):
+                try:
+                    number = float(value)
+                except (TypeError, ValueError):
+                    number = math.nan
+                if not math.isfinite(number):
+                    raise RecipeError(f"{examples.source}:{line}: regression label {value!r} is not a finite number")
+            return
+        known = set(self.label_names)
+        for value, line in zip(examples.labels, examples.lines):
+            if _label_key(value) not in known:
+                raise RecipeError(
+                    f"{examples.source}:{line}: label {value!r} is not one of the task's labels "
+                    f"({', '.join(self.label_names)})"
+                )
+
+    def check_inputs(self) -> None:
+        """Read and check all data (files, columns, labels) and the model's label set, before any training."""
+        cfg = self.config
+        if cfg.model is None:
+            raise RecipeError("no model: give --model (a local directory or a hub name)")
+        if cfg.eval_file is not None and cfg.train_file is None:
+            raise RecipeError("--eval-file needs --train-file")
+        train, evals = self._read()
+        self.label_names = self._labels_of(train)
+        self._check_labels(train)
+        for examples in evals.values():
+            self._check_labels(examples)
+        if self.label_names is not None and len(self.label_names) < 2:
+            raise RecipeError(f"{train.source}: only one label ({self.label_names[0]}): nothing to classify")
+        rng = np.random.default_rng(cfg.split_seed)
+        if not evals:
+            train, held_out = self._split(train, rng)
+            evals = {"": held_out}
+        if cfg.max_train_samples is not None and len(train) > cfg.max_train_samples:
+            train = train.subset(np.sort(rng.permutation(len(train))[: cfg.max_train_samples]))
+        if cfg.max_eval_samples is not None:
+            evals = {k: (v.subset(np.sort(rng.permutation(len(v))[: cfg.max_eval_samples]))
+                         if len(v) > cfg.max_eval_samples else v) for k, v in evals.items()}
+        self._train, self._eval = train, evals
+        self._check_model_labels()
+        if self.glue is not None:
+            self.metric_names = self.glue.metrics if not (self.regression and self.glue.labels) else ("pearson",)
+        else:
+            self.metric_names = ("pearson", "spearmanr", "mse") if self.regression else ("accuracy", "macro_f1")
+
+    def _split(self, train: Examples, rng: np.random.Generator) -> tuple[Examples, Examples]:
+        """Hold out ``eval_split`` of the training data (stratified for classification when possible)."""
+        from sklearn.model_selection import train_test_split
+
+        index = np.arange(len(train))
+        stratify = None
+        if self.label_names is not None:
+            keys = [_label_key(v) for v in train.labels]
+            counts = {k: keys.count(k) for k in set(keys)}
+            if min(counts.values()) >= 2:
+                stratify = keys
+        if len(train) < 4:
+            raise RecipeError(
+                f"{train.source}: {len(train)} rows are too few to hold out an eval set; give --eval-file"
+            )
+        fit, held = train_test_split(index, test_size=self.config.eval_split, stratify=stratify,
+                                     random_state=int(rng.integers(2**31 - 1)))
+        return train.subset(np.sort(fit)), train.subset(np.sort(held))
+
+    def _check_model_labels(self) -> None:
+        """The data's labels must fit the model's labels when the model already has a trained head."""
+        from transformers import AutoConfig
+
+        try:
+            model_config = AutoConfig.from_pretrained(self.config.model)
+        except (OSError, ValueError) as err:
+            first_line = str(err).strip().splitlines()[0]
+            raise RecipeError(f"cannot load the model config of '{self.config.model}': {first_line}") from None
+        self.model_config = model_config
+        id2label = {int(k): str(v) for k, v in (getattr(model_config, "id2label", None) or {}).items()}
+        if not id2label or _is_default_label_names(id2label):
+            return
+        if self.label_names is None:
+            if len(id2label) != 1:
+                raise RecipeError(f"model '{self.config.model}' has {len(id2label)} labels "
+                                  f"({', '.join(id2label.values())}); a regression task needs 1")
+            return
+        if set(id2label.values()) != set(self.label_names):
+            raise RecipeError(
+                f"the data's labels ({', '.join(self.label_names)}) do not fit the labels of model "
+                f"'{self.config.model}' ({', '.join(id2label[i] for i in sorted(id2label))})"
+            )
+        # keep the model's own order so that its trained head keeps meaning the same classes
+        self.label_names = [id2label[i] for i in sorted(id2label)]
+
+    # --- model --------------------------------------------------------------------------------------
+    def _model_kwargs(self) -> dict[str, Any]:
+        if self.label_names is None:
+            return {"num_labels": 1, "problem_type": "regression"}
+        return {
+            "num_labels": len(self.label_names),
+            "id2label": dict(enumerate(self.label_names)),
+            "label2id": {name: i for i, name in enumerate(self.label_names)},
+            "problem_type": "single_label_classification",
+        }
+
+    def load_model(self, tokenizer: Any) -> Any:
+        """``AutoModelForSequenceClassification`` with the data's labels; the new head is noted for saving."""
+        from transformers import AutoModelForSequenceClassification
+
+        if self._train is None:
+            self.check_inputs()
+        kwargs = self._model_kwargs()
+        try:
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                self.config.model, output_loading_info=True, **kwargs
+            )
+        except (OSError, ValueError) as err:
+            raise RecipeError(f"cannot load model '{self.config.model}': {str(err).splitlines()[0]}") from None
+        if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        self._head = self._find_head(model, info.get("missing_keys", []))
+        self.model_info = {
+            "model_class": "AutoModelForSequenceClassification",
+            "model_kwargs": {k: v for k, v in kwargs.items() if k not in ("id2label", "label2id")},
+            "label_names": self.label_names,
+            "head_modules": self._head,
+        }
+        return model
+
+    @staticmethod
+    def _find_head(model: Any, missing_keys: list[str]) -> list[str]:
+        """Names of the head modules: those the checkpoint did not have (newly initialised), else known names.
+
+        Newly initialised weights are the head whatever the architecture calls it (BERT's ``classifier``,
+        Llama's ``score``, DeBERTa's ``pooler`` + ``classifier``); a checkpoint that already has a trained
+        head has no missing keys, and then the usual names are used.
+        """
+        prefix = getattr(model, "base_model_prefix", "")
+        names: set[str] = set()
+        for key in missing_keys:
+            parts = key.split(".")[:-1]
+            if not parts:
+                continue
+            names.add(".".join(parts[:2]) if parts[0] == prefix and len(parts) > 1 else parts[0])
+        if not names:
+            names = {n for n in HEAD_NAMES if hasattr(model, n)}
+        if not names:
+            raise RecipeError(f"cannot find the classification head of {type(model).__name__}; "
+                              "name it with --modules-to-save")
+        return sorted(names)
+
+    def head_module_names(self, model: Any) -> list[str]:
+        """The classification head (found at load time)."""
+        return list(getattr(self, "_head", None) or self._find_head(model, []))
+
+    @classmethod
+    def load_model_for_merge(cls, model_path: str, model_info: dict[str, Any]) -> Any:
+        """The base model with the same head shape and labels as at training time."""
+        from transformers import AutoModelForSequenceClassification
+
+        kwargs = dict(model_info.get("model_kwargs", {}))
+        labels = model_info.get("label_names")
+        if labels is not None:
+            kwargs["id2label"] = dict(enumerate(labels))
+            kwargs["label2id"] = {name: i for i, name in enumerate(labels)}
+        return AutoModelForSequenceClassification.from_pretrained(model_path, **kwargs)
+
+    # --- datasets -----------------------------------------------------------------------------------
+    def _to_dataset(self, examples: Examples, tokenizer: Any) -> Any:
+        from datasets import Dataset
+
+        if self.label_names is None:
+            labels: list[Any] = [float(v) for v in examples.labels]
+        else:
+            index = {name: i for i, name in enumerate(self.label_names)}
+            labels = [index[_label_key(v)] for v in examples.labels]
+        columns: dict[str, list[Any]] = {"text": examples.texts, "labels": labels}
+        if examples.pairs is not None:
+            columns["text_pair"] = examples.pairs
+        ds = Dataset.from_dict(columns)
+        max_length = self.config.max_seq_length
+
+        def tokenize(batch: dict[str, list[Any]]) -> dict[str, Any]:
+            return tokenizer(batch["text"], batch.get("text_pair"), truncation=True, max_length=max_length)
+
+        drop = [c for c in ds.column_names if c != "labels"]
+        return ds.map(tokenize, batched=True, remove_columns=drop, desc="tokenizing")
+
+    def build_datasets(self, tokenizer: Any) -> tuple[Any, Any]:
+        """Tokenized train and eval datasets (eval: a dict for MNLI's matched / mismatched)."""
+        if self._train is None or self._eval is None:
+            self.check_inputs()
+        assert self._train is not None and self._eval is not None
+        train = self._to_dataset(self._train, tokenizer)
+        evals = {k: self._to_dataset(v, tokenizer) for k, v in self._eval.items()}
+        if list(evals) == [""]:
+            return train, evals[""]
+        return train, evals
+
+    def data_collator(self, tokenizer: Any) -> Any:
+        """Dynamic padding to the longest sequence of each batch."""
+        from transformers import DataCollatorWithPadding
+
+        return DataCollatorWithPadding(tokenizer)
+
+    # --- metrics ------------------------------------------------------------------------------------
+    def _predictions(self, logits: Any) -> np.ndarray:
+        logits = logits[0] if isinstance(logits, tuple) else logits
+        logits = np.asarray(logits)
+        return logits.reshape(-1) if self.label_names is None else logits.argmax(axis=-1)
+
+    def compute_metrics(self, eval_pred: Any) -> dict[str, float]:
+        """The task's metrics (GLUE's by name; accuracy and macro-F1 otherwise)."""
+        predictions = self._predictions(eval_pred.predictions)
+        return classification_metrics(self.metric_names, predictions, np.asarray(eval_pred.label_ids))
+
+    @property
+    def metric_for_best_model(self) -> str | None:  # type: ignore[override]
+        """The task's first metric (the one the paper reports)."""
+        return self.metric_names[0] if self.metric_names else None
+
+    def baseline_metrics(self) -> dict[str, float] | None:
+        """Always predicting the training data's most frequent label, scored on the eval data."""
+        if self.label_names is None or self._train is None or self._eval is None:
+            return None
+        index = {name: i for i, name in enumerate(self.label_names)}
+        train_ids = np.array([index[_label_key(v)] for v in self._train.labels])
+        majority = int(np.bincount(train_ids, minlength=len(self.label_names)).argmax())
+        out: dict[str, float] = {}
+        for key, examples in self._eval.items():
+            ids = np.array([index[_label_key(v)] for v in examples.labels])
+            prefix = f"eval_{key}_" if key else "eval_"
+            scores = classification_metrics(self.metric_names, np.full_like(ids, majority), ids)
+            out.update({prefix + k: v for k, v in scores.items()})
+        return out
+
+    def data_summary(self) -> dict[str, Any]:
+        """Sizes and labels of the data in use (for metrics.json)."""
+        return {
+            "train_rows": len(self._train) if self._train is not None else None,
+            "eval_rows": {k or "eval": len(v) for k, v in (self._eval or {}).items()},
+            "labels": self.label_names,
+        }
