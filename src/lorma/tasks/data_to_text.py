@@ -226,17 +226,18 @@ class CausalLMGenerationTask(Task):
         decoding = self.decoding()
         if decoding.num_beams < 1 or decoding.max_new_tokens < 1 or decoding.batch_size < 1:
             raise self._error(f"task_options: decoding settings must be >= 1, got {decoding}")
-        if cfg.output_dir:
-            for path in self.prediction_paths():
-                if path.exists():
-                    raise self._error(f"{path} already exists; choose a new --output-dir")
 
-    def prediction_paths(self) -> list[Path]:
-        """Files the final evaluation writes (checked not to exist before training)."""
-        if not self.config.output_dir:
-            return []
-        prefix = Path(self.config.output_dir) / f"{self.name}_eval"
-        return [prefix.with_name(prefix.name + suffix) for suffix in (".predictions.txt", ".references.txt")]
+    def data_summary(self) -> dict[str, Any]:
+        """Counts for ``metrics.json``: inputs, pairs and skipped records of the files read."""
+        summary: dict[str, Any] = {}
+        if hasattr(self, "_train"):
+            summary["train_records"] = len(self._train.items)
+            summary["train_skipped"] = self._train.skipped
+        if getattr(self, "_eval", None) is not None:
+            summary["eval_records"] = len(self._eval.items)
+            summary["eval_skipped"] = self._eval.skipped
+        summary["generated_inputs"] = len(self._generation_items)
+        return summary
 
     def load_tokenizer(self) -> Any:
         from transformers import AutoTokenizer
@@ -349,7 +350,8 @@ class DataToTextTask(CausalLMGenerationTask):
     def generation_eval(
         self, model: Any, tokenizer: Any, items: list[DataToTextExample], prefix: Path | None
     ) -> dict[str, float]:
-        metrics, _ = evaluate_data_to_text(model, tokenizer, self.name, items, self.decoding(), prefix)
+        # the run's output directory is guarded by the recipe (--overwrite / --resume): files in it are the run's
+        metrics, _ = evaluate_data_to_text(model, tokenizer, self.name, items, self.decoding(), prefix, overwrite=True)
         if prefix is not None:
             summary = prefix.with_name(prefix.name + ".metrics.json")
             from lorma.recipes.config import atomic_write_text

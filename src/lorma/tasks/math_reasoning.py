@@ -205,8 +205,9 @@ def extract_answer(text: str, task: str = "gsm8k") -> str | None:
         if rest.startswith("\\boxed") or rest.startswith("$\\boxed"):
             found = boxed_answer(rest)
         else:
-            first_line = rest.split("\n", 1)[0].strip()
-            found = re.sub(r"\.\s*$", "", first_line) or None
+            # up to the end of the line or of the sentence ("... is: 5. Next question" on one line)
+            first = re.split(r"\n|\.\s+(?=[A-Z])", rest, maxsplit=1)[0].strip()
+            found = re.sub(r"\.\s*$", "", first) or None
     if found is None:
         found = boxed_answer(text)
     if found is None and "####" in text:
@@ -309,12 +310,16 @@ def _register_math_task() -> None:
         ) -> dict[str, float]:
             merged = merged_copy(model)
             prompts = [build_math_prompt(ex.question) for ex in items]
-            outputs = generate_texts(merged, tokenizer, prompts, self.decoding(), description=f"{self.name} greedy")
+            raw = generate_texts(merged, tokenizer, prompts, self.decoding(), description=f"{self.name} greedy")
+            # a model may go on to invent the next question: keep its first answer; score the one-line form
+            # that is written, so that `lorma evaluate` on the files gives the same accuracy
+            outputs = [one_line(o.split("\nQuestion:", 1)[0]) for o in raw]
             score = score_math(self.name, outputs, [ex.answer for ex in items])
             if prefix is not None:
-                write_lines_atomic(prefix.with_name(prefix.name + ".predictions.txt"), [one_line(o) for o in outputs])
-                write_lines_atomic(prefix.with_name(prefix.name + ".references.txt"), [one_line(ex.answer)
-                                                                                       for ex in items])
+                # the run's output directory is guarded by the recipe (--overwrite / --resume)
+                write_lines_atomic(prefix.with_name(prefix.name + ".predictions.txt"), outputs, overwrite=True)
+                write_lines_atomic(prefix.with_name(prefix.name + ".references.txt"),
+                                   [one_line(ex.answer) for ex in items], overwrite=True)
             return {"accuracy": score.accuracy}
 
     globals()["MathTask"] = MathTask
