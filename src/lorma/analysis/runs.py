@@ -189,7 +189,14 @@ def read_run(run_dir: str | Path) -> RunInfo:
     config_path = next((path / n for n in _CONFIG_NAMES if (path / n).is_file()), None)
     config = _read_yaml(config_path) if config_path else None
     hint = None
-    if config:
+    # lorma train records the resolved base model path beside the adapter (lorma_run.json); the config's
+    # ``model`` may be relative to the directory training ran from
+    run_info_path = adapter_dir / "lorma_run.json" if adapter_dir else None
+    if run_info_path is not None and run_info_path.is_file():
+        run_info = _read_json(run_info_path)
+        if isinstance(run_info, dict) and isinstance(run_info.get("base_model"), str):
+            hint = run_info["base_model"]
+    if hint is None and config:
         for key in ("model", "model_name_or_path", "base_model"):
             if isinstance(config.get(key), str):
                 hint = config[key]
@@ -197,7 +204,9 @@ def read_run(run_dir: str | Path) -> RunInfo:
     metrics_path = path / "metrics.json"
     metrics = _read_json(metrics_path) if metrics_path.is_file() else None
     loss = read_loss_curve(path)
-    rank_log = path / RANK_LOG_NAME
+    # ``lorma train --track-rank`` writes it under rank/; a bare RankTrackingCallback into its output_dir
+    rank_log = next((p for p in (path / RANK_LOG_NAME, path / "rank" / RANK_LOG_NAME) if p.is_file()),
+                    path / RANK_LOG_NAME)
     if adapter_dir is None:
         notes.append("no saved adapter (adapter_config.json) found")
     if loss is None:
