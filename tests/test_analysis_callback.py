@@ -102,7 +102,9 @@ def test_callback_with_given_tolerance_and_refusals(tmp_path: Path) -> None:
     # resume appends without a step-0 record; overwrite replaces
     n_before = len(records)
     _train(model, tmp_path, RankTrackingCallback(every_n_steps=3, output_dir=tmp_path, resume=True), steps=3)
-    assert len(read_rank_log(tmp_path / RANK_LOG_NAME)) == n_before + 4
+    lines = (tmp_path / RANK_LOG_NAME).read_text().splitlines()
+    assert len(lines) == n_before + 4 and json.loads(lines[-1])["step"] == 3
+    assert len(read_rank_log(tmp_path / RANK_LOG_NAME)) == n_before  # step 3 again: the later records win
     _train(model, tmp_path, RankTrackingCallback(every_n_steps=3, output_dir=tmp_path, overwrite=True), steps=3)
     assert sorted({r["step"] for r in read_rank_log(tmp_path / RANK_LOG_NAME)}) == [0, 3]
 
@@ -130,6 +132,11 @@ def test_read_rank_log_reports_bad_lines(tmp_path: Path) -> None:
     path.write_text(good + "\n" + good[:10])  # torn last line: skipped
     recs = read_rank_log(path)
     assert len(recs) == 1 and recs[0]["cond"] == float("inf")
+    # a resumed run logs a step again: the later record wins
+    again = json.dumps({"step": 0, "module": "m", "rank": 2})
+    early = json.dumps({"step": 1, "module": "m", "rank": 3})
+    path.write_text("\n".join([early, good, again]) + "\n")
+    assert [(r["step"], r["rank"]) for r in read_rank_log(path)] == [(0, 2), (1, 3)]
     path.write_text(json.dumps({"step": 0, "module": "m"}) + "\n")
     with pytest.raises(ValueError, match="lacks rank"):
         read_rank_log(path)

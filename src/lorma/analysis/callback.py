@@ -163,7 +163,11 @@ class RankTrackingCallback(TrainerCallback):
 
 
 def read_rank_log(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The records of a ``rank_log.jsonl``; a torn last line (crash mid-write) is skipped, others are errors."""
+    """The records of a ``rank_log.jsonl``; a torn last line (crash mid-write) is skipped, others are errors.
+
+    A run resumed from a checkpoint logs some steps again: for each (step, module, part, adapter) the
+    last record wins, and the result is sorted by step.
+    """
     path = Path(path)
     lines = path.read_text(encoding="utf-8").splitlines()
     records: list[dict[str, Any]] = []
@@ -183,4 +187,7 @@ def read_rank_log(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
             if isinstance(rec.get(key), str):
                 rec[key] = float(rec[key])
         records.append(rec)
-    return records
+    latest: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for rec in records:
+        latest[(rec["step"], rec["module"], rec.get("part"), rec.get("adapter"))] = rec
+    return sorted(latest.values(), key=lambda r: (r["step"], r["module"], str(r.get("part"))))
