@@ -402,6 +402,7 @@ class ClassificationTask(Task):
             self._check_labels(examples)
         if self.label_names is not None and len(self.label_names) < 2:
             raise RecipeError(f"{train.source}: only one label ({self.label_names[0]}): nothing to classify")
+        self._check_model_labels()
         rng = np.random.default_rng(cfg.split_seed)
         if not evals:
             train, held_out = self._split(train, rng)
@@ -412,7 +413,6 @@ class ClassificationTask(Task):
             evals = {k: (v.subset(np.sort(rng.permutation(len(v))[: cfg.max_eval_samples]))
                          if len(v) > cfg.max_eval_samples else v) for k, v in evals.items()}
         self._train, self._eval = train, evals
-        self._check_model_labels()
         if self.glue is not None:
             self.metric_names = self.glue.metrics if not (self.regression and self.glue.labels) else ("pearson",)
         else:
@@ -427,7 +427,8 @@ class ClassificationTask(Task):
         if self.label_names is not None:
             keys = [_label_key(v) for v in train.labels]
             counts = {k: keys.count(k) for k in set(keys)}
-            if min(counts.values()) >= 2:
+            n_held = math.ceil(self.config.eval_split * len(train))
+            if min(counts.values()) >= 2 and len(counts) <= min(n_held, len(train) - n_held):
                 stratify = keys
         if len(train) < 4:
             raise RecipeError(
