@@ -70,3 +70,16 @@ def test_no_adapter_is_an_error() -> None:
     model = peft.get_peft_model(_gpt2(), peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
     with pytest.raises(ValueError, match="adapter named 'other'"):
         extract_deltas(model, adapter="other")
+
+
+def test_rank_records_of_a_fused_layer_are_per_part() -> None:
+    from lorma.analysis.callback import rank_records
+
+    model = peft.get_peft_model(_gpt2(), LormaConfig(r=2, alpha=4, inflation="none", target_modules=["c_attn"],
+                                                     fused_parts={"c_attn": {"num_parts": 3, "parts": [0, 2]}}))
+    records = rank_records(model)
+    assert [(r["module"], r["part"], r["d"]) for r in records] == [
+        ("transformer.h.0.attn.c_attn", 0, EMBD), ("transformer.h.0.attn.c_attn", 2, EMBD)
+    ]
+    # inflation "none": I(BA) = s BA has rank <= r (the bottleneck of Table 6)
+    assert all(r["rank"] <= 2 for r in records)
