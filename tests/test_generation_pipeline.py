@@ -244,6 +244,19 @@ def test_lorma_train_e2e_gpt2_end_to_end(gpt2_dir, tmp_path, capsys) -> None:
     cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORMA" and set(cfg["target_modules"]) == {"c_attn"}
     assert cfg["fused_parts"] == {"c_attn": {"num_parts": 3, "parts": [0, 2]}}
+    # `lorma merge` rebuilds the causal LM (the task's load_model_for_merge) and folds the adapter in: the
+    # merged model gives the adapted model's logits
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    assert main(["merge", str(out), str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(gpt2_dir), out / "adapter")
+    ids = torch.tensor([_tokenizer(gpt2_dir)("Data: name[Aromi]\nText:")["input_ids"]])
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, adapted(input_ids=ids).logits, atol=1e-5)
+        base_logits = AutoModelForCausalLM.from_pretrained(gpt2_dir)(input_ids=ids).logits
+        assert not torch.equal(merged(input_ids=ids).logits, base_logits)  # training moved the adapter
 
 
 def test_lorma_train_e2e_refuses_a_bad_line_before_loading(gpt2_dir, tmp_path, capsys) -> None:
