@@ -25,7 +25,7 @@ def register(subparsers: Any) -> None:
         "evaluate",
         help="Score predictions (one per line) against references: BLEU, NIST, METEOR, ROUGE-L, CIDEr, TER, "
         "or math accuracy.",
-        description=__doc__,
+        description=__doc__.replace("``", ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--task", required=True, choices=TASKS, help="Which task's references and metrics.")
