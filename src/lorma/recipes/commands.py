@@ -158,6 +158,7 @@ def _quiet_libraries() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # the weight-loading bars; Trainer's own bars stay (disable_tqdm=False)
     import datasets
 
     datasets.disable_progress_bars()

@@ -139,12 +139,16 @@ def _loss_log_callback(path: Path) -> Any:
     return LossLog()
 
 
-def _rank_callback(every: int, output_dir: Path) -> Any:
+def _rank_callback(every: int, output_dir: Path, resume: bool) -> Any:
+    """issue 5's RankTrackingCallback (imported lazily: the analysis package is optional for training)."""
     try:
         from lorma.analysis.callback import RankTrackingCallback
     except ImportError as err:
         raise RecipeError(f"--track-rank needs lorma.analysis.callback, which cannot be imported ({err})") from None
-    return RankTrackingCallback(every_n_steps=every, output_dir=str(output_dir))
+    try:
+        return RankTrackingCallback(every_n_steps=every, output_dir=str(output_dir), resume=resume)
+    except TypeError:  # an older signature without resume
+        return RankTrackingCallback(every_n_steps=every, output_dir=str(output_dir))
 
 
 def _training_arguments(cfg: RunConfig, out: Path, has_eval: bool, task: Any) -> Any:
@@ -231,6 +235,8 @@ def run_training(cfg: RunConfig, overwrite: bool = False, resume: bool = False) 
     from lorma.tasks.base import get_task
 
     out = check_output_dir(cfg.output_dir, overwrite, resume)
+    if cfg.track_rank and not cfg.method.startswith("lorma-"):
+        raise RecipeError(f"--track-rank tracks the rank of LoRMA's I(BA); method {cfg.method} has none")
     task = get_task(cfg)
     task.check_inputs()
     main = is_main_process()
@@ -262,7 +268,8 @@ def run_training(cfg: RunConfig, overwrite: bool = False, resume: bool = False) 
                     target.unlink()
     callbacks = [_loss_log_callback(out / LOSS_LOG)]
     if cfg.track_rank:
-        callbacks.append(_rank_callback(cfg.track_rank, out / "rank"))
+        # after the overwrite clean-up above, so that an old rank log is gone
+        callbacks.append(_rank_callback(cfg.track_rank, out / "rank", resume))
     trainer = Trainer(
         model=model,
         args=args,
