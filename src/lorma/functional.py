@@ -92,14 +92,42 @@ def apply_plus(
     return h + F.linear(u * scaling, B)
 
 
-def choose_dense_strategy(n_tokens: int, d: int, d_other: int, needs_grad: bool) -> Literal["activation", "weight"]:
-    """Pick where a dense ``d x d`` transform ``M`` is applied, by counting multiply-adds.
+# Largest dense ``d x d`` fp32 transform a forward may build for one adapted module unless the user raises it:
+# 256 MiB (d = 8192). LLaMA-3-8B's up/gate on the pre side (d = 14336, 822 MB) is above it and takes the
+# bounded FFT path instead. ``None`` removes the bound. Read at call time, so it can be changed at run time.
+DENSE_BYTES_LIMIT: int | None = 256 * 2**20
+# Working memory the bounded (FFT) path may use per chunk of tokens, in bytes.
+FFT_CHUNK_BYTES: int = 64 * 2**20
+
+Strategy = Literal["activation", "weight", "fft"]
+
+
+def dense_transform_bytes(d: int, element_size: int = 4) -> int:
+    """Bytes of one dense ``d x d`` transform (fp32 by default: adapters are kept in fp32)."""
+    return d * d * element_size
+
+
+def choose_dense_strategy(
+    n_tokens: int,
+    d: int,
+    d_other: int,
+    needs_grad: bool,
+    max_dense_bytes: int | None | Literal["default"] = "default",
+) -> Strategy:
+    """Pick how a dense ``d x d`` transform ``M`` (``pi`` or ``none``) is applied, by counting multiply-adds.
 
     ``activation``: ``M`` applied to the ``n x d`` activations: ``n d^2`` forward, ``2 n d^2`` backward.
     ``weight``: ``M`` folded into the ``d x d_other`` weight once per step (``d^2 d_other``), then a
     normal matmul with the folded weight; the backward pays the folded weight's gradient
     (``n d d_other``) and the fold's (``d^2 d_other``). The base matmul itself is paid either way.
+    ``fft``: ``M`` is never built (see :func:`apply_pi_fft`); chosen only when ``M`` would exceed
+    ``max_dense_bytes`` (default :data:`DENSE_BYTES_LIMIT`), because on CPU the FFT path is slower than a
+    dense GEMM at every size measured in BENCHMARKS.md (its ``O(n r d log d)`` flops run far below GEMM
+    speed), but its memory is bounded by :data:`FFT_CHUNK_BYTES` per module whatever ``d`` is.
     """
+    limit = DENSE_BYTES_LIMIT if max_dense_bytes == "default" else max_dense_bytes
+    if limit is not None and dense_transform_bytes(d) > limit:
+        return "fft"
     if needs_grad:
         activation = 3 * n_tokens * d * d
         weight = 2 * d * d * d_other + n_tokens * d * d_other
@@ -107,6 +135,57 @@ def choose_dense_strategy(n_tokens: int, d: int, d_other: int, needs_grad: bool)
         activation = n_tokens * d * d
         weight = d * d * d_other
     return "activation" if activation <= weight else "weight"
+
+
+def apply_pi_fft(h: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``s pi(BA) h`` on activations ``h`` (``(..., d)``) without any ``d x d`` matrix.
+
+    Row ``i`` of ``pi(BA)`` is row ``i`` of ``BA`` rotated right by ``i``, so
+    ``(pi(BA) h)[i] = sum_k B[i, k] sum_m A[k, m] h[(m + i) mod d]``: for each ``k`` a circular
+    cross-correlation of ``A[k]`` with ``h``, read at ``i`` and weighted by ``B[i, k]``. The correlation is
+    a product in the Fourier domain (``irfft(conj(rfft(A_k)) rfft(h))``), ``O(r d log d)`` per token and
+    ``n r d`` working memory. Exact up to fp32 rounding (tests compare it with the dense formula).
+    """
+    d = h.shape[-1]
+    h_hat = torch.fft.rfft(h, dim=-1)  # (..., f)
+    a_hat = torch.fft.rfft(A, dim=-1).conj()  # (r, f)
+    corr = torch.fft.irfft(h_hat.unsqueeze(-2) * a_hat, n=d, dim=-1)  # (..., r, d)
+    # an elementwise product and a sum over r, not an einsum: torch's CPU einsum for this contraction
+    # was ~100x slower when measured (it lowers to a badly shaped bmm)
+    return scaling * (corr * B.T).sum(dim=-2)
+
+
+def apply_pi_bounded(
+    h: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scaling: float,
+    chunk_bytes: int | None = None,
+) -> torch.Tensor:
+    """:func:`apply_pi_fft` over chunks of tokens, so that working memory stays under ``chunk_bytes``.
+
+    With gradients, each chunk runs under activation checkpointing: only its input is kept for the backward
+    and its FFT intermediates (``~ 3 r d`` floats per token) are recomputed, so the memory this module adds to
+    a training step is bounded by ``chunk_bytes`` (default :data:`FFT_CHUNK_BYTES`) instead of growing with
+    the number of tokens or with ``d^2``.
+    """
+    budget = FFT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    d, r = h.shape[-1], A.shape[0]
+    lead = h.shape[:-1]
+    flat = h.reshape(-1, d)
+    per_token = 3 * r * d * flat.element_size() * 2  # complex products and real correlations, with slack
+    chunk = max(1, budget // per_token)
+    needs_grad = torch.is_grad_enabled() and (h.requires_grad or A.requires_grad or B.requires_grad)
+    outs = []
+    for start in range(0, flat.shape[0], chunk):
+        piece = flat[start : start + chunk]
+        if needs_grad:
+            from torch.utils.checkpoint import checkpoint
+
+            outs.append(checkpoint(apply_pi_fft, piece, A, B, scaling, use_reentrant=False))
+        else:
+            outs.append(apply_pi_fft(piece, A, B, scaling))
+    return torch.cat(outs, dim=0).reshape(*lead, d)
 
 
 def merge_weight(weight: torch.Tensor, transform: torch.Tensor, side: Side) -> torch.Tensor:

@@ -307,6 +307,13 @@ class LormaLayer(BaseTunerLayer):
             return F.linear(u * s, B)
         if shift is not None:
             source = source - shift
+        if inflation == "none":  # s BA is rank r: apply it as s B (A h), never as a d x d matrix
+            return F.linear(F.linear(source, A) * s, B) - source
+        limit = LF.DENSE_BYTES_LIMIT
+        if limit is not None and LF.dense_transform_bytes(A.shape[-1]) > limit:
+            # a d x d transform above the limit (LLaMA-3-8B up/gate, pre side: 822 MB): the FFT path, in
+            # token chunks, bounded memory
+            return LF.apply_pi_bounded(source, A, B, s) - source
         return F.linear(source, LF.inflate(A, B, inflation, s)) - source
 
     def _apply_transform(self, adapter: str, h: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

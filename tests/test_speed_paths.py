@@ -1,0 +1,174 @@
+"""Fast paths of the adapter against the dense formula: the FFT form of ``pi``, its bounded-memory chunking,
+the low-rank form of ``none``, and the choice of path at large shapes (LLaMA-3-8B's d_out = 14336).
+
+Never asserts on wall time: only on values, gradients, decisions and the largest tensor an op produced.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from conftest import reference_inflation
+from lorma import LormaConfig
+from lorma import functional as LF
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the element count of the largest new tensor any op allocates (forward and backward alike).
+
+    Views (a transposed weight, a slice) share an input's storage and allocate nothing: they are skipped.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        inputs = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        input_storages = {t.untyped_storage().data_ptr() for t in inputs}
+        out = func(*args, **kwargs)
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in input_storages:
+                self.largest = max(self.largest, t.untyped_storage().nbytes() // t.element_size())
+        return out
+
+
+@pytest.mark.parametrize("d", [7, 16, 33])
+def test_pi_fft_equals_dense_formula_values_and_gradients(d: int) -> None:
+    r, s = 3, 0.7
+    A = torch.randn(r, d, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(d, r, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(2, 5, d, dtype=torch.float64, requires_grad=True)
+    out = LF.apply_pi_fft(h, A, B, s)
+    M = reference_inflation(A.detach(), B.detach(), "pi", s)
+    assert rel_err(out.detach(), h.detach() @ M.T) < 1e-12
+    # gradients against autograd through the dense formula (built by explicit indexing, independent of lorma)
+    weights = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weights).sum(), (h, A, B))
+    rows = torch.arange(d).unsqueeze(1)
+    cols = (torch.arange(d).unsqueeze(0) - rows) % d
+    dense = h @ (s * (B @ A)[rows, cols]).T
+    expected = torch.autograd.grad((dense * weights).sum(), (h, A, B))
+    for got, want in zip(grads, expected):
+        assert rel_err(got, want) < 1e-10
+
+
+def test_bounded_path_chunks_and_checkpoints_exactly() -> None:
+    d, r, s = 24, 4, 0.5
+    A = torch.randn(r, d, requires_grad=True)
+    B = torch.randn(d, r, requires_grad=True)
+    h = torch.randn(3, 11, d, requires_grad=True)
+    full = LF.apply_pi_fft(h, A, B, s)
+    g_full = torch.autograd.grad(full.sum(), (h, A, B))
+    # a budget of a few tokens per chunk: many chunks, each checkpointed
+    chunked = LF.apply_pi_bounded(h, A, B, s, chunk_bytes=3 * 3 * r * d * 4 * 2)
+    assert chunked.shape == h.shape
+    assert rel_err(chunked, full) < 1e-6
+    g_chunked = torch.autograd.grad(chunked.sum(), (h, A, B))
+    for got, want in zip(g_chunked, g_full):
+        assert rel_err(got, want) < 1e-6
+    with torch.no_grad():
+        assert rel_err(LF.apply_pi_bounded(h, A, B, s, chunk_bytes=1), full) < 1e-6  # one token per chunk
+
+
+def test_strategy_at_llama3_8b_shapes_never_builds_d_out_squared() -> None:
+    # up / gate, pre side: d = d_out = 14336; a dense fp32 transform would be 822 MB
+    assert LF.dense_transform_bytes(14336) == 14336 * 14336 * 4 > LF.DENSE_BYTES_LIMIT
+    for needs_grad in (True, False):
+        assert LF.choose_dense_strategy(2048, 14336, 4096, needs_grad) == "fft"
+        # post side of up / gate: d = d_in = 4096, 64 MiB: dense is allowed and the flop count decides
+        assert LF.choose_dense_strategy(2048, 4096, 14336, needs_grad) in ("activation", "weight")
+    # the user can lift the bound explicitly
+    assert LF.choose_dense_strategy(2048, 14336, 4096, True, max_dense_bytes=None) in ("activation", "weight")
+    # flop counts: few tokens, wide other side -> apply on activations; many tokens -> fold into the weight
+    assert LF.choose_dense_strategy(16, 1024, 4096, True) == "activation"
+    assert LF.choose_dense_strategy(8192, 1024, 1024, True) == "weight"
+
+
+def _pi_layer(d_in: int, d_out: int, side: str, r: int = 4) -> nn.Module:
+    model = get_peft_model(
+        nn.Sequential(nn.Linear(d_in, d_out)),
+        LormaConfig(r=r, alpha=2 * r, inflation="pi", side=side, target_modules=["0"], init_weights=False),
+    )
+    return model.base_model.model[0]
+
+
+@pytest.mark.parametrize("side", ["pre", "post"])
+def test_layer_over_the_limit_takes_bounded_path_and_matches_formula(monkeypatch, side: str) -> None:
+    d_in, d_out = 40, 56
+    layer = _pi_layer(d_in, d_out, side)
+    d = d_out if side == "pre" else d_in
+    x = torch.randn(3, 9, d_in)
+    W0 = layer.get_base_layer().weight.detach().double()
+    b = layer.get_base_layer().bias.detach().double()
+    A, B = layer.lorma_A["default"], layer.lorma_B["default"]
+    M = reference_inflation(A.detach(), B.detach(), "pi", layer.scaling["default"])
+    expected = x.double() @ (M @ W0 if side == "pre" else W0 @ M).T + b
+
+    # under the default limit the dense path runs, and the probe sees a d x d tensor (the probe works)
+    probe = LargestTensor()
+    with probe:
+        dense_out = layer(x)
+        dense_grads = torch.autograd.grad(dense_out.square().sum(), (A, B))
+    assert probe.largest >= d * d
+    assert rel_err(dense_out, expected) < 1e-5
+
+    monkeypatch.setattr(LF, "DENSE_BYTES_LIMIT", d * d * 4 - 1)
+    monkeypatch.setattr(LF, "FFT_CHUNK_BYTES", 5 * 3 * 4 * d * 8)  # ~5 tokens per chunk
+    probe = LargestTensor()
+    with probe:
+        out = layer(x)
+        grads = torch.autograd.grad(out.square().sum(), (A, B))
+    assert probe.largest < d * d
+    assert rel_err(out, expected) < 1e-5
+    for got, want in zip(grads, dense_grads):
+        assert rel_err(got, want) < 1e-4
+
+
+def test_real_llama3_up_proj_width_runs_in_bounded_memory() -> None:
+    """d_out = 14336 (LLaMA-3-8B up_proj) on the pre side, a narrow d_in to keep the base weight small."""
+    layer = _pi_layer(8, 14336, "pre", r=8)
+    x = torch.randn(2, 3, 8)
+    probe = LargestTensor()
+    with probe:
+        out = layer(x)
+        (gA, gB) = torch.autograd.grad(out.sum(), (layer.lorma_A["default"], layer.lorma_B["default"]))
+    # largest tensor: the correlations of one chunk, (tokens, r, d) = 6 x 8 x 14336, far below 14336^2
+    assert probe.largest <= 6 * 8 * 14336 * 2
+    assert torch.isfinite(out).all() and torch.isfinite(gA).all() and torch.isfinite(gB).all()
+    # spot-check a few output rows against the formula, row by row (never the whole d x d)
+    A, B = layer.lorma_A["default"].detach().double(), layer.lorma_B["default"].detach().double()
+    s = layer.scaling["default"]
+    h = x.double().reshape(-1, 8) @ layer.get_base_layer().weight.detach().double().T  # (6, 14336)
+    for i in (0, 1, 777, 14335):
+        row = torch.roll(B[i] @ A, shifts=i)  # row i of pi(BA): row i of BA rotated right by i
+        expected = s * h @ row + layer.get_base_layer().bias.detach().double()[i]
+        assert rel_err(out.reshape(-1, 14336)[:, i].detach(), expected) < 1e-4
+
+
+@pytest.mark.parametrize("side", ["pre", "post"])
+def test_none_is_applied_low_rank(side: str) -> None:
+    d = 64
+    layer = get_peft_model(
+        nn.Sequential(nn.Linear(d, d)),
+        LormaConfig(r=3, inflation="none", side=side, target_modules=["0"], init_weights=False),
+    ).base_model.model[0]
+    x = torch.randn(2, 4, d)  # few tokens: the flop count keeps it on activations, never folded
+    probe = LargestTensor()
+    with probe:
+        out = layer(x)
+    assert probe.largest < d * d
+    W0, b = layer.get_base_layer().weight.detach().double(), layer.get_base_layer().bias.detach().double()
+    M = reference_inflation(layer.lorma_A["default"].detach(), layer.lorma_B["default"].detach(), "none",
+                            layer.scaling["default"])
+    expected = x.double() @ (M @ W0 if side == "pre" else W0 @ M).T + b
+    assert rel_err(out, expected) < 1e-5
