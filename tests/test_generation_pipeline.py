@@ -296,3 +296,34 @@ def test_lorma_train_math_llama_end_to_end(llama_dir, tmp_path, capsys) -> None:
     # Table 17's LLaMA targets by default: up, down, o, gate
     cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert set(cfg["target_modules"]) == {"up_proj", "down_proj", "o_proj", "gate_proj"}
+
+
+def test_label_smoothing_is_on_shifted_reference_tokens(gpt2_dir, tmp_path) -> None:
+    """Trainer's smoothed loss (label_smoothing_factor, Table 16) equals the formula on the shifted targets."""
+    from transformers import Trainer, TrainingArguments
+
+    from lorma.recipes.config import build_config
+    from lorma.tasks.data_to_text import DataToTextTask
+
+    model, tok = _load(gpt2_dir)
+    tok.pad_token = tok.eos_token  # as the task's load_tokenizer does
+    pm = _with_adapter(model)
+    pm.eval()  # no dropout: the two computations must see the same network
+    task = DataToTextTask("e2e", build_config(flag_values={"task": "e2e"}))
+    collator = task.data_collator(tok)
+    prompt = build_data_to_text_prompt("name[Aromi], food[Chinese]")
+    batch = collator([encode_pair(tok, prompt, " Aromi serves Chinese food.", 64),
+                      encode_pair(tok, build_data_to_text_prompt("name[Cotto]"), " Cotto.", 64)])
+    assert (batch["labels"] == -100).sum() > 0 and batch["input_ids"].shape == batch["labels"].shape
+    eps = 0.1
+    args = TrainingArguments(output_dir=str(tmp_path), label_smoothing_factor=eps, report_to="none", use_cpu=True)
+    trainer = Trainer(model=pm, args=args, data_collator=collator)
+    with torch.no_grad():
+        loss = trainer.compute_loss(pm, dict(batch)).item()
+        logits = pm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    log_probs = torch.log_softmax(logits[:, :-1].double(), dim=-1)
+    targets = batch["labels"][:, 1:]
+    mask = targets != -100
+    nll = -log_probs[mask].gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)
+    smooth = -log_probs[mask].mean(-1)
+    assert loss == pytest.approx(((1 - eps) * nll.mean() + eps * smooth.mean()).item(), rel=1e-5)
