@@ -327,3 +327,46 @@ def test_label_smoothing_is_on_shifted_reference_tokens(gpt2_dir, tmp_path) -> N
     nll = -log_probs[mask].gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)
     smooth = -log_probs[mask].mean(-1)
     assert loss == pytest.approx(((1 - eps) * nll.mean() + eps * smooth.mean()).item(), rel=1e-5)
+
+
+def test_held_out_split_keeps_whole_inputs_apart(gpt2_dir, tmp_path) -> None:
+    from lorma.recipes.config import build_config
+    from lorma.tasks.base import get_task
+
+    train, _ = _write_e2e(tmp_path)  # 6 MRs with 2 references each
+    cfg = build_config(flag_values={"task": "e2e", "model": str(gpt2_dir), "train_file": str(train),
+                                    "eval_split": 0.34, "max_seq_length": 64})
+    task = get_task(cfg)
+    task.check_inputs()
+    tok = task.load_tokenizer()
+    train_ds, eval_ds = task.build_datasets(tok)
+    assert (len(train_ds), len(eval_ds)) == (8, 4)  # 4 MRs train, 2 MRs held out, 2 references each
+
+    def prompts(ds) -> set[str]:
+        return {tok.decode([t for t, lab in zip(ids, labels) if lab == -100])
+                for ids, labels in zip(ds["input_ids"], ds["labels"])}
+
+    assert len(prompts(eval_ds)) == 2 and not prompts(train_ds) & prompts(eval_ds)
+    assert {ex.source for ex in task._generation_items} == {p[len("Data: "):-len("\nText:")] for p in prompts(eval_ds)}
+
+
+def test_lorma_train_dart_json_with_skip_bad(gpt2_dir, tmp_path, capsys) -> None:
+    records = [{"tripleset": [[name, "food", food]], "annotations": [{"text": f"{name} serves {food} food."}]}
+               for name in NAMES[:6] for food in FOODS[:2]]
+    records.insert(3, {"tripleset": [["broken"]], "annotations": []})
+    train = tmp_path / "train.json"
+    train.write_text(json.dumps(records, indent=1))
+    dev = tmp_path / "dev.json"
+    dev.write_text(json.dumps([{"tripleset": [["Zizzi", "area", "riverside"]],
+                                "annotations": [{"text": "Zizzi is by the river."}, {"text": "Zizzi: riverside."}]}]))
+    out = tmp_path / "run"
+    args = ["train", "--task", "dart", "--model", str(gpt2_dir), "--train-file", str(train), "--eval-file", str(dev),
+            "--output-dir", str(out), "--max-steps", "2", "--max-seq-length", "48",
+            "--task-option", "num_beams=2", "--task-option", "max_new_tokens=6"]
+    assert main(args) == 2
+    assert "train.json:" in capsys.readouterr().err
+    assert main([*args, "--task-option", "skip_bad=true"]) == 0
+    assert "skipped 1 malformed record(s)" in capsys.readouterr().out
+    ev = json.loads((out / "metrics.json").read_text())["eval"]
+    assert {"eval_loss", "eval_bleu", "eval_meteor", "eval_ter"} <= set(ev) and "eval_cider" not in ev
+    assert (out / "dart_eval.references.txt").read_text() == "Zizzi is by the river.\nZizzi: riverside.\n"
