@@ -180,7 +180,9 @@ def _training_arguments(cfg: RunConfig, out: Path, has_eval: bool, task: Any) ->
     if not torch.cuda.is_available():
         kwargs.setdefault("dataloader_pin_memory", False)  # pinning needs an accelerator; avoids a warning
         if world_size() > 1:
+            # accelerate treats a CPU-only multi-process run as distributed only when told it is on the CPU
             kwargs.setdefault("ddp_backend", "gloo")
+            kwargs.setdefault("use_cpu", True)
     try:
         return TrainingArguments(**kwargs)
     except (TypeError, ValueError) as err:
