@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
 _TASKS: dict[str, type[Task]] = {}
 _SCANNED = False
+_BROKEN: dict[str, str] = {}  # task modules that failed to import -> why (named in "unknown task" errors)
 
 
 class Task:
@@ -150,7 +151,10 @@ def _scan_task_modules() -> None:
     for info in pkgutil.iter_modules(package.__path__):
         if info.name in ("base",) or info.name.endswith("_cli"):
             continue
-        importlib.import_module(f"{package.__name__}.{info.name}")
+        try:
+            importlib.import_module(f"{package.__name__}.{info.name}")
+        except Exception as err:  # one broken task module must not take the other tasks down
+            _BROKEN[info.name] = f"{type(err).__name__}: {err}"
 
 
 def task_names() -> list[str]:
@@ -166,7 +170,8 @@ def task_class(name: str) -> type[Task]:
     if name not in _TASKS:
         _scan_task_modules()
     if name not in _TASKS:
-        raise RecipeError(f"unknown task '{name}'; known tasks: {', '.join(sorted(_TASKS))}")
+        broken = "".join(f"; module lorma.tasks.{m} failed to import ({why})" for m, why in _BROKEN.items())
+        raise RecipeError(f"unknown task '{name}'; known tasks: {', '.join(sorted(_TASKS))}{broken}")
     return _TASKS[name]
 
 
