@@ -63,7 +63,12 @@ def test_preset_values(name: str, batch: int, epochs: int, lr: float, seq: int, 
 def _glue_folder(root: Path, task: str) -> Path:
     folder = root / task
     folder.mkdir()
-    if task == "cola":
+    if task == "stsb":
+        header = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"
+        rows = [header] + [f"{i}\tg\tf\ty\to\ts\ts\tone {i}\ttwo {i % 5}\t{i % 6:.1f}" for i in range(24)]
+        (folder / "train.tsv").write_text("\n".join(rows) + "\n")
+        (folder / "dev.tsv").write_text("\n".join(rows[:9]) + "\n")
+    elif task == "cola":
         lines = [f"src\t{i % 2}\t\t{'good fine nice' if i % 2 else 'bad sad poor'} {i}" for i in range(24)]
         (folder / "train.tsv").write_text("\n".join(lines) + "\n")
         (folder / "dev.tsv").write_text("\n".join(lines[:8]) + "\n")
@@ -76,7 +81,9 @@ def _glue_folder(root: Path, task: str) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("preset", ["roberta-base/cola-lorma-plus", "roberta-large/mnli-lorma-pi"])
+@pytest.mark.parametrize(
+    "preset", ["roberta-base/cola-lorma-plus", "roberta-large/mnli-lorma-pi", "roberta-base/stsb-lora"]
+)
 def test_a_preset_runs_on_a_glue_folder(preset: str, tmp_path: Path) -> None:
     model = make_tiny_bert(tmp_path / "model")
     task = preset.split("/")[1].split("-")[0]
@@ -89,5 +96,8 @@ def test_a_preset_runs_on_a_glue_folder(preset: str, tmp_path: Path) -> None:
     metrics = json.loads((out / "metrics.json").read_text())
     if task == "cola":
         assert "eval_matthews_correlation" in metrics["eval"]
+    elif task == "stsb":
+        assert {"eval_pearson", "eval_spearmanr"} <= set(metrics["eval"])
+        assert metrics["baseline"] is None  # no majority class in regression
     else:
         assert {"eval_matched_accuracy", "eval_mismatched_accuracy"} <= set(metrics["eval"])

@@ -153,8 +153,11 @@ def resolve_config(args: argparse.Namespace, resume: bool = False) -> Any:
 def _quiet_libraries() -> None:
     """Keep transformers' load-time chatter out of the summary (warnings that matter still show)."""
     import os
+    import warnings
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # a deprecation inside transformers/peft, raised once per model, says nothing to a user of lorma
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
