@@ -56,7 +56,7 @@ def _compare(preset: str, methods: str, out: Path) -> int:
 
 
 @pytest.mark.slow
-def test_table6_preset_runs_and_shows_the_rank_bottleneck(tmp_path: Path) -> None:
+def test_table6_preset_runs_and_shows_the_rank_bottleneck(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """lorma-none's I(BA) has rank <= r throughout; lorma-plus's is full rank: the point of Table 6."""
     out = tmp_path / "t6"
     assert _compare("table6_inflation.yaml", "lorma-plus,lorma-none", out) == 0
@@ -67,6 +67,8 @@ def test_table6_preset_runs_and_shows_the_rank_bottleneck(tmp_path: Path) -> Non
     assert {r["step"] for r in none} == {0, 1, 2} and len(none) == 3 * 12
     assert all(r["rank"] <= 4 and r["inflation"] == "none" for r in none)
     assert all(r["rank"] == r["d"] == 384 for r in plus)
+    assert main(["analyze", str(out)]) == 2  # the compare dir itself: the error names its run dirs
+    assert "seed-42" in capsys.readouterr().err
     report = tmp_path / "report"
     assert main(["analyze", str(out / "lorma-none" / "seed-42"), "--against", str(out / "lorma-plus" / "seed-42"),
                  "--out", str(report), "--no-plots"]) == 0

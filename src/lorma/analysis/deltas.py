@@ -171,7 +171,14 @@ def load_adapter_model(adapter_dir: str | os.PathLike[str], base_model: str, ada
     labels = _num_labels(tensors) if class_name == "AutoModelForSequenceClassification" else None
     if labels is not None:
         kwargs["num_labels"] = labels
-    base = getattr(transformers, class_name).from_pretrained(base_model, **kwargs)
+    # the load report lists the task head as newly initialised; the adapter's saved head (if any)
+    # replaces it below and delta W does not involve it, so the report is noise here
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        base = getattr(transformers, class_name).from_pretrained(base_model, **kwargs)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
     model = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=adapter_name)
     model.eval()
     loaded = get_peft_model_state_dict(model, adapter_name=adapter_name)

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .convergence import Smoothing, convergence_table, loss_auc
+from .convergence import Smoothing, convergence_table, loss_auc, smooth
 from .matrices import compare_matrices, random_control, singular_values, summarise, sv_summary
 from .runs import RunInfo, read_run
 
@@ -177,7 +177,8 @@ def analyze(
             steps, losses = run.loss_curve
             curves = {run.label: run.loss_curve}
             result["convergence"] = {run.label: {"auc": loss_auc(steps, losses, smoothing),
-                                                 "min_loss": min(losses), "last_step": steps[-1]}}
+                                                 "min_loss": float(smooth(losses, smoothing).min()),
+                                                 "last_step": steps[-1]}}
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -308,12 +309,14 @@ def format_report(result: dict[str, Any]) -> str:
             t_rank = ", ".join(f"{t['rank']}/{t['d']}" for t in transform.values()) or None
             t_cond = max((t["cond"] for t in transform.values()), default=None)
             ref = result.get("against", {}).get("modules", {}).get(name)
-            rows.append([name, m["method"] + (f"-{m['inflation']}" if m.get("inflation") else ""), m["r"],
-                         f"{m['delta_rank']}/{m['delta_size']}", ref and f"{ref['delta_rank']}/{ref['delta_size']}",
-                         m["delta_norm"], m["delta_sv"]["sigma_max"], t_rank, t_cond])
+            row = [name, m["method"] + (f"-{m['inflation']}" if m.get("inflation") else ""), m["r"],
+                   f"{m['delta_rank']}/{m['delta_size']}", ref and f"{ref['delta_rank']}/{ref['delta_size']}",
+                   m["delta_norm"], m["delta_sv"]["sigma_max"], t_rank, t_cond]
+            rows.append(row if "against" in result else row[:4] + row[5:])
+        headers = ["module", "method", "r", "rank dW", "rank dW (against)", "|dW|_F", "s_max dW", "rank I(BA)",
+                   "cond I(BA)"]
         out += ["", "Per module: rank of delta W = W - W0 (Table 15) and of the final I(BA)",
-                _table(["module", "method", "r", "rank dW", "rank dW (against)", "|dW|_F", "s_max dW",
-                        "rank I(BA)", "cond I(BA)"], rows)]
+                _table(headers if "against" in result else headers[:4] + headers[5:], rows)]
     if "comparison" in result:
         rows = []
         for name, c in sorted(result["comparison"].items()):
