@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +118,24 @@ def _loss_log_callback(path: Path) -> Any:
     from transformers import TrainerCallback
 
     class LossLog(TrainerCallback):
-        """Per-step training loss as JSON lines; on resume, lines past the checkpoint's step are dropped."""
+        """Per-step training loss as JSON lines; on resume, lines past the checkpoint's step are dropped.
+
+        Also times the optimizer steps themselves (``step_seconds``), so that seconds per step leave out
+        evaluation and checkpointing, which Trainer's ``train_runtime`` includes.
+        """
+
+        step_seconds = 0.0
+        steps_timed = 0
+        _started: float | None = None
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self._started = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if self._started is not None:
+                self.step_seconds += time.perf_counter() - self._started
+                self.steps_timed += 1
+                self._started = None
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if not state.is_world_process_zero:
@@ -220,7 +238,10 @@ def _best_eval(log_history: list[dict[str, Any]]) -> dict[str, float]:
                 continue
             if isinstance(value, float) and math.isnan(value):
                 continue
-            best[key] = max(best.get(key, -math.inf), float(value))
+            if key.endswith("mse"):  # lower is better
+                best[key] = min(best.get(key, math.inf), float(value))
+            else:
+                best[key] = max(best.get(key, -math.inf), float(value))
     return best
 
 
@@ -268,7 +289,8 @@ def run_training(cfg: RunConfig, overwrite: bool = False, resume: bool = False) 
                     shutil.rmtree(target)
                 elif target.exists():
                     target.unlink()
-    callbacks = [_loss_log_callback(out / LOSS_LOG)]
+    loss_log = _loss_log_callback(out / LOSS_LOG)
+    callbacks = [loss_log]
     if cfg.track_rank:
         # after the overwrite clean-up above, so that an old rank log is gone
         callbacks.append(_rank_callback(cfg.track_rank, out / "rank", resume))
@@ -287,7 +309,6 @@ def run_training(cfg: RunConfig, overwrite: bool = False, resume: bool = False) 
     eval_metrics = task.evaluate(trainer, eval_ds)
     steps = int(trainer.state.global_step)
     runtime = float(result.metrics.get("train_runtime", math.nan))
-    resumed_from = int(checkpoint.name.split("-")[-1]) if checkpoint is not None else 0
     digest = weights_digest(model)
     print(f"[rank {os.environ.get('RANK', '0')}/{world_size()}] trained weights sha256 {digest}", flush=True)
 
@@ -301,7 +322,7 @@ def run_training(cfg: RunConfig, overwrite: bool = False, resume: bool = False) 
         "train_loss": float(result.training_loss),
         "global_step": steps,
         "train_runtime": runtime,
-        "seconds_per_step": runtime / max(1, steps - resumed_from) if steps else math.nan,
+        "seconds_per_step": loss_log.step_seconds / loss_log.steps_timed if loss_log.steps_timed else math.nan,
         "trainable_params": trainable,
         "total_params": total,
         "world_size": world_size(),
