@@ -30,23 +30,20 @@ def rotate_rows(m: torch.Tensor) -> torch.Tensor:
 
     ``pi(M)[i, j] = M[i, (j - i) mod d]`` (paper Fig. 3). Works on ``(..., d, d)``.
 
-    Why a strided view and not a gather: a gather needs a ``d x d`` integer index (8 MB at d = 1024,
-    1.6 GB at d = 14336, kept per module by the authors' code). Here ``[M | M]`` is laid out contiguously
-    with row stride ``2d``; reading ``d`` elements from offset ``d - i`` of row ``i`` is a view with row
-    stride ``2d - 1`` and storage offset ``d`` (the "relative shift" trick). Autograd goes through
-    ``as_strided`` (the view does not overlap itself, so its backward is an exact scatter).
+    Why views and not a gather: a gather needs a ``d x d`` integer index (8 MB at d = 1024, 1.6 GB at
+    d = 14336, kept per module by the authors' code). Here ``[M | M]`` (``d x 2d``) is flattened; element
+    ``(i, j)`` of the result sits at flat offset ``d + i (2d - 1) + j``, so dropping the first ``d``
+    elements, reshaping to rows of ``2d - 1`` and keeping the first ``d`` columns is ``pi(M)`` (the
+    "relative shift" trick of relative attention). Only ``cat``, slicing and reshapes are used: their
+    backward is cheap, and torch.compile traces them without a graph break (``as_strided`` with a
+    storage offset breaks the graph).
     """
     d = m.shape[-1]
     if m.shape[-2] != d:
         raise ValueError(f"rotate_rows needs square matrices, got shape {tuple(m.shape)}")
-    doubled = torch.cat([m, m], dim=-1).contiguous()  # (..., d, 2d)
-    batch_shape = doubled.shape[:-2]
-    batch_strides = doubled.stride()[:-2]
-    return doubled.as_strided(
-        size=(*batch_shape, d, d),
-        stride=(*batch_strides, 2 * d - 1, 1),
-        storage_offset=doubled.storage_offset() + d,
-    )
+    lead = m.shape[:-2]
+    flat = torch.cat([m, m], dim=-1).reshape(*lead, 2 * d * d)
+    return flat[..., d : d + d * (2 * d - 1)].reshape(*lead, d, 2 * d - 1)[..., :d]
 
 
 def inflate(A: torch.Tensor, B: torch.Tensor, inflation: Inflation, scaling: float) -> torch.Tensor:
