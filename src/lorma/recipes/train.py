@@ -310,7 +310,8 @@ def run_training(cfg: RunConfig, overwrite: bool = False, resume: bool = False) 
     steps = int(trainer.state.global_step)
     runtime = float(result.metrics.get("train_runtime", math.nan))
     digest = weights_digest(model)
-    print(f"[rank {os.environ.get('RANK', '0')}/{world_size()}] trained weights sha256 {digest}", flush=True)
+    if world_size() > 1:  # every rank says what it trained: one model means one digest
+        print(f"[rank {os.environ.get('RANK', '0')}/{world_size()}] trained weights sha256 {digest}", flush=True)
 
     metrics: dict[str, Any] = {
         "task": task.name,
