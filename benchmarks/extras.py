@@ -103,6 +103,45 @@ def compile_section() -> str:
 
 
 def qlorma_memory_section(cache_root: Path) -> str:
-    from lorma.bnb import qlorma_memory_report
+    """Markdown: memory of SmolLM2-135M fp32 against nf4 and int8 bases, each with a LoRMA adapter."""
+    import peft
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    return qlorma_memory_report(cache_root)
+    from lorma import LormaConfig
+    from lorma.bnb import module_bytes
+
+    from .harness import smollm2_plain_dir
+
+    folder = smollm2_plain_dir(cache_root)
+    rows = []
+    configs = {
+        "fp32": None,
+        "nf4 (4-bit)": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_compute_dtype=torch.float32),
+        "int8 (8-bit)": BitsAndBytesConfig(load_in_8bit=True),
+    }
+    fp32_bytes = None
+    for name, qcfg in configs.items():
+        kwargs = {"quantization_config": qcfg} if qcfg is not None else {}
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, **kwargs)
+        base_bytes = module_bytes(model)
+        cfg = LormaConfig(r=8, alpha=16, inflation="plus", target_modules=["q_proj", "v_proj"])
+        model = peft.get_peft_model(model, cfg)
+        adapter = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        total = base_bytes + adapter
+        fp32_bytes = fp32_bytes or total
+        rows.append(f"| {name} | {base_bytes / 2**20:.1f} MiB | {adapter / 2**20:.2f} MiB | "
+                    f"{total / 2**20:.1f} MiB | {total / fp32_bytes:.3f} |")
+        del model
+    return "\n".join([
+        "## QLoRMA memory (SmolLM2-135M, LoRMA+ r = 8 on q_proj, v_proj)",
+        "",
+        "Weights and buffers as stored (packed 4-bit weights plus their quantization state; the tied "
+        "embedding / lm_head and the norms stay fp32, as bitsandbytes leaves them), plus the fp32 adapter. "
+        "`tests/test_quantized.py` checks on this model that the quantized forward matches LoRMA applied to "
+        "the dequantized base, that training steps change only the adapter, and merging both ways.",
+        "",
+        "| base | base weights | adapter | total | / fp32 |",
+        "|---|---:|---:|---:|---:|",
+        *rows,
+    ])

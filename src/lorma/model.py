@@ -70,6 +70,10 @@ class LormaModel(BaseTuner):
         lorma_config: LormaConfig, adapter_name: str, target: nn.Module, module_name: str, **kwargs: Any
     ) -> nn.Module:
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        from .bnb import QuantLinear, quantized_kind
+
+        if quantized_kind(base) is not None:  # bitsandbytes Linear4bit / Linear8bitLt (subclasses of nn.Linear)
+            return QuantLinear(target, adapter_name, module_name=module_name, **kwargs)
         fan_in_fan_out = lorma_config.fan_in_fan_out
         if isinstance(base, Conv1D):  # stores its weight (d_in, d_out): unambiguous, no warning needed
             fan_in_fan_out = True
@@ -86,6 +90,29 @@ class LormaModel(BaseTuner):
                 "transformers Conv1D layers only; remove it from target_modules"
             )
         return Linear(target, adapter_name, module_name=module_name, fan_in_fan_out=fan_in_fan_out, **kwargs)
+
+    def merge_and_unload(
+        self,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+        dequantize: bool = False,
+    ) -> nn.Module:
+        """Merge the adapters into the base weights and return the plain model.
+
+        On a bitsandbytes 4/8-bit base (QLoRMA) the merged weight is re-quantized by default, so the model
+        stays quantized; ``dequantize=True`` first replaces every quantized adapted layer by an fp32
+        ``nn.Linear`` holding the dequantized weight and merges into that, returning float layers there.
+        """
+        if dequantize:
+            from .bnb import QuantLinear
+
+            for module in self.model.modules():
+                if isinstance(module, QuantLinear) and module.quant_kind is not None:
+                    if module.merged:
+                        module.unmerge()
+                    module.dequantize_base()
+        return super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
 
     @classmethod
     def _remap_adapter_state_dict_for_load(

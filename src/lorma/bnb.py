@@ -1,0 +1,214 @@
+"""QLoRMA: LoRMA on a bitsandbytes 4-bit (``Linear4bit``, nf4 / fp4) or 8-bit (``Linear8bitLt``) base layer.
+
+As QLoRA in peft: the frozen weight stays quantized and the forward never dequantizes it. The activation-side
+forms do all the work: on the ``pre`` side the quantized layer computes ``W0 x + b`` and the transform acts
+on its output (bias kept out); on the ``post`` side the transform acts on ``x`` before the quantized layer.
+The adapters stay fp32. The dense "fold into the weight" strategy of the float layer is never used here
+(it would need ``W0`` in floating point every step).
+
+Merging dequantizes ``W0``, merges in fp32 and re-quantizes (the weight stays 4/8-bit: merge_and_unload gives
+a quantized model, with the rounding of one more quantization). Unmerging restores the original quantized
+weight object bit for bit (it is kept at merge time). To get a float model instead, call
+``merge_and_unload(dequantize=True)`` on the peft model (:meth:`lorma.model.LormaModel.merge_and_unload`):
+each quantized base is replaced by an ``nn.Linear`` holding the dequantized weight before merging, so the
+merged weight is ``I(BA) deq(W0)`` without a second rounding.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from .layer import LormaLayer
+
+
+def is_bnb_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def quantized_kind(module: nn.Module) -> str | None:
+    """``"4bit"``, ``"8bit"`` or ``None`` for a (possibly wrapped) layer, without importing bitsandbytes needlessly."""
+    if not is_bnb_available():
+        return None
+    import bitsandbytes as bnb
+
+    if isinstance(module, bnb.nn.Linear4bit):
+        return "4bit"
+    if isinstance(module, bnb.nn.Linear8bitLt):
+        return "8bit"
+    return None
+
+
+def dequantized_weight(base: nn.Module) -> torch.Tensor:
+    """``W0`` of a bitsandbytes layer in fp32, ``nn.Linear`` layout ``(d_out, d_in)``."""
+    from peft.utils.integrations import dequantize_bnb_weight
+
+    weight = base.weight
+    if quantized_kind(base) == "4bit":
+        return dequantize_bnb_weight(weight, state=weight.quant_state).float()
+    state = base.state
+    if state.SCB is None:
+        state.SCB = weight.SCB
+    return dequantize_bnb_weight(weight, state=state).float()
+
+
+def quantize_like(base: nn.Module, weight: torch.Tensor) -> nn.Parameter:
+    """A new quantized parameter holding ``weight`` (fp32, Linear layout), with ``base``'s quantization settings."""
+    import bitsandbytes as bnb
+
+    old = base.weight
+    device = old.device
+    if quantized_kind(base) == "4bit":
+        new = bnb.nn.Params4bit(
+            weight.to("cpu"),
+            requires_grad=False,
+            quant_type=old.quant_type,
+            blocksize=old.blocksize,
+            compress_statistics=old.compress_statistics,
+            quant_storage=old.quant_storage,
+            module=base,
+        )
+        return new.to(device)  # moving a not-yet-quantized Params4bit to a device quantizes it
+    return bnb.nn.Int8Params(weight.to("cpu"), requires_grad=False, has_fp16_weights=old.has_fp16_weights).to(device)
+
+
+class QuantLinear(nn.Module, LormaLayer):
+    """LoRMA around a bitsandbytes ``Linear4bit`` / ``Linear8bitLt``; activation-side only in forward."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, module_name: str = "", **kwargs: Any) -> None:
+        super().__init__()
+        LormaLayer.__init__(self, base_layer, module_name=module_name, fan_in_fan_out=False)
+        self.quant_kind = quantized_kind(self.get_base_layer())
+        if self.quant_kind is None:
+            raise ValueError(f"module {module_name!r}: QuantLinear needs a bitsandbytes Linear4bit/Linear8bitLt")
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, **kwargs)
+
+    def update_layer(self, adapter_name: str, r: int, alpha: float, inflation: str, side: str, **kwargs: Any) -> None:
+        if side == "post" and kwargs.get("fused") is not None:
+            raise ValueError(
+                f"module {self.module_name!r}: a post-side adapter on fused parts of a quantized layer would "
+                "need W0 dequantized in every forward; use side='pre' or adapt the whole layer"
+            )
+        super().update_layer(adapter_name, r=r, alpha=alpha, inflation=inflation, side=side, **kwargs)
+
+    # the float layer's weight accessors are used by merging and get_delta_weight only: dequantize there
+    # after dequantize_base() (quant_kind None) the layer behaves exactly as the float LoRMA layer
+    def _base_weight_linear(self) -> torch.Tensor:
+        if self.quant_kind is None:
+            return LormaLayer._base_weight_linear(self)
+        return dequantized_weight(self.get_base_layer())
+
+    def _set_base_weight_linear(self, weight_linear: torch.Tensor) -> None:
+        if self.quant_kind is None:
+            LormaLayer._set_base_weight_linear(self, weight_linear)
+            return
+        base = self.get_base_layer()
+        base.weight = quantize_like(base, weight_linear.detach().float())
+        if self.quant_kind == "8bit":  # the layer caches the int8 matrix and its scales in its state
+            base.state.CB = None
+            base.state.SCB = None
+
+    def _folded_forward(self, adapter: str, x: torch.Tensor) -> torch.Tensor | None:
+        if self.quant_kind is None:
+            return LormaLayer._folded_forward(self, adapter, x)
+        return None  # never dequantize W0 in forward
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Dequantize, merge in fp32, re-quantize; the original quantized weight is kept for an exact unmerge."""
+        from peft.tuners.tuners_utils import check_adapters_to_merge
+
+        if self.quant_kind is None:
+            LormaLayer.merge(self, safe_merge=safe_merge, adapter_names=adapter_names)
+            return
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if adapter_names:
+            warnings.warn(
+                f"module {self.module_name!r}: merging into a {self.quant_kind} weight re-quantizes it (one more "
+                "rounding); merge_and_unload(dequantize=True) gives a float model instead",
+                stacklevel=2,
+            )
+        for adapter in adapter_names:
+            if adapter not in self.lorma_A:
+                continue
+            current = self._base_weight_linear()
+            merged = current + self._delta_for(adapter, current)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(
+                    f"module {self.module_name!r}: merging adapter {adapter!r} gives non-finite weights; "
+                    "the adapter seems broken (nothing was changed)"
+                )
+            self._weights_before_merge[adapter] = self._quant_snapshot()
+            self._set_base_weight_linear(merged)
+            self.merged_adapters.append(adapter)
+
+    def _quant_snapshot(self) -> dict[str, Any]:
+        base = self.get_base_layer()
+        snap: dict[str, Any] = {"weight": base.weight}
+        if self.quant_kind == "8bit":
+            snap["CB"], snap["SCB"] = base.state.CB, base.state.SCB
+        return snap
+
+    def unmerge(self) -> None:
+        """Put back the quantized weight each merge replaced, last merged first (exact, no re-quantization)."""
+        if self.quant_kind is None:
+            LormaLayer.unmerge(self)
+            return
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            snap = self._weights_before_merge.pop(adapter, None)
+            if snap is None:
+                continue
+            base.weight = snap["weight"]
+            if self.quant_kind == "8bit":
+                base.state.CB, base.state.SCB = snap["CB"], snap["SCB"]
+
+    def dequantize_base(self) -> None:
+        """Replace the quantized base layer by an fp32 ``nn.Linear`` holding ``deq(W0)`` (and the bias)."""
+        if self.merged:
+            raise ValueError(f"module {self.module_name!r}: unmerge before dequantizing the base layer")
+        base = self.get_base_layer()
+        weight = dequantized_weight(base)
+        linear = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None, device=weight.device)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if base.bias is not None:
+                linear.bias.copy_(base.bias.float())
+        linear.requires_grad_(False)
+        self.base_layer = linear
+        self.quant_kind = None
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return LormaLayer.forward(self, x, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return "lorma.bnb." + nn.Module.__repr__(self)
+
+
+def module_bytes(model: nn.Module) -> int:
+    """Bytes of a model's parameters and buffers as stored (packed 4-bit weights count as stored)."""
+    seen: dict[int, int] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    total = sum(seen.values())
+    # 4-bit quantization state (absmax, code) lives outside the parameters
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None:
+            for name in ("absmax", "code"):
+                t = getattr(state, name, None)
+                if isinstance(t, torch.Tensor):
+                    total += t.numel() * t.element_size()
+            nested = getattr(state, "state2", None)
+            if nested is not None:
+                total += sum(t.numel() * t.element_size() for t in (nested.absmax, nested.code))
+    return total
