@@ -37,8 +37,15 @@ class _Data(torch.utils.data.Dataset):
 
 def _tiny_model(inflation: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, num_labels=3, max_position_embeddings=16)
+    cfg = BertConfig(
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=3,
+        max_position_embeddings=16,
+    )
     return peft.get_peft_model(
         BertForSequenceClassification(cfg),
         LormaConfig(r=2, alpha=2, inflation=inflation, target_modules=["query", "value"], task_type="SEQ_CLS"),
@@ -47,8 +54,16 @@ def _tiny_model(inflation: str) -> torch.nn.Module:
 
 def _train(model: torch.nn.Module, out: Path, callback: RankTrackingCallback, steps: int = 6) -> Trainer:
     args = TrainingArguments(
-        output_dir=str(out / "trainer"), max_steps=steps, per_device_train_batch_size=8, learning_rate=5e-2,
-        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
+        output_dir=str(out / "trainer"),
+        max_steps=steps,
+        per_device_train_batch_size=8,
+        learning_rate=5e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
     )
     trainer = Trainer(model=model, args=args, train_dataset=_Data(), callbacks=[callback])
     trainer.train()
@@ -116,8 +131,9 @@ def test_callback_with_given_tolerance_and_refusals(tmp_path: Path) -> None:
 
 def test_callback_refuses_a_model_without_lorma(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=64, num_labels=3)
+    cfg = BertConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, num_labels=3
+    )
     model = peft.get_peft_model(BertForSequenceClassification(cfg), peft.LoraConfig(r=2, target_modules=["query"]))
     with pytest.raises(ValueError, match="no LoRMA layers"):
         _train(model, tmp_path, RankTrackingCallback(every_n_steps=1, output_dir=tmp_path), steps=1)

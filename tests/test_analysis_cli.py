@@ -28,8 +28,15 @@ MODULE = "bert.encoder.layer.0.attention.self.query"
 
 def _base() -> BertForSequenceClassification:
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=50, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, num_labels=3, max_position_embeddings=16)
+    cfg = BertConfig(
+        vocab_size=50,
+        hidden_size=HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=3,
+        max_position_embeddings=16,
+    )
     return BertForSequenceClassification(cfg)
 
 
@@ -56,12 +63,24 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     _base().save_pretrained(root / "base")
     paths = {"base": root / "base"}
     for name, cfg, marker, seed in (
-        ("plus", LormaConfig(r=R, alpha=4, inflation="plus", target_modules=["query", "value"],
-                             task_type="SEQ_CLS"), "lorma_", 1),
-        ("pi", LormaConfig(r=R, alpha=4, inflation="pi", target_modules=["query", "value"],
-                           task_type="SEQ_CLS"), "lorma_", 2),
-        ("lora", peft.LoraConfig(r=R, lora_alpha=4, target_modules=["query", "value"], task_type="SEQ_CLS"),
-         "lora_", 3),
+        (
+            "plus",
+            LormaConfig(r=R, alpha=4, inflation="plus", target_modules=["query", "value"], task_type="SEQ_CLS"),
+            "lorma_",
+            1,
+        ),
+        (
+            "pi",
+            LormaConfig(r=R, alpha=4, inflation="pi", target_modules=["query", "value"], task_type="SEQ_CLS"),
+            "lorma_",
+            2,
+        ),
+        (
+            "lora",
+            peft.LoraConfig(r=R, lora_alpha=4, target_modules=["query", "value"], task_type="SEQ_CLS"),
+            "lora_",
+            3,
+        ),
     ):
         model = peft.get_peft_model(_base(), cfg)
         _perturb(model, seed, marker)
@@ -103,14 +122,27 @@ def _delta_pi(runs: dict[str, Path], module: str) -> np.ndarray:
 
 def test_analyze_against_lora(runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "report"
-    rc = main(["analyze", str(runs["plus"]), "--against", str(runs["lora"]), "--base-model", str(runs["base"]),
-               "--out", str(out), "--smoothing", "none"])
+    rc = main(
+        [
+            "analyze",
+            str(runs["plus"]),
+            "--against",
+            str(runs["lora"]),
+            "--base-model",
+            str(runs["base"]),
+            "--out",
+            str(out),
+            "--smoothing",
+            "none",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert MODULE in printed and "random control" in printed and "Summary over modules" in printed
     result = json.loads((out / "analysis.json").read_text())
-    assert set(result["modules"]) == {f"bert.encoder.layer.{i}.attention.self.{m}" for i in (0, 1)
-                                      for m in ("query", "value")}
+    assert set(result["modules"]) == {
+        f"bert.encoder.layer.{i}.attention.self.{m}" for i in (0, 1) for m in ("query", "value")
+    }
     expected_plus = _delta_plus(runs, MODULE)
     expected_lora = _delta_lora(runs, MODULE)
     mod = result["modules"][MODULE]
@@ -150,8 +182,7 @@ def test_analyze_against_lora(runs: dict[str, Path], tmp_path: Path, capsys: pyt
 
 def test_analyze_pi_delta_is_full_rank(runs: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "pi"
-    assert main(["analyze", str(runs["pi"]), "--base-model", str(runs["base"]), "--out", str(out),
-                 "--no-plots"]) == 0
+    assert main(["analyze", str(runs["pi"]), "--base-model", str(runs["base"]), "--out", str(out), "--no-plots"]) == 0
     result = json.loads((out / "analysis.json").read_text())
     expected = _delta_pi(runs, MODULE)
     mod = result["modules"][MODULE]
@@ -161,15 +192,28 @@ def test_analyze_pi_delta_is_full_rank(runs: dict[str, Path], tmp_path: Path) ->
     assert mod["delta_rank"] > R  # not bounded by r, unlike plus and LoRA
     # a given tolerance changes the count as the singular values say
     out2 = tmp_path / "pi_tol"
-    assert main(["analyze", str(runs["pi"]), "--base-model", str(runs["base"]), "--out", str(out2),
-                 "--no-plots", "--tol", "0.3"]) == 0
+    assert (
+        main(
+            [
+                "analyze",
+                str(runs["pi"]),
+                "--base-model",
+                str(runs["base"]),
+                "--out",
+                str(out2),
+                "--no-plots",
+                "--tol",
+                "0.3",
+            ]
+        )
+        == 0
+    )
     assert json.loads((out2 / "analysis.json").read_text())["modules"][MODULE]["delta_rank"] == int(
         (s > 0.3 * s[0]).sum()
     )
 
 
-def test_analyze_errors_are_one_line(runs: dict[str, Path], tmp_path: Path,
-                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_analyze_errors_are_one_line(runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["analyze", str(tmp_path / "missing")]) == 2
     assert "no such directory" in capsys.readouterr().err
     # the adapter records no base model and none is given
@@ -181,8 +225,9 @@ def test_analyze_errors_are_one_line(runs: dict[str, Path], tmp_path: Path,
     assert "nothing to analyze" in capsys.readouterr().err
     # a base model the adapter does not fit: the saved tensors do not all load
     other = tmp_path / "other_base"
-    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=32, num_labels=3)
+    cfg = BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, num_labels=3
+    )
     BertForSequenceClassification(cfg).save_pretrained(other)
     assert main(["analyze", str(runs["plus"]), "--base-model", str(other), "--out", str(tmp_path / "b")]) == 2
     assert "lorma analyze: error:" in capsys.readouterr().err
@@ -190,8 +235,16 @@ def test_analyze_errors_are_one_line(runs: dict[str, Path], tmp_path: Path,
 
 def test_loss_readers(tmp_path: Path) -> None:
     (tmp_path / "train_loss.jsonl").write_text(
-        "\n".join(json.dumps(r) for r in [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0},
-                                           {"step": 2, "eval_loss": 5.0}, {"step": 3, "loss": 0.5}]) + "\n"
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"step": 1, "loss": 2.0},
+                {"step": 2, "loss": 1.0},
+                {"step": 2, "eval_loss": 5.0},
+                {"step": 3, "loss": 0.5},
+            ]
+        )
+        + "\n"
     )
     (curve, source) = read_loss_curve(tmp_path)
     assert curve == ([1.0, 2.0, 3.0], [2.0, 1.0, 0.5]) and source.name == "train_loss.jsonl"
@@ -206,4 +259,3 @@ def test_loss_readers(tmp_path: Path) -> None:
     (tmp_path / "config.yaml").write_text("method: lorma-plus\nside: post\nmodel: /some/base\n")
     info = read_run(tmp_path)
     assert info.label == "lorma-plus-post" and info.base_model_hint == "/some/base" and info.adapter_dir is None
-

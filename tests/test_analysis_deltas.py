@@ -41,10 +41,26 @@ def _conv1d_weights_linear(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     "config, marker",
     [
         (peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True), "lora_"),
-        (LormaConfig(r=2, alpha=4, inflation="plus", target_modules=["c_attn"],
-                     fused_parts={"c_attn": {"num_parts": 3, "parts": [0, 2]}}), "lorma_"),
-        (LormaConfig(r=2, alpha=4, inflation="pi", target_modules=["c_attn"],
-                     fused_parts={"c_attn": {"num_parts": 3, "parts": [0, 2]}}), "lorma_"),
+        (
+            LormaConfig(
+                r=2,
+                alpha=4,
+                inflation="plus",
+                target_modules=["c_attn"],
+                fused_parts={"c_attn": {"num_parts": 3, "parts": [0, 2]}},
+            ),
+            "lorma_",
+        ),
+        (
+            LormaConfig(
+                r=2,
+                alpha=4,
+                inflation="pi",
+                target_modules=["c_attn"],
+                fused_parts={"c_attn": {"num_parts": 3, "parts": [0, 2]}},
+            ),
+            "lorma_",
+        ),
     ],
     ids=["lora", "lorma-plus-fused", "lorma-pi-fused"],
 )
@@ -61,7 +77,7 @@ def test_delta_is_merged_minus_base_in_linear_layout(config: peft.PeftConfig, ma
         torch.testing.assert_close(md.delta, merged[name] - w0[name], atol=1e-5, rtol=1e-4)
         assert md.delta.abs().max() > 1e-3
         if md.method == "lorma":  # k (part 1) is not adapted: its rows of delta W are zero
-            assert torch.count_nonzero(md.delta[EMBD:2 * EMBD]) == 0
+            assert torch.count_nonzero(md.delta[EMBD : 2 * EMBD]) == 0
 
 
 def test_no_adapter_is_an_error() -> None:
@@ -75,11 +91,20 @@ def test_no_adapter_is_an_error() -> None:
 def test_rank_records_of_a_fused_layer_are_per_part() -> None:
     from lorma.analysis.callback import rank_records
 
-    model = peft.get_peft_model(_gpt2(), LormaConfig(r=2, alpha=4, inflation="none", target_modules=["c_attn"],
-                                                     fused_parts={"c_attn": {"num_parts": 3, "parts": [0, 2]}}))
+    model = peft.get_peft_model(
+        _gpt2(),
+        LormaConfig(
+            r=2,
+            alpha=4,
+            inflation="none",
+            target_modules=["c_attn"],
+            fused_parts={"c_attn": {"num_parts": 3, "parts": [0, 2]}},
+        ),
+    )
     records = rank_records(model)
     assert [(r["module"], r["part"], r["d"]) for r in records] == [
-        ("transformer.h.0.attn.c_attn", 0, EMBD), ("transformer.h.0.attn.c_attn", 2, EMBD)
+        ("transformer.h.0.attn.c_attn", 0, EMBD),
+        ("transformer.h.0.attn.c_attn", 2, EMBD),
     ]
     # inflation "none": I(BA) = s BA has rank <= r (the bottleneck of Table 6)
     assert all(r["rank"] <= 2 for r in records)

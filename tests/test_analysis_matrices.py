@@ -117,8 +117,10 @@ def test_row_rotation_changes_the_right_metrics() -> None:
     # rotate in the plane of the first left singular vector and a direction orthogonal to the column space
     u = np.linalg.svd(m)[0]
     e1, e2 = u[:, 0], u[:, 5]
-    q = q + (math.cos(theta) - 1) * (np.outer(e1, e1) + np.outer(e2, e2)) + math.sin(theta) * (
-        np.outer(e2, e1) - np.outer(e1, e2)
+    q = (
+        q
+        + (math.cos(theta) - 1) * (np.outer(e1, e1) + np.outer(e2, e2))
+        + math.sin(theta) * (np.outer(e2, e1) - np.outer(e1, e2))
     )
     assert np.allclose(q.T @ q, np.eye(6))
     c = compare_matrices(q @ m, m, r=2)

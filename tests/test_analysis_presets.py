@@ -46,13 +46,44 @@ def _real_inputs() -> tuple[str, str]:
 
 def _compare(preset: str, methods: str, out: Path) -> int:
     model, tweets = _real_inputs()
-    return main([
-        "compare", str(ABLATIONS / preset), "--methods", methods, "--seeds", "1",
-        "--model", model, "--task", "classification", "--train-file", tweets, "--text-column", "text",
-        "--label-column", "sentiment", "--file-encoding", "latin-1", "--max-train-samples", "48",
-        "--max-eval-samples", "16", "--max-seq-length", "24", "--track-rank", "1", "--output-dir", str(out),
-        "--training-arg", "max_steps=2", "--training-arg", "save_strategy=no", "--training-arg", "eval_strategy=no",
-    ])
+    return main(
+        [
+            "compare",
+            str(ABLATIONS / preset),
+            "--methods",
+            methods,
+            "--seeds",
+            "1",
+            "--model",
+            model,
+            "--task",
+            "classification",
+            "--train-file",
+            tweets,
+            "--text-column",
+            "text",
+            "--label-column",
+            "sentiment",
+            "--file-encoding",
+            "latin-1",
+            "--max-train-samples",
+            "48",
+            "--max-eval-samples",
+            "16",
+            "--max-seq-length",
+            "24",
+            "--track-rank",
+            "1",
+            "--output-dir",
+            str(out),
+            "--training-arg",
+            "max_steps=2",
+            "--training-arg",
+            "save_strategy=no",
+            "--training-arg",
+            "eval_strategy=no",
+        ]
+    )
 
 
 @pytest.mark.slow
@@ -70,8 +101,20 @@ def test_table6_preset_runs_and_shows_the_rank_bottleneck(tmp_path: Path, capsys
     assert main(["analyze", str(out)]) == 2  # the compare dir itself: the error names its run dirs
     assert "seed-42" in capsys.readouterr().err
     report = tmp_path / "report"
-    assert main(["analyze", str(out / "lorma-none" / "seed-42"), "--against", str(out / "lorma-plus" / "seed-42"),
-                 "--out", str(report), "--no-plots"]) == 0
+    assert (
+        main(
+            [
+                "analyze",
+                str(out / "lorma-none" / "seed-42"),
+                "--against",
+                str(out / "lorma-plus" / "seed-42"),
+                "--out",
+                str(report),
+                "--no-plots",
+            ]
+        )
+        == 0
+    )
     analysis = json.loads((report / "analysis.json").read_text())
     assert analysis["run"]["label"] == "lorma-none" and analysis["against"]["label"] == "lorma-plus"
     assert all(m["delta_rank"] <= 4 for m in analysis["against"]["modules"].values())  # plus: rank <= r

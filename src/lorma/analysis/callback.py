@@ -41,7 +41,7 @@ def module_key(name: str) -> str:
         changed = False
         for prefix in _PEFT_PREFIXES:
             if name.startswith(prefix):
-                name = name[len(prefix):]
+                name = name[len(prefix) :]
                 changed = True
     return name
 
@@ -147,9 +147,7 @@ class RankTrackingCallback(TrainerCallback):
         if not self.resume:
             self._record(state, kwargs.get("model"))
 
-    def on_step_end(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
-    ) -> None:
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         """Record every ``every_n_steps`` optimizer steps."""
         if state.global_step % self.every_n_steps == 0 and state.global_step != self._last_logged_step:
             self._record(state, kwargs.get("model"))

@@ -54,16 +54,28 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="A `lorma train` output directory or a saved peft adapter.")
     p.add_argument("--against", metavar="OTHER_RUN_DIR", help="Reference run (e.g. LoRA) to compare against.")
-    p.add_argument("--base-model", metavar="DIR", help="Base model directory (default: from the run's config, "
-                   "else the adapter's base_model_name_or_path).")
+    p.add_argument(
+        "--base-model",
+        metavar="DIR",
+        help="Base model directory (default: from the run's config, else the adapter's base_model_name_or_path).",
+    )
     p.add_argument("--against-base-model", metavar="DIR", help="Base model of --against (default: --base-model).")
     p.add_argument("--out", metavar="DIR", help="Where to write the report and plots (default: RUN_DIR/analysis).")
-    p.add_argument("--tol", type=_rtol, default=None, metavar="RTOL",
-                   help="Relative rank tolerance: singular values > RTOL * sigma_max count (default: "
-                   "max(m, n) * eps of float32).")
-    p.add_argument("--smoothing", type=_smoothing, default=5, metavar="S",
-                   help="Loss smoothing, the same for every run: int = centred moving-average window in logged "
-                   "points, float in [0, 1) = EMA weight, 'none' (default: 5).")
+    p.add_argument(
+        "--tol",
+        type=_rtol,
+        default=None,
+        metavar="RTOL",
+        help="Relative rank tolerance: singular values > RTOL * sigma_max count (default: max(m, n) * eps of float32).",
+    )
+    p.add_argument(
+        "--smoothing",
+        type=_smoothing,
+        default=5,
+        metavar="S",
+        help="Loss smoothing, the same for every run: int = centred moving-average window in logged "
+        "points, float in [0, 1) = EMA weight, 'none' (default: 5).",
+    )
     p.add_argument("--seed", type=int, default=0, help="Seed of the random control matrices (default: 0).")
     p.add_argument("--no-plots", action="store_true", help="Skip the PNG plots.")
     p.add_argument("--overwrite", action="store_true", help="Replace an existing report in --out.")

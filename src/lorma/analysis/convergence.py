@@ -50,8 +50,7 @@ def _validate_curve(steps: Sequence[float], losses: Sequence[float], what: str) 
         raise ValueError(f"{what}: non-finite value at point {bad} (step {steps[bad]}, loss {losses[bad]})")
     if np.any(np.diff(x) <= 0):
         bad = int(np.flatnonzero(np.diff(x) <= 0)[0]) + 1
-        raise ValueError(f"{what}: steps must increase strictly; step {x[bad]:g} at point {bad} follows "
-                         f"{x[bad - 1]:g}")
+        raise ValueError(f"{what}: steps must increase strictly; step {x[bad]:g} at point {bad} follows {x[bad - 1]:g}")
     return x, y
 
 

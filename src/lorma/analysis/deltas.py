@@ -111,9 +111,7 @@ def resolve_base_model(adapter_dir: str | os.PathLike[str], base_model: str | No
             raise ValueError(f"{adapter_dir}: the adapter does not record its base model; pass --base-model DIR")
         source, path = f"{adapter_dir}/adapter_config.json (base_model_name_or_path)", recorded
     if not Path(path).is_dir():
-        raise FileNotFoundError(
-            f"base model {path!r} (from {source}) is not a local directory; pass --base-model DIR"
-        )
+        raise FileNotFoundError(f"base model {path!r} (from {source}) is not a local directory; pass --base-model DIR")
     return str(path)
 
 

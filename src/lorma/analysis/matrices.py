@@ -217,9 +217,7 @@ def compare_matrices(
     )
 
 
-def random_control(
-    shape: tuple[int, int], norm: float, seed: int = 0, dtype: type = np.float64
-) -> np.ndarray:
+def random_control(shape: tuple[int, int], norm: float, seed: int = 0, dtype: type = np.float64) -> np.ndarray:
     """A Gaussian matrix of the given shape scaled to Frobenius norm ``norm`` (seeded, reproducible)."""
     if norm < 0:
         raise ValueError(f"norm must be >= 0, got {norm}")

@@ -77,7 +77,10 @@ def plot_singular_values(
         for j, (_, svals) in enumerate(sorted(modules.items())):
             values = np.maximum(np.asarray(svals, dtype=float), np.finfo(float).tiny)
             ax.semilogy(
-                np.arange(1, values.size + 1), values, color=colours[i % len(colours)], alpha=0.4,
+                np.arange(1, values.size + 1),
+                values,
+                color=colours[i % len(colours)],
+                alpha=0.4,
                 label=run if j == 0 else None,
             )
     ax.set_xlabel("index i")
@@ -101,14 +104,19 @@ def plot_loss_curves(
         ax.plot(steps, smooth(losses, smoothing), label=name)
     if table:
         first = next(iter(table.values()))
-        ax.axhline(first["reference_min_loss"], color="k", linestyle=":", linewidth=1,
-                   label=f"{first['reference']} minimum")
+        ax.axhline(
+            first["reference_min_loss"], color="k", linestyle=":", linewidth=1, label=f"{first['reference']} minimum"
+        )
         for name, row in table.items():
             if row.get("steps_to_ref_min") is not None and name != first["reference"] and row.get("speedup"):
                 ax.plot(row["steps_to_ref_min"], first["reference_min_loss"], "kv")
-                ax.annotate(f"{name}: {row['speedup']:.2f}x (step {row['steps_to_ref_min']:g})",
-                            (row["steps_to_ref_min"], first["reference_min_loss"]),
-                            textcoords="offset points", xytext=(4, 8), fontsize="small")
+                ax.annotate(
+                    f"{name}: {row['speedup']:.2f}x (step {row['steps_to_ref_min']:g})",
+                    (row["steps_to_ref_min"], first["reference_min_loss"]),
+                    textcoords="offset points",
+                    xytext=(4, 8),
+                    fontsize="small",
+                )
     ax.set_xlabel("training step")
     ax.set_ylabel("training loss" + (f" (smoothing {smoothing})" if smoothing not in (None, 0, 1) else ""))
     ax.set_title("Training loss")

@@ -127,12 +127,16 @@ def analyze(
     run = read_run(run_dir)
     other = read_run(against) if against is not None else None
     result: dict[str, Any] = {
-        "run": {"path": str(run.path), "label": run.label, "notes": run.notes,
-                "loss_log": str(run.loss_source) if run.loss_source else None},
+        "run": {
+            "path": str(run.path),
+            "label": run.label,
+            "notes": run.notes,
+            "loss_log": str(run.loss_source) if run.loss_source else None,
+        },
         "tolerance": {
             "rtol": rtol,
             "rule": "rank = #singular values > rtol * sigma_max; rtol default max(m, n) * eps of the matrix's "
-                    "dtype (float32 here)",
+            "dtype (float32 here)",
         },
         "smoothing": smoothing,
     }
@@ -148,21 +152,24 @@ def analyze(
     if run.rank_log is not None:
         result["rank_log"] = _rank_log_summary(run.rank_log)
     if other is not None:
-        result["against"] = {"path": str(other.path), "label": other.label, "notes": other.notes,
-                             "loss_log": str(other.loss_source) if other.loss_source else None}
+        result["against"] = {
+            "path": str(other.path),
+            "label": other.label,
+            "notes": other.notes,
+            "loss_log": str(other.loss_source) if other.loss_source else None,
+        }
         if measured is not None and other.adapter_dir is not None:
             ref, ref_base = _measure_model(other, against_base_model or base_model, rtol)
             result["against"]["base_model"] = ref_base
             result["against"]["modules"] = ref["modules"]
             result["comparison"] = _compare(measured["arrays"], ref["arrays"], seed)
             result["summary"]["comparison"] = {
-                series: {m: summarise({k: v[series][m] for k, v in result["comparison"].items()})
-                         for m in _COMPARE_METRICS}
+                series: {
+                    m: summarise({k: v[series][m] for k, v in result["comparison"].items()}) for m in _COMPARE_METRICS
+                }
                 for series in ("run", "control")
             }
-            result["summary"]["against_delta_rank"] = summarise(
-                {k: v["delta_rank"] for k, v in ref["modules"].items()}
-            )
+            result["summary"]["against_delta_rank"] = summarise({k: v["delta_rank"] for k, v in ref["modules"].items()})
         else:
             ref = None
         curves = {}
@@ -176,9 +183,13 @@ def analyze(
         if run.loss_curve:
             steps, losses = run.loss_curve
             curves = {run.label: run.loss_curve}
-            result["convergence"] = {run.label: {"auc": loss_auc(steps, losses, smoothing),
-                                                 "min_loss": float(smooth(losses, smoothing).min()),
-                                                 "last_step": steps[-1]}}
+            result["convergence"] = {
+                run.label: {
+                    "auc": loss_auc(steps, losses, smoothing),
+                    "min_loss": float(smooth(losses, smoothing).min()),
+                    "last_step": steps[-1],
+                }
+            }
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -245,23 +256,38 @@ def _plots(
             label = other.label if other.label != run.label else f"{other.label} (against)"
             ranks[label] = {k: v.get("delta_rank") for k, v in ref["modules"].items()}
             spectra[label] = {k: v["svals"] for k, v in ref["arrays"].items()}
-        written.append(plots.plot_module_bars(ranks, out / "delta_rank.png", "numerical rank of delta W",
-                                              "Rank of delta W = W - W0 per module"))
+        written.append(
+            plots.plot_module_bars(
+                ranks, out / "delta_rank.png", "numerical rank of delta W", "Rank of delta W = W - W0 per module"
+            )
+        )
         written.append(plots.plot_singular_values(spectra, out / "delta_spectra.png"))
     if "rank_log" in result:
-        written.append(plots.plot_rank_over_steps(result["rank_log"]["records"], out / "rank_over_steps.png",
-                                                  f"Rank of I(BA) during training: {run.label}"))
+        written.append(
+            plots.plot_rank_over_steps(
+                result["rank_log"]["records"],
+                out / "rank_over_steps.png",
+                f"Rank of I(BA) during training: {run.label}",
+            )
+        )
     if curves:
-        written.append(plots.plot_loss_curves(curves, out / "loss_curves.png", result.get("convergence")
-                                              if other is not None else None, smoothing))
+        written.append(
+            plots.plot_loss_curves(
+                curves, out / "loss_curves.png", result.get("convergence") if other is not None else None, smoothing
+            )
+        )
     if "comparison" in result:
         comp = result["comparison"]
-        for metric, fname, log in (("frobenius_distance", "comparison_frobenius.png", True),
-                                   ("cosine", "comparison_cosine.png", False),
-                                   ("angle_first", "comparison_angle.png", False)):
+        for metric, fname, log in (
+            ("frobenius_distance", "comparison_frobenius.png", True),
+            ("cosine", "comparison_cosine.png", False),
+            ("angle_first", "comparison_angle.png", False),
+        ):
             values = {series: {m: comp[m][series][metric] for m in comp} for series in ("run", "control")}
-            values = {f"{run.label} vs {other.label}" if s == "run" else f"random vs {other.label}": v
-                      for s, v in values.items()}
+            values = {
+                f"{run.label} vs {other.label}" if s == "run" else f"random vs {other.label}": v
+                for s, v in values.items()
+            }
             written.append(plots.plot_module_bars(values, out / fname, metric, f"delta W: {metric}", log=log))
     return written
 
@@ -298,8 +324,11 @@ def format_report(result: dict[str, Any]) -> str:
         out.append(f"against: {result['against']['path']} ({result['against']['label']})")
     for note in result["run"].get("notes", []):
         out.append(f"note: {note}")
-    out.append("rank tolerance: " + result["tolerance"]["rule"]
-               + (f"; given rtol = {result['tolerance']['rtol']}" if result["tolerance"]["rtol"] is not None else ""))
+    out.append(
+        "rank tolerance: "
+        + result["tolerance"]["rule"]
+        + (f"; given rtol = {result['tolerance']['rtol']}" if result["tolerance"]["rtol"] is not None else "")
+    )
     if "modules" in result:
         rows = []
         for name, m in sorted(result["modules"].items()):
@@ -309,56 +338,121 @@ def format_report(result: dict[str, Any]) -> str:
             t_rank = ", ".join(f"{t['rank']}/{t['d']}" for t in transform.values()) or None
             t_cond = max((t["cond"] for t in transform.values()), default=None)
             ref = result.get("against", {}).get("modules", {}).get(name)
-            row = [name, m["method"] + (f"-{m['inflation']}" if m.get("inflation") else ""), m["r"],
-                   f"{m['delta_rank']}/{m['delta_size']}", ref and f"{ref['delta_rank']}/{ref['delta_size']}",
-                   m["delta_norm"], m["delta_sv"]["sigma_max"], t_rank, t_cond]
+            row = [
+                name,
+                m["method"] + (f"-{m['inflation']}" if m.get("inflation") else ""),
+                m["r"],
+                f"{m['delta_rank']}/{m['delta_size']}",
+                ref and f"{ref['delta_rank']}/{ref['delta_size']}",
+                m["delta_norm"],
+                m["delta_sv"]["sigma_max"],
+                t_rank,
+                t_cond,
+            ]
             rows.append(row if "against" in result else row[:4] + row[5:])
-        headers = ["module", "method", "r", "rank dW", "rank dW (against)", "|dW|_F", "s_max dW", "rank I(BA)",
-                   "cond I(BA)"]
-        out += ["", "Per module: rank of delta W = W - W0 (Table 15) and of the final I(BA)",
-                _table(headers if "against" in result else headers[:4] + headers[5:], rows)]
+        headers = [
+            "module",
+            "method",
+            "r",
+            "rank dW",
+            "rank dW (against)",
+            "|dW|_F",
+            "s_max dW",
+            "rank I(BA)",
+            "cond I(BA)",
+        ]
+        out += [
+            "",
+            "Per module: rank of delta W = W - W0 (Table 15) and of the final I(BA)",
+            _table(headers if "against" in result else headers[:4] + headers[5:], rows),
+        ]
     if "comparison" in result:
         rows = []
         for name, c in sorted(result["comparison"].items()):
             for series in ("run", "control"):
                 v = c[series]
-                rows.append([name if series == "run" else "", "delta W" if series == "run" else "random control",
-                             v["frobenius_distance"], v["cosine"], v["sv_sq_diff"], v["eig_sq_diff"],
-                             v["angle_first"], v["angle_largest"]])
-        out += ["", f"Per module: delta W against {result['against']['label']}'s delta W (Table 9; r = the "
-                f"reference's rank; angles in radians between top-r left singular spaces)",
-                _table(["module", "matrix", "|X-Y|_F (low)", "cos (high)", "top-r sv sq diff (low)",
-                        "top-r |eig| sq diff (low)", "first angle (low)", "largest angle"], rows)]
+                rows.append(
+                    [
+                        name if series == "run" else "",
+                        "delta W" if series == "run" else "random control",
+                        v["frobenius_distance"],
+                        v["cosine"],
+                        v["sv_sq_diff"],
+                        v["eig_sq_diff"],
+                        v["angle_first"],
+                        v["angle_largest"],
+                    ]
+                )
+        out += [
+            "",
+            f"Per module: delta W against {result['against']['label']}'s delta W (Table 9; r = the "
+            f"reference's rank; angles in radians between top-r left singular spaces)",
+            _table(
+                [
+                    "module",
+                    "matrix",
+                    "|X-Y|_F (low)",
+                    "cos (high)",
+                    "top-r sv sq diff (low)",
+                    "top-r |eig| sq diff (low)",
+                    "first angle (low)",
+                    "largest angle",
+                ],
+                rows,
+            ),
+        ]
     if "rank_log" in result:
-        rows = [[k, v["d"], v["min_rank"], v["final_rank"], v["final_step"], v["final_cond"], v["steps"]]
-                for k, v in sorted(result["rank_log"]["modules"].items())]
-        out += ["", "Rank of I(BA) during training (Fig. 7, from rank_log.jsonl)",
-                _table(["module", "d", "min rank", "final rank", "final step", "final cond", "records"], rows)]
+        rows = [
+            [k, v["d"], v["min_rank"], v["final_rank"], v["final_step"], v["final_cond"], v["steps"]]
+            for k, v in sorted(result["rank_log"]["modules"].items())
+        ]
+        out += [
+            "",
+            "Rank of I(BA) during training (Fig. 7, from rank_log.jsonl)",
+            _table(["module", "d", "min rank", "final rank", "final step", "final cond", "records"], rows),
+        ]
     if "convergence" in result:
-        rows = [[k, v.get("auc"), v.get("auc_decrease_pct"), v.get("min_loss"), v.get("steps_to_ref_min"),
-                 v.get("speedup")] for k, v in result["convergence"].items()]
+        rows = [
+            [k, v.get("auc"), v.get("auc_decrease_pct"), v.get("min_loss"), v.get("steps_to_ref_min"), v.get("speedup")]
+            for k, v in result["convergence"].items()
+        ]
         first = next(iter(result["convergence"].values()), {})
-        ref_note = (f" against {first['reference']} (its smoothed minimum {_fmt(first['reference_min_loss'])} at step "
-                    f"{_fmt(first['reference_min_step'])}; AUC up to step {_fmt(first['auc_max_step'])})"
-                    if "reference" in first else "")
-        out += ["", f"Convergence (Table 5, Fig. 6; smoothing {result['smoothing']}){ref_note}",
-                _table(["run", "loss AUC", "% AUC decrease", "min loss", "step at ref min", "speedup"], rows)]
+        ref_note = (
+            f" against {first['reference']} (its smoothed minimum {_fmt(first['reference_min_loss'])} at step "
+            f"{_fmt(first['reference_min_step'])}; AUC up to step {_fmt(first['auc_max_step'])})"
+            if "reference" in first
+            else ""
+        )
+        out += [
+            "",
+            f"Convergence (Table 5, Fig. 6; smoothing {result['smoothing']}){ref_note}",
+            _table(["run", "loss AUC", "% AUC decrease", "min loss", "step at ref min", "speedup"], rows),
+        ]
     summary = result.get("summary", {})
     if summary:
         out += ["", "Summary over modules (mean [min, max])"]
         s = summary["delta_rank"]
-        out.append(f"  rank of delta W ({result['run']['label']}): {_fmt(s['mean'])} [{_fmt(s['min'])}, "
-                   f"{_fmt(s['max'])}] over {s['n']} modules")
+        out.append(
+            f"  rank of delta W ({result['run']['label']}): {_fmt(s['mean'])} [{_fmt(s['min'])}, "
+            f"{_fmt(s['max'])}] over {s['n']} modules"
+        )
         if "against_delta_rank" in summary:
             s = summary["against_delta_rank"]
-            out.append(f"  rank of delta W ({result['against']['label']}): {_fmt(s['mean'])} [{_fmt(s['min'])}, "
-                       f"{_fmt(s['max'])}]")
+            out.append(
+                f"  rank of delta W ({result['against']['label']}): {_fmt(s['mean'])} [{_fmt(s['min'])}, "
+                f"{_fmt(s['max'])}]"
+            )
         if "comparison" in summary:
             rows = []
             for metric in _COMPARE_METRICS:
                 r_, c_ = summary["comparison"]["run"][metric], summary["comparison"]["control"][metric]
-                rows.append([metric, f"{_fmt(r_['mean'])} [{_fmt(r_['min'])}, {_fmt(r_['max'])}]",
-                             f"{_fmt(c_['mean'])} [{_fmt(c_['min'])}, {_fmt(c_['max'])}]"])
+                rows.append(
+                    [
+                        metric,
+                        f"{_fmt(r_['mean'])} [{_fmt(r_['min'])}, {_fmt(r_['max'])}]",
+                        f"{_fmt(c_['mean'])} [{_fmt(c_['min'])}, {_fmt(c_['max'])}]",
+                    ]
+                )
             out.append(_table(["metric", "delta W vs reference", "random control vs reference"], rows))
     if result.get("plots"):
         out += ["", "plots: " + ", ".join(result["plots"])]

@@ -205,8 +205,9 @@ def read_run(run_dir: str | Path) -> RunInfo:
     metrics = _read_json(metrics_path) if metrics_path.is_file() else None
     loss = read_loss_curve(path)
     # ``lorma train --track-rank`` writes it under rank/; a bare RankTrackingCallback into its output_dir
-    rank_log = next((p for p in (path / RANK_LOG_NAME, path / "rank" / RANK_LOG_NAME) if p.is_file()),
-                    path / RANK_LOG_NAME)
+    rank_log = next(
+        (p for p in (path / RANK_LOG_NAME, path / "rank" / RANK_LOG_NAME) if p.is_file()), path / RANK_LOG_NAME
+    )
     if adapter_dir is None:
         notes.append("no saved adapter (adapter_config.json) found")
     if loss is None:
