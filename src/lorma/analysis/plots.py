@@ -46,22 +46,38 @@ def _short(name: str) -> str:
 
 
 def plot_rank_over_steps(records: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], title: str = "") -> Path:
-    """Fig. 7: numerical rank of every I(BA) against the step, with the full rank d as a dashed line."""
-    fig, ax = _figure()
-    series: dict[str, list[tuple[float, float]]] = {}
+    """Fig. 7: numerical rank of every I(BA) against the step (dashed: full rank d), and its condition number.
+
+    The rank of an inflated transform often sits at d throughout, so the second panel shows how far
+    from singular it is (sigma_max / sigma_min, log scale), which the rank alone cannot.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax_cond) = plt.subplots(1, 2, figsize=(12.0, 4.5))
+    series: dict[str, list[tuple[float, float, float]]] = {}
     dims: set[int] = set()
     for rec in records:
         key = rec["module"] + (f"[{rec['part']}]" if rec.get("part") is not None else "")
-        series.setdefault(key, []).append((float(rec["step"]), float(rec["rank"])))
+        cond = float(rec.get("cond", float("nan")))
+        series.setdefault(key, []).append((float(rec["step"]), float(rec["rank"]), cond))
         dims.add(int(rec.get("d", rec.get("size", 0))))
     for key, points in sorted(series.items()):
         points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=_short(key), alpha=0.8)
+        steps = [p[0] for p in points]
+        ax.plot(steps, [p[1] for p in points], marker=".", label=_short(key), alpha=0.8)
+        ax_cond.plot(steps, [p[2] if np.isfinite(p[2]) else np.nan for p in points], marker=".", alpha=0.8)
     for d in sorted(dims):
         ax.axhline(d, color="k", linestyle="--", linewidth=0.8)
     ax.set_xlabel("training step")
     ax.set_ylabel("numerical rank of I(BA)")
     ax.set_title(title or "Rank of I(BA) during training (dashed: full rank d)")
+    ax_cond.set_yscale("log")
+    ax_cond.set_xlabel("training step")
+    ax_cond.set_ylabel("condition number of I(BA)")
+    ax_cond.set_title("sigma_max / sigma_min (infinite values not drawn)")
     if len(series) <= 24:
         ax.legend(fontsize="x-small", ncol=3)
     return _save(fig, path)
