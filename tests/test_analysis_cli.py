@@ -259,3 +259,21 @@ def test_loss_readers(tmp_path: Path) -> None:
     (tmp_path / "config.yaml").write_text("method: lorma-plus\nside: post\nmodel: /some/base\n")
     info = read_run(tmp_path)
     assert info.label == "lorma-plus-post" and info.base_model_hint == "/some/base" and info.adapter_dir is None
+
+
+def test_untrained_lora_adapter_gives_zero_rank_and_strict_json(runs: dict[str, Path], tmp_path: Path) -> None:
+    """LoRA at initialisation (B = 0): delta W = 0, rank 0, infinite condition number written as a string."""
+    adapter = tmp_path / "lora0"
+    peft.get_peft_model(_base(), peft.LoraConfig(r=R, target_modules=["query"], task_type="SEQ_CLS")).save_pretrained(
+        adapter
+    )
+    out = tmp_path / "report"
+    assert main(["analyze", str(adapter), "--base-model", str(runs["base"]), "--out", str(out), "--no-plots"]) == 0
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"non-standard JSON constant {constant}")
+
+    result = json.loads((out / "analysis.json").read_text(), parse_constant=refuse)
+    mod = result["modules"][MODULE]
+    assert mod["delta_rank"] == 0 and mod["delta_norm"] == 0.0
+    assert mod["delta_sv"]["cond"] == "inf"

@@ -43,10 +43,21 @@ OUTPUT_NAMES = (
 _COMPARE_METRICS = ("frobenius_distance", "cosine", "sv_sq_diff", "eig_sq_diff", "angle_first", "angle_largest")
 
 
+def _strict_json(value: Any) -> Any:
+    """JSON has no inf / nan: write them as the strings "inf", "-inf", "nan" (``float()`` reads them back)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    return value
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to a temporary file in the same directory, then ``os.replace`` it into place."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, allow_nan=True) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(_strict_json(data), indent=2, allow_nan=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
 
