@@ -34,7 +34,7 @@ DEMO_SETTINGS: dict[str, Any] = {
     "methods": "lora,lorma-plus,lorma-pi",
     "seeds": 2,
     "training": {
-        "max_steps": 100,
+        "max_steps": 80,
         "learning_rate": 2e-3,
         "per_device_train_batch_size": 16,
         "per_device_eval_batch_size": 128,
