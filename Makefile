@@ -18,8 +18,8 @@ $(PY):
 WORDNET := /usr/share/wordnet/data.noun
 $(WORDNET):
 	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-	$$SUDO apt-get install -y -q wordnet-base >/dev/null 2>&1 || \
-	{ $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q wordnet-base >/dev/null; }
+	$$SUDO apt-get install -y -q --no-install-recommends wordnet-base >/dev/null 2>&1 || \
+	{ $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q --no-install-recommends wordnet-base >/dev/null; }
 
 $(STAMP): $(PY) pyproject.toml requirements-lock.txt | $(WORDNET)
 	$(PIP) install -q --upgrade pip
