@@ -44,12 +44,66 @@ def quantized_kind(module: nn.Module) -> str | None:
     return None
 
 
+def unpack_cpu_inference_layout(base: nn.Module) -> None:
+    """Undo bitsandbytes' CPU inference repacking of a 4-bit weight, in place, if it happened.
+
+    On CPUs with AVX512-BF16, the first eval-mode, no-grad forward of a ``Linear4bit`` repacks its weight for a
+    faster kernel; from then on its output is cut from autograd (no gradient reaches the layer's input, so no
+    adapter before it would train) and the bytes are no longer what ``dequantize_4bit`` reads. bitsandbytes'
+    own inverse (``_convert_weight_packed_for_cpu_inverse``) was measured here to give a weight 60% off on
+    SmolLM2's q_proj, so it is not used: the packed kernel itself is exact, so the layer is applied to the
+    identity to read ``W0`` back, and ``W0`` is quantized again in the normal layout. The result equals the
+    original up to the bf16 rounding of the block scales that the repacking itself applied (0.3% measured).
+    """
+    state = getattr(getattr(base, "weight", None), "quant_state", None)
+    if state is None or not getattr(state, "packing_format_for_cpu", False):
+        return
+    d_in = base.in_features
+    with torch.no_grad():
+        eye = torch.eye(d_in, dtype=state.dtype, device=base.weight.device)
+        columns = type(base).forward(base, eye)  # row j = W0 e_j + b (bypassing hooks: this runs inside one)
+        if base.bias is not None:
+            columns = columns - base.bias.to(columns.dtype)
+        weight = columns.T.float().contiguous()
+    base.weight = quantize_like(base, weight)
+
+
+def _autograd_path_hook(module: nn.Module, args: Any) -> None:
+    """Forward pre-hook: keep a ``Linear4bit`` in the layout that has autograd (and that merging can read)."""
+    module.support_avx512bf16_for_cpu = False
+    unpack_cpu_inference_layout(module)
+
+
+def keep_autograd_path(model: nn.Module) -> int:
+    """Hook every bitsandbytes ``Linear4bit`` of ``model`` (adapted or not) so that training reaches all adapters.
+
+    A frozen 4-bit layer that was repacked for CPU inference passes no gradient to its input, which would
+    silently stop training of every adapter before it (see :func:`unpack_cpu_inference_layout`). With the hook,
+    every forward uses bitsandbytes' autograd-capable layout (restoring it first if the weight was repacked
+    before the adapter was added); the price is bitsandbytes' CPU inference kernel, not used in such a model.
+    Returns the number of layers hooked (idempotent).
+    """
+    if not is_bnb_available():
+        return 0
+    import bitsandbytes as bnb
+
+    hooked = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and not getattr(module, "_lorma_hooked", False):
+            module.register_forward_pre_hook(_autograd_path_hook)
+            module._lorma_hooked = True
+            hooked += 1
+    return hooked
+
+
 def dequantized_weight(base: nn.Module) -> torch.Tensor:
     """``W0`` of a bitsandbytes layer in fp32, ``nn.Linear`` layout ``(d_out, d_in)``."""
     from peft.utils.integrations import dequantize_bnb_weight
 
     weight = base.weight
     if quantized_kind(base) == "4bit":
+        unpack_cpu_inference_layout(base)
+        weight = base.weight
         return dequantize_bnb_weight(weight, state=weight.quant_state).float()
     state = base.state
     if state.SCB is None:

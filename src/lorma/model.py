@@ -91,6 +91,12 @@ class LormaModel(BaseTuner):
             )
         return Linear(target, adapter_name, module_name=module_name, fan_in_fan_out=fan_in_fan_out, **kwargs)
 
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        super()._mark_only_adapters_as_trainable(model)
+        from .bnb import keep_autograd_path
+
+        keep_autograd_path(model)  # QLoRMA: no frozen 4-bit layer may cut the gradient on the CPU
+
     def merge_and_unload(
         self,
         progressbar: bool = False,
