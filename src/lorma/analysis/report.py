@@ -351,7 +351,9 @@ def format_report(result: dict[str, Any]) -> str:
             ref = result.get("against", {}).get("modules", {}).get(name)
             row = [
                 name,
-                m["method"] + (f"-{m['inflation']}" if m.get("inflation") else ""),
+                m["method"]
+                + (f"-{m['inflation']}" if m.get("inflation") else "")
+                + ("-post" if m.get("side") == "post" else ""),
                 m["r"],
                 f"{m['delta_rank']}/{m['delta_size']}",
                 ref and f"{ref['delta_rank']}/{ref['delta_size']}",
