@@ -170,6 +170,14 @@ def plot_loss_curves(curves: dict[str, list[tuple[list[int], list[float]]]], pat
     tmp.replace(path)
 
 
+def short_name(model: str | None) -> str:
+    """A model name short enough for a plot title: a hub name as is, a path by its last two parts."""
+    if not model:
+        return "?"
+    parts = Path(model).parts
+    return "/".join(parts[-2:]) if Path(model).exists() else model
+
+
 def check_compare_output(output_dir: str | None, methods: list[str], overwrite: bool) -> Path:
     """Refuse to write over an earlier comparison unless ``overwrite``."""
     if not output_dir:
@@ -220,6 +228,6 @@ def run_compare(
     if is_main_process():
         atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
         atomic_write_text(out / "results.md", format_markdown(results))
-        plot_loss_curves(curves, out / "loss_curves.png", f"{results['task']}: training loss ({cfg.model})")
+        plot_loss_curves(curves, out / "loss_curves.png", f"{results['task']}: training loss ({short_name(cfg.model)})")
     results["plot"] = str(out / "loss_curves.png")
     return results
