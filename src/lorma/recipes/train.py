@@ -183,7 +183,9 @@ def _training_arguments(cfg: RunConfig, out: Path, has_eval: bool, task: Any) ->
     kwargs.setdefault("save_total_limit", 2)
     # Trainer hides its bars when transformers' log level is above WARN (we quiet its load-time chatter)
     kwargs.setdefault("disable_tqdm", False)
-    if "report_to" not in cfg.training:
+    if "report_to" in cfg.training and kwargs.get("report_to") is None:
+        kwargs["report_to"] = "none"  # `report_to: none` reads as YAML/flag null; Trainer wants the word
+    elif "report_to" not in cfg.training:
         try:
             import tensorboard  # noqa: F401
 
@@ -238,7 +240,7 @@ def _best_eval(log_history: list[dict[str, Any]]) -> dict[str, float]:
                 continue
             if isinstance(value, float) and math.isnan(value):
                 continue
-            if key.endswith("mse"):  # lower is better
+            if key.endswith(("mse", "_ter")):  # lower is better
                 best[key] = min(best.get(key, math.inf), float(value))
             else:
                 best[key] = max(best.get(key, -math.inf), float(value))
