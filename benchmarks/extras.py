@@ -59,8 +59,9 @@ def flop_section() -> str:
         "- pi(BA) is full rank, so any exact application costs `~ d^2` per token or `d^2 d_other` per step: at "
         "d = d_in = d_out it adds from 0.5x to 1.5x of the adapted module's base cost. Whole-model ratios are "
         "lower because only q and v are adapted. The FFT form (`lorma.functional.apply_pi_fft`, "
-        "`O(n r d log d)`) needs fewer flops at large d but ran 2-5x slower than the dense GEMM on this CPU "
-        "at d = 384..4096 (2048 tokens, measured while building it), so it is used only to bound memory: "
+        "`O(n r d log d)`) needs fewer flops at large d but ran 1.06x to 2.3x slower than the dense form on "
+        "this CPU at d = 384..4096 (2048 tokens, forward + backward; `benchmarks/fft_vs_dense.md`, written by "
+        "`python -m benchmarks.fft_vs_dense`), so it is used only to bound memory: "
         "above `lorma.functional.DENSE_BYTES_LIMIT` (256 MiB, d > 8192; LLaMA-3-8B up/gate on the pre side, "
         "d = 14336) pi runs through it in token chunks under activation checkpointing, at most "
         "`FFT_CHUNK_BYTES` (64 MiB) of working memory per module, and no d x d matrix is built.",

@@ -98,8 +98,8 @@ def minilm_workload(batch_size: int = 16, seq_len: int = 128) -> Workload:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, model.config.vocab_size, (batch_size, seq_len), generator=g)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    return Workload("all-MiniLM-L6-v2 (query, value)", model, batch, _hidden_loss, ["query", "value"],
-                    tokens=batch_size * seq_len)
+    name = f"all-MiniLM-L6-v2 (query, value; {batch_size} x {seq_len} tokens)"
+    return Workload(name, model, batch, _hidden_loss, ["query", "value"], tokens=batch_size * seq_len)
 
 
 def smollm2_workloads(cache_root: Path, batch_size: int, seq_len: int) -> list[Workload]:
@@ -107,10 +107,11 @@ def smollm2_workloads(cache_root: Path, batch_size: int, seq_len: int) -> list[W
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), generator=g)
     batch = {"input_ids": ids}
+    shape = f"{batch_size} x {seq_len} tokens"
     return [
-        Workload("SmolLM2-135M (q_proj, v_proj)", model, batch, _lm_loss, ["q_proj", "v_proj"],
+        Workload(f"SmolLM2-135M (q_proj, v_proj; {shape})", model, batch, _lm_loss, ["q_proj", "v_proj"],
                  tokens=batch_size * seq_len),
-        Workload("SmolLM2-135M (all linear)", model, batch, _lm_loss, LLAMA_ALL_LINEAR,
+        Workload(f"SmolLM2-135M (all linear; {shape})", model, batch, _lm_loss, LLAMA_ALL_LINEAR,
                  tokens=batch_size * seq_len),
     ]
 
@@ -123,7 +124,8 @@ def gpt2_medium_workload(n_layer: int, batch_size: int, seq_len: int) -> Workloa
     model = GPT2LMHeadModel(cfg)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (batch_size, seq_len), generator=g)
-    return Workload(f"GPT-2-medium-shaped, {n_layer} of 24 layers (c_attn q, v)", model, {"input_ids": ids},
+    name = f"GPT-2-medium-shaped, {n_layer} of 24 layers (c_attn q, v; {batch_size} x {seq_len} tokens)"
+    return Workload(name, model, {"input_ids": ids},
                     _lm_loss, ["c_attn"], fused_parts={"c_attn": (3, [0, 2])}, tokens=batch_size * seq_len)
 
 

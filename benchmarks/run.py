@@ -21,6 +21,18 @@ import torch
 
 from . import harness as H
 
+LAYER_NOTE = (
+    "One `nn.Linear(d, d)` with bias; the loss is the mean square of its output and its input needs no gradient "
+    "(as for a first layer), so LoRA pays the base forward only and the ratios here are upper bounds of what the "
+    "same layer costs inside a model, where every method also pays the input gradient. Steps under ~10 ms are "
+    "at the resolution of a shared 2-core machine: read the d >= 1024 rows."
+)
+NOISE_NOTE = (
+    "- Noise: the machine was shared with other jobs during the run (load average above); with 3 rounds, ratios "
+    "within about +-0.1 of each other are not distinguishable, and a ratio well below 1.00 for a method that "
+    "does strictly more work than LoRA (e.g. `ref-table11-plus`) measures the noise."
+)
+
 GOALS = {
     "plus_time": 1.00,
     "plus_mem": 1.05,
@@ -255,6 +267,7 @@ def render(results: dict[str, Any], extras: dict[str, str], argv: list[str], rou
         "Table 11 ordering (LoRMA+ computes W0 x twice; LoRMA_pi applies the built s pi(BA) to W0 x); "
         "`ref-released-*` is the released code's ordering (the whole adapted weight I(BA) W0 is built every "
         "forward). Both use a d x d int64 gather index for pi, as the released code does.",
+        NOISE_NOTE,
         "",
     ]
     if results["models"]:
@@ -265,7 +278,7 @@ def render(results: dict[str, Any], extras: dict[str, str], argv: list[str], rou
     if results["sweep"]:
         tokens = results.get("sweep_tokens")
         parts += [f"## Single layers, d = {min(results['sweep'])}..{max(results['sweep'])}, {tokens} tokens", "",
-                  f"![cost against LoRA]({png.name})", ""]
+                  f"![cost against LoRA]({png.name})", "", LAYER_NOTE, ""]
         for d, rows in results["sweep"].items():
             parts += [f"### Linear {d} x {d}", "", table(rows), ""]
         if 1024 in results["sweep"]:
