@@ -101,43 +101,43 @@ def test_multiple_adapters(tiny_bert) -> None:
     ids = torch.randint(0, 120, (2, 8))
     with torch.no_grad():
         base_out = tiny_bert(input_ids=ids).last_hidden_state
-    model = get_peft_model(tiny_bert, LormaConfig(r=4, inflation="plus", init_weights=False), adapter_name="a")
-    model.add_adapter("b", LormaConfig(r=2, inflation="pi", side="post", init_weights=False))
+    model = get_peft_model(tiny_bert, LormaConfig(r=4, inflation="plus", init_weights=False), adapter_name="one")
+    model.add_adapter("two", LormaConfig(r=2, inflation="pi", side="post", init_weights=False))
     layer = model.base_model.model.encoder.layer[0].attention.self.query
-    assert set(layer.lorma_A) == {"a", "b"}
-    assert layer.lorma_A["b"].shape == (2, 32)
+    assert set(layer.lorma_A) == {"one", "two"}
+    assert layer.lorma_A["two"].shape == (2, 32)
     # only the active adapter trains
-    assert layer.lorma_A["a"].requires_grad and not layer.lorma_A["b"].requires_grad
+    assert layer.lorma_A["one"].requires_grad and not layer.lorma_A["two"].requires_grad
 
     x = torch.randn(3, 32)
-    model.set_adapter("b")
-    assert layer.lorma_A["b"].requires_grad and not layer.lorma_A["a"].requires_grad
-    assert rel_err(layer(x), dense_forward(layer, "b", x)) < 1e-5
+    model.set_adapter("two")
+    assert layer.lorma_A["two"].requires_grad and not layer.lorma_A["one"].requires_grad
+    assert rel_err(layer(x), dense_forward(layer, "two", x)) < 1e-5
     with torch.no_grad():
         out_b = model(input_ids=ids).last_hidden_state
     with model.disable_adapter(), torch.no_grad():
         assert torch.equal(model(input_ids=ids).last_hidden_state, base_out)
 
-    # both active compose as merging them in order does: W = W0 I_b applied after I_a W0, i.e. I_a W0 I_b
-    model.base_model.set_adapter(["a", "b"])
+    # both active compose as merging them in order does: W = W0 I_two applied after I_one W0, i.e. I_one W0 I_two
+    model.base_model.set_adapter(["one", "two"])
     W0 = linear_weight(layer).double()
-    Ma = reference_inflation(layer.lorma_A["a"].detach(), layer.lorma_B["a"].detach(), "plus", layer.scaling["a"])
-    Mb = reference_inflation(layer.lorma_A["b"].detach(), layer.lorma_B["b"].detach(), "pi", layer.scaling["b"])
+    Ma = reference_inflation(layer.lorma_A["one"].detach(), layer.lorma_B["one"].detach(), "plus", layer.scaling["one"])
+    Mb = reference_inflation(layer.lorma_A["two"].detach(), layer.lorma_B["two"].detach(), "pi", layer.scaling["two"])
     expected = x.double() @ (Ma @ W0 @ Mb).T + layer.get_base_layer().bias.detach().double()
     assert rel_err(layer(x), expected) < 1e-5
     with torch.no_grad():
         both = model(input_ids=ids).last_hidden_state
-        model.base_model.merge_adapter(["a", "b"])
+        model.base_model.merge_adapter(["one", "two"])
         assert rel_err(model(input_ids=ids).last_hidden_state, both) < 1e-5
         model.base_model.unmerge_adapter()
 
-    model.delete_adapter("a")
-    assert set(layer.lorma_A) == {"b"} and "a" not in layer.scaling
-    model.set_adapter("b")
+    model.delete_adapter("one")
+    assert set(layer.lorma_A) == {"two"} and "one" not in layer.scaling
+    model.set_adapter("two")
     with torch.no_grad():
         assert rel_err(model(input_ids=ids).last_hidden_state, out_b) < 1e-6
     plain = model.unload()
-    with torch.no_grad():  # "a" (plus) went through a Woodbury unmerge above: W0 back to rounding
+    with torch.no_grad():  # "one" (plus) went through a Woodbury unmerge above: W0 back to rounding
         assert rel_err(plain(input_ids=ids).last_hidden_state, base_out) < 1e-6
 
 
