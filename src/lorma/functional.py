@@ -66,27 +66,19 @@ def inflate(A: torch.Tensor, B: torch.Tensor, inflation: Inflation, scaling: flo
     raise ValueError(f"unknown inflation {inflation!r}; expected one of {INFLATIONS}")
 
 
-def apply_plus(
-    h: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    scaling: float,
-    adapter_input: torch.Tensor | None = None,
-    shift: torch.Tensor | None = None,
+def plus_delta(
+    source: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, shift: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``(I + s BA) h`` on activations without building any ``d x d`` matrix: ``h + s B (A h)``.
+    """The adapter path of ``plus``: ``s B A (source - shift)``, so ``(I + s BA) h = h + plus_delta(h)``.
 
-    ``adapter_input`` is what enters the low-rank path (``h`` after dropout); it defaults to ``h``.
-    ``shift`` is a vector subtracted from ``adapter_input`` before ``A`` (the bias on the ``pre`` side,
-    where ``h`` carries it but must be transformed without it); it is folded into the r-sized
-    intermediate as ``A h - A b``, which costs ``r d`` instead of a pass over ``h``.
-    Cost: ``2 n r d``, the same as LoRA's adapter path.
+    No ``d x d`` matrix is built. ``shift`` (the bias on the ``pre`` side, where ``h`` carries it but must be
+    transformed without it) is folded into the r-sized intermediate as ``A h - A b``, which costs ``r d``
+    instead of a pass over ``h``. Cost: ``2 n r d``, the same as LoRA's adapter path.
     """
-    source = h if adapter_input is None else adapter_input
     u = F.linear(source, A)
     if shift is not None:
         u = u - F.linear(shift, A)
-    return h + F.linear(u * scaling, B)
+    return F.linear(u * scaling, B)
 
 
 # Largest dense ``d x d`` fp32 transform a forward may build for one adapted module unless the user raises it:

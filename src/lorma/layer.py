@@ -301,10 +301,7 @@ class LormaLayer(BaseTunerLayer):
         else:
             source = h
         if inflation == "plus":
-            u = F.linear(source, A)
-            if shift is not None:  # A (h - b) = A h - A b: r-sized, no pass over h
-                u = u - F.linear(shift, A)
-            return F.linear(u * s, B)
+            return LF.plus_delta(source, A, B, s, shift)
         if shift is not None:
             source = source - shift
         if inflation == "none":  # s BA is rank r: apply it as s B (A h), never as a d x d matrix
