@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
+from lorma.tasks.readers import closing_brace
+
 __all__ = [
     "MATH_PROMPT",
     "MathScore",
@@ -61,19 +63,12 @@ def _strip_braces_command(text: str, command: str) -> str:
             continue
         out.append(text[i:j])
         k = text.index("{", j + len(key))
-        depth = 0
-        for m in range(k, len(text)):
-            if text[m] == "{":
-                depth += 1
-            elif text[m] == "}":
-                depth -= 1
-                if depth == 0:
-                    out.append(text[k + 1 : m])
-                    i = m + 1
-                    break
-        else:  # unbalanced: keep the rest as it is
+        m = closing_brace(text, k)
+        if m is None:  # unbalanced: keep the rest as it is
             out.append(text[k:])
             break
+        out.append(text[k + 1 : m])
+        i = m + 1
     return "".join(out)
 
 
@@ -85,15 +80,8 @@ def _read_group(text: str, pos: int) -> tuple[str, int] | None:
         return None
     if text[pos] != "{":
         return (text[pos], pos + 1) if text[pos].isalnum() else None
-    depth = 0
-    for i in range(pos, len(text)):
-        if text[i] == "{":
-            depth += 1
-        elif text[i] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[pos + 1 : i], i + 1
-    return None
+    end = closing_brace(text, pos)
+    return None if end is None else (text[pos + 1 : end], end + 1)
 
 
 def _frac_to_slash(text: str) -> str:

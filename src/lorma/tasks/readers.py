@@ -450,6 +450,19 @@ def gsm8k_answer(answer_field: str) -> str | None:
     return final or None
 
 
+def closing_brace(text: str, pos: int) -> int | None:
+    """Index of the ``}`` that closes the ``{`` at ``text[pos]`` (nested braces counted), or None."""
+    depth = 0
+    for i in range(pos, len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+    return None
+
+
 def boxed_answer(text: str) -> str | None:
     """The content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) in ``text``, braces matched.
 
@@ -459,15 +472,9 @@ def boxed_answer(text: str) -> str | None:
     for match in re.finditer(r"\\(?:boxed|fbox)\s*", text):
         pos = match.end()
         if pos < len(text) and text[pos] == "{":
-            depth = 0
-            for i in range(pos, len(text)):
-                if text[i] == "{":
-                    depth += 1
-                elif text[i] == "}":
-                    depth -= 1
-                    if depth == 0:
-                        best = text[pos + 1 : i].strip()
-                        break
+            end = closing_brace(text, pos)
+            if end is not None:
+                best = text[pos + 1 : end].strip()
         elif match.group(0).endswith(" "):
             word = re.match(r"[^\s$]+", text[pos:])
             if word:
