@@ -92,7 +92,7 @@ Strategy = Literal["activation", "weight", "fft"]
 
 
 def dense_transform_bytes(d: int, element_size: int = 4) -> int:
-    """Bytes of one dense ``d x d`` transform (fp32 by default: adapters are kept in fp32)."""
+    """Bytes of one dense ``d x d`` transform (fp32 by default, peft's default adapter dtype)."""
     return d * d * element_size
 
 
@@ -136,12 +136,16 @@ def apply_pi_fft(h: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: flo
     ``n r d`` working memory. Exact up to fp32 rounding (tests compare it with the dense formula).
     """
     d = h.shape[-1]
+    out_dtype = h.dtype
+    # torch's FFTs take no float16 / bfloat16 (adapters kept in the base's half dtype): compute those in float32
+    compute = torch.promote_types(out_dtype, torch.float32)
+    h, A, B = h.to(compute), A.to(compute), B.to(compute)
     h_hat = torch.fft.rfft(h, dim=-1)  # (..., f)
     a_hat = torch.fft.rfft(A, dim=-1).conj()  # (r, f)
     corr = torch.fft.irfft(h_hat.unsqueeze(-2) * a_hat, n=d, dim=-1)  # (..., r, d)
     # an elementwise product and a sum over r, not an einsum: torch's CPU einsum for this contraction
     # was ~100x slower when measured (it lowers to a badly shaped bmm)
-    return scaling * (corr * B.T).sum(dim=-2)
+    return (scaling * (corr * B.T).sum(dim=-2)).to(out_dtype)
 
 
 def apply_pi_bounded(

@@ -127,8 +127,9 @@ class LormaLayer(BaseTunerLayer):
         A = torch.empty(*lead, r, d, dtype=torch.float32)
         B = torch.empty(*lead, d, r, dtype=torch.float32)
         self._initialize(A, B, inflation, self.scaling[adapter_name], init_weights)
-        # adapters stay in float32 whatever the base dtype (peft's autocast_adapter_dtype default): the
-        # identity initialisation of pi is then exact, and the low-precision base is untouched
+        # created in float32 whatever the base dtype, so that the identity initialisation is computed exactly;
+        # peft's autocast_adapter_dtype=False then rounds them once to a half-precision base's dtype
+        # (LormaModel._cast_adapter_dtype), the default keeps float32
         device = self._base_device()
         self.lorma_A[adapter_name] = nn.Parameter(A.to(device))
         self.lorma_B[adapter_name] = nn.Parameter(B.to(device))
@@ -165,6 +166,21 @@ class LormaLayer(BaseTunerLayer):
         if side == "post":
             return self.in_features
         return self.out_features // fused[0] if fused is not None else self.out_features
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
+        """Move an adapter to the base layer's device, keeping its dtype.
+
+        peft's version also casts to a half-precision base's dtype; peft calls it when loading with
+        ``low_cpu_mem_usage=True``, which would round float32 weights before ``autocast_adapter_dtype`` casts them
+        back up. The dtype is decided by ``autocast_adapter_dtype`` alone (``LormaModel._cast_adapter_dtype``).
+        """
+        weight = getattr(self.get_base_layer(), "weight", None)
+        target = device if device is not None else getattr(weight, "device", None)
+        if target is None or torch.device(target).type == "meta":
+            return
+        for params in (self.lorma_A, self.lorma_B):
+            if adapter_name in params and params[adapter_name].device.type != "meta":
+                params[adapter_name] = params[adapter_name].to(target)
 
     def _base_device(self) -> torch.device:
         weight = getattr(self.get_base_layer(), "weight", None)

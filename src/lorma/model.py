@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import numbers
+import re
 import warnings
+from collections import Counter
 from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
-from peft.utils.other import get_pattern_key
+from peft.utils.other import ModulesToSaveWrapper, _freeze_adapter, get_pattern_key
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from . import lowrank
 from .config import DEFAULT_FUSED_PARTS, DEFAULT_TARGET_MODULES, LormaConfig
 from .layer import Linear, LormaLayer
+
+# add_weighted_adapter's combination types for LoRMA (peft's LoRA has more; they do not apply, see the method)
+COMBINATION_TYPES: tuple[str, ...] = ("linear", "product")
 
 
 class LormaModel(BaseTuner):
@@ -165,3 +174,174 @@ class LormaModel(BaseTuner):
                 + "; ".join(problems)
             )
         return remapped
+
+    # ------------------------------------------------------------------ adapter dtypes
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """Adapter dtypes as peft's LoRA has them: float32 by default, the base layer's dtype if asked.
+
+        peft calls this after creating or loading an adapter (``get_peft_model``, ``add_adapter``,
+        ``PeftModel.from_pretrained``, ``load_adapter``). LoRMA layers create their adapters in float32 (so that
+        the identity initialisation is computed exactly); with ``autocast_adapter_dtype=False`` they are then
+        rounded once to a float16 / bfloat16 base layer's dtype, as users of large models expect. Quantized
+        (bitsandbytes) bases keep float32 adapters, as peft's LoRA does.
+        """
+        if autocast_adapter_dtype:
+            super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=True)  # upcasts fp16 / bf16 to fp32
+            return
+        for module in self.model.modules():
+            if not isinstance(module, LormaLayer) or adapter_name not in module.lorma_A:
+                continue
+            base_dtype = getattr(getattr(module.get_base_layer(), "weight", None), "dtype", None)
+            if base_dtype not in (torch.float16, torch.bfloat16):
+                continue
+            for params in (module.lorma_A, module.lorma_B):
+                if params[adapter_name].dtype != base_dtype:
+                    params[adapter_name] = params[adapter_name].to(base_dtype)
+
+    # ------------------------------------------------------------------ adapter arithmetic
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "linear",
+        **lora_only_options: Any,
+    ) -> None:
+        """A new adapter ``adapter_name`` combining LoRMA+ adapters exactly (peft's ``add_weighted_adapter``).
+
+        - ``"linear"`` (default): ``I + sum_i w_i s_i B_i A_i``, rank ``sum_i r_i``. With weights 1 its weight
+          update is the sum of the adapters' updates (task arithmetic, what LoRA's default computes).
+        - ``"product"``: the composition ``prod_i (I + w_i s_i B_i A_i)`` that activating (or merging) the
+          adapters in the given order computes; rank ``sum_i r_i``, exactly (:func:`lorma.lowrank.compose`).
+
+        The new adapter has ``alpha = r`` per module (its scaling is 1, folded into ``B``); a module adapted by
+        only some of the adapters combines those. It is added inactive, like peft's. Only ``plus`` adapters on one
+        side combine this way: ``pi`` and ``none`` transforms are dense, and their products and sums are not
+        transforms of the same kind (nor of low rank), so everything else is refused with a ``ValueError``.
+        peft's LoRA-only options (``svd_rank``, ``density``, ...) are refused unless left at ``None``.
+        """
+        self._check_weighted_adapter_args(adapters, weights, adapter_name, combination_type, lora_only_options)
+        configs = [self.peft_config[name] for name in adapters]
+        side = configs[0].side
+
+        # every module adapted by any of them: its new (B, A) and dtype, computed before anything is changed
+        combined: dict[str, tuple[lowrank.Pair, torch.dtype]] = {}
+        fused_parts: dict[str, dict[str, Any]] = {}
+        for key, layer in self.model.named_modules():
+            if not isinstance(layer, LormaLayer):
+                continue
+            present = [(name, float(w)) for name, w in zip(adapters, weights) if name in layer.lorma_A]
+            if not present:
+                continue
+            specs = {name: layer.fused[name] for name, _ in present}
+            if len({None if f is None else (f[0], tuple(f[1])) for f in specs.values()}) > 1:
+                raise ValueError(
+                    f"LoRMA add_weighted_adapter: module {key!r} has different fused parts in the adapters "
+                    f"({specs}); only adapters that adapt the same parts combine"
+                )
+            fused = specs[present[0][0]]
+            if fused is not None:
+                fused_parts[re.escape(key)] = {"num_parts": fused[0], "parts": list(fused[1])}
+            pairs = [
+                lowrank.plus_pair(
+                    layer.lorma_A[name].detach().double(), layer.lorma_B[name].detach().double(), layer.scaling[name], w
+                )
+                for name, w in present
+            ]
+            pair = lowrank.product(pairs, side) if combination_type == "product" else lowrank.weighted_sum(pairs)
+            combined[key] = (pair, layer.lorma_A[present[0][0]].dtype)
+
+        ranks = {key: pair[1].shape[-2] for key, (pair, _) in combined.items()}
+        r = Counter(ranks.values()).most_common(1)[0][0]
+        pattern = {re.escape(key): rank for key, rank in ranks.items() if rank != r}
+        donors = [name for name in adapters if self._modules_to_save_of(name)]
+        self.peft_config[adapter_name] = dataclasses.replace(
+            configs[0],
+            r=r,
+            alpha=float(r),
+            rank_pattern=pattern,
+            alpha_pattern={key: float(rank) for key, rank in pattern.items()},
+            target_modules=set(combined),
+            exclude_modules=None,
+            layers_to_transform=None,
+            layers_pattern=None,
+            fused_parts=fused_parts or None,
+            init_weights=True,
+            modules_to_save=self.peft_config[donors[0]].modules_to_save if donors else None,
+        )
+        try:
+            self.inject_adapter(self.model, adapter_name)
+        except Exception:
+            del self.peft_config[adapter_name]
+            raise
+        _freeze_adapter(self.model, adapter_name)
+
+        layers = dict(self.model.named_modules())
+        with torch.no_grad():
+            for key, ((x, y), dtype) in combined.items():
+                layers[key].lorma_B[adapter_name].data = x.to(dtype).contiguous()
+                layers[key].lorma_A[adapter_name].data = y.to(dtype).contiguous()
+            if donors:  # the one adapter that trained a head (say) gives it to the combination
+                for wrapper in self._modules_to_save_of(donors[0]):
+                    wrapper.modules_to_save[adapter_name].load_state_dict(
+                        wrapper.modules_to_save[donors[0]].state_dict()
+                    )
+
+    def _modules_to_save_of(self, adapter: str) -> list[ModulesToSaveWrapper]:
+        return [
+            m for m in self.model.modules() if isinstance(m, ModulesToSaveWrapper) and adapter in m.modules_to_save
+        ]
+
+    def _check_weighted_adapter_args(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str,
+        lora_only_options: dict[str, Any],
+    ) -> None:
+        """Refuse, before anything is changed, whatever LoRMA cannot combine exactly, saying what is supported."""
+        where = f"LoRMA add_weighted_adapter({list(adapters)!r} -> {adapter_name!r})"
+        supported = (
+            "supported: combination_type 'linear' or 'product' of LoRMA+ (inflation='plus') adapters on the same "
+            "side"
+        )
+        if combination_type not in COMBINATION_TYPES:
+            raise ValueError(
+                f"{where}: combination_type {combination_type!r} is not available for LoRMA; {supported} "
+                "(both exact: peft's SVD, TIES, DARE and magnitude pruning act on LoRA's additive update)"
+            )
+        given = {k: v for k, v in lora_only_options.items() if v is not None}
+        if given:
+            raise ValueError(f"{where}: options {sorted(given)} are LoRA-only and do not apply to LoRMA; {supported}")
+        if not adapters:
+            raise ValueError(f"{where}: no adapters given")
+        missing = [name for name in adapters if name not in self.peft_config]
+        if missing:
+            raise ValueError(f"{where}: no adapter named {missing} (have {sorted(self.peft_config)})")
+        if len(set(adapters)) != len(adapters):
+            raise ValueError(f"{where}: an adapter is named twice")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"{where}: an adapter named {adapter_name!r} already exists")
+        if len(weights) != len(adapters) or not all(
+            isinstance(w, numbers.Real) and not isinstance(w, bool) and math.isfinite(w) for w in weights
+        ):
+            raise ValueError(f"{where}: weights must be {len(adapters)} finite numbers, got {weights!r}")
+        inflations = {name: self.peft_config[name].inflation for name in adapters}
+        dense = {name: inf for name, inf in inflations.items() if inf not in lowrank.LOW_RANK_INFLATIONS}
+        if dense:
+            raise ValueError(
+                f"{where}: adapters with inflation {dense} cannot be combined: their transforms are dense d x d "
+                f"maps whose products and sums are no longer adapters of that kind; {supported}"
+            )
+        sides = {name: self.peft_config[name].side for name in adapters}
+        if len(set(sides.values())) > 1:
+            raise ValueError(
+                f"{where}: adapters act on different sides {sides} (I1 W0 I2 is not one adapter); {supported}"
+            )
+        donors = [name for name in adapters if self._modules_to_save_of(name)]
+        if len(donors) > 1:
+            raise ValueError(
+                f"{where}: adapters {donors} each train their own modules_to_save, which cannot be combined; "
+                "at most one of the combined adapters may have modules_to_save"
+            )
