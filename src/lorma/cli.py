@@ -19,6 +19,7 @@ SUBCOMMAND_MODULES: dict[str, str] = {
     "demo": "lorma.recipes.commands",
     "analyze": "lorma.analysis.cli",
     "evaluate": "lorma.tasks.evaluate_cli",
+    "export": "lorma.export_cli",
 }
 
 

@@ -38,12 +38,12 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise RecipeError(f"{path}: cannot read ({err})") from None
 
 
-def merge_adapter(adapter_dir: str, out_dir: str, base_model: str | None = None, overwrite: bool = False) -> Path:
-    """Merge the adapter of ``adapter_dir`` into its base model (or ``base_model``) and save to ``out_dir``."""
-    adapter = resolve_adapter_dir(adapter_dir)
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise RecipeError(f"output directory {out} exists and is not empty; give --overwrite")
+def load_adapter_model(adapter: Path, base_model: str | None = None) -> tuple[Any, str]:
+    """The adapter of ``adapter`` (a peft adapter directory) on its base model (or ``base_model``), unmerged.
+
+    The base model is loaded with the task's head (from the run's ``lorma_run.json``) and checked against the
+    fingerprint recorded at training time. Returns the ``PeftModel`` and the base model's path or name.
+    """
     adapter_config = _read_json(adapter / "adapter_config.json")
     run_info = _read_json(adapter / RUN_INFO_FILE) if (adapter / RUN_INFO_FILE).is_file() else {}
     base = base_model or run_info.get("base_model") or adapter_config.get("base_model_name_or_path")
@@ -51,7 +51,7 @@ def merge_adapter(adapter_dir: str, out_dir: str, base_model: str | None = None,
         raise RecipeError(f"{adapter}: the base model is not recorded; give --base-model")
 
     from peft import PeftModel
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     import lorma  # noqa: F401  (registers the LORMA peft type before the adapter is loaded)
     from lorma.tasks.base import task_class
@@ -80,6 +80,18 @@ def merge_adapter(adapter_dir: str, out_dir: str, base_model: str | None = None,
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         raise RecipeError(f"cannot load adapter {adapter} on base model '{base}': "
                           f"{str(err).strip().splitlines()[0]}") from None
+    return peft_model, base
+
+
+def merge_adapter(adapter_dir: str, out_dir: str, base_model: str | None = None, overwrite: bool = False) -> Path:
+    """Merge the adapter of ``adapter_dir`` into its base model (or ``base_model``) and save to ``out_dir``."""
+    adapter = resolve_adapter_dir(adapter_dir)
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise RecipeError(f"output directory {out} exists and is not empty; give --overwrite")
+    peft_model, base = load_adapter_model(adapter, base_model)
+    from transformers import AutoTokenizer
+
     merged = peft_model.merge_and_unload()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
