@@ -158,6 +158,7 @@ def test_modules_to_save_come_from_the_one_adapter_that_trained_them(tiny_llama)
         ({}, {"combination_type": "cat"}, r"combination_type 'cat' is not available for LoRMA"),
         ({}, {"svd_rank": 4}, r"options \['svd_rank'\] are LoRA-only"),
         ({}, {"density": 0.5, "combination_type": "linear"}, r"options \['density'\] are LoRA-only"),
+        ({}, {"svd_full_matrices": False}, r"options \['svd_full_matrices'\] are LoRA-only"),
     ],
 )
 def test_what_cannot_be_combined_is_refused_clearly(tiny_llama, second, kwargs, message) -> None:
@@ -184,3 +185,7 @@ def test_bad_arguments(tiny_llama) -> None:
     with pytest.raises(ValueError, match="weights must be 2 finite numbers"):
         model.add_weighted_adapter(["p", "q"], [1.0, float("nan")], "new")
     assert set(model.peft_config) == {"p", "q"}
+    # peft's LoRA-only options at their defaults are accepted (callers that pass them all explicitly)
+    model.add_weighted_adapter(["p", "q"], [1.0, 1.0], "ok", svd_rank=None, svd_full_matrices=True,
+                               majority_sign_method="total")
+    assert set(model.peft_config) == {"p", "q", "ok"}

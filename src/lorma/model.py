@@ -22,6 +22,15 @@ from .layer import Linear, LormaLayer
 
 # add_weighted_adapter's combination types for LoRMA (peft's LoRA has more; they do not apply, see the method)
 COMBINATION_TYPES: tuple[str, ...] = ("linear", "product")
+# peft LoRA's other add_weighted_adapter options, at their defaults (accepted at these values, refused otherwise)
+LORA_ONLY_DEFAULTS: dict[str, Any] = {
+    "svd_rank": None,
+    "svd_clamp": None,
+    "svd_full_matrices": True,
+    "svd_driver": None,
+    "density": None,
+    "majority_sign_method": "total",
+}
 
 
 class LormaModel(BaseTuner):
@@ -218,7 +227,7 @@ class LormaModel(BaseTuner):
         only some of the adapters combines those. It is added inactive, like peft's. Only ``plus`` adapters on one
         side combine this way: ``pi`` and ``none`` transforms are dense, and their products and sums are not
         transforms of the same kind (nor of low rank), so everything else is refused with a ``ValueError``.
-        peft's LoRA-only options (``svd_rank``, ``density``, ...) are refused unless left at ``None``.
+        peft's LoRA-only options (``svd_rank``, ``density``, ...) are refused unless left at peft's defaults.
         """
         self._check_weighted_adapter_args(adapters, weights, adapter_name, combination_type, lora_only_options)
         configs = [self.peft_config[name] for name in adapters]
@@ -311,7 +320,9 @@ class LormaModel(BaseTuner):
                 f"{where}: combination_type {combination_type!r} is not available for LoRMA; {supported} "
                 "(both exact: peft's SVD, TIES, DARE and magnitude pruning act on LoRA's additive update)"
             )
-        given = {k: v for k, v in lora_only_options.items() if v is not None}
+        given = {
+            k: v for k, v in lora_only_options.items() if k not in LORA_ONLY_DEFAULTS or v != LORA_ONLY_DEFAULTS[k]
+        }
         if given:
             raise ValueError(f"{where}: options {sorted(given)} are LoRA-only and do not apply to LoRMA; {supported}")
         if not adapters:
