@@ -8,13 +8,15 @@ loss is on the reference tokens only. Label smoothing is TrainingArguments' ``la
 Evaluation: the held-out loss (Trainer), then beam search on a merged copy of the model over the
 held-out *inputs* (one prediction per input), with predictions written one per line and the
 reference groups beside them (blank-line separated, the layout ``lorma evaluate`` reads), and the
-task's metrics (:mod:`lorma.tasks.nlg_metrics`).
+task's metrics (:mod:`lorma.tasks.nlg_metrics`), by default from the official scorers the paper used
+(which need Java; checked before training starts).
 
 Task options (``task_options`` in the YAML, all optional): ``skip_bad`` (drop malformed records and
 report how many), ``gguf_file`` (load ``model`` from a GGUF file in that folder, dequantised to fp32),
 ``num_beams``, ``length_penalty``, ``no_repeat_ngram_size``, ``max_new_tokens``,
 ``generation_batch_size`` (default: the paper's decoding, :data:`PAPER_DECODING`),
-``max_generate_samples`` (decode only the first N held-out inputs), ``generate`` (false: loss only).
+``max_generate_samples`` (decode only the first N held-out inputs), ``generate`` (false: loss only),
+``scorer`` (``official``, the default, or ``approximate``: no Java, not comparable with published numbers).
 """
 
 from __future__ import annotations
@@ -124,15 +126,18 @@ def evaluate_data_to_text(
     output_prefix: str | Path | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    scorer: str = "official",
 ) -> tuple[dict[str, float], list[str]]:
-    """Beam search on a merged copy of ``model`` for every input, then the task's metrics.
+    """Beam search on a merged copy of ``model`` for every input, then the task's metrics (``scorer``:
+    see :func:`lorma.tasks.nlg_metrics.score_data_to_text`).
 
     With ``output_prefix``, writes ``<prefix>.predictions.txt`` (one per line) and
     ``<prefix>.references.txt`` (groups separated by blank lines) so that ``lorma evaluate`` can
     score the files again.
     """
-    from lorma.tasks.nlg_metrics import score_data_to_text
+    from lorma.tasks.nlg_metrics import check_scoring_setup, score_data_to_text
 
+    check_scoring_setup(task, None, scorer)  # Java missing: fail before the beam search, not after
     if not examples:
         raise ValueError("no inputs to generate for")
     missing = [ex.line for ex in examples if not ex.references]
@@ -152,7 +157,7 @@ def evaluate_data_to_text(
                 ref_lines.append("")
             ref_lines.extend(one_line(r) for r in group)
         write_lines_atomic(prefix.with_name(prefix.name + ".references.txt"), ref_lines, overwrite)
-    return score_data_to_text(task, predictions, references), predictions
+    return score_data_to_text(task, predictions, references, scorer=scorer), predictions
 
 
 @dataclass
@@ -331,6 +336,31 @@ class CausalLMGenerationTask(Task):
 class DataToTextTask(CausalLMGenerationTask):
     """E2E / WebNLG / DART: ``--train-file`` and ``--eval-file`` in the task's format (see readers)."""
 
+    @property
+    def scorer(self) -> str:
+        """``task_options.scorer``: ``official`` (the default) or ``approximate``."""
+        return str(self.options.get("scorer", "official"))
+
+    def check_inputs(self) -> None:
+        super().check_inputs()
+        if self.options.get("generate", True):  # fail before training if the texts could not be scored
+            from lorma.tasks.nlg_java import JavaUnavailableError, OfficialScorerError
+            from lorma.tasks.nlg_metrics import WordNetUnavailableError, check_scoring_setup
+
+            try:
+                check_scoring_setup(self.name, None, self.scorer)
+            except (ValueError, JavaUnavailableError, OfficialScorerError, WordNetUnavailableError) as err:
+                raise self._error(f"task_options.scorer={self.scorer}: {err}") from None
+
+    def data_summary(self) -> dict[str, Any]:
+        """The counts of the files read, and what computed the scores."""
+        from lorma.tasks.nlg_metrics import scorer_label
+
+        summary = super().data_summary()
+        if self.options.get("generate", True):
+            summary["scorer"] = scorer_label(self.name, self.scorer)
+        return summary
+
     def read_train(self, path: str) -> ReadResult[DataToTextExample]:
         result = self._read(lambda p: read_data_to_text(self.name, p, self.skip_bad), path, "train file")
         if not any(ex.references for ex in result.items):
@@ -351,10 +381,16 @@ class DataToTextTask(CausalLMGenerationTask):
         self, model: Any, tokenizer: Any, items: list[DataToTextExample], prefix: Path | None
     ) -> dict[str, float]:
         # the run's output directory is guarded by the recipe (--overwrite / --resume): files in it are the run's
-        metrics, _ = evaluate_data_to_text(model, tokenizer, self.name, items, self.decoding(), prefix, overwrite=True)
+        from lorma.tasks.nlg_metrics import scorer_label
+
+        metrics, _ = evaluate_data_to_text(
+            model, tokenizer, self.name, items, self.decoding(), prefix, overwrite=True, scorer=self.scorer
+        )
+        label = scorer_label(self.name, self.scorer)
+        print(f"lorma train: {self.name} scores from the {label}")
         if prefix is not None:
             summary = prefix.with_name(prefix.name + ".metrics.json")
             from lorma.recipes.config import atomic_write_text
 
-            atomic_write_text(summary, json.dumps(metrics, indent=2) + "\n")
+            atomic_write_text(summary, json.dumps({"scorer": label, "scores": metrics}, indent=2) + "\n")
         return metrics

@@ -3,6 +3,11 @@
     lorma evaluate --task e2e --predictions preds.txt --references test.csv
     lorma evaluate --task gsm8k --predictions outputs.txt --references test.jsonl
 
+Data-to-text scores come from the official scorers by default, as the paper's were computed (E2E: the
+E2E NLG Challenge scorer; WebNLG / DART: LoRA's decode step and GenerationEval); they need a Java runtime
+for METEOR (and for E2E's ROUGE-L / CIDEr, after the PTB tokenizer). ``--scorer approximate`` uses Python
+libraries only, and its numbers are labelled as not comparable with published ones.
+
 Predictions are one per line. References: for ``e2e`` the official CSV (``mr``, ``ref``), ``MR||ref``
 lines, or groups of reference lines separated by blank lines (the E2E scorer's layout, also what
 ``lorma train`` writes beside its predictions); for ``dart`` / ``webnlg`` their JSON files or the
@@ -33,6 +38,13 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--references", required=True, help="References file (format: see above).")
     parser.add_argument(
         "--metrics", default=None, help="Comma-separated subset of bleu,nist,meteor,rouge_l,cider,ter."
+    )
+    parser.add_argument(
+        "--scorer",
+        default="official",
+        choices=("official", "approximate"),
+        help="official (default): the paper's scorers, needs Java; approximate: Python libraries, not comparable "
+        "with published numbers.",
     )
     parser.add_argument("--skip-bad", action="store_true", help="Skip malformed reference records (reported).")
     parser.add_argument("--output", default=None, help="Also write the scores as JSON to this file.")
@@ -83,26 +95,38 @@ def _gold_answers(task: str, path: str, skip_bad: bool) -> tuple[list[str], str 
 
 
 def evaluate_files(
-    task: str, predictions: str, references: str, metrics: list[str] | None = None, skip_bad: bool = False
+    task: str,
+    predictions: str,
+    references: str,
+    metrics: list[str] | None = None,
+    skip_bad: bool = False,
+    scorer: str = "official",
 ) -> tuple[dict[str, Any], str | None]:
-    """Scores for a predictions file and a references file; raises on bad or misaligned input."""
+    """Scores for a predictions file and a references file; raises on bad or misaligned input.
+
+    For data-to-text tasks, what the scorer needs (Java for the official one) is checked before the files
+    are read.
+    """
     from lorma.tasks.math_reasoning import score_math
-    from lorma.tasks.nlg_metrics import score_data_to_text
+    from lorma.tasks.nlg_metrics import check_scoring_setup, score_data_to_text
     from lorma.tasks.readers import read_predictions
 
+    if task not in ("gsm8k", "math"):
+        check_scoring_setup(task, metrics, scorer)
     preds = read_predictions(predictions)
     if task in ("gsm8k", "math"):
         gold, note = _gold_answers(task, references, skip_bad)
         score = score_math(task, preds, gold, str(predictions), str(references))
         return score.as_dict(), note
     groups, note = _reference_groups(task, references, skip_bad)
-    return score_data_to_text(task, preds, groups, metrics, str(predictions), str(references)), note
+    return score_data_to_text(task, preds, groups, metrics, str(predictions), str(references), scorer), note
 
 
 def run(args: argparse.Namespace) -> int:
     """The ``evaluate`` command: print the scores (and write them with ``--output``)."""
     from lorma.cli import LormaCLIError
-    from lorma.tasks.nlg_metrics import MetricDataError, WordNetUnavailableError
+    from lorma.tasks.nlg_java import JavaUnavailableError, OfficialScorerError
+    from lorma.tasks.nlg_metrics import MetricDataError, WordNetUnavailableError, scorer_label
     from lorma.tasks.readers import DataFormatError
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
@@ -111,18 +135,23 @@ def run(args: argparse.Namespace) -> int:
     out_path = Path(args.output) if args.output else None
     if out_path is not None and out_path.exists() and not args.overwrite:
         raise LormaCLIError(f"{out_path} already exists (pass --overwrite to replace it)")
+    label = None if args.task in ("gsm8k", "math") else scorer_label(args.task, args.scorer)
     try:
-        scores, note = evaluate_files(args.task, args.predictions, args.references, metrics, args.skip_bad)
-    except (DataFormatError, MetricDataError, WordNetUnavailableError, ValueError) as err:
+        scores, note = evaluate_files(args.task, args.predictions, args.references, metrics, args.skip_bad,
+                                      args.scorer)
+    except (DataFormatError, MetricDataError, WordNetUnavailableError, JavaUnavailableError, OfficialScorerError,
+            ValueError) as err:
         raise LormaCLIError(str(err)) from None
     if note:
         print(note)
+    if label:
+        print(f"scorer: {label}")
     for name, value in scores.items():
         print(f"{name:>10}  {value:.4f}" if isinstance(value, float) else f"{name:>10}  {value}")
     if out_path is not None:
         from lorma.recipes.config import atomic_write_text
 
         payload = {"task": args.task, "predictions": str(args.predictions), "references": str(args.references),
-                   "scores": scores}
+                   "scorer": label, "scores": scores}
         atomic_write_text(out_path, json.dumps(payload, indent=2) + "\n")
     return 0

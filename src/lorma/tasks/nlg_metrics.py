@@ -1,22 +1,26 @@
-"""Data-to-text metrics with references grouped by input: BLEU, NIST, METEOR, ROUGE-L, CIDEr-D, TER.
+"""Data-to-text metrics with references grouped by input: the official scorers, and approximations.
 
 Each input has a *group* of references (E2E: all rows with the same MR), and every metric compares a
-prediction with its whole group, as the official E2E scorer does. What each number is:
+prediction with its whole group. :func:`score_data_to_text` picks the implementation:
 
-* BLEU: ``sacrebleu.corpus_bleu`` (13a tokenisation, case-sensitive, multi-reference), 0-100.
-* TER: ``sacrebleu``'s TER against all references (edits to the closest one), 0-100 (lower is better).
-* NIST: ``nltk.translate.nist_score.corpus_nist`` (n = 5) on 13a tokens, case-sensitive.
-* METEOR: ``nltk.translate.meteor_score.meteor_score`` per input (best over its references; exact,
-  Porter-stem and WordNet-synonym matching, lower-cased), averaged over inputs, 0-100. It needs
-  WordNet: read from the Debian package ``wordnet-base`` (``/usr/share/wordnet``), or from a folder
-  named by ``$LORMA_WORDNET_DIR``, or from nltk's own ``wordnet`` data if installed.
-* ROUGE-L: ``rouge_score`` (its tokeniser lower-cases and drops punctuation), F1 of the LCS, the best
-  reference per input (``score_multi``), averaged over inputs, 0-100.
-* CIDEr-D: written here (see :func:`cider_d`), raw scale (about 0-10).
+* ``scorer="official"`` (the default): what the paper's numbers were computed with (LoRA's NLG example).
+  E2E: the E2E NLG Challenge scorer (:mod:`lorma.tasks.nlg_e2e_official`); WebNLG and DART: LoRA's
+  decode step and WebNLG's GenerationEval (:mod:`lorma.tasks.nlg_generation_eval`). METEOR, and for E2E
+  ROUGE-L and CIDEr, run Java (:mod:`lorma.tasks.nlg_java`): without it they stop with
+  :class:`~lorma.tasks.nlg_java.JavaUnavailableError`, which says what to install.
+* ``scorer="approximate"``: each metric's definition computed with maintained Python libraries, no Java,
+  *not comparable with published numbers* (:data:`APPROXIMATE_LABEL` says so wherever they are reported):
 
-These follow each metric's definition with maintained libraries; they are not bit-identical to the
-E2E challenge's scripts (mteval Perl for BLEU/NIST, METEOR 1.5 in Java with paraphrase tables,
-pycocoevalcap's ROUGE-L with beta 1.2), so compare numbers computed by the same code.
+  * BLEU: ``sacrebleu.corpus_bleu`` (13a tokenisation, case-sensitive, multi-reference), 0-100.
+  * TER: ``sacrebleu``'s TER against all references (edits to the closest one), 0-100 (lower is better).
+  * NIST: ``nltk.translate.nist_score.corpus_nist`` (n = 5) on 13a tokens, case-sensitive.
+  * METEOR: ``nltk.translate.meteor_score.meteor_score`` per input (best over its references; exact,
+    Porter-stem and WordNet-synonym matching, lower-cased), averaged over inputs, 0-100. It needs
+    WordNet: read from the Debian package ``wordnet-base`` (``/usr/share/wordnet``), or from a folder
+    named by ``$LORMA_WORDNET_DIR``, or from nltk's own ``wordnet`` data if installed.
+  * ROUGE-L: ``rouge_score`` (its tokeniser lower-cases and drops punctuation), F1 of the LCS, the best
+    reference per input (``score_multi``), averaged over inputs, 0-100.
+  * CIDEr-D: written here (see :func:`cider_d`), raw scale (about 0-10).
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "APPROXIMATE_LABEL",
+    "SCORERS",
     "TASK_METRICS",
     "MetricDataError",
     "WordNetUnavailableError",
@@ -44,6 +50,7 @@ __all__ = [
     "nist",
     "rouge_l",
     "score_data_to_text",
+    "scorer_label",
     "ter",
     "tokenize",
 ]
@@ -56,6 +63,13 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
 }
 
 DEBIAN_WORDNET_DIR = Path("/usr/share/wordnet")
+
+#: ``official``: the paper's scorers (the default); ``approximate``: maintained Python libraries, no Java
+SCORERS = ("official", "approximate")
+APPROXIMATE_LABEL = (
+    "approximate (sacrebleu BLEU/TER, nltk NIST/METEOR, rouge-score ROUGE-L, CIDEr-D written here): "
+    "not comparable with published numbers"
+)
 
 
 class MetricDataError(ValueError):
@@ -323,6 +337,65 @@ _METRIC_FUNCS = {
 }
 
 
+def _official_metrics(task: str) -> tuple[str, ...]:
+    from lorma.tasks.nlg_e2e_official import E2E_METRICS
+    from lorma.tasks.nlg_generation_eval import GENERATION_EVAL_METRICS
+
+    return E2E_METRICS if task == "e2e" else GENERATION_EVAL_METRICS
+
+
+def scorer_label(task: str, scorer: str = "official") -> str:
+    """What computes ``task``'s numbers under ``scorer``: printed and saved beside every score."""
+    _check_task_and_scorer(task, scorer)
+    if scorer == "approximate":
+        return APPROXIMATE_LABEL
+    if task == "e2e":
+        from lorma.tasks.nlg_e2e_official import E2E_SCORER_LABEL
+
+        return E2E_SCORER_LABEL
+    from lorma.tasks.nlg_generation_eval import GENERATION_EVAL_LABEL
+
+    return GENERATION_EVAL_LABEL
+
+
+def _check_task_and_scorer(task: str, scorer: str) -> None:
+    if task not in TASK_METRICS:
+        raise ValueError(f"unknown data-to-text task {task!r}; known: {sorted(TASK_METRICS)}")
+    if scorer not in SCORERS:
+        raise ValueError(f"unknown scorer {scorer!r}; expected one of: {', '.join(SCORERS)}")
+
+
+def check_scoring_setup(task: str, metrics: Sequence[str] | None = None, scorer: str = "official") -> tuple[str, ...]:
+    """The metrics that will be computed, after checking that they can be (before any slow work).
+
+    Raises ``ValueError`` for an unknown task, scorer or metric (or one the official scorer of ``task``
+    does not compute), :class:`~lorma.tasks.nlg_java.JavaUnavailableError` when the official scorer needs
+    Java and there is none, :class:`WordNetUnavailableError` when approximate METEOR has no WordNet.
+    """
+    _check_task_and_scorer(task, scorer)
+    chosen = tuple(metrics) if metrics else TASK_METRICS[task]
+    unknown = [m for m in chosen if m not in _METRIC_FUNCS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; known: {sorted(_METRIC_FUNCS)}")
+    if scorer == "official":
+        official = _official_metrics(task)
+        outside = [m for m in chosen if m not in official]
+        if outside:
+            raise ValueError(
+                f"{', '.join(outside)}: not computed by the official {task} scorer ({', '.join(official)}); "
+                "`--scorer approximate` computes it, not comparable with published numbers"
+            )
+        from lorma.tasks.nlg_e2e_official import JAVA_METRICS
+        from lorma.tasks.nlg_java import find_java
+
+        needs_java = JAVA_METRICS if task == "e2e" else {"meteor"}
+        if any(m in needs_java for m in chosen):
+            find_java()
+    elif "meteor" in chosen:
+        load_wordnet()
+    return chosen
+
+
 def score_data_to_text(
     task: str,
     predictions: Sequence[str],
@@ -330,19 +403,22 @@ def score_data_to_text(
     metrics: Sequence[str] | None = None,
     predictions_name: str = "predictions",
     references_name: str = "references",
+    scorer: str = "official",
 ) -> dict[str, float]:
-    """All metrics of ``task`` (or the named ``metrics``) for aligned predictions and reference groups.
+    """The metrics of ``task`` (or the named ``metrics``) for aligned predictions and reference groups.
 
-    The alignment is checked once, up front, with the file names in the message.
+    ``scorer="official"`` computes them as the paper did (see the module doc; :func:`scorer_label` names
+    it), ``"approximate"`` with Python libraries only. Alignment, metric names and what the scorer needs
+    (Java, WordNet) are checked once, up front, with the file names in the message.
     """
-    if metrics is None:
-        if task not in TASK_METRICS:
-            raise ValueError(f"unknown data-to-text task {task!r}; known: {sorted(TASK_METRICS)}")
-        metrics = TASK_METRICS[task]
-    unknown = [m for m in metrics if m not in _METRIC_FUNCS]
-    if unknown:
-        raise ValueError(f"unknown metric(s) {unknown}; known: {sorted(_METRIC_FUNCS)}")
+    chosen = check_scoring_setup(task, metrics, scorer)
     check_aligned(predictions, references, predictions_name, references_name)
-    if "meteor" in metrics:
-        load_wordnet()  # fail before the slower metrics run
-    return {name: _METRIC_FUNCS[name](predictions, references) for name in metrics}
+    if scorer == "approximate":
+        return {name: _METRIC_FUNCS[name](predictions, references) for name in chosen}
+    if task == "e2e":
+        from lorma.tasks.nlg_e2e_official import score_e2e_official
+
+        return score_e2e_official(predictions, references, chosen)
+    from lorma.tasks.nlg_generation_eval import score_generation_eval
+
+    return score_generation_eval(predictions, references, chosen)
