@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean java-runtime
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,15 @@ $(WORDNET):
 	$$SUDO apt-get install -y -q --no-install-recommends wordnet-base >/dev/null 2>&1 || \
 	{ $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q --no-install-recommends wordnet-base >/dev/null; }
 
-$(STAMP): $(PY) pyproject.toml requirements-lock.txt | $(WORDNET)
+# The official data-to-text scorers (the paper's E2E / WebNLG / DART numbers) run METEOR 1.5 and the Stanford
+# PTB tokenizer, jars that pycocoevalcap ships, in Java: Debian's headless JRE when no java is on PATH.
+java-runtime:
+	@command -v java >/dev/null 2>&1 || { if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	$$SUDO apt-get install -y -q --no-install-recommends default-jre-headless >/dev/null 2>&1 || \
+	{ $$SUDO apt-get update -q >/dev/null && \
+	  $$SUDO apt-get install -y -q --no-install-recommends default-jre-headless >/dev/null; }; }
+
+$(STAMP): $(PY) pyproject.toml requirements-lock.txt | $(WORDNET) java-runtime
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -r requirements-lock.txt

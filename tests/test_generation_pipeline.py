@@ -230,6 +230,9 @@ def test_lorma_train_e2e_gpt2_end_to_end(gpt2_dir, tmp_path, capsys) -> None:
     ev = metrics["eval"]
     assert {"eval_loss", "eval_bleu", "eval_nist", "eval_meteor", "eval_rouge_l", "eval_cider"} <= set(ev)
     assert metrics["data"]["eval_records"] == 2 and metrics["data"]["generated_inputs"] == 2
+    assert metrics["data"]["scorer"].startswith("official E2E")  # the default: the paper's scorer
+    saved = json.loads((out / "e2e_eval.metrics.json").read_text())
+    assert saved["scorer"] == metrics["data"]["scorer"] and saved["scores"]["bleu"] == ev["eval_bleu"]
     preds = out / "e2e_eval.predictions.txt"
     refs = out / "e2e_eval.references.txt"
     assert len(preds.read_text().splitlines()) == 2

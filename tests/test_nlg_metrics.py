@@ -1,4 +1,5 @@
-"""NLG metrics: hand-computed CIDEr-D, ROUGE-L and TER, grouping of references by input, WordNet offline."""
+"""Approximate NLG metrics (``scorer="approximate"``): hand-computed CIDEr-D, ROUGE-L and TER, grouping of
+references by input, WordNet offline. The official scorers: test_nlg_official_e2e.py, test_nlg_generation_eval.py."""
 
 from __future__ import annotations
 
@@ -157,7 +158,7 @@ def test_meteor_without_wordnet_names_the_missing_data(tmp_path, monkeypatch) ->
     nm.load_wordnet.cache_clear()
     try:
         with pytest.raises(nm.WordNetUnavailableError, match="wordnet-base") as info:
-            nm.score_data_to_text("e2e", ["a"], [["a"]])
+            nm.score_data_to_text("e2e", ["a"], [["a"]], scorer="approximate")
         assert "also-missing" in str(info.value) and "no-wordnet" in str(info.value)
     finally:
         nm.load_wordnet.cache_clear()
@@ -182,8 +183,10 @@ def test_wordnet_from_a_folder_named_by_env(tmp_path, monkeypatch) -> None:
 
 def test_task_metric_sets() -> None:
     _wordnet_or_skip()
-    scores = nm.score_data_to_text("e2e", ["the pub is cheap ."], [["the pub is cheap ."]])
+    scores = nm.score_data_to_text("e2e", ["the pub is cheap ."], [["the pub is cheap ."]], scorer="approximate")
     assert set(scores) == {"bleu", "nist", "meteor", "rouge_l", "cider"}
     assert scores["bleu"] == pytest.approx(100.0) and scores["rouge_l"] == pytest.approx(100.0)
-    scores = nm.score_data_to_text("webnlg", ["x y z"], [["x y z"]])
+    scores = nm.score_data_to_text("webnlg", ["x y z"], [["x y z"]], scorer="approximate")
     assert set(scores) == {"bleu", "meteor", "ter"} and scores["ter"] == pytest.approx(0.0)
+    # the approximate scorers compute every metric for every task (TER for E2E too)
+    assert nm.score_data_to_text("e2e", ["a b"], [["a b"]], ["ter"], scorer="approximate") == {"ter": 0.0}

@@ -145,3 +145,46 @@ def test_evaluate_prints_and_saves_the_official_label(tmp_path, capsys) -> None:
 
     saved = json.loads(out.read_text())
     assert saved["scorer"] == E2E_SCORER_LABEL and saved["scores"]["bleu"] == pytest.approx(100.0)
+
+
+def test_training_without_java_stops_before_any_work_unless_approximate(tmp_path, monkeypatch) -> None:
+    from lorma.recipes.config import RecipeError, build_config
+    from lorma.tasks.base import get_task
+
+    train = tmp_path / "train.txt"
+    train.write_text("name[A]||A is a pub .\nname[B]||B is a cafe .\nname[C]||C is cheap .\n")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no java here
+
+    def task(options: dict) -> object:
+        return get_task(build_config(flag_values={
+            "task": "e2e", "model": "unused-before-the-check", "train_file": str(train), "task_options": options,
+        }))
+
+    with pytest.raises(RecipeError, match="scorer=official: .*no `java` on PATH.*default-jre-headless"):
+        task({}).check_inputs()
+    with pytest.raises(RecipeError, match="unknown scorer 'exact'"):
+        task({"scorer": "exact"}).check_inputs()
+    approximate = task({"scorer": "approximate", "generate": True})
+    try:
+        approximate.check_inputs()
+    except RecipeError as err:  # only the approximate METEOR's WordNet may be missing
+        assert "WordNet" in str(err)
+    else:
+        assert "not comparable" in approximate.data_summary()["scorer"]
+    task({"generate": False}).check_inputs()  # nothing to score: no Java needed
+
+
+def test_compare_and_train_summaries_name_the_scorer() -> None:
+    from lorma.recipes.commands import format_run_summary
+    from lorma.recipes.compare import format_markdown
+
+    stat = {"mean": 60.5, "std": 0.0, "n": 1}
+    results = {
+        "task": "e2e", "model": "m", "seeds": [0], "baseline": None, "data": {"scorer": E2E_SCORER_LABEL},
+        "methods": {"lora": {"metrics": {"eval_bleu": stat}, "trainable_params": 10, "loss_auc": stat,
+                             "seconds_per_step": stat, "run_dirs": ["runs/x"]}},
+    }
+    assert f"Scores computed by the {E2E_SCORER_LABEL}." in format_markdown(results)
+    run = {"method": "lora", "task": "e2e", "seed": 0, "global_step": 1, "trainable_params": 10,
+           "total_params": 20, "eval": {"eval_bleu": 60.5}, "data": {"scorer": E2E_SCORER_LABEL}}
+    assert f"scorer: {E2E_SCORER_LABEL}" in format_run_summary(run, "runs/x")

@@ -194,6 +194,8 @@ def format_run_summary(metrics: dict[str, Any], output_dir: str | None) -> str:
             lines.append(f"  {key:32s} {value:.4f}")
     for key, value in (metrics.get("baseline") or {}).items():
         lines.append(f"  majority baseline {key.removeprefix('eval_'):14s} {value:.4f}")
+    if (metrics.get("data") or {}).get("scorer"):  # generation tasks: what computed the scores
+        lines.append(f"  scorer: {metrics['data']['scorer']}")
     lines.append(f"  output: {output_dir}")
     return "\n".join(lines)
 
@@ -221,6 +223,8 @@ def print_results(results: dict[str, Any], output_dir: str | None) -> None:
     header, rows = results_rows(results)
     print()
     print(format_table(header, rows))
+    if (results.get("data") or {}).get("scorer"):
+        print(f"scorer: {results['data']['scorer']}")
     print()
     print(f"results: {Path(output_dir or '.') / 'results.md'}, {Path(output_dir or '.') / 'results.json'}")
     print(f"plot: {results['plot']}")

@@ -133,7 +133,8 @@ def format_markdown(results: dict[str, Any]) -> str:
         f"Metrics: final evaluation, mean ± std over seeds {results['seeds']}; loss AUC: area under the "
         "per-step training-loss curve (trapezoid rule); s/step: training time per optimizer step.",
         "The majority baseline always predicts the most frequent training label.",
-        "",
+        *([f"Scores computed by the {results['data']['scorer']}.", ""] if (results.get("data") or {}).get("scorer")
+          else [""]),
         "Runs: " + ", ".join(d for info in results["methods"].values() for d in info["run_dirs"]),
         "",
     ]
