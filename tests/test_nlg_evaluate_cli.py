@@ -26,7 +26,7 @@ def _evaluate(tmp_path, task: str, refs_file, extra: list[str] | None = None) ->
     preds.write_text("\n".join(PREDS) + "\n")
     out = tmp_path / f"scores-{refs_file.name}.json"
     code = main(["evaluate", "--task", task, "--predictions", str(preds), "--references", str(refs_file),
-                 "--output", str(out), *(extra or [])])
+                 "--output", str(out), "--overwrite", *(extra or [])])
     assert code == 0
     return json.loads(out.read_text())["scores"]
 
@@ -51,7 +51,8 @@ def test_e2e_csv_separator_and_blank_line_layouts_agree(tmp_path) -> None:
         assert _evaluate(tmp_path, "e2e", layout, official) == pytest.approx(expected)
     approximate = nm.score_data_to_text("e2e", PREDS, GROUPS, scorer="approximate")
     for layout in (csv_file, blank_file):
-        assert _evaluate(tmp_path, "e2e", layout, ["--scorer", "approximate"]) == pytest.approx(approximate)
+        scores = _evaluate(tmp_path, "e2e", layout, ["--scorer", "approximate"])
+        assert scores == pytest.approx(approximate)
     assert set(approximate) == {"bleu", "nist", "meteor", "rouge_l", "cider"}
 
 
