@@ -93,7 +93,10 @@ def _max_ref_counts(refs: Sequence[Sequence[str]], n: int) -> Counter[tuple[str,
     return merged
 
 
-def _tokenized(predictions: Sequence[str], references: Sequence[Sequence[str]]):
+def _tokenized(
+    predictions: Sequence[str], references: Sequence[Sequence[str]]
+) -> tuple[list[list[str]], list[list[list[str]]]]:
+    """mteval tokens of every output and every reference."""
     return [mteval_tokenize(p) for p in predictions], [[mteval_tokenize(r) for r in g] for g in references]
 
 
