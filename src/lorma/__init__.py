@@ -2,25 +2,54 @@
 
 ``import lorma`` registers the ``LORMA`` method with peft, so ``get_peft_model(model, LormaConfig(...))``,
 ``save_pretrained`` and ``PeftModel.from_pretrained`` work as they do for LoRA.
+
+Importing lorma is cheap: the names below are imported on first use (PEP 562), and registration with peft
+happens as soon as peft is imported, or at once if it already was (:mod:`lorma.registry`). So the ``lorma``
+command can check its input before it imports torch, transformers or peft.
 """
 
 from __future__ import annotations
 
-from . import functional
-from .config import DEFAULT_FUSED_PARTS, DEFAULT_TARGET_MODULES, LormaConfig
-from .layer import LormaLayer
-from .model import LormaModel
-from .registry import register as _register
+import importlib
+from typing import TYPE_CHECKING, Any
 
-_register()
+from . import registry
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "DEFAULT_FUSED_PARTS",
-    "DEFAULT_TARGET_MODULES",
-    "LormaConfig",
-    "LormaLayer",
-    "LormaModel",
-    "functional",
-]
+# public name -> the submodule that defines it (a submodule itself when the name is the module's)
+_EXPORTS: dict[str, str] = {
+    "DEFAULT_FUSED_PARTS": "lorma.config",
+    "DEFAULT_TARGET_MODULES": "lorma.config",
+    "LormaConfig": "lorma.config",
+    "LormaLayer": "lorma.layer",
+    "LormaModel": "lorma.model",
+    "functional": "lorma.functional",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from . import functional as functional
+    from .config import DEFAULT_FUSED_PARTS as DEFAULT_FUSED_PARTS
+    from .config import DEFAULT_TARGET_MODULES as DEFAULT_TARGET_MODULES
+    from .config import LormaConfig as LormaConfig
+    from .layer import LormaLayer as LormaLayer
+    from .model import LormaModel as LormaModel
+
+
+def __getattr__(name: str) -> Any:
+    """Import what defines ``name`` on first use."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = importlib.import_module(_EXPORTS[name])
+    value = module if module.__name__ == f"{__name__}.{name}" else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+registry.register_when_peft_is_imported()

@@ -2,7 +2,12 @@
 
 Each subcommand lives in its own module, which exposes ``register(subparsers)`` (adds its parser and
 sets ``func`` on it) so that this file stays a table and importing the CLI stays cheap: a module is
-imported only when listed here, and heavy imports (torch, transformers) happen inside each ``func``.
+imported only when listed here, and heavy imports (torch, transformers) happen inside each ``func``, after
+its input has been checked.
+
+Errors: a :class:`lorma.errors.LormaError` is printed as one line (``lorma COMMAND: error: ...``) with its exit
+code (2 for bad input); Ctrl-C ends with a line saying where the command stopped (exit code 130), never a
+traceback.
 """
 
 from __future__ import annotations
@@ -10,6 +15,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from lorma.errors import InputError as LormaCLIError  # the name subcommands raise bad input by
+from lorma.errors import LormaError, RunInterrupted
+
+__all__ = ["LormaCLIError", "SUBCOMMAND_MODULES", "build_parser", "main"]
 
 # name -> module that defines ``register(subparsers)``
 SUBCOMMAND_MODULES: dict[str, str] = {
@@ -21,10 +31,6 @@ SUBCOMMAND_MODULES: dict[str, str] = {
     "evaluate": "lorma.tasks.evaluate_cli",
     "export": "lorma.export_cli",
 }
-
-
-class LormaCLIError(Exception):
-    """An error in the user's input: printed as one line, exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,13 +56,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``lorma`` command; returns its exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         result = args.func(args)
-    except LormaCLIError as err:
+    except RunInterrupted as err:
+        print(f"lorma {args.command}: interrupted: {err}", file=sys.stderr)
+        return err.exit_code
+    except LormaError as err:
         print(f"lorma {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return err.exit_code
+    except KeyboardInterrupt:
+        print(f"lorma {args.command}: interrupted (nothing was left half-written)", file=sys.stderr)
+        return RunInterrupted.exit_code
     return int(result or 0)
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from peft.config import PeftConfig
@@ -91,8 +93,8 @@ class LormaConfig(PeftConfig):
         self.peft_type = lorma_peft_type()
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"LormaConfig: r must be a positive integer, got {self.r!r}")
-        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            raise ValueError(f"LormaConfig: alpha must be a positive number, got {self.alpha!r}")
+        if not _positive_finite(self.alpha):
+            raise ValueError(f"LormaConfig: alpha must be a positive finite number, got {self.alpha!r}")
         if self.inflation not in INFLATIONS:
             raise ValueError(f"LormaConfig: unknown inflation {self.inflation!r}; expected one of {INFLATIONS}")
         if self.side not in SIDES:
@@ -103,8 +105,10 @@ class LormaConfig(PeftConfig):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"LormaConfig: rank_pattern[{name!r}] must be a positive integer, got {value!r}")
         for name, value in self.alpha_pattern.items():
-            if not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"LormaConfig: alpha_pattern[{name!r}] must be positive, got {value!r}")
+            if not _positive_finite(value):
+                raise ValueError(
+                    f"LormaConfig: alpha_pattern[{name!r}] must be a positive finite number, got {value!r}"
+                )
         if self.fused_parts is not None:
             for name, spec in self.fused_parts.items():
                 validate_fused_spec(name, spec)
@@ -114,6 +118,25 @@ class LormaConfig(PeftConfig):
             self.exclude_modules = set(self.exclude_modules)
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("LormaConfig: layers_to_transform cannot be used when target_modules is a str")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any) -> Any:
+        """peft's loader, after checking a local adapter's weights file.
+
+        ``PeftModel.from_pretrained`` reads the config (here) before the weights; a truncated, empty or corrupt
+        ``adapter_model.safetensors`` would otherwise fail inside safetensors with an error that does not name
+        the file. Here it is a ``ValueError`` (:class:`lorma.errors.DataFormatError`) that does.
+        """
+        from lorma.errors import DataFormatError
+        from lorma.fileio import safetensors_problem
+
+        folder = Path(pretrained_model_name_or_path, subfolder or "")
+        weights = folder / "adapter_model.safetensors"
+        if weights.is_file():
+            problem = safetensors_problem(weights)
+            if problem:
+                raise DataFormatError(weights, None, problem)
+        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
 
     @classmethod
     def from_peft_type(cls, **kwargs: Any) -> PeftConfig:
@@ -131,6 +154,11 @@ class LormaConfig(PeftConfig):
             if module_name == key or module_name.endswith("." + key) or re.fullmatch(key, module_name):
                 return int(spec["num_parts"]), sorted(int(p) for p in spec["parts"])
         return None
+
+
+def _positive_finite(value: Any) -> bool:
+    """A real number > 0 and finite (``nan`` and ``inf`` pass a plain ``> 0`` test or slip past it)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def validate_fused_spec(name: str, spec: Any) -> None:

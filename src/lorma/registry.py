@@ -2,13 +2,33 @@
 
 peft looks methods up by ``PeftType`` members (``PeftType.LORA``, ...), and the enum has no public way to
 grow. ``register_peft_method`` (peft >= 0.15) does everything else but requires the member to exist, so we
-add ``PeftType.LORMA`` at import time, then register. If a future peft changes the enum's layout, this fails
-here, with a message that says so, instead of somewhere deep inside peft.
+add ``PeftType.LORMA``, then register. If a future peft changes the enum's layout, this fails here, with a
+message that says so, instead of somewhere deep inside peft.
+
+*When* it happens: ``import lorma`` must stay cheap (the command line validates its input before importing
+torch, transformers or peft), yet after ``import lorma`` peft must know LORMA, whatever is imported next
+and in which order. :func:`register_when_peft_is_imported` registers at once if peft is already imported,
+and otherwise installs a post-import hook (a ``sys.meta_path`` finder) that registers as soon as ``peft``
+has finished importing. peft is imported by ``lorma.config`` and ``lorma.model`` themselves, whose classes
+registration needs: when one of them is what triggered peft's import, registration waits for it to finish
+(the hook watches those modules too). The hook removes itself once registration is done.
+
+A process that never imports lorma cannot know LORMA: peft's loaders then fail with ``KeyError: 'LORMA'``.
+That is peft's lookup, out of lorma's reach; the README and the model card lorma writes beside a saved
+adapter say to ``import lorma`` first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import importlib.abc
+import importlib.machinery
+import sys
+import threading
+import warnings
+from types import ModuleType
+from typing import Any
 
 PEFT_TYPE_NAME = "LORMA"
 
@@ -71,3 +91,116 @@ def register() -> None:
     from .model import LormaModel
 
     register_peft_method(name="lorma", config_cls=LormaConfig, model_cls=LormaModel, prefix="lorma_")
+
+
+# --------------------------------------------------------------------------------------------------
+# Registration as soon as peft is imported (a post-import hook)
+# --------------------------------------------------------------------------------------------------
+
+#: modules whose import completing may make registration possible: peft itself, and lorma's own modules (those
+#: that import peft, directly or not, may be what triggered peft's import, and registration imports them)
+_WATCHED_PREFIX = "lorma."
+
+
+def _watched(name: str) -> bool:
+    return name == "peft" or name.startswith(_WATCHED_PREFIX)
+_lock = threading.RLock()
+_done = False
+
+
+def _ready(just_loaded: str | None) -> bool:
+    """peft is imported and no watched module is half-way through its import (``just_loaded`` has finished
+    executing; importlib clears its flag only after our loader returns)."""
+    for name, module in list(sys.modules.items()):
+        if name == just_loaded or not _watched(name):
+            continue
+        if getattr(getattr(module, "__spec__", None), "_initializing", False):
+            return False
+    return "peft" in sys.modules
+
+
+def register_if_ready(just_loaded: str | None = None) -> bool:
+    """Register now if peft is imported and nothing is mid-import; True once LORMA is registered."""
+    global _done
+    with _lock:
+        if _done:
+            return True
+        if not _ready(just_loaded):
+            return False
+        try:
+            register()
+        except ImportError:  # a watched module is still initialising further up the stack: wait for it
+            return False
+        except LormaRegistrationError as err:  # keep peft usable; LormaConfig raises this again when used
+            warnings.warn(f"lorma could not register with peft: {err}", stacklevel=2)
+            return False
+        _done = True
+        _uninstall()
+        return True
+
+
+class _LoaderThenRegister(importlib.abc.Loader):
+    """Wraps a module's loader: executes the module, then tries to register."""
+
+    def __init__(self, loader: Any) -> None:
+        self._loader = loader
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        self._loader.exec_module(module)
+        register_if_ready(just_loaded=module.__name__)
+
+    def __getattr__(self, name: str) -> Any:  # get_resource_reader, is_package, ... of the real loader
+        return getattr(self._loader, name)
+
+
+class _PostImportHook(importlib.abc.MetaPathFinder):
+    """Finds the watched modules with the other finders and wraps their loaders."""
+
+    def __init__(self) -> None:
+        self._finding: set[str] = set()
+
+    def find_spec(
+        self, fullname: str, path: Any, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if not _watched(fullname) or fullname in self._finding:
+            return None
+        self._finding.add(fullname)
+        try:
+            for finder in sys.meta_path:
+                if finder is self or not hasattr(finder, "find_spec"):
+                    continue
+                spec = finder.find_spec(fullname, path, target)
+                if spec is not None:
+                    break
+            else:
+                return None
+        finally:
+            self._finding.discard(fullname)
+        if spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        spec.loader = _LoaderThenRegister(spec.loader)
+        return spec
+
+
+_hook: _PostImportHook | None = None
+
+
+def _uninstall() -> None:
+    global _hook
+    if _hook is not None:
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(_hook)
+        _hook = None
+
+
+def register_when_peft_is_imported() -> None:
+    """Register LORMA with peft now if peft is imported, else as soon as it is (see the module docstring)."""
+    global _hook
+    with _lock:
+        if register_if_ready() or _hook is not None:
+            return
+        _hook = _PostImportHook()
+        sys.meta_path.insert(0, _hook)

@@ -26,11 +26,14 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from lorma.fileio import dumps_json, strict_json
+from lorma.recipes.rundir import RANK_LOG
+
 from .matrices import sv_summary
 
 __all__ = ["RANK_LOG_NAME", "RankTrackingCallback", "rank_records", "read_rank_log", "module_key"]
 
-RANK_LOG_NAME = "rank_log.jsonl"
+RANK_LOG_NAME = RANK_LOG  # the run directory layout's name (lorma.recipes.rundir)
 _PEFT_PREFIXES = ("base_model.model.", "module.")
 
 
@@ -44,11 +47,6 @@ def module_key(name: str) -> str:
                 name = name[len(prefix) :]
                 changed = True
     return name
-
-
-def _json_number(value: float) -> float | str:
-    """JSON has no inf / nan: write them as strings that ``float()`` reads back."""
-    return value if math.isfinite(value) else str(value)
 
 
 def rank_records(model: Any, rtol: float | None = None) -> list[dict[str, Any]]:
@@ -73,7 +71,7 @@ def rank_records(model: Any, rtol: float | None = None) -> list[dict[str, Any]]:
                     "inflation": module.inflation[adapter],
                     "side": module.side[adapter],
                 }
-                record.update({k: _json_number(v) for k, v in summary.as_dict().items()})
+                record.update(strict_json(summary.as_dict()))  # JSON has no inf / nan: strings
                 records.append(record)
     return records
 
@@ -127,7 +125,7 @@ class RankTrackingCallback(TrainerCallback):
             return
         self._found_layers = True
         head = {"step": int(state.global_step), "epoch": state.epoch}
-        text = "".join(json.dumps({**head, **rec}) + "\n" for rec in records)
+        text = "".join(dumps_json({**head, **rec}, indent=None) for rec in records)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(text)

@@ -95,16 +95,18 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and not Path(value).is_dir():
             raise LormaCLIError(f"{flag} {value}: not a local directory")
     out = Path(args.out) if args.out else run_dir / "analysis"
-    from .report import OUTPUT_NAMES
+    from lorma.recipes.rundir import adapter_weights_file, check_not_input, check_output_location
 
+    from .report import OUTPUT_NAMES
+    from .runs import describe_missing_adapter, read_run
+
+    check_output_location(out, "--out")
     existing = [name for name in OUTPUT_NAMES if (out / name).exists()]
     if existing and not args.overwrite:
         raise LormaCLIError(f"{out} already holds {', '.join(existing)}; pass --overwrite or choose --out")
 
-    from .report import analyze, format_report
-    from .runs import read_run
-
     try:
+        # everything on disk is read and checked before torch and transformers are imported
         info = read_run(run_dir)
         if info.adapter_dir is None and info.loss_curve is None and info.rank_log is None:
             runs = sorted(str(p.parent) for p in run_dir.glob("*/seed-*/config.yaml"))
@@ -114,8 +116,21 @@ def run(args: argparse.Namespace) -> int:
                     f"{', '.join(runs[:4])}" + (" ..." if len(runs) > 4 else "")
                 )
             raise LormaCLIError(
-                f"{run_dir}: nothing to analyze (no adapter_config.json, training-loss log or rank_log.jsonl)"
+                f"{run_dir}: nothing to analyze (no adapter_config.json, training-loss log or rank_log.jsonl; "
+                f"{describe_missing_adapter(run_dir)})"
             )
+        other = read_run(args.against) if args.against is not None else None
+        if other is not None and info.adapter_dir is not None and other.adapter_dir is None \
+                and other.loss_curve is None:
+            raise LormaCLIError(f"--against {args.against}: nothing to compare with: "
+                                f"{describe_missing_adapter(Path(args.against))}; give the reference run's "
+                                "directory or its adapter directory")
+        for run in (info, other):
+            if run is not None and run.adapter_dir is not None:
+                adapter_weights_file(run.adapter_dir)
+                check_not_input(out, {"(the adapter)": run.adapter_dir}, replacing=False, flag="--out")
+        from .report import analyze, format_report
+
         result = analyze(
             run_dir,
             against=args.against,
@@ -127,6 +142,8 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             plots=not args.no_plots,
         )
+    except LormaCLIError:
+        raise
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         raise LormaCLIError(str(err)) from err
     print(format_report(result), end="")

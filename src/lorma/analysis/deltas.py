@@ -10,7 +10,6 @@ runs of different methods on the same base model line up.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,14 +84,13 @@ def _active(module: Any, names: list[str]) -> str | None:
 
 
 def read_adapter_config(adapter_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """``adapter_config.json`` of a saved peft adapter, with errors naming the file."""
-    path = Path(adapter_dir) / "adapter_config.json"
-    if not path.is_file():
+    """``adapter_config.json`` of a saved peft adapter, with errors naming the file (:mod:`lorma.recipes.rundir`)."""
+    from lorma.recipes.rundir import ADAPTER_CONFIG_FILE
+    from lorma.recipes.rundir import read_adapter_config as read_checked
+
+    if not (Path(adapter_dir) / ADAPTER_CONFIG_FILE).is_file():
         raise FileNotFoundError(f"{adapter_dir}: not a saved peft adapter (no adapter_config.json)")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from err
+    return read_checked(Path(adapter_dir))
 
 
 def resolve_base_model(adapter_dir: str | os.PathLike[str], base_model: str | None, hint: str | None = None) -> str:
@@ -126,17 +124,17 @@ _TASK_CLASSES = {
 
 
 def _adapter_tensors(adapter_dir: Path) -> dict[str, Any]:
+    """The saved adapter's tensors; a truncated or corrupt weights file is an error naming it."""
     from safetensors.torch import load_file
 
-    st = adapter_dir / "adapter_model.safetensors"
-    if st.is_file():
-        return load_file(str(st))
-    binary = adapter_dir / "adapter_model.bin"
-    if binary.is_file():
-        import torch
+    from lorma.recipes.rundir import adapter_weights_file
 
-        return torch.load(str(binary), map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{adapter_dir}: no adapter_model.safetensors (or adapter_model.bin)")
+    path = adapter_weights_file(adapter_dir)
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    import torch
+
+    return torch.load(str(path), map_location="cpu", weights_only=True)
 
 
 def _num_labels(tensors: dict[str, Any]) -> int | None:

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from lorma.fileio import atomic_path
+
 __all__ = ["plot_rank_over_steps", "plot_singular_values", "plot_loss_curves", "plot_module_bars"]
 
 
@@ -29,12 +31,10 @@ def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
     fig.tight_layout()
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

@@ -14,19 +14,19 @@ measurements are those of :mod:`lorma.analysis.matrices` and :mod:`lorma.analysi
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lorma.fileio import atomic_write_json, atomic_write_text
+
 from .convergence import Smoothing, convergence_table, loss_auc, smooth
 from .matrices import compare_matrices, random_control, singular_values, summarise, sv_summary
 from .runs import RunInfo, read_run
 
-__all__ = ["analyze", "format_report", "write_json_atomic", "OUTPUT_NAMES"]
+__all__ = ["analyze", "format_report", "OUTPUT_NAMES"]
 
 OUTPUT_NAMES = (
     "analysis.json",
@@ -41,24 +41,6 @@ OUTPUT_NAMES = (
 )
 
 _COMPARE_METRICS = ("frobenius_distance", "cosine", "sv_sq_diff", "eig_sq_diff", "angle_first", "angle_largest")
-
-
-def _strict_json(value: Any) -> Any:
-    """JSON has no inf / nan: write them as the strings "inf", "-inf", "nan" (``float()`` reads them back)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict_json(v) for v in value]
-    return value
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary file in the same directory, then ``os.replace`` it into place."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(_strict_json(data), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _measure_model(run: RunInfo, base_model: str | None, rtol: float | None) -> tuple[dict[str, Any], str]:
@@ -169,6 +151,8 @@ def analyze(
             "notes": other.notes,
             "loss_log": str(other.loss_source) if other.loss_source else None,
         }
+        if measured is not None and other.adapter_dir is None:
+            result["against"]["notes"] = [*other.notes, "delta W is not compared (no adapter); convergence is"]
         if measured is not None and other.adapter_dir is not None:
             ref, ref_base = _measure_model(other, against_base_model or base_model, rtol)
             result["against"]["base_model"] = ref_base
@@ -206,12 +190,8 @@ def analyze(
         out.mkdir(parents=True, exist_ok=True)
         if plots:
             result["plots"] = [str(p) for p in _plots(out, run, other, measured, ref, result, curves, smoothing)]
-        report_text = format_report(result)
-        (out / "analysis.txt").parent.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".analysis.txt.tmp{os.getpid()}"
-        tmp.write_text(report_text, encoding="utf-8")
-        os.replace(tmp, out / "analysis.txt")
-        write_json_atomic(out / "analysis.json", _without_records(result))
+        atomic_write_text(out / "analysis.txt", format_report(result))
+        atomic_write_json(out / "analysis.json", _without_records(result))
     return result
 
 
@@ -335,6 +315,10 @@ def format_report(result: dict[str, Any]) -> str:
         out.append(f"against: {result['against']['path']} ({result['against']['label']})")
     for note in result["run"].get("notes", []):
         out.append(f"note: {note}")
+    for note in result.get("against", {}).get("notes", []):
+        out.append(f"note (against): {note}")
+    # a reference without an adapter (e.g. a full fine-tuning run) is compared on convergence only
+    per_module_against = "modules" in result.get("against", {})
     out.append(
         "rank tolerance: "
         + result["tolerance"]["rule"]
@@ -362,7 +346,7 @@ def format_report(result: dict[str, Any]) -> str:
                 t_rank,
                 t_cond,
             ]
-            rows.append(row if "against" in result else row[:4] + row[5:])
+            rows.append(row if per_module_against else row[:4] + row[5:])
         headers = [
             "module",
             "method",
@@ -377,7 +361,7 @@ def format_report(result: dict[str, Any]) -> str:
         out += [
             "",
             "Per module: rank of delta W = W - W0 (Table 15) and of the final I(BA)",
-            _table(headers if "against" in result else headers[:4] + headers[5:], rows),
+            _table(headers if per_module_against else headers[:4] + headers[5:], rows),
         ]
     if "comparison" in result:
         rows = []

@@ -6,25 +6,39 @@ A run directory of ``lorma train`` holds the adapter (``adapter_config.json`` +
 ``rank_log.jsonl`` of :class:`~lorma.analysis.callback.RankTrackingCallback`. Any saved peft adapter
 directory works too; then the base model comes from ``--base-model`` or the adapter's own record.
 Nothing here is required except what a measurement needs; each reader returns None when its input is
-absent and raises an error naming the file (and line) when it is present but malformed.
+absent and raises an error naming the file (and line) when it is present but malformed. The layout of a
+``lorma train`` run (and which checkpoints are complete) is :mod:`lorma.recipes.rundir`'s; other layouts
+(HF Trainer output directories, other tools' names) are recognised too. Reading a run imports nothing heavy.
 """
 
 from __future__ import annotations
 
 import csv
-import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .callback import RANK_LOG_NAME
+from lorma.fileio import read_json, read_jsonl
+from lorma.recipes.rundir import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_DIR,
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    LOSS_LOG,
+    METRICS_FILE,
+    RANK_DIR,
+    RANK_LOG,
+    RUN_INFO_FILE,
+    TRAINER_STATE_FILE,
+    read_adapter_config,
+    scan_checkpoints,
+)
 
-__all__ = ["RunInfo", "read_run", "find_adapter_dir", "read_loss_curve", "method_label"]
+__all__ = ["RunInfo", "read_run", "find_adapter_dir", "read_loss_curve", "method_label", "describe_missing_adapter"]
 
-_ADAPTER_SUBDIRS = ("adapter", "final", "final_adapter", "best")
-_CONFIG_NAMES = ("config.yaml", "resolved_config.yaml", "run_config.yaml", "config.yml", "train_config.yaml")
-_LOSS_JSONL_NAMES = ("train_loss.jsonl", "loss_log.jsonl", "losses.jsonl", "train_log.jsonl", "log_history.jsonl")
+_ADAPTER_SUBDIRS = (ADAPTER_DIR, "final", "final_adapter", "best")
+_CONFIG_NAMES = (CONFIG_FILE, "resolved_config.yaml", "run_config.yaml", "config.yml", "train_config.yaml")
+_LOSS_JSONL_NAMES = ("train_loss.jsonl", "loss_log.jsonl", "losses.jsonl", LOSS_LOG, "log_history.jsonl")
 _LOSS_CSV_NAMES = ("train_loss.csv", "loss_log.csv", "losses.csv")
 
 
@@ -46,25 +60,38 @@ class RunInfo:
     notes: list[str] = field(default_factory=list)
 
 
-def _checkpoint_number(path: Path) -> int:
-    match = re.fullmatch(r"checkpoint-(\d+)", path.name)
-    return int(match.group(1)) if match else -1
+def _complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, newest first, of a run (``checkpoints/``) or a Trainer output directory."""
+    found = scan_checkpoints(run_dir / CHECKPOINTS_DIR).complete + scan_checkpoints(run_dir).complete
+    return sorted(found, key=lambda p: int(p.name.rsplit("-", 1)[1]), reverse=True)
 
 
 def find_adapter_dir(run_dir: Path) -> Path | None:
-    """The directory holding ``adapter_config.json``: the run dir, a known sub-dir, or the latest checkpoint."""
-    if (run_dir / "adapter_config.json").is_file():
+    """The directory holding ``adapter_config.json``: the run dir, a known sub-dir, or the newest *complete*
+    checkpoint (one a kill left half-written is never measured)."""
+    if (run_dir / ADAPTER_CONFIG_FILE).is_file():
         return run_dir
     for name in _ADAPTER_SUBDIRS:
-        if (run_dir / name / "adapter_config.json").is_file():
+        if (run_dir / name / ADAPTER_CONFIG_FILE).is_file():
             return run_dir / name
-    checkpoints = sorted(
-        (p for p in run_dir.glob("checkpoint-*") if (p / "adapter_config.json").is_file()), key=_checkpoint_number
-    )
+    checkpoints = [p for p in _complete_checkpoints(run_dir) if (p / ADAPTER_CONFIG_FILE).is_file()]
     if checkpoints:
-        return checkpoints[-1]
-    others = sorted(p.parent for p in run_dir.glob("*/adapter_config.json"))
+        return checkpoints[0]
+    others = sorted(p.parent for p in run_dir.glob(f"*/{ADAPTER_CONFIG_FILE}"))
     return others[0] if len(others) == 1 else None
+
+
+def describe_missing_adapter(run_dir: Path) -> str:
+    """Why ``run_dir`` has no adapter to measure, in words for an error message."""
+    if (run_dir / "config.json").is_file() and any(
+        (run_dir / n).is_file() for n in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
+    ):
+        return "it is a plain transformers model (a merged or base model), which has no delta W of its own"
+    if (run_dir / "model" / "config.json").is_file():
+        return "it is a run of a non-adapter method (full / bitfit / head-only)"
+    if (run_dir / CONFIG_FILE).is_file():
+        return f"the run has not finished (no {ADAPTER_DIR}/ and no complete checkpoint with an adapter)"
+    return f"no {ADAPTER_CONFIG_FILE} in it or below it"
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -79,13 +106,6 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping at the top level")
     return data
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from err
 
 
 def _curve_from_records(records: list[dict[str, Any]], where: str) -> tuple[list[float], list[float]] | None:
@@ -109,21 +129,6 @@ def _curve_from_records(records: list[dict[str, Any]], where: str) -> tuple[list
     return steps, [by_step[s] for s in steps]
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    records = []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            if number == len(lines):  # a torn last line from an interrupted run
-                break
-            raise ValueError(f"{path}:{number}: not a JSON line ({err.msg})") from err
-    return records
-
-
 def read_loss_curve(run_dir: Path) -> tuple[tuple[list[float], list[float]], Path] | None:
     """The per-step training loss of a run and the file it came from, or None if there is none.
 
@@ -133,7 +138,7 @@ def read_loss_curve(run_dir: Path) -> tuple[tuple[list[float], list[float]], Pat
     for name in _LOSS_JSONL_NAMES:
         path = run_dir / name
         if path.is_file():
-            curve = _curve_from_records(_read_jsonl(path), str(path))
+            curve = _curve_from_records(read_jsonl(path), str(path))
             if curve is not None:
                 return curve, path
     for name in _LOSS_CSV_NAMES:
@@ -146,12 +151,10 @@ def read_loss_curve(run_dir: Path) -> tuple[tuple[list[float], list[float]], Pat
                 curve = _curve_from_records(list(reader), str(path))
             if curve is not None:
                 return curve, path
-    states = [run_dir / "trainer_state.json"] + [
-        p / "trainer_state.json" for p in sorted(run_dir.glob("checkpoint-*"), key=_checkpoint_number, reverse=True)
-    ]
+    states = [run_dir / TRAINER_STATE_FILE] + [p / TRAINER_STATE_FILE for p in _complete_checkpoints(run_dir)]
     for path in states:
         if path.is_file():
-            data = _read_json(path)
+            data = read_json(path)
             history = data.get("log_history") if isinstance(data, dict) else None
             if isinstance(history, list):
                 curve = _curve_from_records(history, str(path))
@@ -185,15 +188,15 @@ def read_run(run_dir: str | Path) -> RunInfo:
         raise FileNotFoundError(f"{run_dir}: no such directory")
     notes: list[str] = []
     adapter_dir = find_adapter_dir(path)
-    adapter_config = _read_json(adapter_dir / "adapter_config.json") if adapter_dir else None
+    adapter_config = read_adapter_config(adapter_dir) if adapter_dir else None
     config_path = next((path / n for n in _CONFIG_NAMES if (path / n).is_file()), None)
     config = _read_yaml(config_path) if config_path else None
     hint = None
     # lorma train records the resolved base model path beside the adapter (lorma_run.json); the config's
     # ``model`` may be relative to the directory training ran from
-    run_info_path = adapter_dir / "lorma_run.json" if adapter_dir else None
+    run_info_path = adapter_dir / RUN_INFO_FILE if adapter_dir else None
     if run_info_path is not None and run_info_path.is_file():
-        run_info = _read_json(run_info_path)
+        run_info = read_json(run_info_path)
         if isinstance(run_info, dict) and isinstance(run_info.get("base_model"), str):
             hint = run_info["base_model"]
     if hint is None and config:
@@ -201,15 +204,13 @@ def read_run(run_dir: str | Path) -> RunInfo:
             if isinstance(config.get(key), str):
                 hint = config[key]
                 break
-    metrics_path = path / "metrics.json"
-    metrics = _read_json(metrics_path) if metrics_path.is_file() else None
+    metrics_path = path / METRICS_FILE
+    metrics = read_json(metrics_path) if metrics_path.is_file() else None
     loss = read_loss_curve(path)
     # ``lorma train --track-rank`` writes it under rank/; a bare RankTrackingCallback into its output_dir
-    rank_log = next(
-        (p for p in (path / RANK_LOG_NAME, path / "rank" / RANK_LOG_NAME) if p.is_file()), path / RANK_LOG_NAME
-    )
+    rank_log = next((p for p in (path / RANK_LOG, path / RANK_DIR / RANK_LOG) if p.is_file()), path / RANK_LOG)
     if adapter_dir is None:
-        notes.append("no saved adapter (adapter_config.json) found")
+        notes.append(f"no saved adapter: {describe_missing_adapter(path)}")
     if loss is None:
         notes.append("no training-loss log found")
     label = method_label(adapter_config, config) or path.name

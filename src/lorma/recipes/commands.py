@@ -1,6 +1,7 @@
 """The ``lorma train``, ``lorma compare``, ``lorma merge`` and ``lorma demo`` subcommands.
 
-Parsers only here (cheap to import, so ``lorma --help`` is fast); the work is in the modules they call.
+Parsers only here (cheap to import, so ``lorma --help`` is fast); the work is in the modules they call, which
+check their input before they import torch, transformers or peft.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from lorma.cli import LormaCLIError
+from lorma.errors import InputError
 
 # Common HF TrainingArguments fields as flags, with their help. Any other field: --training-arg KEY=VALUE
 # (listing all ~110 would need transformers imported to build the parser, and make --help unreadable).
@@ -69,7 +70,7 @@ def _key_values(items: list[str] | None, flag: str) -> dict[str, Any]:
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise LormaCLIError(f"{flag} expects KEY=VALUE, got '{item}'")
+            raise InputError(f"{flag} expects KEY=VALUE, got '{item}'")
         out[key.strip()] = _scalar(value)
     return out
 
@@ -148,33 +149,19 @@ def resolve_config(args: argparse.Namespace, resume: bool = False) -> Any:
     if args.config:
         yaml_values = load_yaml(args.config)
         source = str(args.config)
-    elif resume and flags.get("output_dir") and (Path(flags["output_dir"]) / "config.yaml").is_file():
-        source = str(Path(flags["output_dir"]) / "config.yaml")
-        yaml_values = load_yaml(source)
+    elif resume and flags.get("output_dir"):
+        from lorma.recipes.rundir import CONFIG_FILE, resume_source
+
+        saved = resume_source(Path(flags["output_dir"])) / CONFIG_FILE  # an unfinished --overwrite run's, if any
+        if saved.is_file():
+            source = str(saved)
+            yaml_values = load_yaml(source)
     return build_config(_normalise_yaml(yaml_values), flags, source=source)
-
-
-def _quiet_libraries() -> None:
-    """Keep transformers' load-time chatter out of the summary (warnings that matter still show)."""
-    import os
-    import warnings
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # a deprecation inside transformers/peft, raised once per model, says nothing to a user of lorma
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()  # the weight-loading bars; Trainer's own bars stay (disable_tqdm=False)
-    import datasets
-
-    datasets.disable_progress_bars()
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     """``lorma train``: one run."""
     cfg = resolve_config(args, resume=args.resume)
-    _quiet_libraries()
     from lorma.recipes.train import run_training
 
     metrics = run_training(cfg, overwrite=args.overwrite, resume=args.resume)
@@ -206,7 +193,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     methods = parse_methods(args.methods)
     cfg = resolve_config(args)
-    _quiet_libraries()
     from lorma.recipes.compare import run_compare
     from lorma.recipes.train import is_main_process
 
@@ -234,7 +220,6 @@ def cmd_merge(args: argparse.Namespace) -> int:
     """``lorma merge``: adapter + base -> one plain transformers model."""
     from lorma.recipes.merge import merge_adapter
 
-    _quiet_libraries()
     out = merge_adapter(args.adapter_dir, args.out_dir, base_model=args.base_model, overwrite=args.overwrite)
     print(f"merged model saved to {out} (load it with transformers' from_pretrained)")
     return 0
@@ -244,7 +229,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """``lorma demo``: the offline comparison on real data with a real model."""
     from lorma.recipes.demo import run_demo
 
-    _quiet_libraries()
     return run_demo(args)
 
 

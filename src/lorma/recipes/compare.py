@@ -8,7 +8,6 @@ Layout: ``OUTPUT_DIR/<method>/seed-<seed>/`` is an ordinary ``lorma train`` run 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from lorma.recipes.config import METHODS, RecipeError, RunConfig, atomic_write_text
+from lorma.fileio import atomic_path, atomic_write_json, atomic_write_text
+from lorma.recipes.config import METHODS, RecipeError, RunConfig
 
 try:  # the canonical AUC (same smoothing for every run) lives with the convergence analysis
     from lorma.analysis.convergence import loss_auc
@@ -165,10 +165,9 @@ def plot_loss_curves(curves: dict[str, list[tuple[list[int], list[float]]]], pat
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    tmp.replace(path)
 
 
 def short_name(model: str | None) -> str:
@@ -227,7 +226,7 @@ def run_compare(
         "data": first.get("data"),
     }
     if is_main_process():
-        atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+        atomic_write_json(out / "results.json", results)
         atomic_write_text(out / "results.md", format_markdown(results))
         plot_loss_curves(curves, out / "loss_curves.png", f"{results['task']}: training loss ({short_name(cfg.model)})")
     results["plot"] = str(out / "loss_curves.png")

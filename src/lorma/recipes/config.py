@@ -10,13 +10,13 @@ silently ignored and leave the run with a default the user did not ask for.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorma.cli import LormaCLIError
+from lorma.errors import InputError as RecipeError  # the name the recipes and tasks raise it by
 
 METHODS: tuple[str, ...] = ("lorma-plus", "lorma-pi", "lorma-none", "lora", "dora", "full", "bitfit", "head-only")
 # which methods are a peft adapter (saved as an adapter, mergeable)
@@ -34,10 +34,6 @@ DEFAULT_TRAINING: dict[str, Any] = {
     "weight_decay": 0.0,
     "logging_steps": 1,
 }
-
-
-class RecipeError(LormaCLIError):
-    """A problem with the user's config, data, model or output directory: printed as one line, exit 2."""
 
 
 @dataclass
@@ -108,12 +104,34 @@ class RunConfig:
 
 RUN_FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(RunConfig)}
 
+# TrainingArguments fields that configs and flags use most: known without importing transformers (seconds), so
+# that a config made of them is checked at once. Any other name is looked up in transformers itself; a test
+# keeps this set a subset of the real fields.
+COMMON_TRAINING_ARGUMENTS = frozenset({
+    "max_steps", "num_train_epochs", "learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size",
+    "gradient_accumulation_steps", "weight_decay", "warmup_steps", "lr_scheduler_type", "max_grad_norm",
+    "label_smoothing_factor", "optim", "eval_strategy", "eval_steps", "save_strategy", "save_steps",
+    "save_total_limit", "logging_steps", "report_to", "dataloader_num_workers", "fp16", "bf16",
+    "gradient_checkpointing", "use_cpu", "seed", "output_dir", "adam_beta1", "adam_beta2", "adam_epsilon",
+    "load_best_model_at_end", "metric_for_best_model", "greater_is_better", "save_only_model", "disable_tqdm",
+    "logging_strategy", "data_seed", "ddp_backend", "dataloader_pin_memory",
+})
+
 
 def training_argument_names() -> set[str]:
     """Names of HF TrainingArguments fields (imported lazily: transformers is slow to import)."""
     from transformers import TrainingArguments
 
     return {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+
+
+def _is_training_argument(name: str, known: list[set[str]]) -> bool:
+    """Whether ``name`` is a TrainingArguments field; transformers is imported only for an uncommon name."""
+    if name in COMMON_TRAINING_ARGUMENTS:
+        return True
+    if not known:
+        known.append(training_argument_names())
+    return name in known[0]
 
 
 def _coerce(name: str, value: Any, where: str) -> Any:
@@ -181,7 +199,7 @@ def build_config(
     Keys that are not RunConfig fields but are TrainingArguments fields go to ``training``; anything
     else is an error naming the key and where it came from.
     """
-    ta_names: set[str] | None = None
+    ta_names: list[set[str]] = []  # filled on first need
     values: dict[str, Any] = {}
     training: dict[str, Any] = {}
     for where, mapping in ((source, yaml_values or {}), ("command line", flag_values or {})):
@@ -190,12 +208,10 @@ def build_config(
             if name == "training":
                 if not isinstance(value, dict):
                     raise RecipeError(f"{where}: 'training' must be a mapping of TrainingArguments fields")
-                if ta_names is None:
-                    ta_names = training_argument_names()
                 for tkey, tval in value.items():
-                    if tkey == "warmup_ratio" and tkey not in ta_names:
+                    if tkey == "warmup_ratio" and not _is_training_argument(tkey, ta_names):
                         tkey = "warmup_steps"
-                    if tkey not in ta_names:
+                    if not _is_training_argument(tkey, ta_names):
                         raise RecipeError(f"{where}: training.{tkey} is not a field of transformers TrainingArguments")
                     training[tkey] = tval
                 continue
@@ -205,13 +221,11 @@ def build_config(
                 else:
                     values[name] = _coerce(name, value, where)
                 continue
-            if ta_names is None:
-                ta_names = training_argument_names()
-            if name == "warmup_ratio" and name not in ta_names:
+            if name == "warmup_ratio" and not _is_training_argument(name, ta_names):
                 # transformers 5 folded warmup_ratio into warmup_steps (a float < 1 is a ratio); the
                 # paper's tables and older configs say warmup_ratio
                 name = "warmup_steps"
-            if name in ta_names:
+            if _is_training_argument(name, ta_names):
                 if name in ("seed", "output_dir"):
                     values[name] = _coerce(name, value, where)
                 else:
@@ -234,8 +248,8 @@ def validate_config(cfg: RunConfig) -> None:
         raise RecipeError(f"unknown side '{cfg.side}'; expected 'pre' or 'post'")
     if cfg.r <= 0:
         raise RecipeError(f"r must be a positive integer, got {cfg.r}")
-    if cfg.alpha <= 0:
-        raise RecipeError(f"alpha must be positive, got {cfg.alpha}")
+    if not math.isfinite(cfg.alpha) or cfg.alpha <= 0:
+        raise RecipeError(f"alpha must be a positive finite number, got {cfg.alpha}")
     if not 0.0 <= cfg.dropout < 1.0:
         raise RecipeError(f"dropout must be in [0, 1), got {cfg.dropout}")
     if not 0.0 < cfg.eval_split < 1.0:
@@ -250,31 +264,48 @@ def validate_config(cfg: RunConfig) -> None:
         value = getattr(cfg, key)
         if value is not None and value <= 0:
             raise RecipeError(f"{key} must be positive, got {value}")
+    validate_training(cfg.training)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder and ``os.replace``.
+# Numeric TrainingArguments checked before anything runs: Trainer accepts some nonsense silently (max_steps 0
+# trains a step, a negative max_steps is ignored and 3 epochs run, a NaN learning rate trains to NaN).
+# name -> (kind, lowest, lowest allowed?, highest or None); kind "int" or "float"
+_TRAINING_BOUNDS: dict[str, tuple[str, float, bool, float | None]] = {
+    "max_steps": ("int", 1, True, None),
+    "num_train_epochs": ("float", 0, False, None),
+    "learning_rate": ("float", 0, False, None),
+    "per_device_train_batch_size": ("int", 1, True, None),
+    "per_device_eval_batch_size": ("int", 1, True, None),
+    "gradient_accumulation_steps": ("int", 1, True, None),
+    "save_total_limit": ("int", 1, True, None),
+    "dataloader_num_workers": ("int", 0, True, None),
+    "warmup_steps": ("float", 0, True, None),
+    "weight_decay": ("float", 0, True, None),
+    "max_grad_norm": ("float", 0, True, None),
+    "label_smoothing_factor": ("float", 0, True, 1),
+    "logging_steps": ("float", 0, False, None),
+    "save_steps": ("float", 0, False, None),
+    "eval_steps": ("float", 0, False, None),
+}
 
-    A run killed mid-write leaves the old file (or none), never a truncated one.
-    """
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file the usual mode
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
-
-def current_umask() -> int:
-    """The process umask (read by setting it and restoring it at once)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+def validate_training(training: dict[str, Any]) -> None:
+    """Errors for TrainingArguments values that are not numbers, not finite, or out of range."""
+    for name, (kind, low, low_ok, high) in _TRAINING_BOUNDS.items():
+        if name not in training or training[name] is None:
+            continue
+        value = training[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{name} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise RecipeError(f"{name} must be a finite number, got {value}")
+        if kind == "int" and not float(value).is_integer():
+            raise RecipeError(f"{name} must be a whole number, got {value}")
+        if value < low or (value == low and not low_ok) or (high is not None and value >= high):
+            bound = f">= {low:g}" if low_ok else f"> {low:g}"
+            bound += f" and < {high:g}" if high is not None else ""
+            hint = " (leave it out to train --num-train-epochs epochs)" if name == "max_steps" else ""
+            raise RecipeError(f"{name} must be {bound}, got {value}{hint}")
 
 
 def dump_yaml(values: dict[str, Any]) -> str:

@@ -2,71 +2,75 @@
 
 After merging, ``W = I(BA) W0`` (or ``W0 + BA`` for LoRA) is an ordinary weight: the saved model loads
 with ``AutoModelFor...from_pretrained`` and has no adapter and no inference overhead.
+
+Everything that can be checked without loading a model is checked first (the adapter's files, the run it comes
+from, the base model's shapes, where the output goes); the output directory is written beside its final place
+and moved there only when complete, and it can never be the adapter, its run or the base model.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from lorma.fileio import read_json, staged_directory
 from lorma.recipes.config import RecipeError
-from lorma.recipes.train import RUN_INFO_FILE, _replace_dir, model_fingerprint
+from lorma.recipes.rundir import RUN_INFO_FILE, check_adapter_dir, check_not_input, check_output_location, find_adapter
 
 
 def resolve_adapter_dir(path: str) -> Path:
-    """Accept the adapter directory itself or a run directory holding ``adapter/``."""
-    p = Path(path)
-    if not p.exists():
-        raise RecipeError(f"adapter directory not found: {p}")
-    if (p / "adapter_config.json").is_file():
-        return p
-    if (p / "adapter" / "adapter_config.json").is_file():
-        return p / "adapter"
-    if (p / "model" / "config.json").is_file():
-        raise RecipeError(f"{p} is a run of a non-adapter method (full / bitfit / head-only): its model/ is "
-                          "already a plain transformers model")
-    raise RecipeError(f"{p}: no adapter_config.json (not a peft adapter directory)")
+    """Accept the adapter directory itself or a run directory holding a finished ``adapter/`` (checked)."""
+    return find_adapter(Path(path)).path
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise RecipeError(f"{path}: cannot read ({err})") from None
+def _base_config(base: str) -> dict[str, Any] | None:
+    """The base model's ``config.json`` when it is a local directory (read without transformers), else None."""
+    path = Path(base) / "config.json"
+    return read_json(path) if path.is_file() else None
+
+
+def _base_of(adapter: Path, adapter_config: dict[str, Any], base_model: str | None) -> tuple[str, dict[str, Any]]:
+    """The base model to load (given, else recorded at training, else peft's record) and the run's record."""
+    run_info = read_json(adapter / RUN_INFO_FILE) if (adapter / RUN_INFO_FILE).is_file() else {}
+    base = base_model or run_info.get("base_model") or adapter_config.get("base_model_name_or_path")
+    if not base:
+        raise RecipeError(f"{adapter}: the base model is not recorded; give --base-model")
+    if base_model is None and Path(base).is_absolute() and not Path(base).exists():
+        raise RecipeError(f"the recorded base model {base} does not exist any more; give --base-model")
+    recorded = run_info.get("base_fingerprint")
+    local_config = _base_config(base)
+    if recorded and local_config is not None:
+        from lorma.recipes.train import model_fingerprint
+
+        _check_fingerprint(adapter, base, recorded, model_fingerprint(local_config))
+    return base, run_info
 
 
 def load_adapter_model(adapter: Path, base_model: str | None = None) -> tuple[Any, str]:
     """The adapter of ``adapter`` (a peft adapter directory) on its base model (or ``base_model``), unmerged.
 
-    The base model is loaded with the task's head (from the run's ``lorma_run.json``) and checked against the
-    fingerprint recorded at training time. Returns the ``PeftModel`` and the base model's path or name.
+    The adapter's files and the base model's shapes (its recorded fingerprint) are checked before anything is
+    loaded; the base model is loaded with the task's head (from the run's ``lorma_run.json``). Returns the
+    ``PeftModel`` and the base model's path or name.
     """
-    adapter_config = _read_json(adapter / "adapter_config.json")
-    run_info = _read_json(adapter / RUN_INFO_FILE) if (adapter / RUN_INFO_FILE).is_file() else {}
-    base = base_model or run_info.get("base_model") or adapter_config.get("base_model_name_or_path")
-    if not base:
-        raise RecipeError(f"{adapter}: the base model is not recorded; give --base-model")
+    base, run_info = _base_of(adapter, check_adapter_dir(adapter), base_model)
 
+    from lorma.recipes.train import model_fingerprint, quiet_libraries
+
+    quiet_libraries()
     from peft import PeftModel
     from transformers import AutoConfig
 
     import lorma  # noqa: F401  (registers the LORMA peft type before the adapter is loaded)
     from lorma.tasks.base import task_class
 
-    try:
-        base_config = AutoConfig.from_pretrained(base)
-    except (OSError, ValueError) as err:
-        raise RecipeError(f"cannot load base model '{base}': {str(err).splitlines()[0]}") from None
     recorded = run_info.get("base_fingerprint")
-    if recorded:
-        found = model_fingerprint(base_config)
-        diffs = [f"{k} {recorded[k]} vs {found.get(k)}" for k in recorded if found.get(k) != recorded[k]]
-        if diffs:
-            raise RecipeError(f"adapter {adapter} was trained on another base model than '{base}' "
-                              f"({'; '.join(diffs)})")
+    if recorded and _base_config(base) is None:  # a hub name: its config comes through transformers
+        try:
+            base_config = AutoConfig.from_pretrained(base)
+        except (OSError, ValueError) as err:
+            raise RecipeError(f"cannot load base model '{base}': {str(err).splitlines()[0]}") from None
+        _check_fingerprint(adapter, base, recorded, model_fingerprint(base_config))
     task_name = run_info.get("task")
     cls = task_class(task_name) if task_name else None
     try:
@@ -85,22 +89,33 @@ def load_adapter_model(adapter: Path, base_model: str | None = None) -> tuple[An
 
 def merge_adapter(adapter_dir: str, out_dir: str, base_model: str | None = None, overwrite: bool = False) -> Path:
     """Merge the adapter of ``adapter_dir`` into its base model (or ``base_model``) and save to ``out_dir``."""
-    adapter = resolve_adapter_dir(adapter_dir)
+    found = find_adapter(Path(adapter_dir))
+    adapter = found.path
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+    check_output_location(out, "OUT_DIR")
+    base, _ = _base_of(adapter, found.config, base_model)
+    check_not_input(out, {"ADAPTER_DIR": adapter_dir if found.run_dir is None else adapter,
+                          "--base-model" if base_model else "(the base model)": base},
+                    replacing=True, flag="OUT_DIR", containers={"ADAPTER_DIR (a run)": found.run_dir})
+    if out.exists() and any(out.iterdir()) and not overwrite:
         raise RecipeError(f"output directory {out} exists and is not empty; give --overwrite")
     peft_model, base = load_adapter_model(adapter, base_model)
     from transformers import AutoTokenizer
 
     merged = peft_model.merge_and_unload()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_directory(out) as tmp:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer_source = adapter if (adapter / "tokenizer_config.json").is_file() else base
         AutoTokenizer.from_pretrained(str(tokenizer_source)).save_pretrained(str(tmp))
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
+
+
+def _check_fingerprint(adapter: Path, base: str, recorded: dict[str, Any], found: dict[str, Any]) -> None:
+    """Refuse a base model whose type or shapes differ from those the adapter was trained on.
+
+    Keys absent from ``found`` are not compared: a raw ``config.json`` names some sizes by the model's own
+    keys only (GPT-2's ``n_embd``, which transformers' config object also shows as ``hidden_size``).
+    """
+    diffs = [f"{k} {recorded[k]} vs {found[k]}" for k in recorded if k in found and found[k] != recorded[k]]
+    if diffs:
+        raise RecipeError(f"adapter {adapter} was trained on another base model than '{base}' ({'; '.join(diffs)})")

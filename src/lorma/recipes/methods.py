@@ -7,11 +7,16 @@ task (e.g. a classifier) is trained in full and saved with the adapter through `
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from lorma.recipes.config import ADAPTER_METHODS, RecipeError, RunConfig
 
 LORMA_INFLATION = {"lorma-plus": "plus", "lorma-pi": "pi", "lorma-none": "none"}
+
+# Training one float32 parameter with AdamW holds the weight, its gradient and AdamW's two moments (16 bytes),
+# and AdamW's multi-tensor update allocates a working copy of the size of the parameters (4 more).
+BYTES_PER_TRAINED_PARAMETER = 20
 
 
 def default_target_modules(model: Any) -> list[str]:
@@ -30,8 +35,80 @@ def _check_targets(model: Any, targets: list[str]) -> None:
     """Every target name must match a module, or the adapter would silently adapt less than asked."""
     names = [name for name, _ in model.named_modules()]
     for target in targets:
-        if not any(name == target or name.endswith("." + target) for name in names):
+        if not any(_matches(name, [target]) for name in names):
             raise RecipeError(f"target module '{target}' matches no module of {type(model).__name__}")
+
+
+def _matches(name: str, targets: list[str]) -> bool:
+    return any(name == target or name.endswith("." + target) for target in targets)
+
+
+def adapter_parameter_count(model: Any, cfg: RunConfig) -> tuple[int, int]:
+    """``(parameters, modules)`` the adapter of ``cfg.method`` would add to ``model``, from the target modules'
+    shapes alone (before anything is allocated): ``2 r d`` per LoRMA transform (``d = d_out`` pre, ``d_in``
+    post, one transform per adapted part of a fused projection), ``r (d_in + d_out)`` for LoRA (plus the
+    ``d_out`` magnitudes of DoRA). ``(0, 0)`` for the non-adapter methods."""
+    if cfg.method not in ADAPTER_METHODS:
+        return 0, 0
+    targets = cfg.target_modules or default_target_modules(model)
+    fused: dict[str, Any] = {}
+    if cfg.method in LORMA_INFLATION and cfg.target_modules is None:
+        from lorma import DEFAULT_FUSED_PARTS
+
+        fused = DEFAULT_FUSED_PARTS.get(getattr(model.config, "model_type", ""), {})
+    params = modules = 0
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not _matches(name, targets) or getattr(weight, "ndim", 0) != 2:
+            continue
+        d_out, d_in = weight.shape
+        if type(module).__name__ == "Conv1D":  # transformers' Conv1D stores (d_in, d_out)
+            d_out, d_in = d_in, d_out
+        modules += 1
+        if cfg.method in LORMA_INFLATION:
+            d = d_out if cfg.side == "pre" else d_in
+            spec = next((v for k, v in fused.items() if _matches(name, [k])), None)
+            transforms = 1
+            if spec is not None:  # one transform per adapted part; on the pre side, of the part's size
+                transforms = len(spec["parts"])
+                d = d // spec["num_parts"] if cfg.side == "pre" else d
+            params += transforms * 2 * cfg.r * d
+        else:
+            params += cfg.r * (d_in + d_out) + (d_out if cfg.method == "dora" else 0)
+    return params, modules
+
+
+def available_memory(cfg: RunConfig) -> tuple[int, str]:
+    """Bytes free where training will run, and what that memory is (GPU memory, or the machine's RAM)."""
+    import torch
+
+    if torch.cuda.is_available() and not cfg.training.get("use_cpu"):
+        free, _ = torch.cuda.mem_get_info()
+        return int(free), "free GPU memory"
+    meminfo = Path("/proc/meminfo")
+    if meminfo.is_file():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024, "available memory"
+    import os
+
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "available memory"
+
+
+def check_adapter_fits(model: Any, cfg: RunConfig) -> None:
+    """Refuse an adapter whose training state cannot fit in memory (``--r 100000``), naming its size, before it
+    is built: otherwise it dies of an out-of-memory error in the middle of a step."""
+    params, modules = adapter_parameter_count(model, cfg)
+    if not params:
+        return
+    need = params * BYTES_PER_TRAINED_PARAMETER
+    free, what = available_memory(cfg)
+    if need > free:
+        raise RecipeError(
+            f"the {cfg.method} adapter at r={cfg.r} would have {params:,} trainable parameters in {modules} modules: "
+            f"about {need / 1e9:.1f} GB to train in float32 (weights, gradients, AdamW state), more than the "
+            f"{free / 1e9:.1f} GB of {what}; lower --r"
+        )
 
 
 def _freeze_all_but(model: Any, keep: Any) -> None:

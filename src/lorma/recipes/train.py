@@ -1,12 +1,10 @@
-"""One training run through HF Trainer, and the layout of its output directory.
+"""One training run through HF Trainer, written into a run directory as a transaction.
 
-``OUTPUT_DIR/``
-    ``config.yaml``       the resolved settings (written first, so a killed run can be resumed from it)
-    ``train_log.jsonl``   one line per logged step: ``{"step", "epoch", "loss", "learning_rate"}``
-    ``checkpoints/``      Trainer checkpoints (``--resume`` continues from the last one)
-    ``adapter/``          the adapter (safetensors, peft layout) + tokenizer + ``lorma_run.json``
-    ``model/``            instead of ``adapter/`` for full / bitfit / head-only: the whole model
-    ``metrics.json``      eval metrics (final and best), training time, parameter counts, baseline
+The directory's layout and the transaction (lock, ``--overwrite`` written beside the old run and swapped at the
+end, ``--resume`` from the newest complete checkpoint) are :mod:`lorma.recipes.rundir`'s; this module trains.
+Every input is checked before the heavy stack (torch, transformers, peft) is imported, so bad input is an error
+within moments; nothing is written before the model is built, and an error before training starts leaves the
+output directory as it was.
 
 Because training is Trainer's, ``torchrun --nproc_per_node=N`` and ``accelerate launch`` run the same
 command on several processes; only the main process writes files.
@@ -15,27 +13,42 @@ command on several processes; only the main process writes files.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from lorma.recipes.config import (
-    ADAPTER_METHODS,
-    RecipeError,
-    RunConfig,
+from lorma.errors import DiskFullError, InputError, RunInterrupted
+from lorma.fileio import (
+    append_jsonl,
+    atomic_write_json,
     atomic_write_text,
-    current_umask,
-    dump_yaml,
+    directory_size,
+    is_no_space,
+    read_jsonl,
+    staged_directory,
+    trim_jsonl,
+)
+from lorma.recipes.config import ADAPTER_METHODS, RunConfig, dump_yaml
+from lorma.recipes.rundir import (
+    ADAPTER_DIR,
+    CONFIG_FILE,
+    LOSS_LOG,
+    METRICS_FILE,
+    MODEL_DIR,
+    RANK_DIR,
+    RANK_LOG,
+    RUN_FILES,
+    RUN_INFO_FILE,
+    RunTransaction,
+    check_not_input,
+    scan_checkpoints,
 )
 
-RUN_INFO_FILE = "lorma_run.json"
-LOSS_LOG = "train_log.jsonl"
-RUN_FILES = ("config.yaml", "metrics.json", LOSS_LOG, "adapter", "model", "checkpoints")
+__all__ = ["LOSS_LOG", "RUN_FILES", "RUN_INFO_FILE", "is_main_process", "quiet_libraries", "read_loss_log",
+           "run_training", "weights_digest", "world_size"]
 
 
 def world_size() -> int:
@@ -46,48 +59,6 @@ def world_size() -> int:
 def is_main_process() -> bool:
     """Rank 0 (or a single process)."""
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def last_checkpoint(output_dir: Path) -> Path | None:
-    """The checkpoint with the highest step under ``output_dir/checkpoints``, if any."""
-    folder = output_dir / "checkpoints"
-    if not folder.is_dir():
-        return None
-    found = [p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
-
-
-def check_output_dir(output_dir: str | None, overwrite: bool, resume: bool) -> Path:
-    """The output directory, refusing to touch an existing run unless ``overwrite`` or ``resume`` says so."""
-    if not output_dir:
-        raise RecipeError("no output directory: give --output-dir")
-    out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise RecipeError(f"output directory {out} exists and is not a directory")
-    existing = [name for name in RUN_FILES if (out / name).exists()]
-    if resume:
-        if last_checkpoint(out) is None:
-            raise RecipeError(f"--resume: no checkpoint in {out / 'checkpoints'} to resume from")
-        if overwrite:
-            raise RecipeError("--resume and --overwrite contradict each other: give one")
-    elif existing and not overwrite:
-        raise RecipeError(
-            f"output directory {out} already holds a run ({', '.join(existing)}); "
-            "give --overwrite to replace it or --resume to continue it"
-        )
-    return out
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move a finished directory into place; an older one is removed only after the new one is complete."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
 
 
 def weights_digest(model: Any) -> str:
@@ -101,16 +72,9 @@ def weights_digest(model: Any) -> str:
 
 
 def read_loss_log(path: str | os.PathLike) -> tuple[list[int], list[float]]:
-    """``(steps, losses)`` from a ``train_log.jsonl``."""
-    steps: list[int] = []
-    losses: list[float] = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                record = json.loads(line)
-                steps.append(int(record["step"]))
-                losses.append(float(record["loss"]))
-    return steps, losses
+    """``(steps, losses)`` from a ``train_log.jsonl`` (a line torn by a kill is dropped)."""
+    records = read_jsonl(path)
+    return [int(r["step"]) for r in records], [float(r["loss"]) for r in records]
 
 
 def _loss_log_callback(path: Path) -> Any:
@@ -118,7 +82,7 @@ def _loss_log_callback(path: Path) -> Any:
     from transformers import TrainerCallback
 
     class LossLog(TrainerCallback):
-        """Per-step training loss as JSON lines; on resume, lines past the checkpoint's step are dropped.
+        """Per-step training loss as JSON lines (on resume, run_training first drops lines past the checkpoint).
 
         Also times the optimizer steps themselves (``step_seconds``), so that seconds per step leave out
         evaluation and checkpointing, which Trainer's ``train_runtime`` includes.
@@ -137,22 +101,11 @@ def _loss_log_callback(path: Path) -> Any:
                 self.steps_timed += 1
                 self._started = None
 
-        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if not state.is_world_process_zero:
-                return
-            kept: list[str] = []
-            if path.exists() and state.global_step > 0:
-                with open(path, encoding="utf-8") as fh:
-                    kept = [ln for ln in fh if ln.strip() and json.loads(ln)["step"] <= state.global_step]
-            atomic_write_text(path, "".join(kept))
-
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
             if not state.is_world_process_zero or not logs or "loss" not in logs:
                 return
-            record = {"step": state.global_step, "epoch": state.epoch, "loss": float(logs["loss"]),
-                      "learning_rate": logs.get("learning_rate")}
-            with open(path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(record) + "\n")
+            append_jsonl(path, {"step": state.global_step, "epoch": state.epoch, "loss": float(logs["loss"]),
+                                "learning_rate": logs.get("learning_rate")})
 
     return LossLog()
 
@@ -162,7 +115,7 @@ def _rank_callback(every: int, output_dir: Path, resume: bool) -> Any:
     try:
         from lorma.analysis.callback import RankTrackingCallback
     except ImportError as err:
-        raise RecipeError(f"--track-rank needs lorma.analysis.callback, which cannot be imported ({err})") from None
+        raise InputError(f"--track-rank needs lorma.analysis.callback, which cannot be imported ({err})") from None
     try:
         return RankTrackingCallback(every_n_steps=every, output_dir=str(output_dir), resume=resume)
     except TypeError:  # an older signature without resume
@@ -206,7 +159,7 @@ def _training_arguments(cfg: RunConfig, out: Path, has_eval: bool, task: Any) ->
     try:
         return TrainingArguments(**kwargs)
     except (TypeError, ValueError) as err:
-        raise RecipeError(f"invalid training arguments: {str(err).splitlines()[0]}") from None
+        raise InputError(f"invalid training arguments: {str(err).splitlines()[0]}") from None
 
 
 def _quiet_progress(trainer: Any) -> None:
@@ -248,73 +201,160 @@ def _best_eval(log_history: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def model_fingerprint(config: Any) -> dict[str, Any]:
-    """What makes a base model compatible with an adapter: type and shapes."""
+    """What makes a base model compatible with an adapter: type and shapes (from a transformers config, or the
+    dict of its ``config.json``)."""
     keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
             "vocab_size", "n_embd", "n_layer")
-    return {k: getattr(config, k) for k in keys if getattr(config, k, None) is not None}
+    values = config if isinstance(config, dict) else {k: getattr(config, k, None) for k in keys}
+    return {k: values[k] for k in keys if values.get(k) is not None}
+
+
+def quiet_libraries() -> None:
+    """Keep transformers' load-time chatter out of the summary (warnings that matter still show).
+
+    Called once the input has been checked: it imports transformers and datasets.
+    """
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # a deprecation inside transformers/peft, raised once per model, says nothing to a user of lorma
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # the weight-loading bars; Trainer's own bars stay (disable_tqdm=False)
+    import datasets
+
+    datasets.disable_progress_bars()
+
+
+def run_inputs(cfg: RunConfig) -> dict[str, str | None]:
+    """What a run reads (so that its output directory is never one of them, nor contains one when replaced)."""
+    return {"--model": cfg.model, "--train-file": cfg.train_file, "--eval-file": cfg.eval_file, "--data": cfg.data}
+
+
+def _failed_write(err: BaseException) -> bool:
+    """Whether ``err`` says a write failed for lack of space (errno, or the text of torch's / safetensors'
+    writers, which do not keep the errno)."""
+    if isinstance(err, DiskFullError) or is_no_space(err):
+        return True
+    text = str(err)
+    return any(s in text for s in ("No space left on device", "StorageFull", "os error 28", "Disk quota exceeded"))
+
+
+def _torch_write_failure(err: BaseException) -> bool:
+    """torch's zip writer reports a failed write as ``unexpected pos`` or ``failed writing``, without the errno."""
+    return isinstance(err, RuntimeError) and any(s in str(err) for s in ("unexpected pos", "failed writing",
+                                                                         "PytorchStreamWriter"))
+
+
+def disk_full_error(err: BaseException, txn: RunTransaction) -> DiskFullError | None:
+    """A one-line :class:`DiskFullError` (what was being written, the space left, how to resume) when ``err``
+    is a failed write on a full disk; None for any other error."""
+    folder = txn.work if txn.work.exists() else txn.final.parent
+    free = shutil.disk_usage(folder).free
+    scan = scan_checkpoints(txn.checkpoints)
+    newest_size = directory_size(scan.newest) if scan.newest is not None else 0
+    if not (_failed_write(err) or (_torch_write_failure(err) and free < max(64 << 20, 2 * newest_size))):
+        return None
+    skipped = scan.skipped_newer()
+    what = f"checkpoint {skipped[-1][0]}" if skipped else f"the files of {txn.work}"
+    return DiskFullError(f"no space left on the device while writing {what} ({free / 1e6:.1f} MB free); free some "
+                         f"space: {txn.describe_stop()}")
+
+
+def _trim_logs(work: Path, checkpoint: Path | None, rank_log: Path) -> None:
+    """Drop log lines written after the checkpoint a run resumes from (all of them when it starts from step 0):
+    they will be written again."""
+    step = int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint is not None else -1
+    for log in (work / LOSS_LOG, rank_log):
+        trim_jsonl(log, lambda r: int(r.get("step", -1)) <= step)
 
 
 def run_training(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
-    """Train one run as configured; returns the metrics written to ``metrics.json``."""
-    from lorma.recipes.methods import build_method_model, count_parameters
+    """Train one run as configured; returns the metrics written to ``metrics.json``.
+
+    Raises :class:`~lorma.errors.InputError` for bad input (nothing written), :class:`RunInterrupted` on
+    Ctrl-C and :class:`DiskFullError` for a full disk (the run can be resumed from its last complete
+    checkpoint after either).
+    """
+    from lorma.recipes.methods import build_method_model, check_adapter_fits, count_parameters
     from lorma.tasks.base import get_task
 
-    out = check_output_dir(cfg.output_dir, overwrite, resume)
+    main = is_main_process()
+    txn = RunTransaction(cfg.output_dir, overwrite=overwrite, resume=resume, main_process=main)
+    check_not_input(txn.final, run_inputs(cfg), replacing=overwrite)
     if cfg.track_rank and not cfg.method.startswith("lorma-"):
-        raise RecipeError(f"--track-rank tracks the rank of LoRMA's I(BA); method {cfg.method} has none")
+        raise InputError(f"--track-rank tracks the rank of LoRMA's I(BA); method {cfg.method} has none")
     task = get_task(cfg)
     task.check_inputs()
-    main = is_main_process()
 
-    import torch
-    from transformers import Trainer, set_seed
+    with txn:  # the lock: a second writer is refused from here; an error before txn.started() undoes it all
+        quiet_libraries()
+        import torch
+        from transformers import Trainer, set_seed
 
-    set_seed(cfg.seed)
-    tokenizer = task.load_tokenizer()
-    base = task.load_model(tokenizer)
-    base_fingerprint = model_fingerprint(base.config)
-    model = build_method_model(base, cfg, task.head_module_names(base), task.peft_task_type)
-    trainable, total = count_parameters(model)
-    train_ds, eval_ds = task.build_datasets(tokenizer)
-    args = _training_arguments(cfg, out, eval_ds is not None, task)
-    checkpoint = last_checkpoint(out) if resume else None
-    # everything is checked and built: only now touch the output directory
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        resolved = cfg.to_dict()
-        resolved["training"] = {k: v for k, v in cfg.training_arguments().items() if k != "seed"}
-        atomic_write_text(out / "config.yaml", dump_yaml(resolved))
-        if overwrite:
-            for stale in ("checkpoints", "metrics.json", LOSS_LOG, "rank"):
-                target = out / stale
-                if target.is_dir():
-                    shutil.rmtree(target)
-                elif target.exists():
-                    target.unlink()
-    loss_log = _loss_log_callback(out / LOSS_LOG)
-    callbacks = [loss_log]
-    if cfg.track_rank:
-        # after the overwrite clean-up above, so that an old rank log is gone
-        callbacks.append(_rank_callback(cfg.track_rank, out / "rank", resume))
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        data_collator=task.data_collator(tokenizer),
-        processing_class=tokenizer,
-        compute_metrics=task.compute_metrics if task.has_compute_metrics() else None,
-        callbacks=callbacks,
-    )
-    _quiet_progress(trainer)
+        set_seed(cfg.seed)
+        tokenizer = task.load_tokenizer()
+        base = task.load_model(tokenizer)
+        base_fingerprint = model_fingerprint(base.config)
+        check_adapter_fits(base, cfg)
+        model = build_method_model(base, cfg, task.head_module_names(base), task.peft_task_type)
+        trainable, total = count_parameters(model)
+        train_ds, eval_ds = task.build_datasets(tokenizer)
+        args = _training_arguments(cfg, txn.work, eval_ds is not None, task)
+        checkpoint = txn.resume_from
+        out = txn.work
+        rank_log = out / RANK_DIR / RANK_LOG
+        # everything is checked and built: only now touch the output directory
+        if main:
+            txn.prepare()
+            resolved = cfg.to_dict()
+            resolved["training"] = {k: v for k, v in cfg.training_arguments().items() if k != "seed"}
+            atomic_write_text(out / CONFIG_FILE, dump_yaml(resolved))
+            _trim_logs(out, checkpoint, rank_log)
+        loss_log = _loss_log_callback(out / LOSS_LOG)
+        callbacks = [loss_log]
+        if cfg.track_rank:
+            callbacks.append(_rank_callback(cfg.track_rank, rank_log.parent, checkpoint is not None))
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
+            data_collator=task.data_collator(tokenizer),
+            processing_class=tokenizer,
+            compute_metrics=task.compute_metrics if task.has_compute_metrics() else None,
+            callbacks=callbacks,
+        )
+        _quiet_progress(trainer)
+        txn.started()
+        try:
+            metrics = _train_and_save(cfg, txn, trainer, task, model, tokenizer, eval_ds, loss_log, checkpoint,
+                                      trainable, total, base_fingerprint)
+        except KeyboardInterrupt:
+            raise RunInterrupted(f"stopped at step {trainer.state.global_step}; {txn.describe_stop()}") from None
+        except Exception as err:  # noqa: BLE001 - only a failed write is turned into a message; the rest re-raise
+            full = disk_full_error(err, txn)
+            if full is None:
+                raise
+            raise full from err
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        txn.commit()
+    return metrics
+
+
+def _train_and_save(cfg: RunConfig, txn: RunTransaction, trainer: Any, task: Any, model: Any, tokenizer: Any,
+                    eval_ds: Any, loss_log: Any, checkpoint: Path | None, trainable: int, total: int,
+                    base_fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """Train (from ``checkpoint`` if given), evaluate, save the model and ``metrics.json`` (main process)."""
+    out = txn.work
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
     eval_metrics = task.evaluate(trainer, eval_ds)
-    steps = int(trainer.state.global_step)
-    runtime = float(result.metrics.get("train_runtime", math.nan))
     digest = weights_digest(model)
     if world_size() > 1:  # every rank says what it trained: one model means one digest
         print(f"[rank {os.environ.get('RANK', '0')}/{world_size()}] trained weights sha256 {digest}", flush=True)
-
     metrics: dict[str, Any] = {
         "task": task.name,
         "method": cfg.method,
@@ -323,44 +363,45 @@ def run_training(cfg: RunConfig, overwrite: bool = False, resume: bool = False) 
         "best_eval": _best_eval(trainer.state.log_history),
         "baseline": task.baseline_metrics(),
         "train_loss": float(result.training_loss),
-        "global_step": steps,
-        "train_runtime": runtime,
+        "global_step": int(trainer.state.global_step),
+        "train_runtime": float(result.metrics.get("train_runtime", math.nan)),
         "seconds_per_step": loss_log.step_seconds / loss_log.steps_timed if loss_log.steps_timed else math.nan,
         "trainable_params": trainable,
         "total_params": total,
         "world_size": world_size(),
         "weights_sha256": digest,
-        "resumed": bool(resume),
+        "resumed": txn.resume,
     }
     if hasattr(task, "data_summary"):
         metrics["data"] = task.data_summary()
-    if main:
+    if is_main_process():
         steps_logged, losses = read_loss_log(out / LOSS_LOG) if (out / LOSS_LOG).exists() else ([], [])
         if len(steps_logged) >= 2:
             from lorma.recipes.compare import loss_auc
 
             metrics["loss_auc"] = float(loss_auc(steps_logged, losses))
         _save_model(cfg, out, model, tokenizer, task, base_fingerprint)
-        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=_json_default) + "\n")
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+        atomic_write_json(out / METRICS_FILE, metrics)  # last: a run directory with metrics.json has finished
     return metrics
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return str(value)
+LOAD_NOTE = """
+## Loading this adapter
+
+This is a LoRMA adapter (`peft_type` "LORMA"). peft knows the method only in a process that has run
+`import lorma`: import it before `PeftModel.from_pretrained` (otherwise peft fails with `KeyError: 'LORMA'`).
+"""
 
 
 def _save_model(cfg: RunConfig, out: Path, model: Any, tokenizer: Any, task: Any, fingerprint: dict[str, Any]) -> None:
     """Save the adapter (or the whole model for non-adapter methods) atomically, with the tokenizer."""
-    final = out / ("adapter" if cfg.method in ADAPTER_METHODS else "model")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=out))
-    os.chmod(tmp, 0o777 & ~current_umask())
-    try:
+    final = out / (ADAPTER_DIR if cfg.method in ADAPTER_METHODS else MODEL_DIR)
+    with staged_directory(final) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
+        if cfg.method.startswith("lorma-"):
+            card = tmp / "README.md"
+            atomic_write_text(card, (card.read_text(encoding="utf-8") if card.is_file() else "") + LOAD_NOTE)
         model_path = cfg.model
         if model_path is not None and Path(model_path).exists():
             model_path = str(Path(model_path).resolve())
@@ -371,8 +412,4 @@ def _save_model(cfg: RunConfig, out: Path, model: Any, tokenizer: Any, task: Any
             "model_info": task.model_info,
             "base_fingerprint": fingerprint,
         }
-        atomic_write_text(tmp / RUN_INFO_FILE, json.dumps(info, indent=2) + "\n")
-        _replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic_write_json(tmp / RUN_INFO_FILE, info)

@@ -19,6 +19,11 @@ import numpy as np
 
 from lorma.recipes.config import RecipeError
 from lorma.tasks.base import Task, register_task
+from lorma.tasks.readers import allow_large_csv_fields
+
+# A label set that looks like scores rather than classes: any fractional value, or more distinct integers than
+# this. Training a classifier on it is rarely meant; the user says which with --problem-type.
+MAX_INTEGER_CLASSES_UNASKED = 20
 
 
 @dataclass(frozen=True)
@@ -98,12 +103,15 @@ def _read_rows(
     """Rows of a delimited file, restricted to ``columns`` (names or indices); errors name file and line."""
     rows: list[list[str]] = []
     lines: list[int] = []
+    allow_large_csv_fields()
+    start = 1  # the line a record starts on (a quoted field may span lines; reader.line_num is where it ends)
     try:
         with open(path, encoding=encoding, newline="") as fh:
             reader = csv.reader(fh, delimiter=delimiter, quoting=quoting)
             header: list[str] = []
             if has_header:
                 header = next(reader, [])
+                start = reader.line_num + 1
                 if not header:
                     raise RecipeError(f"{path}: empty file (expected a header line)")
             index: list[int] = []
@@ -115,20 +123,26 @@ def _read_rows(
                 else:
                     raise _missing_column(path, column, header)
             need = max(index) + 1
+            separator = "a comma" if delimiter == "," else "a tab"
             for row in reader:
+                line, start = start, reader.line_num + 1
                 if not row or (len(row) == 1 and not row[0].strip()):
                     continue
+                if header and len(row) != len(header):
+                    # more fields than the header: most often a text with an unquoted separator, which would
+                    # shift the label column; fewer: a truncated row. Either way the columns are not trustworthy.
+                    hint = (f" (a text containing {separator} must be in double quotes)"
+                            if len(row) > len(header) else "")
+                    raise RecipeError(f"{path}:{line}: row has {len(row)} fields, the header has {len(header)}{hint}")
                 if len(row) < need:
-                    raise RecipeError(
-                        f"{path}:{reader.line_num}: row has {len(row)} fields, expected at least {need}"
-                    )
+                    raise RecipeError(f"{path}:{line}: row has {len(row)} fields, expected at least {need}")
                 rows.append([row[i] for i in index])
-                lines.append(reader.line_num)
+                lines.append(line)
     except UnicodeDecodeError as err:
         raise RecipeError(f"{path}: not valid {encoding} text ({err.reason} at byte {err.start}); "
                           "set --file-encoding") from None
     except csv.Error as err:
-        raise RecipeError(f"{path}: malformed CSV ({err})") from None
+        raise RecipeError(f"{path}:{start}: malformed CSV ({err})") from None
     return rows, lines
 
 
@@ -211,6 +225,22 @@ def _sorted_labels(values: set[str]) -> list[str]:
         return sorted(values, key=int)
     except ValueError:
         return sorted(values)
+
+
+def _refuse_score_like_labels(source: str, labels: list[str]) -> None:
+    """Numeric labels with fractions, or too many distinct integers, look like regression targets: ask."""
+    try:
+        numbers = [float(label) for label in labels]
+    except ValueError:
+        return
+    fractional = [label for label, x in zip(labels, numbers) if not x.is_integer()]
+    if fractional or len(labels) > MAX_INTEGER_CLASSES_UNASKED:
+        shown = ", ".join((fractional or labels)[:4])
+        raise RecipeError(
+            f"{source}: the labels look like scores ({len(labels)} distinct numbers, e.g. {shown}): give "
+            "--problem-type regression to predict the number, or --problem-type classification to make each "
+            "value a class"
+        )
 
 
 def _is_default_label_names(id2label: dict[int, str]) -> bool:
@@ -368,7 +398,10 @@ class ClassificationTask(Task):
             return None
         if self.glue is not None and self.glue.labels is not None:
             return list(self.glue.labels)
-        return _sorted_labels({_label_key(v) for v in train.labels})
+        labels = _sorted_labels({_label_key(v) for v in train.labels})
+        if self.config.problem_type is None:
+            _refuse_score_like_labels(train.source, labels)
+        return labels
 
     def _check_labels(self, examples: Examples) -> None:
         if self.label_names is None:
@@ -438,17 +471,34 @@ class ClassificationTask(Task):
                                      random_state=int(rng.integers(2**31 - 1)))
         return train.subset(np.sort(fit)), train.subset(np.sort(held))
 
+    def _model_id2label(self) -> dict[int, str]:
+        """The model's ``id2label``: from a local ``config.json`` as plain JSON (no transformers import, so that
+        bad data is reported at once), else through transformers' ``AutoConfig`` (hub names)."""
+        local = Path(self.config.model) / "config.json"
+        if local.is_file():
+            from lorma.fileio import read_json
+
+            raw = read_json(local)
+            raw = raw.get("id2label") if isinstance(raw, dict) else None
+        elif Path(self.config.model).is_dir():
+            raise RecipeError(f"cannot load model '{self.config.model}': no config.json in that directory")
+        else:
+            from transformers import AutoConfig
+
+            try:
+                raw = getattr(AutoConfig.from_pretrained(self.config.model), "id2label", None)
+            except (OSError, ValueError) as err:
+                first_line = str(err).strip().splitlines()[0]
+                raise RecipeError(f"cannot load the model config of '{self.config.model}': {first_line}") from None
+        try:
+            return {int(k): str(v) for k, v in (raw or {}).items()}
+        except (AttributeError, TypeError, ValueError):
+            raise RecipeError(f"model '{self.config.model}': its config's id2label is not a mapping of ids to "
+                              "labels") from None
+
     def _check_model_labels(self) -> None:
         """The data's labels must fit the model's labels when the model already has a trained head."""
-        from transformers import AutoConfig
-
-        try:
-            model_config = AutoConfig.from_pretrained(self.config.model)
-        except (OSError, ValueError) as err:
-            first_line = str(err).strip().splitlines()[0]
-            raise RecipeError(f"cannot load the model config of '{self.config.model}': {first_line}") from None
-        self.model_config = model_config
-        id2label = {int(k): str(v) for k, v in (getattr(model_config, "id2label", None) or {}).items()}
+        id2label = self._model_id2label()
         if not id2label or _is_default_label_names(id2label):
             return
         if self.label_names is None:
@@ -535,7 +585,20 @@ class ClassificationTask(Task):
         if labels is not None:
             kwargs["id2label"] = dict(enumerate(labels))
             kwargs["label2id"] = {name: i for i, name in enumerate(labels)}
-        return AutoModelForSequenceClassification.from_pretrained(model_path, **kwargs)
+        try:
+            return AutoModelForSequenceClassification.from_pretrained(model_path, **kwargs)
+        except RuntimeError as err:
+            if "ignore_mismatched_sizes" not in str(err):
+                raise
+        # transformers' report of the mismatch went to its (quieted) log: load again to learn what differs
+        _, info = AutoModelForSequenceClassification.from_pretrained(
+            model_path, ignore_mismatched_sizes=True, output_loading_info=True, **kwargs
+        )
+        shown = "; ".join(f"{key} is {tuple(theirs)} there but {tuple(ours)} here"
+                          for key, theirs, ours in info.get("mismatched_keys", [])[:3])
+        what = f"{len(labels)} labels ({', '.join(labels)})" if labels is not None else "a regression head"
+        raise RecipeError(f"base model '{model_path}' has a task head of another size than the adapter's, made for "
+                          f"{what} ({shown}); merge into the base model the adapter was trained on")
 
     # --- datasets -----------------------------------------------------------------------------------
     def _to_dataset(self, examples: Examples, tokenizer: Any) -> Any:

@@ -21,7 +21,6 @@ report how many), ``gguf_file`` (load ``model`` from a GGUF file in that folder,
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -390,7 +389,7 @@ class DataToTextTask(CausalLMGenerationTask):
         print(f"lorma train: {self.name} scores from the {label}")
         if prefix is not None:
             summary = prefix.with_name(prefix.name + ".metrics.json")
-            from lorma.recipes.config import atomic_write_text
+            from lorma.fileio import atomic_write_json
 
-            atomic_write_text(summary, json.dumps({"scorer": label, "scores": metrics}, indent=2) + "\n")
+            atomic_write_json(summary, {"scorer": label, "scores": metrics})
         return metrics

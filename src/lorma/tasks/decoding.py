@@ -9,8 +9,6 @@ code rebuilt the adapted weight at every decoding step), and the training model 
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -129,7 +127,7 @@ def one_line(text: str) -> str:
 
 
 def write_lines_atomic(path: str | Path, lines: Sequence[str], overwrite: bool = False) -> Path:
-    """Write ``lines`` one per line, atomically (temp file then ``os.replace``).
+    """Write ``lines`` one per line, atomically (:func:`lorma.fileio.atomic_write_text`).
 
     Refuses to replace an existing file unless ``overwrite``; refuses a line with a newline in it,
     which would shift every later prediction against its reference.
@@ -140,14 +138,6 @@ def write_lines_atomic(path: str | Path, lines: Sequence[str], overwrite: bool =
     for i, line in enumerate(lines):
         if "\n" in line or "\r" in line:
             raise ValueError(f"line {i + 1} for {p} contains a newline; use one_line() first")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.writelines(line + "\n" for line in lines)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return p
+    from lorma.fileio import atomic_write_text
+
+    return atomic_write_text(p, "".join(line + "\n" for line in lines))

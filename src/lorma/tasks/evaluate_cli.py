@@ -17,7 +17,6 @@ blank-line layout; for ``gsm8k`` / ``math`` their JSONL / JSON files, or one gol
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -53,44 +52,40 @@ def register(subparsers: Any) -> None:
 
 
 def _reference_groups(task: str, path: str, skip_bad: bool) -> tuple[list[tuple[str, ...]], str | None]:
-    """Reference groups (one per input) from ``path``, and a skipped-records message if any."""
-    from lorma.tasks.readers import read_data_to_text, read_reference_groups
+    """Reference groups (one per input) from ``path`` in the format its content has, and a skipped-records
+    message if any; a format the task cannot take is an error that says what the file is."""
+    from lorma.tasks.readers import DataFormatError, read_data_to_text, read_reference_groups, sniff_format
 
     p = Path(path)
-    structured = (
-        (task == "e2e" and (p.suffix.lower() == ".csv" or _has_mr_separator(p)))
-        or (task in ("dart", "webnlg") and p.suffix.lower() == ".json")
-    )
-    if not structured:
+    kind = sniff_format(p)
+    if task == "e2e" and kind == "json":
+        raise DataFormatError(p, None, "this is JSON, but e2e references are the official CSV (mr, ref), "
+                                       "'MR||reference' lines, or groups of lines separated by blank lines")
+    if task != "e2e" and kind in ("e2e-csv", "mr-lines"):
+        raise DataFormatError(p, None, f"this is E2E data ({kind}); {task} references are its JSON file or "
+                                       "groups of lines separated by blank lines")
+    if kind == "lines":
         return read_reference_groups(p), None
     result = read_data_to_text(task, p, skip_bad=skip_bad)
     groups = [ex.references for ex in result.items]
     empty = [ex.line for ex in result.items if not ex.references]
     if empty:
-        from lorma.tasks.readers import DataFormatError
-
         raise DataFormatError(p, empty[0], "input without references (cannot be scored)")
     return groups, result.skip_message()
 
 
-def _has_mr_separator(path: Path) -> bool:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if line.strip():
-                    return "||" in line
-    except OSError:
-        return False
-    return False
-
-
 def _gold_answers(task: str, path: str, skip_bad: bool) -> tuple[list[str], str | None]:
-    from lorma.tasks.readers import read_math_eval, read_predictions
+    """Gold answers from a JSON / JSONL file of the task's records, or one answer per line."""
+    from lorma.tasks.readers import DataFormatError, read_math_eval, read_predictions, sniff_format
 
     p = Path(path)
-    if p.suffix.lower() in (".json", ".jsonl"):
+    kind = sniff_format(p)
+    if kind == "json" or p.suffix.lower() in (".json", ".jsonl"):
         result = read_math_eval(task, p, skip_bad=skip_bad)
         return [ex.answer for ex in result.items], result.skip_message()
+    if kind != "lines" or p.suffix.lower() in (".csv", ".tsv"):
+        raise DataFormatError(p, 1, f"this looks like a table or E2E data ({kind}), but {task} references are "
+                                    "JSON / JSONL records or one gold answer per line")
     return [line.strip() for line in read_predictions(p)], None
 
 
@@ -133,6 +128,11 @@ def run(args: argparse.Namespace) -> int:
     if args.task in ("gsm8k", "math") and metrics:
         raise LormaCLIError(f"--metrics does not apply to {args.task} (its score is accuracy)")
     out_path = Path(args.output) if args.output else None
+    if out_path is not None:
+        from lorma.recipes.rundir import check_not_input
+
+        check_not_input(out_path, {"--predictions": args.predictions, "--references": args.references},
+                        replacing=False, flag="--output")
     if out_path is not None and out_path.exists() and not args.overwrite:
         raise LormaCLIError(f"{out_path} already exists (pass --overwrite to replace it)")
     label = None if args.task in ("gsm8k", "math") else scorer_label(args.task, args.scorer)
@@ -149,9 +149,9 @@ def run(args: argparse.Namespace) -> int:
     for name, value in scores.items():
         print(f"{name:>10}  {value:.4f}" if isinstance(value, float) else f"{name:>10}  {value}")
     if out_path is not None:
-        from lorma.recipes.config import atomic_write_text
+        from lorma.fileio import atomic_write_json
 
         payload = {"task": args.task, "predictions": str(args.predictions), "references": str(args.references),
                    "scorer": label, "scores": scores}
-        atomic_write_text(out_path, json.dumps(payload, indent=2) + "\n")
+        atomic_write_json(out_path, payload)
     return 0

@@ -26,10 +26,13 @@ import bisect
 import csv
 import json
 import re
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
+
+from lorma.errors import DataFormatError
 
 T = TypeVar("T")
 
@@ -51,18 +54,22 @@ __all__ = [
     "read_predictions",
     "read_reference_groups",
     "read_webnlg",
+    "sniff_format",
 ]
 
 
-class DataFormatError(ValueError):
-    """A malformed file or record; the message starts with ``path:line:``."""
+def allow_large_csv_fields() -> None:
+    """Lift Python's csv limit of 128 KB per field (a long document is a valid cell, not an error).
 
-    def __init__(self, path: str | Path, line: int | None, problem: str) -> None:
-        self.path = str(path)
-        self.line = line
-        self.problem = problem
-        where = f"{self.path}:{line}" if line is not None else self.path
-        super().__init__(f"{where}: {problem}")
+    The limit is process-wide and a C ``long``: the largest value the platform takes is used.
+    """
+    limit = sys.maxsize
+    while True:
+        try:
+            csv.field_size_limit(limit)
+            return
+        except OverflowError:
+            limit //= 2
 
 
 @dataclass(frozen=True)
@@ -297,7 +304,8 @@ def read_e2e(path: str | Path, skip_bad: bool = False) -> ReadResult[DataToTextE
     p, text = _read_text(path)
     col: _Collector[DataToTextExample] = _Collector(p, skip_bad)
     pairs: list[tuple[str, str | None, int]] = []
-    if p.suffix.lower() == ".csv":
+    if p.suffix.lower() == ".csv" or _has_mr_header(text):
+        allow_large_csv_fields()
         reader = csv.reader(text.splitlines(keepends=True))
         try:
             header = next(reader)
@@ -577,6 +585,44 @@ def read_predictions(path: str | Path) -> list[str]:
     if lines and lines[-1] == "":
         lines.pop()
     return [line.rstrip("\r") for line in lines]
+
+
+def _has_mr_header(text: str, csv_named: bool = False) -> bool:
+    """Whether the first non-empty line is a CSV header with an ``mr`` column (E2E's CSV, whatever its name; a
+    lone ``mr`` column counts only in a file named ``.csv``)."""
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    header = next(csv.reader([first]), []) if "||" not in first else []
+    return (len(header) > 1 or csv_named) and "mr" in [cell.strip().lower() for cell in header]
+
+
+def sniff_format(path: str | Path) -> str:
+    """What a references file holds, judged by its content rather than its name.
+
+    ``"json"`` (a JSON document, JSON Lines, or lines that are each a quoted JSON string), ``"e2e-csv"`` (a CSV
+    whose header has an ``mr`` column), ``"mr-lines"`` (``MR||reference`` lines) or ``"lines"`` (plain text:
+    the blank-line layout, or one answer per line). Commands use it to read a file in the format it really has,
+    or to refuse one that cannot be what the task expects, instead of scoring a header or a JSON document as
+    text.
+    """
+    p, text = _read_text(path)
+    stripped = text.lstrip()
+    if stripped[:1] in ("{", "["):
+        return "json"
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        return "lines"
+    if "||" in lines[0]:
+        return "mr-lines"
+    if _has_mr_header(text, p.suffix.lower() == ".csv"):
+        return "e2e-csv"
+    quoted = 0
+    for line in lines:
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError:
+            return "lines"
+        quoted += isinstance(value, (str, dict, list))
+    return "json" if quoted else "lines"
 
 
 def read_reference_groups(path: str | Path) -> list[tuple[str, ...]]:

@@ -1,0 +1,255 @@
+"""Fault injection: ``lorma train`` killed (SIGKILL) or out of disk space at random points of a short real run,
+then resumed, must end with exactly the weights of an uninterrupted run.
+
+The runs are real (a tiny BERT from a config with the MiniLM tokenizer, real data, HF Trainer, checkpoints every
+2 steps, the final save); the faults come from :mod:`fault_injection`: a kill or an ENOSPC at a chosen write
+(inside a checkpoint, in the final save, in the logs, in the config) or a kill at a random moment (during the
+steps). Every resumed run is compared with the uninterrupted one tensor by tensor, bit for bit, and its loss log
+line by line; nothing may be left behind (no lock, no temporary file, no half-swapped directory).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import fault_injection as fi
+from test_recipes_support import make_tiny_bert, sentiment_rows, write_csv
+
+pytestmark = pytest.mark.slow
+
+STEPS = 8
+SEED = 20250611  # the random kill points; printed with the counts
+
+
+def _train_args(setup: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return ["train", "--model", str(setup["model"]), "--train-file", str(setup["data"]), "--output-dir", str(out),
+            "--method", "lorma-plus", "--max-steps", str(STEPS), "--save-steps", "2", "--save-total-limit", "2",
+            "--per-device-train-batch-size", "8", "--learning-rate", "5e-3", "--max-seq-length", "32",
+            "--report-to", "none", *extra]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("faults")
+    model = make_tiny_bert(root / "model")
+    data = write_csv(root / "data.csv", ["text", "label"], sentiment_rows(80))
+    (root / "logs").mkdir()
+    # one thread in every child: the same arithmetic in every run, and fair to a shared machine
+    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM")}
+    os.environ.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    ctx = fi.context()
+    info: dict[str, Any] = {"root": root, "model": model, "data": data, "ctx": ctx}
+    try:
+        reference = root / "reference" / "run"
+        started = time.perf_counter()
+        code, output, events = fi.run(ctx, _train_args(info, reference), reference.parent, root / "logs" / "ref.txt")
+        info["duration"] = time.perf_counter() - started
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    assert code == 0, output[-3000:]
+    info.update(reference=reference, events=events)
+    return info
+
+
+def _tensors(run: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return load_file(run / "adapter" / "adapter_model.safetensors")
+
+
+def _log(run: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in map(json.loads, (run / "train_log.jsonl").read_text().splitlines())]
+
+
+def assert_same_run(run: Path, reference: Path, what: str) -> None:
+    """Bit-identical adapter, the same loss log, a finished run, and nothing left behind."""
+    import torch
+
+    expected, got = _tensors(reference), _tensors(run)
+    assert set(got) == set(expected), what
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), f"{what}: {key} differs from the uninterrupted run"
+    assert _log(run) == _log(reference), f"{what}: the loss log differs"
+    assert json.loads((run / "metrics.json").read_text())["global_step"] == STEPS, what
+    leftovers = [p.name for p in run.parent.iterdir() if p.name.startswith(f".{run.name}.")]
+    leftovers += [str(p.relative_to(run)) for p in run.rglob(".*") if ".tmp" in p.name or p.name.endswith(".old")]
+    assert not leftovers, f"{what}: left behind {leftovers}"
+
+
+def _resume(setup: dict[str, Any], run: Path, log: Path) -> tuple[int, str, str]:
+    """``lorma train --resume``; a run killed before it had written its config starts again instead."""
+    code, output, _ = fi.run(setup["ctx"], ["train", "--resume", "--output-dir", str(run)], run.parent, log)
+    if code == 2 and "nothing to resume" in output:
+        code, output, _ = fi.run(setup["ctx"], _train_args(setup, run), run.parent, log)
+        return code, output, "started again"
+    return code, output, "resumed"
+
+
+def _choose(events: list[tuple[str, str]], counts: dict[str, int], rng: random.Random) -> list[tuple[int, str]]:
+    """``counts[category]`` distinct event numbers (1-based) of each category, at random."""
+    by_category: dict[str, list[int]] = {}
+    for number, (label, path) in enumerate(events, start=1):
+        by_category.setdefault(fi.category(label, path), []).append(number)
+    chosen = []
+    for name, count in counts.items():
+        pool = by_category.get(name, [])
+        chosen += [(n, name) for n in rng.sample(pool, min(count, len(pool)))]
+    return chosen
+
+
+def test_killed_runs_resume_to_the_same_weights(setup: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    rng = random.Random(SEED)
+    plans: list[tuple[str, dict[str, Any] | None, float | None]] = []
+    for number, name in _choose(setup["events"], {"checkpoint": 8, "final save": 4, "loss log": 1, "config": 1},
+                                rng):
+        plans.append((f"kill in {name}", {"kind": "kill", "event": number, "fraction": rng.random()}, None))
+    for _ in range(6):  # at a random moment: mostly during the steps
+        plans.append(("kill at a random time", None, rng.uniform(0.2, setup["duration"])))
+    outcomes: Counter[str] = Counter()
+    for i, (what, plan, delay) in enumerate(plans):
+        run = setup["root"] / f"kill-{i}" / "run"
+        run.parent.mkdir()
+        logs = setup["root"] / "logs"
+        code, output, _ = fi.run(setup["ctx"], _train_args(setup, run), run.parent, logs / f"kill-{i}.txt", plan,
+                                 kill_after=delay)
+        assert code in (-9, 0), f"{what}: exit {code}\n{output[-3000:]}"
+        outcomes["killed" if code == -9 else "finished before the kill"] += 1
+        code, output, how = _resume(setup, run, logs / f"kill-{i}-resume.txt")
+        assert code == 0, f"{what} (plan {plan}, delay {delay}): resume failed\n{output[-3000:]}"
+        assert "Traceback" not in output, output[-3000:]
+        outcomes[how] += 1
+        outcomes[what] += 1
+        assert_same_run(run, setup["reference"], f"{what} (plan {plan}, delay {delay})")
+    with capsys.disabled():
+        print(f"\nfault injection (seed {SEED}): {len(plans)} kills: {dict(outcomes)}")
+    assert outcomes["killed"] >= 15  # the timed kills may land after a short run has finished
+
+
+def test_full_disk_stops_with_a_message_and_resumes_to_the_same_weights(
+    setup: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    rng = random.Random(SEED + 1)
+    outcomes: Counter[str] = Counter()
+    chosen = _choose(setup["events"], {"checkpoint": 8, "final save": 6, "loss log": 3, "config": 3}, rng)
+    for i, (number, name) in enumerate(chosen):
+        run = setup["root"] / f"enospc-{i}" / "run"
+        run.parent.mkdir()
+        logs = setup["root"] / "logs"
+        plan = {"kind": "enospc", "event": number, "fraction": rng.random()}
+        code, output, _ = fi.run(setup["ctx"], _train_args(setup, run), run.parent, logs / f"enospc-{i}.txt", plan)
+        errors = [line for line in output.splitlines() if line.startswith("lorma train: error:")]
+        assert code == 1 and "Traceback" not in output, f"ENOSPC in {name} ({plan}): exit {code}\n{output[-3000:]}"
+        assert len(errors) == 1 and "no space left on the device" in errors[0], output[-3000:]
+        if "resume" in errors[0]:
+            assert re.search(r"--resume --output-dir \S+", errors[0]), errors[0]
+        code, output, how = _resume(setup, run, logs / f"enospc-{i}-resume.txt")
+        assert code == 0, f"ENOSPC in {name} ({plan}): resume failed\n{output[-3000:]}"
+        outcomes[how] += 1
+        outcomes[f"ENOSPC in {name}"] += 1
+        assert_same_run(run, setup["reference"], f"ENOSPC in {name} ({plan})")
+    with capsys.disabled():
+        print(f"\nfault injection (seed {SEED + 1}): {len(chosen)} ENOSPC: {dict(outcomes)}")
+    assert sum(v for k, v in outcomes.items() if k.startswith("ENOSPC")) == 20
+
+
+def test_ctrl_c_says_where_the_run_stopped_and_resumes(setup: dict[str, Any]) -> None:
+    events = setup["events"]
+    # Ctrl-C right after the second checkpoint's trainer state was written
+    states = [n for n, (label, path) in enumerate(events, start=1) if path.endswith("checkpoint-4/trainer_state.json")]
+    run = setup["root"] / "sigint" / "run"
+    run.parent.mkdir()
+    logs = setup["root"] / "logs"
+    code, output, _ = fi.run(setup["ctx"], _train_args(setup, run), run.parent, logs / "sigint.txt",
+                             {"kind": "sigint", "event": states[-1]})
+    assert code == 130 and "Traceback" not in output, output[-3000:]
+    last = [line for line in output.splitlines() if line.startswith("lorma train:")]
+    assert len(last) == 1, output[-3000:]
+    assert re.fullmatch(r"lorma train: interrupted: stopped at step [45]; the run is in \S+; its last complete "
+                        r"checkpoint is checkpoint-4: `lorma train --resume --output-dir \S+` continues from there",
+                        last[0]), last[0]
+    code, output, _ = _resume(setup, run, logs / "sigint-resume.txt")
+    assert code == 0, output[-3000:]
+    assert_same_run(run, setup["reference"], "Ctrl-C")
+
+
+def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(setup: dict[str, Any]) -> None:
+    run = setup["root"] / "race" / "run"
+    run.parent.mkdir()
+    logs = setup["root"] / "logs"
+    ctx = setup["ctx"]
+    # A holds the directory open (paused at its first checkpoint's trainer state) while B starts on it
+    first_state = next(n for n, (label, path) in enumerate(setup["events"], start=1)
+                       if path.endswith("trainer_state.json"))
+    a = ctx.Process(target=fi.child_main, args=(_train_args(setup, run), {"kind": "pause", "event": first_state},
+                                                 str(run.parent), str(logs / "race-a.txt")))
+    a.start()
+    deadline = time.time() + 300
+    while not (run.parent / "paused").exists():
+        assert a.is_alive() and time.time() < deadline, (logs / "race-a.txt").read_text()[-3000:]
+        time.sleep(0.1)
+    before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    code, output, _ = fi.run(ctx, _train_args(setup, run), run.parent, logs / "race-b.txt")
+    assert code == 2, output[-3000:]
+    assert f"is in use by pid {a.pid} on host " in output and "lorma train" in output, output[-3000:]
+    code, output, _ = fi.run(ctx, ["train", "--resume", "--output-dir", str(run)], run.parent, logs / "race-c.txt")
+    assert code == 2 and f"pid {a.pid}" in output, output[-3000:]
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before  # the refused ones touched nothing
+    # A dies holding the lock: the next command takes the lock over, says so, and finishes the run
+    a.kill()
+    a.join()
+    assert (run.parent / ".run.lock").exists()
+    code, output, _ = fi.run(ctx, ["train", "--resume", "--output-dir", str(run)], run.parent, logs / "race-d.txt")
+    assert code == 0, output[-3000:]
+    assert f"took over the lock of {run} left by pid {a.pid}" in output
+    assert_same_run(run, setup["reference"], "after a stale lock")
+
+
+def test_a_crashed_overwrite_leaves_the_old_run_whole(setup: dict[str, Any]) -> None:
+    """``--overwrite`` writes beside the old run: killed anywhere, the old run is untouched; resumed, the new run
+    replaces it; a run directory mixing two runs is refused by ``lorma merge``."""
+    from test_recipes_support import snapshot
+
+    rng = random.Random(SEED + 2)
+    logs = setup["root"] / "logs"
+    ctx = setup["ctx"]
+    old_reference = setup["root"] / "old" / "run"
+    code, output, _ = fi.run(ctx, _train_args(setup, old_reference, "--r", "4"), old_reference.parent,
+                             logs / "old.txt")
+    assert code == 0, output[-3000:]
+    for i in range(4):
+        run = setup["root"] / f"overwrite-{i}" / "run"
+        code, output, events = fi.run(ctx, _train_args(setup, run, "--r", "4"), run.parent, logs / f"ow-{i}.txt")
+        assert code == 0, output[-3000:]
+        before = snapshot(run)
+        _, _, events = fi.run(ctx, _train_args(setup, run.parent / "probe" / "run", "--overwrite"), run.parent,
+                              logs / f"ow-{i}-probe.txt")  # the events of an overwrite (here: a fresh run)
+        number = rng.randint(1, len(events))
+        code, output, _ = fi.run(ctx, _train_args(setup, run, "--overwrite"), run.parent, logs / f"ow-{i}-kill.txt",
+                                 {"kind": "kill", "event": number, "fraction": rng.random()})
+        assert code in (-9, 0), output[-3000:]
+        if code == -9:
+            new, old = run.parent / ".run.new", run.parent / ".run.old"
+            if run.exists():
+                assert snapshot(run) == before, f"a --overwrite killed at event {number} changed the old run"
+            else:  # killed between the two renames of the swap: both runs are whole beside it
+                assert snapshot(old) == before and (new / "metrics.json").is_file()
+            if (new / "config.yaml").is_file():
+                argv = ["train", "--resume", "--output-dir", str(run)]
+            else:  # killed before the new run had its config: nothing of it to resume
+                argv = _train_args(setup, run, "--overwrite")
+            code, output, _ = fi.run(ctx, argv, run.parent, logs / f"ow-{i}-resume.txt")
+            assert code == 0, output[-3000:]
+        assert_same_run(run, setup["reference"], f"--overwrite killed at event {number}")
