@@ -42,7 +42,7 @@ CASES = [
     # (extra flags, data file, expected message)
     (("--alpha", "nan"), "good", "alpha must be a positive finite number, got nan"),
     (("--alpha", "inf"), "good", "alpha must be a positive finite number, got inf"),
-    (("--alpha", "-inf"), "good", "alpha must be a positive finite number, got -inf"),
+    (("--alpha=-inf",), "good", "alpha must be a positive finite number, got -inf"),
     (("--max-steps", "0"), "good", "max_steps must be >= 1, got 0 (leave it out to train --num-train-epochs"),
     (("--max-steps", "-5"), "good", "max_steps must be >= 1, got -5"),
     (("--max-steps", "2.5"), "good", "max_steps must be a whole number, got 2.5"),
@@ -173,7 +173,7 @@ def test_json_references_are_read_as_json_whatever_their_name(tmp_path: Path, ca
     gold = tmp_path / "gold.txt"  # GSM8K records saved under another name
     gold.write_text("".join(json.dumps({"question": "q", "answer": f"so #### {n}"}) + "\n" for n in (3, 4)))
     assert main(_evaluate(tmp_path, "gsm8k", gold, ["The answer is 3", "The answer is 5"])) == 0
-    assert "accuracy  0.5000" in capsys.readouterr().out
+    assert "accuracy  50.0000" in capsys.readouterr().out  # percent
 
 
 def test_evaluate_never_writes_over_its_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -150,7 +150,7 @@ def test_full_disk_stops_with_a_message_and_resumes_to_the_same_weights(
         logs = setup["root"] / "logs"
         plan = {"kind": "enospc", "event": number, "fraction": rng.random()}
         code, output, _ = fi.run(setup["ctx"], _train_args(setup, run), run.parent, logs / f"enospc-{i}.txt", plan)
-        errors = [line for line in output.splitlines() if line.startswith("lorma train: error:")]
+        errors = [line for line in re.split(r"[\r\n]", output) if line.startswith("lorma train: error:")]
         assert code == 1 and "Traceback" not in output, f"ENOSPC in {name} ({plan}): exit {code}\n{output[-3000:]}"
         assert len(errors) == 1 and "no space left on the device" in errors[0], output[-3000:]
         if "resume" in errors[0]:
@@ -175,8 +175,8 @@ def test_ctrl_c_says_where_the_run_stopped_and_resumes(setup: dict[str, Any]) ->
     code, output, _ = fi.run(setup["ctx"], _train_args(setup, run), run.parent, logs / "sigint.txt",
                              {"kind": "sigint", "event": states[-1]})
     assert code == 130 and "Traceback" not in output, output[-3000:]
-    last = [line for line in output.splitlines() if line.startswith("lorma train:")]
-    assert len(last) == 1, output[-3000:]
+    last = [line for line in re.split(r"[\r\n]", output) if line.startswith("lorma train:")]
+    assert len(last) == 1 and output.rstrip().endswith(last[0]), output[-3000:]
     assert re.fullmatch(r"lorma train: interrupted: stopped at step [45]; the run is in \S+; its last complete "
                         r"checkpoint is checkpoint-4: `lorma train --resume --output-dir \S+` continues from there",
                         last[0]), last[0]

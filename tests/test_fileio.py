@@ -133,9 +133,12 @@ def test_a_live_holder_is_named_and_a_dead_ones_lock_is_taken_over(tmp_path: Pat
         message = str(refused.value)
         assert f"run directory X is in use by pid {holder.pid} on host {socket.gethostname()}" in message
         assert "-c" in message  # the holder's command line
+        assert AdvisoryLock(path, "X").holder().pid == holder.pid  # a look that takes nothing
     finally:
         holder.kill()
         holder.wait()
+    assert AdvisoryLock(path, "X").holder() is None and path.exists()  # stale: the file stays until taken over
+    assert AdvisoryLock(tmp_path / "none.lock", "X").holder() is None and not (tmp_path / "none.lock").exists()
     lock = AdvisoryLock(path, "run directory X")
     lock.acquire()
     assert lock.took_over is not None and lock.took_over.pid == holder.pid

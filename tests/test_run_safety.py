@@ -46,7 +46,7 @@ def test_merge_never_writes_over_its_input(trained: dict[str, Path], tmp_path: P
     run = _copy(trained["run"], tmp_path / "run")
     before = snapshot(run)
     model_before = snapshot(trained["model"])
-    for out, expected in ((run, "is the input ADAPTER_DIR (a run)"), (run / "adapter", "is the input ADAPTER_DIR"),
+    for out, expected in ((run, "contains the input ADAPTER_DIR"), (run / "adapter", "is the input ADAPTER_DIR"),
                           (trained["model"], "is the input (the base model)")):
         assert main(["merge", str(run), str(out), "--overwrite"]) == 2
         err = capsys.readouterr().err
@@ -153,17 +153,20 @@ def test_merge_onto_a_base_with_another_head_names_the_shapes(trained: dict[str,
     assert "classifier.weight is (3, 32) there but (2, 32) here" in err and "look at the above report" not in err
 
 
-@pytest.mark.parametrize("command", ["merge", "analyze", "peft"])
-@pytest.mark.parametrize(
-    ("damage", "message"),
-    [
-        ("truncated", "adapter_model.safetensors: not a complete safetensors file"),
-        ("empty", "adapter_model.safetensors: not a complete safetensors file"),
-        ("random", "adapter_model.safetensors: not a complete safetensors file"),
-        ("config-truncated", "adapter_config.json:1: invalid JSON"),
-        ("config-no-type", "adapter_config.json: no 'peft_type'"),
-    ],
-)
+DAMAGES = {
+    "truncated": "adapter_model.safetensors: not a complete safetensors file",
+    "empty": "adapter_model.safetensors: not a complete safetensors file",
+    "random": "adapter_model.safetensors: not a complete safetensors file",
+    "config-truncated": "adapter_config.json:1: invalid JSON",
+    "config-no-type": "adapter_config.json: no 'peft_type'",
+}
+# peft parses adapter_config.json itself before any lorma code runs (the README says so): PeftModel is checked on
+# the weights file only
+BROKEN = [(c, d, m) for c in ("merge", "analyze", "peft") for d, m in DAMAGES.items()
+          if not (c == "peft" and d.startswith("config"))]
+
+
+@pytest.mark.parametrize(("command", "damage", "message"), BROKEN)
 def test_broken_adapter_files_are_named(trained: dict[str, Path], tmp_path: Path, capsys, command: str, damage: str,
                                         message: str) -> None:
     adapter = _copy(trained["run"] / "adapter", tmp_path / "adapter")
@@ -181,8 +184,6 @@ def test_broken_adapter_files_are_named(trained: dict[str, Path], tmp_path: Path
         del data["peft_type"]
         config.write_text(json.dumps(data))
     if command == "peft":
-        if damage.startswith("config"):
-            pytest.skip("peft parses adapter_config.json itself before any lorma code runs (see README)")
         from peft import PeftModel
         from transformers import AutoModelForSequenceClassification
 

@@ -362,6 +362,32 @@ class AdvisoryLock:
         return RunLockedError(f"{self.what} is in use by {who}{extra}; wait for it to finish, or remove {self.path} "
                               "if that process is gone")
 
+    def holder(self) -> LockOwner | None:
+        """The live owner of the lock, without taking it or creating anything (None when it is free)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            return None
+        try:
+            owner = LockOwner.parse(os.pread(fd, 65536, 0).decode("utf-8", "replace"))
+            if fcntl is None:
+                return owner if owner is not None and pid_alive(owner.pid) else None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError as err:
+                if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    return owner or LockOwner(0, "?", "?", "")
+                raise
+            return None
+        finally:
+            os.close(fd)  # also drops the shared lock, if it was taken
+
+    def refuse_if_held(self) -> None:
+        """Raise :class:`RunLockedError` naming the owner if a live process holds the lock."""
+        owner = self.holder()
+        if owner is not None:
+            raise self._refuse(owner)
+
     def acquire(self) -> None:
         """Take the lock or raise :class:`RunLockedError`; see the class docstring."""
         if self._fd is not None:

@@ -320,6 +320,8 @@ class RunTransaction:
         """Decide :attr:`work` (where files go), :attr:`resume_from` and :attr:`skipped`; refuse what is wrong."""
         final = self.final
         check_output_location(final)
+        if not self._lock.held:
+            self._lock.refuse_if_held()  # a live writer is named before anything is said about what it wrote
         new = staging_path(final)
         existing = run_files(final) if final.is_dir() else []
         self.resume_from: Path | None = None

@@ -182,6 +182,17 @@ def _quiet_progress(trainer: Any) -> None:
         trainer.add_callback(QuietProgress())
 
 
+def _close_progress_bars(trainer: Any) -> None:
+    """Close Trainer's tqdm bars, so that a message after an interruption starts on a line of its own."""
+    from transformers.trainer_callback import ProgressCallback
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, ProgressCallback):
+            for bar in (callback.training_bar, getattr(callback, "prediction_bar", None)):
+                if bar is not None:
+                    bar.close()
+
+
 def _best_eval(log_history: list[dict[str, Any]]) -> dict[str, float]:
     """The best value of each eval metric over the evaluations during training (the paper's best epoch)."""
     best: dict[str, float] = {}
@@ -333,6 +344,7 @@ def run_training(cfg: RunConfig, overwrite: bool = False, resume: bool = False) 
             metrics = _train_and_save(cfg, txn, trainer, task, model, tokenizer, eval_ds, loss_log, checkpoint,
                                       trainable, total, base_fingerprint)
         except KeyboardInterrupt:
+            _close_progress_bars(trainer)
             raise RunInterrupted(f"stopped at step {trainer.state.global_step}; {txn.describe_stop()}") from None
         except Exception as err:  # noqa: BLE001 - only a failed write is turned into a message; the rest re-raise
             full = disk_full_error(err, txn)

@@ -595,7 +595,7 @@ class ClassificationTask(Task):
             model_path, ignore_mismatched_sizes=True, output_loading_info=True, **kwargs
         )
         shown = "; ".join(f"{key} is {tuple(theirs)} there but {tuple(ours)} here"
-                          for key, theirs, ours in info.get("mismatched_keys", [])[:3])
+                          for key, theirs, ours in sorted(info.get("mismatched_keys", []), reverse=True)[:3])
         what = f"{len(labels)} labels ({', '.join(labels)})" if labels is not None else "a regression head"
         raise RecipeError(f"base model '{model_path}' has a task head of another size than the adapter's, made for "
                           f"{what} ({shown}); merge into the base model the adapter was trained on")
