@@ -106,6 +106,27 @@ def test_resume_skips_a_half_written_checkpoint_and_says_so(trained: dict[str, P
     assert b["global_step"] == 6 and b["weights_sha256"] == a["weights_sha256"]
 
 
+def test_a_run_stopped_after_its_last_checkpoint_is_finished_without_an_extra_step(
+    trained: dict[str, Path], tmp_path: Path
+) -> None:
+    """Killed while saving its final outputs, a run resumes from a checkpoint at its last step. Trainer would
+    train one batch more there (a step 4 of 3, with a constant learning rate: other weights); lorma trains
+    nothing more and finishes the run."""
+    extra = ("--save-steps", "3", "--lr-scheduler-type", "constant", "--warmup-steps", "0")
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert main(_args(trained, straight, *extra)) == 0
+    assert main(_args(trained, killed, *extra)) == 0
+    shutil.rmtree(killed / "adapter")
+    (killed / "metrics.json").unlink()
+    assert main(["train", "--resume", "--output-dir", str(killed)]) == 0
+    a = json.loads((straight / "metrics.json").read_text())
+    b = json.loads((killed / "metrics.json").read_text())
+    assert b["global_step"] == 3 and b["weights_sha256"] == a["weights_sha256"]
+    assert b["eval"]["eval_accuracy"] == a["eval"]["eval_accuracy"]
+    assert [json.loads(x)["step"] for x in (killed / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["checkpoint-3"]
+
+
 def test_an_adapter_too_big_for_memory_is_refused_before_it_is_built(trained: dict[str, Path], tmp_path: Path,
                                                                       capsys) -> None:
     out = tmp_path / "run"

@@ -27,6 +27,7 @@ from lorma.fileio import (
     atomic_write_text,
     directory_size,
     is_no_space,
+    read_json,
     read_jsonl,
     staged_directory,
     trim_jsonl,
@@ -42,6 +43,7 @@ from lorma.recipes.rundir import (
     RANK_LOG,
     RUN_FILES,
     RUN_INFO_FILE,
+    TRAINER_STATE_FILE,
     RunTransaction,
     check_not_input,
     scan_checkpoints,
@@ -362,7 +364,11 @@ def _train_and_save(cfg: RunConfig, txn: RunTransaction, trainer: Any, task: Any
                     base_fingerprint: dict[str, Any]) -> dict[str, Any]:
     """Train (from ``checkpoint`` if given), evaluate, save the model and ``metrics.json`` (main process)."""
     out = txn.work
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+    if checkpoint is not None and _training_was_done(checkpoint, trainer.args):
+        train_loss, runtime = _load_finished_checkpoint(trainer, checkpoint, out / LOSS_LOG)
+    else:
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+        train_loss, runtime = float(result.training_loss), float(result.metrics.get("train_runtime", math.nan))
     eval_metrics = task.evaluate(trainer, eval_ds)
     digest = weights_digest(model)
     if world_size() > 1:  # every rank says what it trained: one model means one digest
@@ -374,9 +380,9 @@ def _train_and_save(cfg: RunConfig, txn: RunTransaction, trainer: Any, task: Any
         "eval": {k: float(v) for k, v in eval_metrics.items() if isinstance(v, (int, float))},
         "best_eval": _best_eval(trainer.state.log_history),
         "baseline": task.baseline_metrics(),
-        "train_loss": float(result.training_loss),
+        "train_loss": train_loss,
         "global_step": int(trainer.state.global_step),
-        "train_runtime": float(result.metrics.get("train_runtime", math.nan)),
+        "train_runtime": runtime,
         "seconds_per_step": loss_log.step_seconds / loss_log.steps_timed if loss_log.steps_timed else math.nan,
         "trainable_params": trainable,
         "total_params": total,
@@ -395,6 +401,31 @@ def _train_and_save(cfg: RunConfig, txn: RunTransaction, trainer: Any, task: Any
         _save_model(cfg, out, model, tokenizer, task, base_fingerprint)
         atomic_write_json(out / METRICS_FILE, metrics)  # last: a run directory with metrics.json has finished
     return metrics
+
+
+def _training_was_done(checkpoint: Path, args: Any) -> bool:
+    """Whether ``checkpoint`` is at the run's last step (the run was stopped after training, while saving)."""
+    state = read_json(checkpoint / TRAINER_STATE_FILE)
+    planned = args.max_steps if args.max_steps > 0 else state.get("max_steps", 0)
+    return int(state["global_step"]) >= int(planned) > 0
+
+
+def _load_finished_checkpoint(trainer: Any, checkpoint: Path, loss_log: Path) -> tuple[float, float]:
+    """Load a checkpoint at the run's last step into ``trainer`` without training; ``(train loss, runtime)``.
+
+    ``Trainer.train`` resumed from its last step trains one batch more when that step is inside an epoch
+    (transformers 5's epoch loop has no check before its first step): a step beyond ``max_steps``, which changes
+    the weights unless the learning rate has decayed to 0. So the weights and state are loaded as ``train``
+    loads them (its own ``_load_from_checkpoint``: adapters, full models, sharded checkpoints alike) and nothing
+    is trained. The training loss is the mean of the logged per-step losses (what Trainer reports with
+    ``logging_steps=1``); the runtime of a training that happened in another process is not known: NaN.
+    """
+    from transformers import TrainerState
+
+    trainer._load_from_checkpoint(str(checkpoint))
+    trainer.state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_FILE))
+    _, losses = read_loss_log(loss_log) if loss_log.exists() else ([], [])
+    return (sum(losses) / len(losses) if losses else math.nan), math.nan
 
 
 LOAD_NOTE = """
