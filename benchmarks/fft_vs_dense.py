@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from lorma import functional as LF
+from lorma.fileio import atomic_write_text
 
 
 def _time(fn, rounds: int) -> float:  # noqa: ANN001
@@ -75,10 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     for d, t_dense, t_fft, t_bounded, err in rows:
         lines.append(f"| {d} | {t_dense:.3f} | {t_fft:.3f} | {t_bounded:.3f} | {t_fft / t_dense:.2f} | {err:.1e} |")
     text = "\n".join(lines) + "\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, args.out)
+    atomic_write_text(args.out, text)
     print(text)
     return 0
 

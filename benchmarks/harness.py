@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import os
 import random
 import statistics
 import time
@@ -20,6 +19,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from lorma.fileio import staged_directory
 
 from .reference_orderings import apply_reference
 
@@ -78,10 +79,9 @@ def smollm2_plain_dir(cache_root: Path) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = cache_root / f".smollm2-{os.getpid()}"
-    model.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(str(folder), gguf_file=SMOLLM2_GGUF).save_pretrained(tmp)
-    os.replace(tmp, target)
+    with staged_directory(target) as tmp:
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(str(folder), gguf_file=SMOLLM2_GGUF).save_pretrained(tmp)
     return target
 
 

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from lorma.fileio import atomic_path, atomic_write_text
+
 from . import harness as H
 
 LAYER_NOTE = (
@@ -151,10 +153,9 @@ def plot(sweep: dict[int, dict[str, dict[str, float]]], path: Path) -> None:
     axes[0].legend(fontsize=7)
     fig.suptitle("Single layer, fixed tokens: cost against peft LoRA (same run)")
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def machine() -> str:
@@ -235,9 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     if results["sweep"]:
         plot(results["sweep"], png)
     text = render(results, extras, argv if argv is not None else sys.argv[1:], rounds, png, time.time() - t_start)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, out)
+    atomic_write_text(out, text)
     log(f"wrote {out} and {png}")
     return 0
 

@@ -253,7 +253,7 @@ def child_main(argv: list[str], plan: dict[str, Any] | None, root: str, log: str
         json.dump(injector.events, fh)
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code)
+    raise SystemExit(code)  # multiprocessing makes it the exit code, after its own clean-up
 
 
 def run(ctx: Any, argv: list[str], root: Path, log: Path, plan: dict[str, Any] | None = None,

@@ -14,6 +14,7 @@ import json
 import os
 import random
 import re
+import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -50,8 +51,13 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     info: dict[str, Any] = {"root": root, "model": model, "data": data, "ctx": ctx}
     try:
         reference = root / "reference" / "run"
-        started = time.perf_counter()
         code, output, events = fi.run(ctx, _train_args(info, reference), reference.parent, root / "logs" / "ref.txt")
+        assert code == 0, output[-3000:]
+        # a second uninterrupted run: the same weights (what every resumed run is held to), and its duration (the
+        # first one also started the forkserver) bounds the random kill times
+        again = root / "again" / "run"
+        started = time.perf_counter()
+        code, output, _ = fi.run(ctx, _train_args(info, again), again.parent, root / "logs" / "again.txt")
         info["duration"] = time.perf_counter() - started
     finally:
         for key, value in saved.items():
@@ -60,6 +66,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             else:
                 os.environ[key] = value
     assert code == 0, output[-3000:]
+    assert_same_run(again, reference, "a second uninterrupted run")
     info.update(reference=reference, events=events)
     return info
 
@@ -98,11 +105,16 @@ def _resume(setup: dict[str, Any], run: Path, log: Path) -> tuple[int, str, str]
     return code, output, "resumed"
 
 
-def _choose(events: list[tuple[str, str]], counts: dict[str, int], rng: random.Random) -> list[tuple[int, str]]:
-    """``counts[category]`` distinct event numbers (1-based) of each category, at random."""
+WRITES = ("write", "torch.save", "safetensors")  # events that take space (renames and deletions do not)
+
+
+def _choose(events: list[tuple[str, str]], counts: dict[str, int], rng: random.Random,
+            labels: tuple[str, ...] | None = None) -> list[tuple[int, str]]:
+    """``counts[category]`` distinct event numbers (1-based) of each category, at random (of ``labels`` only)."""
     by_category: dict[str, list[int]] = {}
     for number, (label, path) in enumerate(events, start=1):
-        by_category.setdefault(fi.category(label, path), []).append(number)
+        if labels is None or label in labels:
+            by_category.setdefault(fi.category(label, path), []).append(number)
     chosen = []
     for name, count in counts.items():
         pool = by_category.get(name, [])
@@ -117,7 +129,7 @@ def test_killed_runs_resume_to_the_same_weights(setup: dict[str, Any], capsys: p
                                 rng):
         plans.append((f"kill in {name}", {"kind": "kill", "event": number, "fraction": rng.random()}, None))
     for _ in range(6):  # at a random moment: mostly during the steps
-        plans.append(("kill at a random time", None, rng.uniform(0.2, setup["duration"])))
+        plans.append(("kill at a random time", None, rng.uniform(0.5, setup["duration"])))
     outcomes: Counter[str] = Counter()
     for i, (what, plan, delay) in enumerate(plans):
         run = setup["root"] / f"kill-{i}" / "run"
@@ -143,7 +155,7 @@ def test_full_disk_stops_with_a_message_and_resumes_to_the_same_weights(
 ) -> None:
     rng = random.Random(SEED + 1)
     outcomes: Counter[str] = Counter()
-    chosen = _choose(setup["events"], {"checkpoint": 8, "final save": 6, "loss log": 3, "config": 3}, rng)
+    chosen = _choose(setup["events"], {"checkpoint": 9, "final save": 7, "loss log": 3, "config": 1}, rng, WRITES)
     for i, (number, name) in enumerate(chosen):
         run = setup["root"] / f"enospc-{i}" / "run"
         run.parent.mkdir()
@@ -218,38 +230,36 @@ def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(setup:
 
 
 def test_a_crashed_overwrite_leaves_the_old_run_whole(setup: dict[str, Any]) -> None:
-    """``--overwrite`` writes beside the old run: killed anywhere, the old run is untouched; resumed, the new run
-    replaces it; a run directory mixing two runs is refused by ``lorma merge``."""
+    """``--overwrite`` writes beside the old run: killed anywhere (4 random writes of it), the old run is untouched
+    (or, killed between the two renames of the swap, whole beside it); resumed, the new run replaces it."""
     from test_recipes_support import snapshot
 
     rng = random.Random(SEED + 2)
     logs = setup["root"] / "logs"
     ctx = setup["ctx"]
-    old_reference = setup["root"] / "old" / "run"
-    code, output, _ = fi.run(ctx, _train_args(setup, old_reference, "--r", "4"), old_reference.parent,
-                             logs / "old.txt")
+    old_run = setup["root"] / "old" / "run"
+    code, output, _ = fi.run(ctx, _train_args(setup, old_run, "--r", "4"), old_run.parent, logs / "old.txt")
     assert code == 0, output[-3000:]
-    for i in range(4):
+    before = snapshot(old_run)
+    probe = setup["root"] / "probe" / "run"
+    shutil.copytree(old_run, probe)
+    _, _, events = fi.run(ctx, _train_args(setup, probe, "--overwrite"), probe.parent, logs / "probe.txt")
+    assert_same_run(probe, setup["reference"], "an uninterrupted --overwrite")
+    for i, number in enumerate(sorted(rng.sample(range(1, len(events) + 1), 4))):
         run = setup["root"] / f"overwrite-{i}" / "run"
-        code, output, events = fi.run(ctx, _train_args(setup, run, "--r", "4"), run.parent, logs / f"ow-{i}.txt")
-        assert code == 0, output[-3000:]
-        before = snapshot(run)
-        _, _, events = fi.run(ctx, _train_args(setup, run.parent / "probe" / "run", "--overwrite"), run.parent,
-                              logs / f"ow-{i}-probe.txt")  # the events of an overwrite (here: a fresh run)
-        number = rng.randint(1, len(events))
+        shutil.copytree(old_run, run)
         code, output, _ = fi.run(ctx, _train_args(setup, run, "--overwrite"), run.parent, logs / f"ow-{i}-kill.txt",
                                  {"kind": "kill", "event": number, "fraction": rng.random()})
-        assert code in (-9, 0), output[-3000:]
-        if code == -9:
-            new, old = run.parent / ".run.new", run.parent / ".run.old"
-            if run.exists():
-                assert snapshot(run) == before, f"a --overwrite killed at event {number} changed the old run"
-            else:  # killed between the two renames of the swap: both runs are whole beside it
-                assert snapshot(old) == before and (new / "metrics.json").is_file()
-            if (new / "config.yaml").is_file():
-                argv = ["train", "--resume", "--output-dir", str(run)]
-            else:  # killed before the new run had its config: nothing of it to resume
-                argv = _train_args(setup, run, "--overwrite")
-            code, output, _ = fi.run(ctx, argv, run.parent, logs / f"ow-{i}-resume.txt")
-            assert code == 0, output[-3000:]
+        assert code == -9, output[-3000:]
+        new, old = run.parent / ".run.new", run.parent / ".run.old"
+        if run.exists():
+            assert snapshot(run) == before, f"a --overwrite killed at event {number} changed the old run"
+        else:  # killed between the two renames of the swap: both runs are whole beside it
+            assert snapshot(old) == before and (new / "metrics.json").is_file()
+        if (new / "config.yaml").is_file():
+            argv = ["train", "--resume", "--output-dir", str(run)]
+        else:  # killed before the new run had its config: nothing of it to resume
+            argv = _train_args(setup, run, "--overwrite")
+        code, output, _ = fi.run(ctx, argv, run.parent, logs / f"ow-{i}-resume.txt")
+        assert code == 0, output[-3000:]
         assert_same_run(run, setup["reference"], f"--overwrite killed at event {number}")

@@ -368,8 +368,8 @@ class RunTransaction:
             if self.overwrite and new.exists():
                 shutil.rmtree(new)
                 self.tell(f"removed {new}, an unfinished earlier --overwrite run of {self.final}")
+            remove_stale_temporaries(self.work)
             if self.resume:
-                remove_stale_temporaries(self.work)
                 for path, why in self.skipped:
                     shutil.rmtree(path, ignore_errors=True)
                     self.tell(f"skipped incomplete checkpoint {path} ({why}); removed it")

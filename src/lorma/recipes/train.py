@@ -345,11 +345,11 @@ def run_training(cfg: RunConfig, overwrite: bool = False, resume: bool = False) 
         try:
             metrics = _train_and_save(cfg, txn, trainer, task, model, tokenizer, eval_ds, loss_log, checkpoint,
                                       trainable, total, base_fingerprint)
-        except KeyboardInterrupt:
-            _close_progress_bars(trainer)
-            raise RunInterrupted(f"stopped at step {trainer.state.global_step}; {txn.describe_stop()}") from None
-        except Exception as err:  # noqa: BLE001 - only a failed write is turned into a message; the rest re-raise
-            full = disk_full_error(err, txn)
+        except BaseException as err:  # only Ctrl-C and a failed write become messages; the rest re-raise
+            _close_progress_bars(trainer)  # so that what follows starts on a line of its own
+            if isinstance(err, KeyboardInterrupt):
+                raise RunInterrupted(f"stopped at step {trainer.state.global_step}; {txn.describe_stop()}") from None
+            full = disk_full_error(err, txn) if isinstance(err, Exception) else None
             if full is None:
                 raise
             raise full from err
