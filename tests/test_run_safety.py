@@ -42,7 +42,7 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_merge_never_writes_over_its_input(trained: dict[str, Path], tmp_path: Path, capsys) -> None:
+def test_merge_and_export_never_write_over_their_input(trained: dict[str, Path], tmp_path: Path, capsys) -> None:
     run = _copy(trained["run"], tmp_path / "run")
     before = snapshot(run)
     model_before = snapshot(trained["model"])
@@ -53,6 +53,9 @@ def test_merge_never_writes_over_its_input(trained: dict[str, Path], tmp_path: P
         assert expected in err and len(err.strip().splitlines()) == 1, err
     assert main(["merge", str(run / "adapter"), str(run), "--overwrite"]) == 2
     assert "contains the input ADAPTER_DIR" in capsys.readouterr().err
+    for out in (run, run / "adapter"):  # lorma export (a LoRA adapter of it) neither
+        assert main(["export", str(run), str(out), "--overwrite"]) == 2
+        assert "OUT_DIR" in capsys.readouterr().err
     assert snapshot(run) == before and snapshot(trained["model"]) == model_before
     assert main(["merge", str(run), str(run / "merged")]) == 0  # beside the adapter, inside the run: fine
     assert (run / "merged" / "model.safetensors").is_file()

@@ -21,10 +21,7 @@ copied as they are. The result loads with plain peft, without ``lorma`` installe
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,22 +98,16 @@ class LoraExport:
         """Write ``adapter_config.json``, ``adapter_model.safetensors`` and ``lorma_export.json`` atomically."""
         from safetensors.torch import save_file
 
-        from .recipes.train import _replace_dir
+        from .fileio import atomic_write_json, staged_directory
 
         out = Path(out_dir)
         if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
             raise ExportError(f"output directory {out} exists and is not empty; give --overwrite")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        try:
+        with staged_directory(out) as tmp:  # an existing directory is replaced only once the new one is complete
             self.config.save_pretrained(str(tmp))
             tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict.items()}
             save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-            (tmp / EXPORT_REPORT_FILE).write_text(json.dumps(self.report(), indent=2) + "\n", encoding="utf-8")
-            _replace_dir(tmp, out)  # an existing directory is replaced only once the new one is complete
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            atomic_write_json(tmp / EXPORT_REPORT_FILE, self.report())
         return out
 
 
@@ -315,18 +306,18 @@ def export_adapter(
     overwrite: bool = False,
 ) -> tuple[LoraExport, Path]:
     """``lorma export``: the LoRMA adapter of a run (or adapter) directory, written as a LoRA adapter to ``out_dir``."""
-    from .recipes.merge import load_adapter_model, resolve_adapter_dir
+    from .recipes.merge import load_adapter_model
+    from .recipes.rundir import check_not_input, check_output_location, find_adapter
 
-    adapter = resolve_adapter_dir(source)
+    found = find_adapter(Path(source))  # the adapter's files checked, and a run's adapter/ consistent with it
+    adapter, recorded = found.path, found.config
     out = Path(out_dir)
+    check_output_location(out, "OUT_DIR")
+    # never onto its own input: replacing the run (or a folder holding the adapter) would delete it
+    check_not_input(out, {"RUN_OR_ADAPTER": adapter}, replacing=True, flag="OUT_DIR",
+                    containers={"RUN_OR_ADAPTER (a run)": found.run_dir})
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ExportError(f"output directory {out} exists and is not empty; give --overwrite")
-    if out.resolve() == adapter.resolve():
-        raise ExportError(f"output directory {out} is the source adapter directory")
-    try:
-        recorded = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise ExportError(f"{adapter / 'adapter_config.json'}: cannot read ({err})") from None
     if recorded.get("peft_type") != "LORMA":
         raise ExportError(f"{adapter} holds a {recorded.get('peft_type')} adapter, not a LoRMA one (nothing to export)")
     _check_options("default", str(recorded.get("inflation")), rank, max_error)

@@ -44,9 +44,9 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lorma.recipes.commands import _quiet_libraries
+    from lorma.recipes.train import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     from lorma.export import EXPORT_REPORT_FILE, ExportError, export_adapter, format_table
 
     try:
