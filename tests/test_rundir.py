@@ -212,3 +212,17 @@ def test_find_adapter_says_what_a_directory_is(tmp_path: Path) -> None:
     (merged / "model.safetensors").write_bytes(b"")
     with pytest.raises(InputError, match="plain .* transformers model"):
         find_adapter(merged)
+
+
+def test_only_the_main_process_locks(tmp_path: Path) -> None:
+    """Under torchrun every rank opens the run; rank 0 locks it, and the others must not take that for a rival."""
+    from lorma.errors import RunLockedError
+    from lorma.fileio import AdvisoryLock
+
+    run = tmp_path / "run"
+    with AdvisoryLock(tmp_path / ".run.lock", "rank 0"):
+        other_rank = RunTransaction(run, main_process=False)
+        with other_rank:
+            assert other_rank.prepare() == run and not run.exists()  # rank 0 creates and writes
+        with pytest.raises(RunLockedError, match="run directory .* is in use by pid"):
+            RunTransaction(run)

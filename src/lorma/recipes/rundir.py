@@ -320,7 +320,7 @@ class RunTransaction:
         """Decide :attr:`work` (where files go), :attr:`resume_from` and :attr:`skipped`; refuse what is wrong."""
         final = self.final
         check_output_location(final)
-        if not self._lock.held:
+        if self.main_process and not self._lock.held:  # the other ranks of a run never lock: rank 0 does
             self._lock.refuse_if_held()  # a live writer is named before anything is said about what it wrote
         new = staging_path(final)
         existing = run_files(final) if final.is_dir() else []
@@ -342,7 +342,7 @@ class RunTransaction:
             raise InputError(f"{new} holds an unfinished --overwrite run of {final}; give --resume to continue it "
                              "or --overwrite to start again")
         else:
-            # --overwrite of an existing run: write beside it, swap at the end
+            # a new run, written in place; or --overwrite of an existing one: written beside it, swapped at the end
             self.staged = bool(existing)
             self.work = new if self.staged else final
 

@@ -35,6 +35,7 @@ from lorma.fileio import (
 from lorma.recipes.config import ADAPTER_METHODS, RunConfig, dump_yaml
 from lorma.recipes.rundir import (
     ADAPTER_DIR,
+    CHECKPOINTS_DIR,
     CONFIG_FILE,
     LOSS_LOG,
     METRICS_FILE,
@@ -128,7 +129,7 @@ def _training_arguments(cfg: RunConfig, out: Path, has_eval: bool, task: Any) ->
     from transformers import TrainingArguments
 
     kwargs = cfg.training_arguments()
-    kwargs["output_dir"] = str(out / "checkpoints")
+    kwargs["output_dir"] = str(out / CHECKPOINTS_DIR)
     by_steps = float(kwargs.get("max_steps", -1) or -1) > 0
     if has_eval and "eval_strategy" not in cfg.training:
         # evaluate every epoch (the paper reports the best epoch); with max_steps, once at the end
