@@ -62,9 +62,9 @@ def flop_section() -> str:
         "`O(n r d log d)`) needs fewer flops at large d but ran 1.06x to 2.3x slower than the dense form on "
         "this CPU at d = 384..4096 (2048 tokens, forward + backward; `benchmarks/fft_vs_dense.md`, written by "
         "`python -m benchmarks.fft_vs_dense`), so it is used only to bound memory: "
-        "above `lorma.functional.DENSE_BYTES_LIMIT` (256 MiB, d > 8192; LLaMA-3-8B up/gate on the pre side, "
+        "above `LormaConfig.max_dense_bytes` (default 256 MiB, d > 8192; LLaMA-3-8B up/gate on the pre side, "
         "d = 14336) pi runs through it in token chunks under activation checkpointing, at most "
-        "`FFT_CHUNK_BYTES` (64 MiB) of working memory per module, and no d x d matrix is built.",
+        "`LormaConfig.fft_chunk_bytes` (default 64 MiB) of working memory per module, and no d x d matrix is built.",
         "- Against the reference orderings: plus saves Table 11's second `W0 x` (a whole base matmul, forward "
         "and backward) and the released code's weight-gradient GEMM (`n d_out d_in`) and weight copy. For pi, "
         "lorma picks the cheaper of the two dense orderings per shape, and each reference ordering is one of "

@@ -1,9 +1,9 @@
 """``python -m benchmarks.fft_vs_dense``: is the FFT form of LoRMA_pi faster than the dense one on this CPU?
 
 Times forward + backward of ``s pi(BA) h`` for ``n`` tokens, three ways: the dense ``d x d`` transform on
-activations (``lorma.functional.inflate`` then a matmul), the FFT form (``apply_pi_fft``, ``O(n r d log d)``)
+activations (``PiInflation.transform`` then a matmul), the FFT form (``apply_pi_fft``, ``O(n r d log d)``)
 and the bounded, chunked and checkpointed FFT form (``apply_pi_bounded``) that lorma uses above
-``DENSE_BYTES_LIMIT``. Writes a markdown table (atomically) and prints it.
+``LormaConfig.max_dense_bytes``. Writes a markdown table (atomically) and prints it.
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ import torch
 
 from lorma import functional as LF
 from lorma.fileio import atomic_write_text
+from lorma.inflations import PiInflation
+
+PI = PiInflation()  # the default bounds of LormaConfig
 
 
 def _time(fn, rounds: int) -> float:  # noqa: ANN001
@@ -39,17 +42,17 @@ def measure(ds: list[int], n: int, r: int, rounds: int) -> list[tuple[int, float
         B = torch.randn(d, r, generator=g, requires_grad=True)
 
         def dense(h=h, A=A, B=B) -> None:  # noqa: ANN001
-            (h @ LF.inflate(A, B, "pi", 0.5).T).sum().backward()
+            (h @ PI.transform(A, B, 0.5).T).sum().backward()
 
         def fft(h=h, A=A, B=B) -> None:  # noqa: ANN001
             LF.apply_pi_fft(h, A, B, 0.5).sum().backward()
 
         def bounded(h=h, A=A, B=B) -> None:  # noqa: ANN001
-            LF.apply_pi_bounded(h, A, B, 0.5).sum().backward()
+            LF.apply_pi_bounded(h, A, B, 0.5, PI.fft_chunk_bytes).sum().backward()
 
         with torch.no_grad():
-            err = ((LF.apply_pi_fft(h, A, B, 0.5) - h @ LF.inflate(A, B, "pi", 0.5).T).norm()
-                   / (h @ LF.inflate(A, B, "pi", 0.5).T).norm()).item()
+            err = ((LF.apply_pi_fft(h, A, B, 0.5) - h @ PI.transform(A, B, 0.5).T).norm()
+                   / (h @ PI.transform(A, B, 0.5).T).norm()).item()
         rows.append((d, _time(dense, rounds), _time(fft, rounds), _time(bounded, rounds), err))
     return rows
 

@@ -11,7 +11,6 @@ from peft import PeftModel, get_peft_model
 
 from conftest import reference_inflation
 from lorma import LormaConfig
-from lorma import functional as LF
 from lorma.layer import LormaLayer
 from test_adapter_formula import INFLATIONS, SIDES, TwoLayer, dense_forward, linear_weight
 
@@ -111,7 +110,7 @@ def test_identity_at_init_in_the_adapter_dtype(dtype: torch.dtype, inflation: st
 @pytest.mark.parametrize("side", SIDES)
 @pytest.mark.parametrize("inflation", INFLATIONS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_adapters_forward_merge_unmerge(dtype: torch.dtype, inflation: str, side: str, monkeypatch) -> None:
+def test_half_adapters_forward_merge_unmerge(dtype: torch.dtype, inflation: str, side: str) -> None:
     """peft's forward-in-half-precision-without-autocast case: every forward path, merge, unmerge, unload."""
     torch.manual_seed(0)
     base = TwoLayer(d_in=16, d_hidden=24).to(dtype)
@@ -125,9 +124,10 @@ def test_half_adapters_forward_merge_unmerge(dtype: torch.dtype, inflation: str,
     with torch.no_grad():
         outputs = {"chosen": layer(x)}
         if inflation != "plus":
-            monkeypatch.setattr(LF, "DENSE_BYTES_LIMIT", 0)  # the bounded FFT path (float32 inside)
-            outputs["fft"] = layer(x)
-            monkeypatch.undo()
+            bounds = layer.lorma_variant["default"].inflation
+            bounds.max_dense_bytes = 1  # pi: the bounded FFT path (float32 inside); none: its low-rank form
+            outputs["bounded"] = layer(x)
+            bounds.max_dense_bytes = LormaConfig().max_dense_bytes
     for path, out in outputs.items():
         assert out.dtype == dtype, path
         assert (out.double() - expected).abs().max().item() <= tol, path

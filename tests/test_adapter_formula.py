@@ -15,6 +15,7 @@ import lorma
 from conftest import reference_inflation
 from lorma import LormaConfig
 from lorma import functional as LF
+from lorma.inflations import get_inflation
 from lorma.layer import LormaLayer
 
 INFLATIONS = ["plus", "pi", "none"]
@@ -69,7 +70,7 @@ def dense_forward(layer: LormaLayer, adapter: str, x: torch.Tensor) -> torch.Ten
 @pytest.mark.parametrize("inflation", INFLATIONS)
 def test_rotate_rows_matches_index_definition(inflation: str) -> None:
     A, B = torch.randn(3, 9), torch.randn(9, 3)
-    ours = LF.inflate(A, B, inflation, 0.7)
+    ours = get_inflation(inflation)().transform(A, B, 0.7)
     assert rel_err(ours, reference_inflation(A, B, inflation, 0.7)) < 1e-6
 
 
@@ -106,11 +107,12 @@ def test_forward_equals_dense_formula(inflation: str, side: str, conv1d: bool) -
     assert rel_err(out, dense_forward(layer, "default", x)) < 1e-5
     # both ways of applying a dense transform (activations / folded weight) give the formula
     if inflation != "plus":
+        variant = layer.lorma_variant["default"]
         with torch.no_grad():
-            folded = layer._folded_forward("default", torch.randn(200, 12))
+            folded = variant.folded_forward(layer, "default", torch.randn(200, 12))
         tokens = torch.randn(200, 12)
         d_other = 12 if side == "pre" else 20
-        strategy = LF.choose_dense_strategy(200, layer.transform_size_for(side, None), d_other, False)
+        strategy = variant.inflation.strategy(200, layer.transform_size_for(side, None), d_other, False)
         with torch.no_grad():
             out_big = layer(tokens)
         assert rel_err(out_big, dense_forward(layer, "default", tokens)) < 1e-5

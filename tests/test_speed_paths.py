@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import reference_inflation
 from lorma import LormaConfig
 from lorma import functional as LF
+from lorma.inflations import NoneInflation, PiInflation, PlusInflation
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -81,17 +82,23 @@ def test_bounded_path_chunks_and_checkpoints_exactly() -> None:
 
 
 def test_strategy_at_llama3_8b_shapes_never_builds_d_out_squared() -> None:
+    pi = PiInflation()  # the default bounds, as LormaConfig has them
     # up / gate, pre side: d = d_out = 14336; a dense fp32 transform would be 822 MB
-    assert LF.dense_transform_bytes(14336) == 14336 * 14336 * 4 > LF.DENSE_BYTES_LIMIT
+    assert LF.dense_transform_bytes(14336) == 14336 * 14336 * 4 > LormaConfig().max_dense_bytes == pi.max_dense_bytes
     for needs_grad in (True, False):
-        assert LF.choose_dense_strategy(2048, 14336, 4096, needs_grad) == "fft"
+        assert pi.strategy(2048, 14336, 4096, needs_grad) == "fft"
         # post side of up / gate: d = d_in = 4096, 64 MiB: dense is allowed and the flop count decides
-        assert LF.choose_dense_strategy(2048, 4096, 14336, needs_grad) in ("activation", "weight")
+        assert pi.strategy(2048, 4096, 14336, needs_grad) in ("activation", "weight")
     # the user can lift the bound explicitly
-    assert LF.choose_dense_strategy(2048, 14336, 4096, True, max_dense_bytes=None) in ("activation", "weight")
+    assert PiInflation(max_dense_bytes=None).strategy(2048, 14336, 4096, True) in ("activation", "weight")
     # flop counts: few tokens, wide other side -> apply on activations; many tokens -> fold into the weight
+    assert pi.strategy(16, 1024, 4096, True) == "activation"
+    assert pi.strategy(8192, 1024, 1024, True) == "weight"
     assert LF.choose_dense_strategy(16, 1024, 4096, True) == "activation"
     assert LF.choose_dense_strategy(8192, 1024, 1024, True) == "weight"
+    # the FFT path is pi's: the other built-in inflations never take it, however large d is
+    for other in (PlusInflation(), NoneInflation()):
+        assert other.strategy(2048, 14336, 4096, True) == "activation"
 
 
 def _pi_layer(d_in: int, d_out: int, side: str, r: int = 4) -> nn.Module:
@@ -103,7 +110,7 @@ def _pi_layer(d_in: int, d_out: int, side: str, r: int = 4) -> nn.Module:
 
 
 @pytest.mark.parametrize("side", ["pre", "post"])
-def test_layer_over_the_limit_takes_bounded_path_and_matches_formula(monkeypatch, side: str) -> None:
+def test_layer_over_the_limit_takes_bounded_path_and_matches_formula(side: str) -> None:
     d_in, d_out = 40, 56
     layer = _pi_layer(d_in, d_out, side)
     d = d_out if side == "pre" else d_in
@@ -122,8 +129,9 @@ def test_layer_over_the_limit_takes_bounded_path_and_matches_formula(monkeypatch
     assert probe.largest >= d * d
     assert rel_err(dense_out, expected) < 1e-5
 
-    monkeypatch.setattr(LF, "DENSE_BYTES_LIMIT", d * d * 4 - 1)
-    monkeypatch.setattr(LF, "FFT_CHUNK_BYTES", 5 * 3 * 4 * d * 8)  # ~5 tokens per chunk
+    inflation = layer.lorma_variant["default"].inflation  # the bounds LormaConfig gave this adapter
+    inflation.max_dense_bytes = d * d * 4 - 1
+    inflation.fft_chunk_bytes = 5 * 3 * 4 * d * 8  # ~5 tokens per chunk
     probe = LargestTensor()
     with probe:
         out = layer(x)

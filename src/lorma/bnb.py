@@ -6,12 +6,13 @@ on its output (bias kept out); on the ``post`` side the transform acts on ``x`` 
 The adapters stay fp32. The dense "fold into the weight" strategy of the float layer is never used here
 (it would need ``W0`` in floating point every step).
 
-Merging dequantizes ``W0``, merges in fp32 and re-quantizes (the weight stays 4/8-bit: merge_and_unload gives
-a quantized model, with the rounding of one more quantization). Unmerging restores the original quantized
-weight object bit for bit (it is kept at merge time). To get a float model instead, call
-``merge_and_unload(dequantize=True)`` on the peft model (:meth:`lorma.model.LormaModel.merge_and_unload`):
-each quantized base is replaced by an ``nn.Linear`` holding the dequantized weight before merging, so the
-merged weight is ``I(BA) deq(W0)`` without a second rounding.
+The quantized layer differs from the float one only in how its weight is read and written
+(:class:`QuantizedWeight` against :class:`lorma.layer.FloatWeight`). Merging dequantizes ``W0``, merges in fp32
+and re-quantizes (the weight stays 4/8-bit: merge_and_unload gives a quantized model, with the rounding of one
+more quantization). Unmerging restores the original quantized weight object bit for bit (it is kept at merge
+time). To get a float model instead, call ``merge_and_unload(dequantize=True)`` on the peft model
+(:meth:`lorma.model.LormaModel.merge_and_unload`): each quantized base is replaced by an ``nn.Linear`` holding the
+dequantized weight before merging, so the merged weight is ``I(BA) deq(W0)`` without a second rounding.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layer import LormaLayer
+from .layer import FloatWeight, LormaLayer
 
 
 def is_bnb_available() -> bool:
@@ -131,17 +132,74 @@ def quantize_like(base: nn.Module, weight: torch.Tensor) -> nn.Parameter:
     return bnb.nn.Int8Params(weight.to("cpu"), requires_grad=False, has_fp16_weights=old.has_fp16_weights).to(device)
 
 
+class QuantizedWeight:
+    """The weight of a bitsandbytes 4/8-bit base as the adapter math reads and writes it (see ``FloatWeight``).
+
+    Read: dequantized to fp32 (merging, ``get_delta_weight``, export). Write: quantized again with the base's
+    settings. Never read in the forward. A merge always keeps the quantized weight it replaces, so that
+    unmerging puts it back bit for bit (re-quantization rounds: no algebra can give ``W0`` back).
+    """
+
+    readable_in_forward = False
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def read(self, base: nn.Module) -> torch.Tensor:
+        return dequantized_weight(base)
+
+    def work_copy(self, base: nn.Module) -> torch.Tensor:
+        return dequantized_weight(base)
+
+    def write(self, base: nn.Module, weight_linear: torch.Tensor) -> None:
+        base.weight = quantize_like(base, weight_linear.detach().float())
+        if self.kind == "8bit":  # the layer caches the int8 matrix and its scales in its state
+            base.state.CB = None
+            base.state.SCB = None
+
+    def exact_after_merge(self, base: nn.Module) -> bool:
+        return False
+
+    def snapshot(self, base: nn.Module) -> dict[str, Any]:
+        snap: dict[str, Any] = {"weight": base.weight}
+        if self.kind == "8bit":
+            snap["CB"], snap["SCB"] = base.state.CB, base.state.SCB
+        return snap
+
+    def restore(self, base: nn.Module, snapshot: dict[str, Any]) -> None:
+        base.weight = snapshot["weight"]
+        if self.kind == "8bit":
+            base.state.CB, base.state.SCB = snapshot["CB"], snapshot["SCB"]
+
+    def before_merge(self, module_name: str) -> None:
+        warnings.warn(
+            f"module {module_name!r}: merging into a {self.kind} weight re-quantizes it (one more rounding); "
+            "merge_and_unload(dequantize=True) gives a float model instead",
+            stacklevel=3,
+        )
+
+
 class QuantLinear(nn.Module, LormaLayer):
-    """LoRMA around a bitsandbytes ``Linear4bit`` / ``Linear8bitLt``; activation-side only in forward."""
+    """LoRMA around a bitsandbytes ``Linear4bit`` / ``Linear8bitLt``: the float layer with a :class:`QuantizedWeight`.
+
+    The forward is the float layer's activation-side forward (the variant never folds, as the weight is not
+    readable in forward); merge and unmerge go through the quantized weight object.
+    """
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, module_name: str = "", **kwargs: Any) -> None:
         super().__init__()
         LormaLayer.__init__(self, base_layer, module_name=module_name, fan_in_fan_out=False)
-        self.quant_kind = quantized_kind(self.get_base_layer())
-        if self.quant_kind is None:
+        kind = quantized_kind(self.get_base_layer())
+        if kind is None:
             raise ValueError(f"module {module_name!r}: QuantLinear needs a bitsandbytes Linear4bit/Linear8bitLt")
+        self.base_weight = QuantizedWeight(kind)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, **kwargs)
+
+    @property
+    def quant_kind(self) -> str | None:
+        """``"4bit"``, ``"8bit"``, or ``None`` once :meth:`dequantize_base` has replaced the base."""
+        return getattr(self.base_weight, "kind", None)
 
     def update_layer(self, adapter_name: str, r: int, alpha: float, inflation: str, side: str, **kwargs: Any) -> None:
         if side == "post" and kwargs.get("fused") is not None:
@@ -150,81 +208,6 @@ class QuantLinear(nn.Module, LormaLayer):
                 "need W0 dequantized in every forward; use side='pre' or adapt the whole layer"
             )
         super().update_layer(adapter_name, r=r, alpha=alpha, inflation=inflation, side=side, **kwargs)
-
-    # the float layer's weight accessors are used by merging and get_delta_weight only: dequantize there
-    # after dequantize_base() (quant_kind None) the layer behaves exactly as the float LoRMA layer
-    def _base_weight_linear(self) -> torch.Tensor:
-        if self.quant_kind is None:
-            return LormaLayer._base_weight_linear(self)
-        return dequantized_weight(self.get_base_layer())
-
-    def _set_base_weight_linear(self, weight_linear: torch.Tensor) -> None:
-        if self.quant_kind is None:
-            LormaLayer._set_base_weight_linear(self, weight_linear)
-            return
-        base = self.get_base_layer()
-        base.weight = quantize_like(base, weight_linear.detach().float())
-        if self.quant_kind == "8bit":  # the layer caches the int8 matrix and its scales in its state
-            base.state.CB = None
-            base.state.SCB = None
-
-    def _folded_forward(self, adapter: str, x: torch.Tensor) -> torch.Tensor | None:
-        if self.quant_kind is None:
-            return LormaLayer._folded_forward(self, adapter, x)
-        return None  # never dequantize W0 in forward
-
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Dequantize, merge in fp32, re-quantize; the original quantized weight is kept for an exact unmerge."""
-        from peft.tuners.tuners_utils import check_adapters_to_merge
-
-        if self.quant_kind is None:
-            LormaLayer.merge(self, safe_merge=safe_merge, adapter_names=adapter_names)
-            return
-        adapter_names = check_adapters_to_merge(self, adapter_names)
-        if adapter_names:
-            warnings.warn(
-                f"module {self.module_name!r}: merging into a {self.quant_kind} weight re-quantizes it (one more "
-                "rounding); merge_and_unload(dequantize=True) gives a float model instead",
-                stacklevel=2,
-            )
-        for adapter in adapter_names:
-            if adapter not in self.lorma_A:
-                continue
-            current = self._base_weight_linear()
-            merged = current + self._delta_for(adapter, current)
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(
-                    f"module {self.module_name!r}: merging adapter {adapter!r} gives non-finite weights; "
-                    "the adapter seems broken (nothing was changed)"
-                )
-            self._weights_before_merge[adapter] = self._quant_snapshot()
-            self._set_base_weight_linear(merged)
-            self.merged_adapters.append(adapter)
-
-    def _quant_snapshot(self) -> dict[str, Any]:
-        base = self.get_base_layer()
-        snap: dict[str, Any] = {"weight": base.weight}
-        if self.quant_kind == "8bit":
-            snap["CB"], snap["SCB"] = base.state.CB, base.state.SCB
-        return snap
-
-    def unmerge(self) -> None:
-        """Put back the quantized weight each merge replaced, last merged first (exact, no re-quantization)."""
-        if self.quant_kind is None:
-            LormaLayer.unmerge(self)
-            return
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
-            return
-        base = self.get_base_layer()
-        while self.merged_adapters:
-            adapter = self.merged_adapters.pop()
-            snap = self._weights_before_merge.pop(adapter, None)
-            if snap is None:
-                continue
-            base.weight = snap["weight"]
-            if self.quant_kind == "8bit":
-                base.state.CB, base.state.SCB = snap["CB"], snap["SCB"]
 
     def dequantize_base(self) -> None:
         """Replace the quantized base layer by an fp32 ``nn.Linear`` holding ``deq(W0)`` (and the bias)."""
@@ -239,7 +222,7 @@ class QuantLinear(nn.Module, LormaLayer):
                 linear.bias.copy_(base.bias.float())
         linear.requires_grad_(False)
         self.base_layer = linear
-        self.quant_kind = None
+        self.base_weight = FloatWeight(fan_in_fan_out=False)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return LormaLayer.forward(self, x, *args, **kwargs)

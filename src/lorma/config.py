@@ -10,7 +10,10 @@ from typing import Any
 
 from peft.config import PeftConfig
 
-from .functional import INFLATIONS, SIDES
+from .functional import SIDES
+from .inflations import DEFAULT_FFT_CHUNK_BYTES, DEFAULT_MAX_DENSE_BYTES, get_inflation
+from .peft_type import lorma_peft_type
+from .variants import get_variant
 
 # Default target modules per transformers model_type: the paper's set-ups.
 # RoBERTa / BERT: query and value (Table 14). GPT-2: the fused c_attn, q and v parts only (Table 16).
@@ -40,7 +43,8 @@ class LormaConfig(PeftConfig):
         r: rank of ``A`` (``r x d``) and ``B`` (``d x r``).
         alpha: the scaling is ``s = alpha / r``.
         inflation: ``"plus"`` (``I + sBA``, LoRMA+), ``"pi"`` (``s pi(BA)``, LoRMA_pi) or ``"none"``
-            (``s BA``, the rank-limited ablation).
+            (``s BA``, the rank-limited ablation); or the name of an inflation registered with
+            :func:`lorma.inflations.register_inflation`.
         side: ``"pre"`` (paper default, ``d = d_out``) or ``"post"`` (``d = d_in``).
         dropout: dropout on the adapter path only; the frozen path ``W0 x`` never sees it.
         target_modules / exclude_modules / layers_to_transform / layers_pattern: as in peft's LoRA.
@@ -53,6 +57,12 @@ class LormaConfig(PeftConfig):
         fused_parts: adapt only some equal parts of a fused projection's output, each with its own
             transform: ``{"c_attn": {"num_parts": 3, "parts": [0, 2]}}`` (GPT-2's q and v). Keys match
             module names like ``target_modules`` entries (name or dotted suffix, or a regex).
+        max_dense_bytes: the largest dense ``d x d`` float32 transform a forward may build per module (``None``:
+            no bound). Above it ``pi`` takes its bounded FFT path; an inflation with no such path is refused.
+        fft_chunk_bytes: working memory per module of the bounded FFT path, per chunk of tokens.
+        variant: ``None`` for plain LoRMA, or the name of a variant registered with
+            :func:`lorma.variants.register_variant` (it takes over how each adapted module's adapter is
+            initialised, applied, merged and unmerged).
     """
 
     r: int = field(default=8, metadata={"help": "Rank of A (r x d) and B (d x r)."})
@@ -83,11 +93,20 @@ class LormaConfig(PeftConfig):
         default=None,
         metadata={"help": "Per fused module: {'num_parts': P, 'parts': [indices to adapt]}."},
     )
+    max_dense_bytes: int | None = field(
+        default=DEFAULT_MAX_DENSE_BYTES,
+        metadata={"help": "Largest dense d x d float32 transform a forward may build per module; None: no bound."},
+    )
+    fft_chunk_bytes: int = field(
+        default=DEFAULT_FFT_CHUNK_BYTES,
+        metadata={"help": "Working memory per module of pi's bounded FFT path (used above max_dense_bytes)."},
+    )
+    variant: str | None = field(
+        default=None, metadata={"help": "None (plain LoRMA) or the name of a registered LoRMA variant."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from .registry import lorma_peft_type
-
         if self.peft_type is not None and str(getattr(self.peft_type, "value", self.peft_type)) != "LORMA":
             raise ValueError(f"LormaConfig: this is a {self.peft_type} adapter config, not a LORMA one")
         self.peft_type = lorma_peft_type()
@@ -95,10 +114,19 @@ class LormaConfig(PeftConfig):
             raise ValueError(f"LormaConfig: r must be a positive integer, got {self.r!r}")
         if not _positive_finite(self.alpha):
             raise ValueError(f"LormaConfig: alpha must be a positive finite number, got {self.alpha!r}")
-        if self.inflation not in INFLATIONS:
-            raise ValueError(f"LormaConfig: unknown inflation {self.inflation!r}; expected one of {INFLATIONS}")
+        try:
+            get_inflation(self.inflation)
+            get_variant(self.variant)
+        except ValueError as err:
+            raise ValueError(f"LormaConfig: {err}") from None
         if self.side not in SIDES:
             raise ValueError(f"LormaConfig: unknown side {self.side!r}; expected one of {SIDES}")
+        if self.max_dense_bytes is not None and not _positive_int(self.max_dense_bytes):
+            raise ValueError(
+                f"LormaConfig: max_dense_bytes must be a positive integer or None, got {self.max_dense_bytes!r}"
+            )
+        if not _positive_int(self.fft_chunk_bytes):
+            raise ValueError(f"LormaConfig: fft_chunk_bytes must be a positive integer, got {self.fft_chunk_bytes!r}")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"LormaConfig: dropout must be in [0, 1), got {self.dropout!r}")
         for name, value in self.rank_pattern.items():
@@ -159,6 +187,10 @@ class LormaConfig(PeftConfig):
 def _positive_finite(value: Any) -> bool:
     """A real number > 0 and finite (``nan`` and ``inf`` pass a plain ``> 0`` test or slip past it)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def validate_fused_spec(name: str, spec: Any) -> None:

@@ -5,7 +5,7 @@ vLLM, TGI, llama.cpp and multi-adapter servers load peft LoRA adapters (``adapte
 adapted module this writes factors with ``B_L A_L = W - W0`` of the LoRMA adapter (at ``lora_alpha = r``, so
 ``s_L = 1``):
 
-- ``plus`` (LoRMA+): exact, rank ``r`` (:func:`lorma.lowrank.plus_weight_update`): pre side
+- ``plus`` (LoRMA+): exact, rank ``r`` (:func:`lorma.functional.plus_weight_update`): pre side
   ``B_L = s B``, ``A_L = A W0``; post side ``B_L = s W0 B``, ``A_L = A``. A fused projection (GPT-2's
   ``c_attn``) gets one block per adapted part, zero rows for the parts that are not adapted: rank
   ``r x parts``.
@@ -32,7 +32,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from peft.utils.other import AuxiliaryTrainingWrapper
 from transformers.pytorch_utils import Conv1D
 
-from . import lowrank
+from .inflations import get_inflation
 from .layer import LormaLayer
 
 EXPORT_REPORT_FILE = "lorma_export.json"
@@ -148,22 +148,13 @@ def _module_factors(
     key: str, layer: LormaLayer, adapter: str, rank: int | None, max_error: float | None
 ) -> tuple[torch.Tensor, torch.Tensor, ModuleExport]:
     """LoRA factors ``(B_L, A_L)`` (``nn.Linear`` layout, float64) of one module's update, and its report line."""
-    weight = layer._base_weight_linear().detach().double()
-    inflation, side, s = layer.inflation[adapter], layer.side[adapter], layer.scaling[adapter]
-    if inflation in lowrank.LOW_RANK_INFLATIONS:
-        blocks_b, blocks_a = [], []
-        for rows, A, B in layer._pairs(adapter):
-            w = weight if rows is None else weight[rows]
-            u, v = lowrank.plus_weight_update(A.detach().double(), B.detach().double(), s, w, side)
-            if rows is not None:  # this part's rows of a fused projection; the other parts' rows stay zero
-                full = weight.new_zeros(weight.shape[0], u.shape[1])
-                full[rows] = u
-                u = full
-            blocks_b.append(u)
-            blocks_a.append(v)
-        b_lora, a_lora = torch.cat(blocks_b, dim=1), torch.cat(blocks_a, dim=0)
+    weight = layer.weight_linear().detach().double()
+    variant = layer.lorma_variant[adapter]
+    factors = variant.lora_factors(layer, adapter, weight)  # the inflation's exact factors, when it has them
+    if factors is not None:
+        b_lora, a_lora = factors
         return b_lora, a_lora, ModuleExport(key, a_lora.shape[0], 0.0, "exact")
-    delta = layer._delta_for(adapter, weight)  # (I(BA) - I) W0 or W0 (I(BA) - I), zero rows for unadapted parts
+    delta = variant.delta_weight(layer, adapter, weight)  # (I(BA) - I) W0 or W0 (I(BA) - I), zero rows elsewhere
     b_lora, a_lora, error = _truncated_svd(delta, rank, max_error)
     return b_lora, a_lora, ModuleExport(key, a_lora.shape[0], error, "svd")
 
@@ -229,8 +220,9 @@ def lora_export(
         state[f"base_model.model.{key}.lora_A.weight"] = a_full.float().contiguous()
         state[f"base_model.model.{key}.lora_B.weight"] = b_full.float().contiguous()
     if peft_model is not None:  # modules_to_save (a trained head), under the key names peft saves them with
+        adapter_tensors = {p for _, m in layers for p in m.adapter_layer_names}
         for key, value in get_peft_model_state_dict(peft_model, adapter_name=adapter_name).items():
-            if not any(f".{p}" in key for p in LormaLayer.adapter_layer_names):
+            if not any(f".{p}" in key for p in adapter_tensors):
                 state[key] = value.detach().clone()
 
     lora_config = LoraConfig(
@@ -258,11 +250,15 @@ def _check_options(adapter_name: str, inflation: str, rank: int | None, max_erro
         raise ExportError(f"--rank must be a positive integer, got {rank!r}")
     if max_error is not None and not (isinstance(max_error, (int, float)) and 0 <= max_error < 1):
         raise ExportError(f"--max-error must be a relative error in [0, 1), got {max_error!r}")
-    exact_kind = inflation in lowrank.LOW_RANK_INFLATIONS
+    try:
+        exact_kind = get_inflation(inflation).exact_lora_export
+    except ValueError as err:
+        raise ExportError(f"adapter {adapter_name!r}: {err}") from None
     if exact_kind and (rank is not None or max_error is not None):
         raise ExportError(
-            f"adapter {adapter_name!r} is LoRMA+ (inflation {inflation!r}): its update is exactly a rank-r LoRA "
-            "update and is exported as such; --rank / --max-error apply to pi and none adapters only"
+            f"adapter {adapter_name!r} has inflation {inflation!r} (LoRMA+): its update is exactly a rank-r LoRA "
+            "update and is exported as such; --rank / --max-error apply to adapters with a full-rank update "
+            "(pi, none)"
         )
     if not exact_kind and rank is None and max_error is None:
         raise ExportError(

@@ -1,6 +1,6 @@
 """The LoRMA math, free of peft and of modules: inflations, activation-side application, merge, unmerge.
 
-Notation (see ``NOTES.md`` of the paper notes): the frozen weight ``W0`` is in ``nn.Linear`` layout
+Notation (the paper's, in PyTorch's weight layout): the frozen weight ``W0`` is in ``nn.Linear`` layout
 ``(d_out, d_in)``; ``A`` is ``(r, d)``, ``B`` is ``(d, r)``; ``s = alpha / r`` is the scaling. The square
 transform ``I(BA)`` is ``d x d`` with ``d = d_out`` on the ``pre`` side (``W = I(BA) W0``) and ``d = d_in``
 on the ``post`` side (``W = W0 I(BA)``).
@@ -8,20 +8,22 @@ on the ``post`` side (``W = W0 I(BA)``).
 Activations are row vectors (``(..., d)``, as in PyTorch), so "apply ``M`` to ``h``" is ``h @ M.T``.
 
 Everything here works on a single ``(A, B)`` pair; fused projections (GPT-2's ``c_attn``) are handled by the
-layer, which calls these functions once per adapted part.
+layer, which calls these functions once per adapted part. Which of them an inflation uses is decided by the
+inflation objects of :mod:`lorma.inflations`: nothing here dispatches on an inflation's name or reads a setting
+(every bound is an argument).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
-Inflation = Literal["plus", "pi", "none"]
 Side = Literal["pre", "post"]
 
-INFLATIONS: tuple[str, ...] = ("plus", "pi", "none")
 SIDES: tuple[str, ...] = ("pre", "post")
 
 
@@ -46,26 +48,6 @@ def rotate_rows(m: torch.Tensor) -> torch.Tensor:
     return flat[..., d : d + d * (2 * d - 1)].reshape(*lead, d, 2 * d - 1)[..., :d]
 
 
-def inflate(A: torch.Tensor, B: torch.Tensor, inflation: Inflation, scaling: float) -> torch.Tensor:
-    """The dense ``d x d`` transform ``I(BA)``.
-
-    - ``plus``: ``I + s BA`` (LoRMA+, eq. 8)
-    - ``pi``: ``s pi(BA)`` (LoRMA_pi, eq. 7)
-    - ``none``: ``s BA`` (naive, rank <= r; Table 6's ablation)
-
-    Batched ``A`` ``(..., r, d)`` and ``B`` ``(..., d, r)`` give ``(..., d, d)``.
-    """
-    ba = B @ A
-    if inflation == "plus":
-        eye = torch.eye(ba.shape[-1], dtype=ba.dtype, device=ba.device)
-        return eye + scaling * ba
-    if inflation == "pi":
-        return scaling * rotate_rows(ba)
-    if inflation == "none":
-        return scaling * ba
-    raise ValueError(f"unknown inflation {inflation!r}; expected one of {INFLATIONS}")
-
-
 def plus_delta(
     source: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, shift: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -81,42 +63,21 @@ def plus_delta(
     return F.linear(u * scaling, B)
 
 
-# Largest dense ``d x d`` fp32 transform a forward may build for one adapted module unless the user raises it:
-# 256 MiB (d = 8192). LLaMA-3-8B's up/gate on the pre side (d = 14336, 822 MB) is above it and takes the
-# bounded FFT path instead. ``None`` removes the bound. Read at call time, so it can be changed at run time.
-DENSE_BYTES_LIMIT: int | None = 256 * 2**20
-# Working memory the bounded (FFT) path may use per chunk of tokens, in bytes.
-FFT_CHUNK_BYTES: int = 64 * 2**20
-
-Strategy = Literal["activation", "weight", "fft"]
-
-
 def dense_transform_bytes(d: int, element_size: int = 4) -> int:
     """Bytes of one dense ``d x d`` transform (fp32 by default, peft's default adapter dtype)."""
     return d * d * element_size
 
 
-def choose_dense_strategy(
-    n_tokens: int,
-    d: int,
-    d_other: int,
-    needs_grad: bool,
-    max_dense_bytes: int | None | Literal["default"] = "default",
-) -> Strategy:
-    """Pick how a dense ``d x d`` transform ``M`` (``pi`` or ``none``) is applied, by counting multiply-adds.
+def choose_dense_strategy(n_tokens: int, d: int, d_other: int, needs_grad: bool) -> Literal["activation", "weight"]:
+    """Pick how a dense ``d x d`` transform ``M`` is applied, by counting multiply-adds.
 
     ``activation``: ``M`` applied to the ``n x d`` activations: ``n d^2`` forward, ``2 n d^2`` backward.
     ``weight``: ``M`` folded into the ``d x d_other`` weight once per step (``d^2 d_other``), then a
     normal matmul with the folded weight; the backward pays the folded weight's gradient
     (``n d d_other``) and the fold's (``d^2 d_other``). The base matmul itself is paid either way.
-    ``fft``: ``M`` is never built (see :func:`apply_pi_fft`); chosen only when ``M`` would exceed
-    ``max_dense_bytes`` (default :data:`DENSE_BYTES_LIMIT`), because on CPU the FFT path is slower than a
-    dense GEMM at every size measured in BENCHMARKS.md (its ``O(n r d log d)`` flops run far below GEMM
-    speed), but its memory is bounded by :data:`FFT_CHUNK_BYTES` per module whatever ``d`` is.
+    Whether ``M`` may be built at all (its memory bound) is the inflation's decision, not a flop count
+    (:meth:`lorma.inflations.Inflation.strategy`).
     """
-    limit = DENSE_BYTES_LIMIT if max_dense_bytes == "default" else max_dense_bytes
-    if limit is not None and dense_transform_bytes(d) > limit:
-        return "fft"
     if needs_grad:
         activation = 3 * n_tokens * d * d
         weight = 2 * d * d * d_other + n_tokens * d * d_other
@@ -153,28 +114,24 @@ def apply_pi_bounded(
     A: torch.Tensor,
     B: torch.Tensor,
     scaling: float,
-    chunk_bytes: int | None = None,
+    chunk_bytes: int,
 ) -> torch.Tensor:
     """:func:`apply_pi_fft` over chunks of tokens, so that working memory stays under ``chunk_bytes``.
 
     With gradients, each chunk runs under activation checkpointing: only its input is kept for the backward
     and its FFT intermediates (``~ 3 r d`` floats per token) are recomputed, so the memory this module adds to
-    a training step is bounded by ``chunk_bytes`` (default :data:`FFT_CHUNK_BYTES`) instead of growing with
-    the number of tokens or with ``d^2``.
+    a training step is bounded by ``chunk_bytes`` instead of growing with the number of tokens or with ``d^2``.
     """
-    budget = FFT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     d, r = h.shape[-1], A.shape[0]
     lead = h.shape[:-1]
     flat = h.reshape(-1, d)
     per_token = 3 * r * d * flat.element_size() * 2  # complex products and real correlations, with slack
-    chunk = max(1, budget // per_token)
+    chunk = max(1, chunk_bytes // per_token)
     needs_grad = torch.is_grad_enabled() and (h.requires_grad or A.requires_grad or B.requires_grad)
     outs = []
     for start in range(0, flat.shape[0], chunk):
         piece = flat[start : start + chunk]
         if needs_grad:
-            from torch.utils.checkpoint import checkpoint
-
             outs.append(checkpoint(apply_pi_fft, piece, A, B, scaling, use_reentrant=False))
         else:
             outs.append(apply_pi_fft(piece, A, B, scaling))
@@ -214,3 +171,68 @@ def dense_delta_weight(weight: torch.Tensor, transform: torch.Tensor, side: Side
     """``W - W0`` for a dense transform: ``(M - I) W0`` or ``W0 (M - I)``, without cancellation error."""
     eye = torch.eye(transform.shape[-1], dtype=transform.dtype, device=transform.device)
     return merge_weight(weight, transform - eye, side)
+
+
+def plus_condition_estimate(A: torch.Tensor, B: torch.Tensor, scaling: float) -> float:
+    """An upper estimate of the condition number of ``I + sBA``: the factor by which unmerging amplifies rounding.
+
+    ``I + sBA`` has eigenvalue 1 on the complement of ``B``'s columns and the eigenvalues of the ``r x r`` core
+    ``I_r + sAB`` on them, so the core's singular values (with 1) bound its conditioning; ``inf`` if singular.
+    Computed in float64 on the CPU (an ``r x r`` matrix: no cost worth moving).
+    """
+    a64, b64 = A.detach().double().cpu(), B.detach().double().cpu()
+    core = torch.eye(A.shape[0], dtype=torch.float64) + scaling * (a64 @ b64)
+    sv = torch.linalg.svdvals(core)
+    if sv.min() <= 0:
+        return float("inf")
+    return max(1.0, sv.max().item()) / min(1.0, sv.min().item())
+
+
+# ---------------------------------------------------------------------------------------------- low-rank algebra
+# A transform ``I + X Y`` is written as the pair ``(X, Y)``, ``X`` ``(d, k)``, ``Y`` ``(k, d)``, with the scaling
+# folded into ``X``: as a LoRMA+ adapter it is ``B = X``, ``A = Y`` at ``alpha = r = k``. LoRMA+'s update is closed
+# under products and sums in this form, which is what exact export and adapter arithmetic rest on.
+
+Pair = tuple[torch.Tensor, torch.Tensor]
+
+
+def plus_weight_update(A: torch.Tensor, B: torch.Tensor, scaling: float, weight: torch.Tensor, side: Side) -> Pair:
+    """LoRA factors ``(U, V)`` with ``U V = W - W0`` exactly, for ``W = (I + sBA) W0`` or ``W0 (I + sBA)``.
+
+    ``weight`` is ``W0`` in ``nn.Linear`` layout ``(d_out, d_in)``. ``U`` is ``(d_out, r)`` (LoRA's ``lora_B``
+    at scaling 1), ``V`` is ``(r, d_in)`` (``lora_A``): pre side ``U = sB``, ``V = A W0``; post side
+    ``U = s W0 B``, ``V = A``. One ``r x d x d_other`` matmul, no ``d x d`` matrix.
+    """
+    if side == "pre":
+        return scaling * B, A @ weight
+    if side == "post":
+        return scaling * (weight @ B), A
+    raise ValueError(f"unknown side {side!r}; expected one of {SIDES}")
+
+
+def compose(left: Pair, right: Pair) -> Pair:
+    """``(I + X1 Y1)(I + X2 Y2) = I + [X1 | X2 + X1 (Y1 X2)] [Y1; Y2]``: rank ``k1 + k2``, no ``d x d`` matrix."""
+    x1, y1 = left
+    x2, y2 = right
+    return torch.cat([x1, x2 + x1 @ (y1 @ x2)], dim=-1), torch.cat([y1, y2], dim=-2)
+
+
+def product(pairs: Sequence[Pair], side: Side) -> Pair:
+    """The transform that activating (or merging, in this order) the given ``I + X Y`` transforms computes.
+
+    Active adapters ``a1, ..., an`` act with ``a1`` nearest to ``W0``: on the pre side the layer computes
+    ``I_n ... I_1 W0 x``, on the post side ``W0 I_1 ... I_n x`` (see :mod:`lorma.layer`).
+    """
+    if not pairs:
+        raise ValueError("product of no transforms")
+    result = pairs[0]
+    for pair in pairs[1:]:
+        result = compose(pair, result) if side == "pre" else compose(result, pair)
+    return result
+
+
+def weighted_sum(pairs: Sequence[Pair]) -> Pair:
+    """``I + sum_i X_i Y_i`` (weights and scalings already folded into each ``X_i``): rank ``sum k_i``, exact."""
+    if not pairs:
+        raise ValueError("sum of no transforms")
+    return torch.cat([x for x, _ in pairs], dim=-1), torch.cat([y for _, y in pairs], dim=-2)

@@ -1,8 +1,11 @@
 """The peft tuner layer: LoRMA around an ``nn.Linear`` or a transformers ``Conv1D``.
 
-The math lives in :mod:`lorma.functional`; this module holds the parameters (``lorma_A`` / ``lorma_B`` per
-adapter name, as peft's LoRA holds ``lora_A`` / ``lora_B``), picks the cheapest way to apply them, and
-implements peft's merge / unmerge / multi-adapter protocol.
+This module holds the parameters (``lorma_A`` / ``lorma_B`` per adapter name, as peft's LoRA holds ``lora_A`` /
+``lora_B``) and implements peft's merge / unmerge / multi-adapter protocol. What an adapter computes is asked of
+its variant object (:class:`lorma.variants.LormaVariant`: plain LoRMA unless ``LormaConfig.variant`` names
+another), which holds the adapter's inflation (:mod:`lorma.inflations`); the math is in :mod:`lorma.functional`.
+How the base weight is read and written is asked of :attr:`LormaLayer.base_weight` (:class:`FloatWeight` here;
+a quantized base has its own, :class:`lorma.bnb.QuantizedWeight`).
 
 Forward, for the active adapters in order (the same composition that merging them in that order gives):
 post-side transforms act on the input, in reverse order (``W0 I1 I2 x`` applies ``I2`` first), then the base
@@ -11,25 +14,63 @@ layer runs once, then pre-side transforms act on its output without its bias (``
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import functional as LF
+from .functional import SIDES
+from .inflations import DEFAULT_FFT_CHUNK_BYTES, DEFAULT_MAX_DENSE_BYTES, get_inflation
+from .variants import LormaVariant, get_variant
 
-# Above this (estimated) condition number of I + sBA, merging a ``plus`` adapter keeps a copy of the weight instead
-# of trusting the Woodbury inverse to restore it on unmerge.
-_WOODBURY_MAX_CONDITION = 100.0
+
+class FloatWeight:
+    """The weight of a float base layer as the adapter math reads and writes it: ``nn.Linear`` layout.
+
+    The counterpart for a bitsandbytes 4/8-bit base is :class:`lorma.bnb.QuantizedWeight`; a layer's merge and
+    unmerge go through these methods only, so that the quantized layer differs in this object alone.
+    """
+
+    #: the forward may read ``W0`` as a float matrix (to fold a transform into it, or for fused post-side parts)
+    readable_in_forward = True
+
+    def __init__(self, fan_in_fan_out: bool) -> None:
+        self.fan_in_fan_out = fan_in_fan_out
+
+    def read(self, base: nn.Module) -> torch.Tensor:
+        """``W`` ``(d_out, d_in)``: a view of the parameter (transposed for ``Conv1D``), in its dtype."""
+        return base.weight.T if self.fan_in_fan_out else base.weight
+
+    def work_copy(self, base: nn.Module) -> torch.Tensor:
+        """``W`` to merge into, detached: float32 for a half-precision weight (merging in half would round twice)."""
+        weight = self.read(base).detach()
+        return weight.float() if weight.dtype in (torch.float16, torch.bfloat16) else weight
+
+    def write(self, base: nn.Module, weight_linear: torch.Tensor) -> None:
+        """Store ``weight_linear`` (``nn.Linear`` layout) as the base weight, in the base weight's dtype."""
+        new = weight_linear.T if self.fan_in_fan_out else weight_linear
+        base.weight.data = new.to(base.weight.dtype).contiguous()
+
+    def exact_after_merge(self, base: nn.Module) -> bool:
+        """Whether a merged weight keeps full precision, so an exact inverse can give ``W0`` back bit for bit."""
+        return base.weight.dtype not in (torch.float16, torch.bfloat16)
+
+    def snapshot(self, base: nn.Module) -> torch.Tensor:
+        """What :meth:`restore` needs to put the current weight back exactly."""
+        return base.weight.data.clone()
+
+    def restore(self, base: nn.Module, snapshot: torch.Tensor) -> None:
+        base.weight.data = snapshot
+
+    def before_merge(self, module_name: str) -> None:
+        """Called once before a merge changes the weight (a quantized base warns here)."""
 
 
 class LormaLayer(BaseTunerLayer):
-    """State and math shared by LoRMA layers (one ``A``, ``B`` pair per adapter name; per part if fused)."""
+    """State shared by LoRMA layers (one ``A``, ``B`` pair per adapter name; per part if fused)."""
 
     adapter_layer_names: tuple[str, ...] = ("lorma_A", "lorma_B")
     other_param_names: tuple[str, ...] = (
@@ -40,6 +81,7 @@ class LormaLayer(BaseTunerLayer):
         "side",
         "fused",
         "lorma_dropout",
+        "lorma_variant",
     )
 
     def __init__(self, base_layer: nn.Module, module_name: str = "", fan_in_fan_out: bool = False) -> None:
@@ -48,32 +90,34 @@ class LormaLayer(BaseTunerLayer):
         self.r: dict[str, int] = {}
         self.alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
-        self.inflation: dict[str, str] = {}
+        self.inflation: dict[str, str] = {}  # the inflation's name (its object is lorma_variant[adapter].inflation)
         self.side: dict[str, str] = {}
         # adapter -> (num_parts, [adapted part indices]) for fused projections, None otherwise
         self.fused: dict[str, tuple[int, list[int]] | None] = {}
         self.lorma_dropout = nn.ModuleDict({})
         self.lorma_A = nn.ParameterDict({})
         self.lorma_B = nn.ParameterDict({})
+        self.lorma_variant: dict[str, LormaVariant] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
-        # exact copies of the weight before a merge that cannot be undone by algebra (pi, none, or an
-        # ill-conditioned plus); dropped on unmerge
-        self._weights_before_merge: dict[str, torch.Tensor] = {}
+        # what restores the weight before a merge that cannot be undone by algebra (pi, none, an ill-conditioned
+        # plus, a half-precision or quantized weight); dropped on unmerge
+        self._weights_before_merge: dict[str, Any] = {}
         self.cast_input_dtype_enabled = True
 
         base = self.get_base_layer()
         if isinstance(base, Conv1D):
             self.in_features, self.out_features = base.weight.shape
-            self.fan_in_fan_out = True
+            fan_in_fan_out = True
         elif hasattr(base, "in_features") and hasattr(base, "out_features"):
             self.in_features, self.out_features = base.in_features, base.out_features
-            self.fan_in_fan_out = fan_in_fan_out
         else:
             raise ValueError(
                 f"module {module_name!r}: LoRMA adapts nn.Linear and transformers Conv1D layers, "
                 f"got {type(base).__name__}"
             )
+        self.fan_in_fan_out = fan_in_fan_out
+        self.base_weight = FloatWeight(fan_in_fan_out)
 
     # ------------------------------------------------------------------ construction
     def update_layer(
@@ -87,15 +131,20 @@ class LormaLayer(BaseTunerLayer):
         init_weights: bool = True,
         fused: tuple[int, list[int]] | None = None,
         inference_mode: bool = False,
+        max_dense_bytes: int | None = DEFAULT_MAX_DENSE_BYTES,
+        fft_chunk_bytes: int = DEFAULT_FFT_CHUNK_BYTES,
+        variant: str | None = None,
     ) -> None:
         """Add (or replace) the adapter ``adapter_name`` on this layer."""
         where = f"module {self.module_name!r}"
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
             raise ValueError(f"{where}: r must be a positive integer, got {r!r}")
-        if inflation not in LF.INFLATIONS:
-            raise ValueError(f"{where}: unknown inflation {inflation!r}; expected one of {LF.INFLATIONS}")
-        if side not in LF.SIDES:
-            raise ValueError(f"{where}: unknown side {side!r}; expected one of {LF.SIDES}")
+        try:
+            inflation_cls, variant_cls = get_inflation(inflation), get_variant(variant)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+        if side not in SIDES:
+            raise ValueError(f"{where}: unknown side {side!r}; expected one of {SIDES}")
         if fused is not None:
             num_parts, parts = fused
             if self.out_features % num_parts != 0:
@@ -108,6 +157,8 @@ class LormaLayer(BaseTunerLayer):
                 raise ValueError(f"{where}: post-side fused parts need a plain Linear/Conv1D base layer")
             fused = (int(num_parts), sorted(int(p) for p in parts))
         d = self.transform_size_for(side, fused)
+        inflation_obj = inflation_cls(max_dense_bytes=max_dense_bytes, fft_chunk_bytes=fft_chunk_bytes)
+        inflation_obj.check_size(d, where)
         if r > d:
             warnings.warn(
                 f"LoRMA {where}: r={r} is larger than the transform size d={d} ({side} side): "
@@ -122,44 +173,30 @@ class LormaLayer(BaseTunerLayer):
         self.side[adapter_name] = side
         self.fused[adapter_name] = fused
         self.lorma_dropout[adapter_name] = nn.Dropout(p=dropout) if dropout > 0.0 else nn.Identity()
+        self.lorma_variant[adapter_name] = variant_cls(inflation_obj)
 
-        lead = (len(fused[1]),) if fused is not None else ()
-        A = torch.empty(*lead, r, d, dtype=torch.float32)
-        B = torch.empty(*lead, d, r, dtype=torch.float32)
-        self._initialize(A, B, inflation, self.scaling[adapter_name], init_weights)
-        # created in float32 whatever the base dtype, so that the identity initialisation is computed exactly;
-        # peft's autocast_adapter_dtype=False then rounds them once to a half-precision base's dtype
+        # created in float32 on the CPU whatever the base dtype, so that the identity initialisation is computed
+        # exactly; peft's autocast_adapter_dtype=False then rounds them once to a half-precision base's dtype
         # (LormaModel._cast_adapter_dtype), the default keeps float32
-        device = self._base_device()
-        self.lorma_A[adapter_name] = nn.Parameter(A.to(device))
-        self.lorma_B[adapter_name] = nn.Parameter(B.to(device))
+        lead = (len(fused[1]),) if fused is not None else ()
+        self.lorma_A[adapter_name] = nn.Parameter(torch.empty(*lead, r, d, dtype=torch.float32))
+        self.lorma_B[adapter_name] = nn.Parameter(torch.empty(*lead, d, r, dtype=torch.float32))
+        self.lorma_variant[adapter_name].init(self, adapter_name, init_weights)
+        self._move_adapter_to_device_of_base_layer(adapter_name, self._base_device())
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
-    @staticmethod
-    def _initialize(A: torch.Tensor, B: torch.Tensor, inflation: str, scaling: float, identity: bool) -> None:
-        """Fill ``A`` and ``B`` in place (2-D, or 3-D with one slice per fused part)."""
-        if A.dim() == 3:
-            for a, b in zip(A, B):
-                LormaLayer._initialize(a, b, inflation, scaling, identity)
-            return
-        with torch.no_grad():
-            if not identity:
-                nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-                nn.init.kaiming_uniform_(B, a=math.sqrt(5))
-            elif inflation == "plus":  # I + s B A with B = 0: exactly I (LoRA's init)
-                nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-                nn.init.zeros_(B)
-            elif inflation == "pi":  # BA = ones in column 0 (times 1/s); pi moves row i's one to column i
-                nn.init.kaiming_uniform_(B, a=math.sqrt(5))
-                B[:, 0] = 1.0
-                A.zero_()
-                A[0, 0] = 1.0
-                root = math.sqrt(scaling)
-                A.div_(root)
-                B.div_(root)
-            else:  # none: rank <= r, cannot be I; start from the projection onto B's columns
-                nn.init.kaiming_uniform_(B, a=math.sqrt(5))
-                A.copy_(torch.linalg.pinv(B) / scaling)
+    def adapter_parameters(self, name: str) -> nn.ParameterDict:
+        """The per-adapter parameter dict ``name`` (``"lorma_..."``), created on first use, for a variant's tensors.
+
+        Registering it in this layer's ``adapter_layer_names`` makes peft train, save, load, move and delete it
+        with ``lorma_A`` / ``lorma_B`` (peft's DoRA extends its layer the same way).
+        """
+        if not name.startswith("lorma_"):
+            raise ValueError(f"adapter parameter dicts are named 'lorma_...' (peft's prefix for LoRMA), got {name!r}")
+        if name not in self.adapter_layer_names:
+            setattr(self, name, nn.ParameterDict({}))
+            self.adapter_layer_names = (*self.adapter_layer_names, name)
+        return getattr(self, name)
 
     def transform_size_for(self, side: str, fused: tuple[int, list[int]] | None) -> int:
         """``d`` of the square transform: the (part of the) output on the pre side, the input on the post."""
@@ -178,7 +215,8 @@ class LormaLayer(BaseTunerLayer):
         target = device if device is not None else getattr(weight, "device", None)
         if target is None or torch.device(target).type == "meta":
             return
-        for params in (self.lorma_A, self.lorma_B):
+        for name in self.adapter_layer_names:
+            params = getattr(self, name)
             if adapter_name in params and params[adapter_name].device.type != "meta":
                 params[adapter_name] = params[adapter_name].to(target)
 
@@ -187,196 +225,63 @@ class LormaLayer(BaseTunerLayer):
         return weight.device if weight is not None and weight.device.type != "meta" else torch.device("cpu")
 
     # ------------------------------------------------------------------ weights
-    def _base_weight_linear(self) -> torch.Tensor:
-        """``W0`` (or the current merged weight) in ``nn.Linear`` layout ``(d_out, d_in)``."""
-        weight = self.get_base_layer().weight
-        return weight.T if self.fan_in_fan_out else weight
+    def weight_linear(self) -> torch.Tensor:
+        """The base layer's weight (``W0``, or the merged weight) in ``nn.Linear`` layout ``(d_out, d_in)``."""
+        return self.base_weight.read(self.get_base_layer())
 
-    def _set_base_weight_linear(self, weight_linear: torch.Tensor) -> None:
-        base_weight = self.get_base_layer().weight
-        new = weight_linear.T if self.fan_in_fan_out else weight_linear
-        base_weight.data = new.to(base_weight.dtype).contiguous()
-
-    def _part_slice(self, adapter: str, part: int) -> slice:
-        num_parts = self.fused[adapter][0]
-        size = self.out_features // num_parts
+    def part_slice(self, adapter: str, part: int) -> slice:
+        """The output rows of fused part ``part``."""
+        size = self.out_features // self.fused[adapter][0]
         return slice(part * size, (part + 1) * size)
 
-    def _pairs(self, adapter: str) -> list[tuple[slice | None, torch.Tensor, torch.Tensor]]:
-        """``(output rows, A, B)`` per transform of this adapter: one, or one per adapted fused part."""
-        A, B = self.lorma_A[adapter], self.lorma_B[adapter]
-        if self.fused[adapter] is None:
-            return [(None, A, B)]
-        return [(self._part_slice(adapter, p), A[i], B[i]) for i, p in enumerate(self.fused[adapter][1])]
-
-    @torch.no_grad()
     def get_transform(self, adapter: str) -> torch.Tensor:
         """The dense ``I(BA)`` of an adapter, float32: ``(d, d)``, or ``(parts, d, d)`` for a fused layer."""
-        A, B = self.lorma_A[adapter].float(), self.lorma_B[adapter].float()
-        return LF.inflate(A, B, self.inflation[adapter], self.scaling[adapter])
-
-    def _delta_for(self, adapter: str, weight: torch.Tensor) -> torch.Tensor:
-        """What merging ``adapter`` adds to ``weight`` (Linear layout, float), computed without ``W - W0``."""
-        side, inflation, s = self.side[adapter], self.inflation[adapter], self.scaling[adapter]
-        delta = weight if self.fused[adapter] is None else torch.zeros_like(weight)
-        for rows, A, B in self._pairs(adapter):
-            w = weight if rows is None else weight[rows]
-            A, B = A.to(weight.dtype), B.to(weight.dtype)
-            if inflation == "plus":  # low rank: never build d x d
-                part = s * (B @ (A @ w)) if side == "pre" else s * ((w @ B) @ A)
-            else:
-                part = LF.dense_delta_weight(w, LF.inflate(A, B, inflation, s), side)
-            if rows is None:
-                delta = part
-            else:
-                delta[rows] = part
-        return delta
+        return self.lorma_variant[adapter].transform(self, adapter)
 
     @torch.no_grad()
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """``W - W0`` that merging ``adapter`` into the current base weight adds, ``nn.Linear`` layout, fp32."""
-        return self._delta_for(adapter, self._base_weight_linear().detach().float())
+        return self.lorma_variant[adapter].delta_weight(self, adapter, self.weight_linear().detach().float())
 
     # ------------------------------------------------------------------ merge / unmerge
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Fold the adapters into the base weight: ``W <- I(BA) W`` (pre) or ``W I(BA)`` (post)."""
-        adapter_names = check_adapters_to_merge(self, adapter_names)
+        adapter_names = [a for a in check_adapters_to_merge(self, adapter_names) if a in self.lorma_A]
+        base = self.get_base_layer()
+        if adapter_names:
+            self.base_weight.before_merge(self.module_name)
         for adapter in adapter_names:
-            if adapter not in self.lorma_A:
-                continue
-            current = self._base_weight_linear().detach()
-            work = current.float() if current.dtype in (torch.float16, torch.bfloat16) else current
-            merged = work + self._delta_for(adapter, work)
+            variant = self.lorma_variant[adapter]
+            work = self.base_weight.work_copy(base)
+            merged = work + variant.delta_weight(self, adapter, work)
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(
                     f"module {self.module_name!r}: merging adapter {adapter!r} gives non-finite weights; "
                     "the adapter seems broken (nothing was changed)"
                 )
-            if not self._woodbury_restores(adapter):
-                self._weights_before_merge[adapter] = self.get_base_layer().weight.data.clone()
-            self._set_base_weight_linear(merged)
+            if not (self.base_weight.exact_after_merge(base) and variant.unmerges_exactly(self, adapter)):
+                self._weights_before_merge[adapter] = self.base_weight.snapshot(base)
+            self.base_weight.write(base, merged)
             self.merged_adapters.append(adapter)
 
-    def _woodbury_restores(self, adapter: str) -> bool:
-        """Whether unmerging ``adapter`` can be done exactly by algebra (plus, well-conditioned, full precision)."""
-        if self.inflation[adapter] != "plus":
-            return False
-        if self.get_base_layer().weight.dtype in (torch.float16, torch.bfloat16):
-            return False  # the merged weight was rounded: only a copy gives W0 back bit for bit
-        s = self.scaling[adapter]
-        for _, A, B in self._pairs(adapter):
-            a64, b64 = A.detach().double().cpu(), B.detach().double().cpu()
-            core = torch.eye(A.shape[0], dtype=torch.float64) + s * (a64 @ b64)
-            # I + sBA has eigenvalue 1 on the complement of B's columns and the eigenvalues of core on them;
-            # this estimates its condition number, the factor by which unmerging amplifies rounding
-            sv = torch.linalg.svdvals(core)
-            estimate = max(1.0, sv.max().item()) / min(1.0, sv.min().item()) if sv.min() > 0 else float("inf")
-            if not math.isfinite(estimate) or estimate > _WOODBURY_MAX_CONDITION:
-                return False
-        return True
-
     def unmerge(self) -> None:
-        """Undo the merges, last merged first: a saved copy where kept, else the Woodbury inverse."""
+        """Undo the merges, last merged first: a kept copy where there is one, else the variant's exact inverse."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
+        base = self.get_base_layer()
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
             if adapter not in self.lorma_A:
                 continue
             saved = self._weights_before_merge.pop(adapter, None)
             if saved is not None:
-                self.get_base_layer().weight.data = saved
+                self.base_weight.restore(base, saved)
                 continue
-            weight = self._base_weight_linear().detach()
-            restored = weight.clone()
-            s, side = self.scaling[adapter], self.side[adapter]
-            for rows, A, B in self._pairs(adapter):
-                w = weight if rows is None else weight[rows]
-                A, B = A.detach().to(w.dtype), B.detach().to(w.dtype)
-                if rows is None:
-                    restored = LF.unmerge_plus(w, A, B, s, side)
-                else:
-                    restored[rows] = LF.unmerge_plus(w, A, B, s, side)
-            self._set_base_weight_linear(restored)
+            weight = self.weight_linear().detach()
+            self.base_weight.write(base, self.lorma_variant[adapter].unmerge(self, adapter, weight))
 
     # ------------------------------------------------------------------ forward
-    def _dropout_active(self, adapter: str) -> bool:
-        module = self.lorma_dropout[adapter]
-        return isinstance(module, nn.Dropout) and module.training and module.p > 0
-
-    def _delta(
-        self, adapter: str, h: torch.Tensor, A: torch.Tensor, B: torch.Tensor, shift: torch.Tensor | None
-    ) -> torch.Tensor:
-        """``(I(BA) - I) drop(h - shift)``: the adapter path, the only place dropout acts."""
-        s, inflation = self.scaling[adapter], self.inflation[adapter]
-        if self._dropout_active(adapter):
-            source = h if shift is None else h - shift
-            source = self.lorma_dropout[adapter](source)
-            shift = None
-        else:
-            source = h
-        if inflation == "plus":
-            return LF.plus_delta(source, A, B, s, shift)
-        if shift is not None:
-            source = source - shift
-        if inflation == "none":  # s BA is rank r: apply it as s B (A h), never as a d x d matrix
-            return F.linear(F.linear(source, A) * s, B) - source
-        limit = LF.DENSE_BYTES_LIMIT
-        if limit is not None and LF.dense_transform_bytes(A.shape[-1]) > limit:
-            # a d x d transform above the limit (LLaMA-3-8B up/gate, pre side: 822 MB): the FFT path, in
-            # token chunks, bounded memory
-            return LF.apply_pi_bounded(source, A, B, s) - source
-        return F.linear(source, LF.inflate(A, B, inflation, s)) - source
-
-    def _apply_transform(self, adapter: str, h: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """``I(BA)`` applied to activations ``h`` (output or input side); ``bias`` is kept out of the product."""
-        A = self.lorma_A[adapter]
-        hc = self._cast_input_dtype(h, A.dtype)
-        shift = self._cast_input_dtype(bias, A.dtype)
-        if self.fused[adapter] is None:
-            return (hc + self._delta(adapter, hc, A, self.lorma_B[adapter], shift)).to(h.dtype)
-        chunks = list(hc.split(self.out_features // self.fused[adapter][0], dim=-1))
-        for i, part in enumerate(self.fused[adapter][1]):
-            part_shift = None if shift is None else shift[self._part_slice(adapter, part)]
-            chunks[part] = chunks[part] + self._delta(
-                adapter, chunks[part], A[i], self.lorma_B[adapter][i], part_shift
-            )
-        return torch.cat(chunks, dim=-1).to(h.dtype)
-
-    def _fused_post_correction(self, adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """Post side on fused parts: part ``p`` of the output gets ``W0_p (I_p x - x)`` added."""
-        A = self.lorma_A[adapter]
-        xc = self._cast_input_dtype(x, A.dtype)
-        weight = self._base_weight_linear()
-        chunks = list(result.split(self.out_features // self.fused[adapter][0], dim=-1))
-        for i, part in enumerate(self.fused[adapter][1]):
-            dx = self._delta(adapter, xc, A[i], self.lorma_B[adapter][i], None)
-            rows = self._part_slice(adapter, part)
-            chunks[part] = chunks[part] + F.linear(dx.to(weight.dtype), weight[rows]).to(result.dtype)
-        return torch.cat(chunks, dim=-1)
-
-    def _folded_forward(self, adapter: str, x: torch.Tensor) -> torch.Tensor | None:
-        """For one dense (pi / none) transform, fold it into the weight when that costs fewer flops."""
-        if self.inflation[adapter] == "plus" or self.fused[adapter] is not None or self._dropout_active(adapter):
-            return None
-        base = self.get_base_layer()
-        if not isinstance(base, (nn.Linear, Conv1D)):
-            return None
-        A = self.lorma_A[adapter]
-        side = self.side[adapter]
-        d = self.out_features if side == "pre" else self.in_features
-        d_other = self.in_features if side == "pre" else self.out_features
-        n_tokens = x.numel() // max(self.in_features, 1)
-        needs_grad = torch.is_grad_enabled() and A.requires_grad
-        if LF.choose_dense_strategy(n_tokens, d, d_other, needs_grad) != "weight":
-            return None
-        transform = LF.inflate(A, self.lorma_B[adapter], self.inflation[adapter], self.scaling[adapter])
-        weight = self._base_weight_linear().to(A.dtype)
-        folded = LF.merge_weight(weight, transform, side)
-        bias = self._cast_input_dtype(base.bias, A.dtype)
-        return F.linear(self._cast_input_dtype(x, A.dtype), folded, bias).to(x.dtype)
-
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
             if self.merged:
@@ -388,28 +293,25 @@ class LormaLayer(BaseTunerLayer):
         if not active:
             return self.base_layer(x, *args, **kwargs)
         if len(active) == 1 and not args and not kwargs:
-            folded = self._folded_forward(active[0], x)
+            folded = self.lorma_variant[active[0]].folded_forward(self, active[0], x)
             if folded is not None:
                 return folded
 
         post = [a for a in active if self.side[a] == "post"]
-        pre = [a for a in active if self.side[a] == "pre"]
         fused_post = [a for a in post if self.fused[a] is not None]
         if fused_post and len(post) > 1:
             raise ValueError(
                 f"module {self.module_name!r}: a post-side adapter on fused parts ({fused_post[0]!r}) cannot be "
                 "active together with other post-side adapters"
             )
+        # post side first, nearest to W0: W = I_pre,n ... I_pre,1 W0 I_post,1 ... I_post,m
+        order = post + [a for a in active if self.side[a] != "post"]
         x_in = x
-        for adapter in reversed(post):
-            if self.fused[adapter] is None:
-                x_in = self._apply_transform(adapter, x_in, None)
+        for adapter in reversed(order):
+            x_in = self.lorma_variant[adapter].before_base(self, adapter, x_in)
         result = self.base_layer(x_in, *args, **kwargs)
-        for adapter in fused_post:
-            result = self._fused_post_correction(adapter, x_in, result)
-        bias = getattr(self.get_base_layer(), "bias", None)
-        for adapter in pre:
-            result = self._apply_transform(adapter, result, bias)
+        for adapter in order:
+            result = self.lorma_variant[adapter].after_base(self, adapter, x_in, result)
         return result
 
     def __repr__(self) -> str:

@@ -16,12 +16,12 @@ from peft.utils.other import ModulesToSaveWrapper, _freeze_adapter, get_pattern_
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import lowrank
+from .bnb import QuantLinear, keep_autograd_path, quantized_kind
 from .config import DEFAULT_FUSED_PARTS, DEFAULT_TARGET_MODULES, LormaConfig
+from .functional import Pair
+from .inflations import get_inflation, inflation_names
 from .layer import Linear, LormaLayer
 
-# add_weighted_adapter's combination types for LoRMA (peft's LoRA has more; they do not apply, see the method)
-COMBINATION_TYPES: tuple[str, ...] = ("linear", "product")
 # peft LoRA's other add_weighted_adapter options, at their defaults (accepted at these values, refused otherwise)
 LORA_ONLY_DEFAULTS: dict[str, Any] = {
     "svd_rank": None,
@@ -74,6 +74,9 @@ class LormaModel(BaseTuner):
             "init_weights": lorma_config.init_weights,
             "fused": lorma_config.fused_spec_for(current_key),
             "inference_mode": lorma_config.inference_mode,
+            "max_dense_bytes": lorma_config.max_dense_bytes,
+            "fft_chunk_bytes": lorma_config.fft_chunk_bytes,
+            "variant": lorma_config.variant,
         }
         if isinstance(target, LormaLayer):
             target.update_layer(adapter_name, **kwargs)
@@ -88,8 +91,6 @@ class LormaModel(BaseTuner):
         lorma_config: LormaConfig, adapter_name: str, target: nn.Module, module_name: str, **kwargs: Any
     ) -> nn.Module:
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        from .bnb import QuantLinear, quantized_kind
-
         if quantized_kind(base) is not None:  # bitsandbytes Linear4bit / Linear8bitLt (subclasses of nn.Linear)
             return QuantLinear(target, adapter_name, module_name=module_name, **kwargs)
         fan_in_fan_out = lorma_config.fan_in_fan_out
@@ -111,8 +112,6 @@ class LormaModel(BaseTuner):
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         super()._mark_only_adapters_as_trainable(model)
-        from .bnb import keep_autograd_path
-
         keep_autograd_path(model)  # QLoRMA: no frozen 4-bit layer may cut the gradient on the CPU
 
     def merge_and_unload(
@@ -129,8 +128,6 @@ class LormaModel(BaseTuner):
         ``nn.Linear`` holding the dequantized weight and merges into that, returning float layers there.
         """
         if dequantize:
-            from .bnb import QuantLinear
-
             for module in self.model.modules():
                 if isinstance(module, QuantLinear) and module.quant_kind is not None:
                     if module.merged:
@@ -153,16 +150,14 @@ class LormaModel(BaseTuner):
         refused here, naming the first modules that differ.
         """
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        # lorma_A, lorma_B, and what a variant added (LormaLayer.adapter_parameters)
+        names = {p for m in model.modules() if isinstance(m, LormaLayer) for p in m.adapter_layer_names}
         expected = {
             name: param
             for name, param in model.state_dict().items()
-            if any(f".{p}.{adapter_name}" in name for p in LormaLayer.adapter_layer_names)
+            if any(f".{p}.{adapter_name}" in name for p in names)
         }
-        loaded = {
-            k: v
-            for k, v in remapped.items()
-            if any(f".{p}." in k or k.endswith(f".{p}") for p in LormaLayer.adapter_layer_names)
-        }
+        loaded = {k: v for k, v in remapped.items() if any(f".{p}." in k or k.endswith(f".{p}") for p in names)}
         missing = sorted(set(expected) - set(loaded))
         unexpected = sorted(set(loaded) - set(expected))
         problems: list[str] = []
@@ -203,8 +198,8 @@ class LormaModel(BaseTuner):
             base_dtype = getattr(getattr(module.get_base_layer(), "weight", None), "dtype", None)
             if base_dtype not in (torch.float16, torch.bfloat16):
                 continue
-            for params in (module.lorma_A, module.lorma_B):
-                if params[adapter_name].dtype != base_dtype:
+            for params in (getattr(module, name) for name in module.adapter_layer_names):
+                if adapter_name in params and params[adapter_name].dtype != base_dtype:
                     params[adapter_name] = params[adapter_name].to(base_dtype)
 
     # ------------------------------------------------------------------ adapter arithmetic
@@ -216,25 +211,28 @@ class LormaModel(BaseTuner):
         combination_type: str = "linear",
         **lora_only_options: Any,
     ) -> None:
-        """A new adapter ``adapter_name`` combining LoRMA+ adapters exactly (peft's ``add_weighted_adapter``).
+        """A new adapter ``adapter_name`` combining adapters exactly (peft's ``add_weighted_adapter``).
+
+        The adapters' inflation does the algebra (:meth:`lorma.inflations.Inflation.combine`); LoRMA+ offers:
 
         - ``"linear"`` (default): ``I + sum_i w_i s_i B_i A_i``, rank ``sum_i r_i``. With weights 1 its weight
           update is the sum of the adapters' updates (task arithmetic, what LoRA's default computes).
         - ``"product"``: the composition ``prod_i (I + w_i s_i B_i A_i)`` that activating (or merging) the
-          adapters in the given order computes; rank ``sum_i r_i``, exactly (:func:`lorma.lowrank.compose`).
+          adapters in the given order computes; rank ``sum_i r_i``, exactly (:func:`lorma.functional.compose`).
 
         The new adapter has ``alpha = r`` per module (its scaling is 1, folded into ``B``); a module adapted by
-        only some of the adapters combines those. It is added inactive, like peft's. Only ``plus`` adapters on one
-        side combine this way: ``pi`` and ``none`` transforms are dense, and their products and sums are not
-        transforms of the same kind (nor of low rank), so everything else is refused with a ``ValueError``.
-        peft's LoRA-only options (``svd_rank``, ``density``, ...) are refused unless left at peft's defaults.
+        only some of the adapters combines those. It is added inactive, like peft's. Only adapters of one
+        inflation, on one side, whose inflation keeps the combination exact, combine: ``pi`` and ``none``
+        transforms are dense, and their products and sums are not transforms of the same kind (nor of low rank),
+        so they are refused with a ``ValueError``, as are adapters with a variant. peft's LoRA-only options
+        (``svd_rank``, ``density``, ...) are refused unless left at peft's defaults.
         """
         self._check_weighted_adapter_args(adapters, weights, adapter_name, combination_type, lora_only_options)
         configs = [self.peft_config[name] for name in adapters]
         side = configs[0].side
 
         # every module adapted by any of them: its new (B, A) and dtype, computed before anything is changed
-        combined: dict[str, tuple[lowrank.Pair, torch.dtype]] = {}
+        combined: dict[str, tuple[Pair, torch.dtype]] = {}
         fused_parts: dict[str, dict[str, Any]] = {}
         for key, layer in self.model.named_modules():
             if not isinstance(layer, LormaLayer):
@@ -251,14 +249,12 @@ class LormaModel(BaseTuner):
             fused = specs[present[0][0]]
             if fused is not None:
                 fused_parts[re.escape(key)] = {"num_parts": fused[0], "parts": list(fused[1])}
-            pairs = [
-                lowrank.plus_pair(
-                    layer.lorma_A[name].detach().double(), layer.lorma_B[name].detach().double(), layer.scaling[name], w
-                )
+            terms = [
+                (layer.lorma_A[name].detach().double(), layer.lorma_B[name].detach().double(), layer.scaling[name], w)
                 for name, w in present
             ]
-            pair = lowrank.product(pairs, side) if combination_type == "product" else lowrank.weighted_sum(pairs)
-            combined[key] = (pair, layer.lorma_A[present[0][0]].dtype)
+            inflation = layer.lorma_variant[present[0][0]].inflation
+            combined[key] = (inflation.combine(terms, combination_type, side), layer.lorma_A[present[0][0]].dtype)
 
         ranks = {key: pair[1].shape[-2] for key, (pair, _) in combined.items()}
         r = Counter(ranks.values()).most_common(1)[0][0]
@@ -311,14 +307,18 @@ class LormaModel(BaseTuner):
     ) -> None:
         """Refuse, before anything is changed, whatever LoRMA cannot combine exactly, saying what is supported."""
         where = f"LoRMA add_weighted_adapter({list(adapters)!r} -> {adapter_name!r})"
-        supported = (
-            "supported: combination_type 'linear' or 'product' of LoRMA+ (inflation='plus') adapters on the same "
-            "side"
+        # what the registered inflations combine exactly (LoRMA+: 'linear' and 'product')
+        combinable = {name: get_inflation(name).combination_types for name in inflation_names()}
+        combinable = {name: types for name, types in combinable.items() if types}
+        supported = "supported: " + "; ".join(
+            f"combination_type {' or '.join(map(repr, types))} of inflation={name!r} adapters"
+            for name, types in combinable.items()
         )
-        if combination_type not in COMBINATION_TYPES:
+        supported += " without a variant, on the same side"
+        if not any(combination_type in types for types in combinable.values()):
             raise ValueError(
                 f"{where}: combination_type {combination_type!r} is not available for LoRMA; {supported} "
-                "(both exact: peft's SVD, TIES, DARE and magnitude pruning act on LoRA's additive update)"
+                "(all exact: peft's SVD, TIES, DARE and magnitude pruning act on LoRA's additive update)"
             )
         given = {
             k: v for k, v in lora_only_options.items() if k not in LORA_ONLY_DEFAULTS or v != LORA_ONLY_DEFAULTS[k]
@@ -339,12 +339,22 @@ class LormaModel(BaseTuner):
         ):
             raise ValueError(f"{where}: weights must be {len(adapters)} finite numbers, got {weights!r}")
         inflations = {name: self.peft_config[name].inflation for name in adapters}
-        dense = {name: inf for name, inf in inflations.items() if inf not in lowrank.LOW_RANK_INFLATIONS}
-        if dense:
+        refused = {
+            name: inflation
+            for name, inflation in inflations.items()
+            if combination_type not in get_inflation(inflation).combination_types
+        }
+        if refused:
             raise ValueError(
-                f"{where}: adapters with inflation {dense} cannot be combined: their transforms are dense d x d "
-                f"maps whose products and sums are no longer adapters of that kind; {supported}"
+                f"{where}: adapters with inflation {refused} cannot be combined: their transforms' "
+                f"{'products' if combination_type == 'product' else 'sums'} are no longer adapters of that kind "
+                f"(pi and none transforms are dense d x d maps); {supported}"
             )
+        if len(set(inflations.values())) > 1:
+            raise ValueError(f"{where}: adapters have different inflations {inflations}; {supported}")
+        variants = {name: self.peft_config[name].variant for name in adapters if self.peft_config[name].variant}
+        if variants:
+            raise ValueError(f"{where}: adapters with a variant {variants} cannot be combined; {supported}")
         sides = {name: self.peft_config[name].side for name in adapters}
         if len(set(sides.values())) > 1:
             raise ValueError(

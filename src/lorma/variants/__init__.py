@@ -1,0 +1,49 @@
+"""Variants of LoRMA: per-adapter objects that take over how an adapter is initialised, applied and merged.
+
+Plain LoRMA is :class:`LormaVariant` itself; a variant is one module here with one subclass, registered with
+:func:`register_variant` and chosen by ``LormaConfig(variant=name)``. None is built in yet (DoRMA, AdaLoRMA and
+DyLoRMA are planned on this hook); docs/extending.md shows how a variant is written and tested.
+"""
+
+from __future__ import annotations
+
+from .base import AdaptedLayer, LormaVariant
+
+_VARIANTS: dict[str, type[LormaVariant]] = {}
+
+
+def register_variant(cls: type[LormaVariant]) -> type[LormaVariant]:
+    """Make ``LormaConfig(variant=cls.name)`` use ``cls`` (a class decorator); names are unique."""
+    if not (isinstance(cls, type) and issubclass(cls, LormaVariant)) or cls is LormaVariant:
+        raise TypeError(f"register_variant takes a LormaVariant subclass, got {cls!r}")
+    if not cls.name or not isinstance(cls.name, str):
+        raise ValueError(f"{cls.__name__} has no name: set the class attribute `name`")
+    known = _VARIANTS.get(cls.name)
+    # the same class defined again (a module re-imported or reloaded) replaces itself; another class may not
+    if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(
+            f"a variant named {cls.name!r} is already registered ({known.__module__}.{known.__qualname__})"
+        )
+    _VARIANTS[cls.name] = cls
+    return cls
+
+
+def variant_names() -> tuple[str, ...]:
+    """The registered variants' names, in registration order."""
+    return tuple(_VARIANTS)
+
+
+def get_variant(name: str | None) -> type[LormaVariant]:
+    """The class for ``LormaConfig(variant=name)``: plain :class:`LormaVariant` for ``None``."""
+    if name is None:
+        return LormaVariant
+    try:
+        return _VARIANTS[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown variant {name!r}; expected None or one of {variant_names()} (a custom variant must be "
+            "registered with lorma.variants.register_variant before it is used or loaded)"
+        ) from None
+
+
+__all__ = ["AdaptedLayer", "LormaVariant", "get_variant", "register_variant", "variant_names"]

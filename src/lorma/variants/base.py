@@ -1,0 +1,254 @@
+"""The variant hook: :class:`LormaVariant` decides how one adapter of a layer is initialised, applied, merged, unmerged.
+
+After peft's ``LoraVariant`` (``peft/tuners/lora/layer.py``), with one difference: here plain LoRMA is itself the
+base class, so the layer never asks "variant or vanilla" — it asks the adapter's variant object, and a variant
+(weight-decomposed DoRMA, SVD-form AdaLoRMA, nested-rank DyLoRMA, ...) subclasses :class:`LormaVariant` and
+overrides only what differs, one module each (docs/extending.md). Each adapter of each layer has its own variant
+object, which holds the adapter's :class:`~lorma.inflations.Inflation`.
+
+What this class does (plain LoRMA) and which method to override for what:
+
+- :meth:`init`: fill the adapter's ``lorma_A`` / ``lorma_B`` (identity by the inflation, or random); a variant that
+  needs more trainable tensors creates them here with ``layer.adapter_parameters("lorma_<what>")``.
+- :meth:`pairs`: the ``(A, B)`` pairs the transform is built from, one per adapted part (a nested-rank variant
+  truncates them here, and everything below follows).
+- :meth:`before_base` / :meth:`after_base`: the forward around the one base-layer call, on activations: the post
+  side transforms the input, the pre side the output (without the bias). :meth:`folded_forward` replaces both
+  (and the base call) when folding a dense transform into the weight costs fewer flops.
+- :meth:`transform`, :meth:`delta_weight`, :meth:`unmerges_exactly`, :meth:`unmerge`: merging and unmerging; the
+  layer keeps a copy of the weight whenever :meth:`unmerges_exactly` is ``False``.
+
+Activations are row vectors (``(..., d)``); weights are in ``nn.Linear`` layout ``(d_out, d_in)``. The layer
+(:class:`lorma.layer.LormaLayer`) does the bookkeeping: the order adapters compose in, dtypes, merge state.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..functional import Pair
+from ..inflations.base import Inflation
+
+# (output rows of a fused projection, or None for the whole layer; A; B)
+PairSlice = tuple[slice | None, torch.Tensor, torch.Tensor]
+
+
+class AdaptedLayer(Protocol):
+    """What a variant uses of the layer it serves (:class:`lorma.layer.LormaLayer` provides all of it)."""
+
+    module_name: str
+    in_features: int
+    out_features: int
+    lorma_A: nn.ParameterDict
+    lorma_B: nn.ParameterDict
+    lorma_dropout: nn.ModuleDict
+    scaling: dict[str, float]
+    side: dict[str, str]
+    fused: dict[str, tuple[int, list[int]] | None]
+    base_weight: Any  # lorma.layer.FloatWeight, or lorma.bnb.QuantizedWeight
+
+    def get_base_layer(self) -> nn.Module: ...
+
+    def weight_linear(self) -> torch.Tensor: ...
+
+    def part_slice(self, adapter: str, part: int) -> slice: ...
+
+    def adapter_parameters(self, name: str) -> nn.ParameterDict: ...
+
+    def _cast_input_dtype(self, x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None: ...
+
+
+class LormaVariant:
+    """Plain LoRMA for one adapter of one layer: ``I(BA) W0 x + b`` (pre side) or ``W0 I(BA) x + b`` (post side).
+
+    Subclass it for a variant, set :attr:`name` and register the class with
+    :func:`lorma.variants.register_variant`; ``LormaConfig(variant=name)`` then gives every adapted module of that
+    adapter an instance of it.
+    """
+
+    #: the name ``LormaConfig(variant=...)`` takes; empty for plain LoRMA
+    name: ClassVar[str] = ""
+
+    def __init__(self, inflation: Inflation) -> None:
+        self.inflation = inflation
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.inflation!r})"
+
+    # ------------------------------------------------------------------ initialisation
+    def init(self, layer: AdaptedLayer, adapter: str, init_weights: bool) -> None:
+        """Fill ``lorma_A[adapter]`` / ``lorma_B[adapter]`` (float32, on the CPU, created by the layer) in place.
+
+        ``init_weights=True``: the inflation's identity initialisation (the paper's), per fused part;
+        ``False``: random ``A`` and ``B`` (tests).
+        """
+        A, B = layer.lorma_A[adapter], layer.lorma_B[adapter]
+        with torch.no_grad():
+            for a, b in zip(A, B) if A.dim() == 3 else [(A, B)]:
+                if init_weights:
+                    self.inflation.initialize(a, b, layer.scaling[adapter])
+                else:
+                    self.inflation.initialize_random(a, b)
+
+    # ------------------------------------------------------------------ the pairs the transform is built from
+    def pairs(self, layer: AdaptedLayer, adapter: str) -> list[PairSlice]:
+        """``(output rows, A, B)`` per transform of this adapter: one, or one per adapted fused part."""
+        A, B = layer.lorma_A[adapter], layer.lorma_B[adapter]
+        fused = layer.fused[adapter]
+        if fused is None:
+            return [(None, A, B)]
+        return [(layer.part_slice(adapter, p), A[i], B[i]) for i, p in enumerate(fused[1])]
+
+    # ------------------------------------------------------------------ forward
+    def before_base(self, layer: AdaptedLayer, adapter: str, x: torch.Tensor) -> torch.Tensor:
+        """The input the base layer sees: ``I(BA) x`` for a (whole-layer) post-side adapter, else ``x``."""
+        if layer.side[adapter] != "post" or layer.fused[adapter] is not None:
+            return x
+        return self._apply(layer, adapter, x, None)
+
+    def after_base(self, layer: AdaptedLayer, adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """The output after the base layer ran on ``x``: ``I(BA) (W0 x) + b`` on the pre side (bias kept out).
+
+        A post-side adapter on fused parts acts here too, since only some rows of ``W0`` see its transform:
+        part ``p`` of the output gets ``W0_p (I_p x - x)`` added.
+        """
+        if layer.side[adapter] == "pre":
+            return self._apply(layer, adapter, result, getattr(layer.get_base_layer(), "bias", None))
+        if layer.fused[adapter] is None:
+            return result
+        xc = layer._cast_input_dtype(x, layer.lorma_A[adapter].dtype)
+        weight = layer.weight_linear()
+        size = layer.out_features // layer.fused[adapter][0]
+        chunks = list(result.split(size, dim=-1))
+        for rows, A, B in self.pairs(layer, adapter):
+            part, dx = rows.start // size, self._delta(layer, adapter, xc, A, B, None)
+            chunks[part] = chunks[part] + F.linear(dx.to(weight.dtype), weight[rows]).to(result.dtype)
+        return torch.cat(chunks, dim=-1)
+
+    def folded_forward(self, layer: AdaptedLayer, adapter: str, x: torch.Tensor) -> torch.Tensor | None:
+        """The whole layer's output through the merged weight ``W + delta_weight(W)``, built this step, when the
+        inflation says that is cheaper (:meth:`Inflation.strategy` is ``"weight"``); ``None`` to run the
+        activation forms. Built from :meth:`delta_weight`, so it is whatever merging computes, for any variant."""
+        A = layer.lorma_A[adapter]
+        if layer.fused[adapter] is not None or self._dropout_active(layer, adapter):
+            return None
+        if not layer.base_weight.readable_in_forward:
+            return None
+        d, d_other = layer.out_features, layer.in_features
+        if layer.side[adapter] == "post":
+            d, d_other = d_other, d
+        n_tokens = x.numel() // max(layer.in_features, 1)
+        needs_grad = torch.is_grad_enabled() and A.requires_grad
+        if self.inflation.strategy(n_tokens, d, d_other, needs_grad) != "weight":
+            return None
+        weight = layer.weight_linear().to(A.dtype)
+        folded = weight + self.delta_weight(layer, adapter, weight)
+        bias = layer._cast_input_dtype(getattr(layer.get_base_layer(), "bias", None), A.dtype)
+        return F.linear(layer._cast_input_dtype(x, A.dtype), folded, bias).to(x.dtype)
+
+    def _dropout_active(self, layer: AdaptedLayer, adapter: str) -> bool:
+        module = layer.lorma_dropout[adapter]
+        return isinstance(module, nn.Dropout) and module.training and module.p > 0
+
+    def _delta(
+        self,
+        layer: AdaptedLayer,
+        adapter: str,
+        h: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        shift: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """``(I(BA) - I) drop(h - shift)``: the adapter path, the only place dropout acts."""
+        if self._dropout_active(layer, adapter):
+            source = h if shift is None else h - shift
+            return self.inflation.apply_delta(layer.lorma_dropout[adapter](source), A, B, layer.scaling[adapter])
+        return self.inflation.apply_delta(h, A, B, layer.scaling[adapter], shift)
+
+    def _apply(
+        self, layer: AdaptedLayer, adapter: str, h: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``I(BA)`` applied to activations ``h`` (output or input side); ``bias`` is kept out of the product."""
+        dtype = layer.lorma_A[adapter].dtype
+        hc = layer._cast_input_dtype(h, dtype)
+        shift = layer._cast_input_dtype(bias, dtype)
+        pairs = self.pairs(layer, adapter)
+        if layer.fused[adapter] is None:
+            [(_, A, B)] = pairs
+            return (hc + self._delta(layer, adapter, hc, A, B, shift)).to(h.dtype)
+        size = layer.out_features // layer.fused[adapter][0]
+        chunks = list(hc.split(size, dim=-1))
+        for rows, A, B in pairs:
+            part, part_shift = rows.start // size, None if shift is None else shift[rows]
+            chunks[part] = chunks[part] + self._delta(layer, adapter, chunks[part], A, B, part_shift)
+        return torch.cat(chunks, dim=-1).to(h.dtype)
+
+    # ------------------------------------------------------------------ merge / unmerge
+    def transform(self, layer: AdaptedLayer, adapter: str) -> torch.Tensor:
+        """The dense ``I(BA)``, float32, no grad: ``(d, d)``, or ``(parts, d, d)`` for a fused layer."""
+        with torch.no_grad():
+            A, B = layer.lorma_A[adapter].float(), layer.lorma_B[adapter].float()
+            return self.inflation.transform(A, B, layer.scaling[adapter])
+
+    def delta_weight(self, layer: AdaptedLayer, adapter: str, weight: torch.Tensor) -> torch.Tensor:
+        """What merging adds to ``weight`` (``nn.Linear`` layout, float), computed without ``W - W0``."""
+        side, s = layer.side[adapter], layer.scaling[adapter]
+        delta = None if layer.fused[adapter] is None else torch.zeros_like(weight)
+        for rows, A, B in self.pairs(layer, adapter):
+            w = weight if rows is None else weight[rows]
+            part = self.inflation.delta_weight(w, A.to(weight.dtype), B.to(weight.dtype), s, side)
+            if rows is None:
+                delta = part
+            else:
+                delta[rows] = part
+        return delta
+
+    def lora_factors(self, layer: AdaptedLayer, adapter: str, weight: torch.Tensor) -> Pair | None:
+        """LoRA factors ``(U, V)`` with ``U V`` = what merging adds to ``weight``, exactly; ``None`` if not low rank.
+
+        One block per adapted fused part, with zero rows for the parts that are not adapted (``lorma export``).
+        """
+        side, s = layer.side[adapter], layer.scaling[adapter]
+        blocks_u, blocks_v = [], []
+        for rows, A, B in self.pairs(layer, adapter):
+            w = weight if rows is None else weight[rows]
+            factors = self.inflation.lora_factors(w, A.detach().to(w.dtype), B.detach().to(w.dtype), s, side)
+            if factors is None:
+                return None
+            u, v = factors
+            if rows is not None:  # this part's rows of a fused projection; the other parts' rows stay zero
+                full = weight.new_zeros(weight.shape[0], u.shape[1])
+                full[rows] = u
+                u = full
+            blocks_u.append(u)
+            blocks_v.append(v)
+        return torch.cat(blocks_u, dim=1), torch.cat(blocks_v, dim=0)
+
+    def unmerges_exactly(self, layer: AdaptedLayer, adapter: str) -> bool:
+        """Whether :meth:`unmerge` restores ``W0`` by algebra (else the layer keeps a copy at merge time).
+
+        The inflation's inverse undoes the plain merge only: a variant with its own :meth:`delta_weight` gets
+        ``False`` (a kept copy, always right) unless it also writes its own :meth:`unmerge`.
+        """
+        own_merge = type(self).delta_weight is not LormaVariant.delta_weight
+        if own_merge and type(self).unmerge is LormaVariant.unmerge:
+            return False
+        s = layer.scaling[adapter]
+        return all(self.inflation.unmerges_exactly(A, B, s) for _, A, B in self.pairs(layer, adapter))
+
+    def unmerge(self, layer: AdaptedLayer, adapter: str, weight: torch.Tensor) -> torch.Tensor:
+        """``W0`` from the merged ``weight`` (``nn.Linear`` layout), by the inflation's inverse, part by part."""
+        side, s = layer.side[adapter], layer.scaling[adapter]
+        restored = weight.clone()
+        for rows, A, B in self.pairs(layer, adapter):
+            w = weight if rows is None else weight[rows]
+            part = self.inflation.unmerge(w, A.detach().to(w.dtype), B.detach().to(w.dtype), s, side)
+            if rows is None:
+                restored = part
+            else:
+                restored[rows] = part
+        return restored

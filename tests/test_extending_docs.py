@@ -1,0 +1,125 @@
+"""docs/extending.md's worked examples, executed: its inflation and variant modules, then the tests it shows.
+
+The doc's python blocks start with ``# file: NAME.py``; each module block is executed as module ``NAME`` (which
+registers its inflation or variant), each ``test_*`` block's functions run as tests here. So the doc cannot
+describe an extension API that does not work.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import types
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from lorma.inflations import base as inflations_base
+from lorma.variants import _VARIANTS
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "extending.md"
+MODULES = ("exp_inflation", "gain_variant")
+TESTS = ("test_exp_inflation", "test_gain_variant")
+
+
+def doc_blocks() -> dict[str, str]:
+    """The doc's python blocks by the file name on their first line."""
+    blocks: dict[str, str] = {}
+    for body in re.findall(r"```python\n(.*?)```", DOC.read_text(encoding="utf-8"), flags=re.S):
+        match = re.fullmatch(r"# file: (\w+)\.py", body.splitlines()[0])
+        if match:
+            blocks[match.group(1)] = body
+    return blocks
+
+
+def load(name: str, source: str) -> types.ModuleType:
+    """Execute ``source`` as a module named ``name`` (in ``sys.modules``, as an import would leave it)."""
+    module = types.ModuleType(name)
+    module.__file__ = f"{DOC}#{name}"
+    sys.modules[name] = module
+    exec(compile(source, module.__file__, "exec"), module.__dict__)
+    return module
+
+
+@pytest.fixture(scope="module")
+def doc_extensions() -> Iterator[dict[str, types.ModuleType]]:
+    """The doc's extensions, registered for this module's tests and unregistered after them."""
+    blocks = doc_blocks()
+    modules = {name: load(name, blocks[name]) for name in MODULES}
+    yield modules
+    for name in MODULES:
+        sys.modules.pop(name, None)
+    inflations_base._INFLATIONS.pop("exp", None)
+    _VARIANTS.pop("gain", None)
+
+
+def test_the_doc_has_its_blocks() -> None:
+    assert set(doc_blocks()) == set(MODULES) | set(TESTS)
+
+
+def _doc_tests() -> list[tuple[str, str]]:
+    blocks = doc_blocks()
+    return [
+        (block, name)
+        for block in TESTS
+        for name in re.findall(r"^def (test_\w+)\(", blocks.get(block, ""), flags=re.M)
+    ]
+
+
+@pytest.mark.parametrize(("block", "name"), _doc_tests())
+def test_doc_example(doc_extensions: dict[str, types.ModuleType], block: str, name: str) -> None:
+    namespace: dict[str, object] = {"__name__": block}
+    exec(compile(doc_blocks()[block], f"{DOC}#{block}", "exec"), namespace)
+    test: Callable[[], None] = namespace[name]  # type: ignore[assignment]
+    test()
+
+
+def test_a_registered_dense_inflation_above_the_bound_is_refused_not_sent_down_pis_fft_path(doc_extensions) -> None:
+    """The old layer sent any dense inflation above the memory bound down pi's FFT path (wrong results for any
+    inflation but pi); now the bound belongs to each inflation, and a dense-only one is refused, naming the module."""
+    from peft import get_peft_model
+    from torch import nn
+
+    from lorma import LormaConfig
+
+    config = LormaConfig(r=2, inflation="exp", target_modules=["0"], max_dense_bytes=20 * 20 * 4 - 1)
+    with pytest.raises(ValueError, match=r"module '0'.*'exp' inflation applies a dense 20 x 20.*max_dense_bytes"):
+        get_peft_model(nn.Sequential(nn.Linear(12, 20)), config)
+    # at the bound it is built and used
+    get_peft_model(nn.Sequential(nn.Linear(12, 20)), LormaConfig(r=2, inflation="exp", target_modules=["0"],
+                                                                  max_dense_bytes=20 * 20 * 4))
+
+
+def test_the_doc_extensions_are_refused_where_they_do_not_apply(doc_extensions) -> None:
+    import torch
+    from peft import get_peft_model
+    from torch import nn
+
+    from lorma import LormaConfig
+    from lorma.export import ExportError, lora_export
+
+    base = nn.Sequential(nn.Linear(12, 20))
+    model = get_peft_model(base, LormaConfig(r=2, inflation="exp", target_modules=["0"], init_weights=False),
+                           adapter_name="e1")
+    model.add_adapter("e2", LormaConfig(r=2, inflation="exp", target_modules=["0"], init_weights=False))
+    with pytest.raises(ValueError, match=r"inflation \{'e1': 'exp', 'e2': 'exp'\} cannot be combined"):
+        model.add_weighted_adapter(["e1", "e2"], [1.0, 1.0], "e12")
+    with pytest.raises(ExportError, match="full rank"):
+        lora_export(model, "e1")
+    exported = lora_export(model, "e1", rank=20)  # full rank: exact, as the SVD keeps everything
+    assert exported.exact
+    gain = get_peft_model(nn.Sequential(nn.Linear(12, 20)),
+                          LormaConfig(r=2, variant="gain", target_modules=["0"]), adapter_name="g")
+    gain.add_adapter("h", LormaConfig(r=2, variant="gain", target_modules=["0"]))
+    with pytest.raises(ValueError, match=r"adapters with a variant \{'g': 'gain', 'h': 'gain'\} cannot be combined"):
+        gain.add_weighted_adapter(["g", "h"], [1.0, 1.0], "gh")
+    with pytest.raises(ValueError, match=r"module '0'.*gain variant adapts whole layers on the pre side"):
+        get_peft_model(nn.Sequential(nn.Linear(12, 20)),
+                       LormaConfig(r=2, side="post", variant="gain", target_modules=["0"]))
+    # deleting an adapter deletes what its variant added
+    layer = gain.base_model.model[0]
+    assert set(layer.lorma_gain) == {"g", "h"} and "lorma_gain" in layer.adapter_layer_names
+    gain.delete_adapter("h")
+    assert set(layer.lorma_gain) == {"g"} and set(layer.lorma_variant) == {"g"}
+    assert torch.equal(layer.lorma_gain["g"], torch.ones(20))
