@@ -123,3 +123,35 @@ def test_the_doc_extensions_are_refused_where_they_do_not_apply(doc_extensions) 
     gain.delete_adapter("h")
     assert set(layer.lorma_gain) == {"g"} and set(layer.lorma_variant) == {"g"}
     assert torch.equal(layer.lorma_gain["g"], torch.ones(20))
+
+
+def test_variant_registry_and_config() -> None:
+    from lorma import LormaConfig
+    from lorma.variants import LormaVariant, get_variant, register_variant, variant_names
+
+    assert get_variant(None) is LormaVariant  # plain LoRMA
+    with pytest.raises(ValueError, match=r"LormaConfig: unknown variant 'dorma'; expected None or one of"):
+        LormaConfig(variant="dorma")
+    with pytest.raises(TypeError, match="LormaVariant subclass"):
+        register_variant(LormaVariant)
+
+    class Nameless(LormaVariant):
+        pass
+
+    with pytest.raises(ValueError, match="Nameless has no name"):
+        register_variant(Nameless)
+
+    @register_variant
+    class Probe(LormaVariant):
+        name = "test-probe"
+
+    class Other(LormaVariant):
+        name = "test-probe"
+
+    try:
+        assert "test-probe" in variant_names() and get_variant("test-probe") is Probe
+        assert LormaConfig(variant="test-probe").variant == "test-probe"
+        with pytest.raises(ValueError, match="a variant named 'test-probe' is already registered"):
+            register_variant(Other)
+    finally:
+        _VARIANTS.pop("test-probe")

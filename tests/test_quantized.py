@@ -165,6 +165,31 @@ def test_merge_and_unload_dequantize_gives_float_model(kind: str) -> None:
         assert rel_err(plain(x), x.double() @ (W0 @ M).T + bias.double()) < 1e-5
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_dequantized_base_is_the_float_layer(kind: str) -> None:
+    """The quantized layer differs from the float one in its weight object only: once the base is dequantized,
+    the same layer folds a dense transform into W0 when that is cheaper, and merges and unmerges as a float layer."""
+    model = adapted(kind, "pi", "pre")
+    layer = model.base_model.model[0]
+    variant = layer.lorma_variant["default"]
+    x = torch.randn(4, 300, 48)  # many tokens: folding is the cheaper way for pi here
+    with torch.no_grad():
+        assert variant.folded_forward(layer, "default", x) is None  # never reads W0 in forward while quantized
+        layer.dequantize_base()
+        assert type(layer.base_weight) is LB.FloatWeight and layer.quant_kind is None
+        W0 = layer.get_base_layer().weight.detach().double()
+        M = reference_inflation(layer.lorma_A["default"], layer.lorma_B["default"], "pi", layer.scaling["default"])
+        expected = x.double() @ (M @ W0).T + layer.get_base_layer().bias.detach().double()
+        folded = variant.folded_forward(layer, "default", x)
+        assert folded is not None and rel_err(folded, expected) < 1e-5
+        assert rel_err(model(x), expected) < 1e-5
+        w0 = layer.get_base_layer().weight.detach().clone()
+        layer.merge()  # a float merge: no re-quantization warning, a kept copy for pi
+        assert rel_err(model(x), expected) < 1e-5
+        layer.unmerge()
+        assert torch.equal(layer.get_base_layer().weight, w0)
+
+
 def test_fused_post_on_quantized_is_refused() -> None:
     model = nn.Sequential(quantized_linear("4bit", 16, 48))
     cfg = LormaConfig(r=2, side="post", target_modules=["0"], fused_parts={"0": {"num_parts": 3, "parts": [0, 2]}})
