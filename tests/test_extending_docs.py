@@ -7,6 +7,7 @@ describe an extension API that does not work.
 
 from __future__ import annotations
 
+import copy
 import re
 import sys
 import types
@@ -14,7 +15,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
+from peft import get_peft_model
+from torch import nn
 
+from inflation_contract import check_inflation_contract
+from lorma import LormaConfig
 from lorma.inflations import base as inflations_base
 from lorma.variants import _VARIANTS
 
@@ -73,6 +79,11 @@ def test_doc_example(doc_extensions: dict[str, types.ModuleType], block: str, na
     exec(compile(doc_blocks()[block], f"{DOC}#{block}", "exec"), namespace)
     test: Callable[[], None] = namespace[name]  # type: ignore[assignment]
     test()
+
+
+def test_the_doc_inflation_keeps_the_contract_every_inflation_keeps(doc_extensions) -> None:
+    """The generic checks the built-ins pass (tests/inflation_contract.py), run on the doc's one-file inflation."""
+    check_inflation_contract("exp")
 
 
 def test_a_registered_dense_inflation_above_the_bound_is_refused_not_sent_down_pis_fft_path(doc_extensions) -> None:
@@ -155,3 +166,56 @@ def test_variant_registry_and_config() -> None:
             register_variant(Other)
     finally:
         _VARIANTS.pop("test-probe")
+
+
+def test_a_variant_that_changes_pairs_and_scaling_is_followed_by_forward_merge_unmerge_and_export() -> None:
+    """The hook a nested-rank variant (DyLoRMA) needs: train ``B[:, :b] A[:b]`` at ``s = alpha / b``. Overriding
+    ``pairs`` and ``scaling`` alone must change the forward, the merge, the exact unmerge and the exported factors
+    alike (checked against ``I + (alpha / b) B[:, :b] A[:b]`` in float64); a variant with its own ``delta_weight``
+    (the doc's gain) gets a kept copy and no exact export factors."""
+    from lorma.variants import LormaVariant, register_variant
+
+    @register_variant
+    class FirstRank(LormaVariant):
+        name = "test-first-rank"
+
+        def pairs(self, layer, adapter):
+            return [(rows, A[:1], B[:, :1]) for rows, A, B in super().pairs(layer, adapter)]
+
+        def scaling(self, layer, adapter):
+            return layer.alpha[adapter] / 1
+
+    try:
+        torch.manual_seed(0)
+        base = nn.Sequential(nn.Linear(12, 20)).double()
+        config = LormaConfig(r=3, alpha=0.5, variant="test-first-rank", target_modules=["0"], init_weights=False)
+        model = get_peft_model(copy.deepcopy(base), config)
+        layer = model.base_model.model[0]
+        A, B = layer.lorma_A["default"].detach().double(), layer.lorma_B["default"].detach().double()
+        M = torch.eye(20, dtype=torch.float64) + 0.5 * (B[:, :1] @ A[:1])
+        W0, bias = base[0].weight.detach().clone(), base[0].bias.detach()
+        x = torch.randn(6, 12, dtype=torch.float64)
+        expected = x @ (M @ W0).T + bias
+        variant = layer.lorma_variant["default"]
+        assert variant.unmerges_exactly(layer, "default")  # the plain merge: the inflation's Woodbury inverse
+        factors = variant.lora_factors(layer, "default", W0)
+        assert factors is not None and factors[0].shape[1] == 1
+        assert torch.allclose(factors[0] @ factors[1], (M - torch.eye(20, dtype=torch.float64)) @ W0, atol=1e-12)
+        with torch.no_grad():
+            assert torch.allclose(model(x), expected, atol=1e-10)
+            model.merge_adapter()
+            assert torch.allclose(model(x), expected, atol=1e-10)
+            model.unmerge_adapter()
+        assert "default" not in layer._weights_before_merge
+        assert torch.allclose(layer.get_base_layer().weight, W0, atol=1e-12)
+    finally:
+        _VARIANTS.pop("test-first-rank")
+
+
+def test_a_variant_with_its_own_merge_keeps_a_copy_and_has_no_exact_factors(doc_extensions) -> None:
+    base = nn.Sequential(nn.Linear(12, 20))
+    model = get_peft_model(copy.deepcopy(base), LormaConfig(r=3, variant="gain", target_modules=["0"]))
+    layer = model.base_model.model[0]
+    variant = layer.lorma_variant["default"]
+    assert not variant.unmerges_exactly(layer, "default")
+    assert variant.lora_factors(layer, "default", base[0].weight.detach()) is None

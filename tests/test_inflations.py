@@ -14,6 +14,7 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 from conftest import reference_inflation
+from inflation_contract import check_inflation_contract
 from lorma import LormaConfig
 from lorma.inflations import (
     DEFAULT_FFT_CHUNK_BYTES,
@@ -112,6 +113,11 @@ def test_transform_apply_and_merge_equal_the_dense_formula(name: str) -> None:
     W_pre, W_post = torch.randn(d, d_other, dtype=torch.float64), torch.randn(d_other, d, dtype=torch.float64)
     assert rel_err(inflation.delta_weight(W_pre, A, B, s, "pre"), (M - eye) @ W_pre) < 1e-12
     assert rel_err(inflation.delta_weight(W_post, A, B, s, "post"), W_post @ (M - eye)) < 1e-12
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_built_ins_keep_the_contract_every_inflation_keeps(name: str) -> None:
+    check_inflation_contract(name)
 
 
 @pytest.mark.parametrize("name", BUILT_IN)

@@ -17,18 +17,18 @@ dequantized weight before merging, so the merged weight is ``I(BA) deq(W0)`` wit
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from typing import Any
 
 import torch
+from peft.utils.integrations import dequantize_bnb_weight
 from torch import nn
 
 from .layer import FloatWeight, LormaLayer
 
 
 def is_bnb_available() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("bitsandbytes") is not None
 
 
@@ -99,8 +99,6 @@ def keep_autograd_path(model: nn.Module) -> int:
 
 def dequantized_weight(base: nn.Module) -> torch.Tensor:
     """``W0`` of a bitsandbytes layer in fp32, ``nn.Linear`` layout ``(d_out, d_in)``."""
-    from peft.utils.integrations import dequantize_bnb_weight
-
     weight = base.weight
     if quantized_kind(base) == "4bit":
         unpack_cpu_inference_layout(base)

@@ -181,7 +181,7 @@ def lora_export(
     inflation = getattr(config, "inflation", None)
     if inflation is None:
         raise ExportError(f"adapter {adapter_name!r} is a {config.peft_type} adapter, not a LoRMA one")
-    _check_options(adapter_name, inflation, rank, max_error)
+    check_options(adapter_name, inflation, rank, max_error)
 
     layers = [
         (key, m) for key, m in tuner.model.named_modules() if isinstance(m, LormaLayer) and adapter_name in m.lorma_A
@@ -242,7 +242,7 @@ def lora_export(
     return LoraExport(config=lora_config, state_dict=state, modules=modules, source=source)
 
 
-def _check_options(adapter_name: str, inflation: str, rank: int | None, max_error: float | None) -> None:
+def check_options(adapter_name: str, inflation: str, rank: int | None, max_error: float | None) -> None:
     """Refuse options that do not fit the adapter's inflation, before any work."""
     if rank is not None and max_error is not None:
         raise ExportError("give --rank or --max-error, not both")
@@ -290,36 +290,3 @@ def _lora_targets(config: Any, model: torch.nn.Module, adapted: set[str]) -> lis
     if matched != adapted:
         return sorted(adapted)
     return probe.target_modules if isinstance(probe.target_modules, str) else sorted(probe.target_modules)
-
-
-def export_adapter(
-    source: str,
-    out_dir: str,
-    base_model: str | None = None,
-    rank: int | None = None,
-    max_error: float | None = None,
-    allow_approximate: bool = False,
-    overwrite: bool = False,
-) -> tuple[LoraExport, Path]:
-    """``lorma export``: the LoRMA adapter of a run (or adapter) directory, written as a LoRA adapter to ``out_dir``."""
-    from .recipes.merge import load_adapter_model
-    from .recipes.rundir import check_not_input, check_output_location, find_adapter
-
-    found = find_adapter(Path(source))  # the adapter's files checked, and a run's adapter/ consistent with it
-    adapter, recorded = found.path, found.config
-    out = Path(out_dir)
-    check_output_location(out, "OUT_DIR")
-    # never onto its own input: replacing the run (or a folder holding the adapter) would delete it
-    check_not_input(out, {"RUN_OR_ADAPTER": adapter}, replacing=True, flag="OUT_DIR",
-                    containers={"RUN_OR_ADAPTER (a run)": found.run_dir})
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ExportError(f"output directory {out} exists and is not empty; give --overwrite")
-    if recorded.get("peft_type") != "LORMA":
-        raise ExportError(f"{adapter} holds a {recorded.get('peft_type')} adapter, not a LoRMA one (nothing to export)")
-    _check_options("default", str(recorded.get("inflation")), rank, max_error)
-    peft_model, _ = load_adapter_model(adapter, base_model)
-    exported = lora_export(
-        peft_model, "default", rank=rank, max_error=max_error, allow_approximate=allow_approximate
-    )
-    exported.source["adapter"] = str(adapter)
-    return exported, exported.save(out, overwrite=overwrite)

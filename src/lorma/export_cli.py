@@ -15,9 +15,13 @@ anything that loads peft LoRA adapters, without lorma installed.
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from lorma.cli import LormaCLIError
+
+if TYPE_CHECKING:
+    from lorma.export import LoraExport
 
 FORMATS = ("lora",)
 
@@ -43,11 +47,48 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
+def export_adapter(
+    source: str,
+    out_dir: str,
+    base_model: str | None = None,
+    rank: int | None = None,
+    max_error: float | None = None,
+    allow_approximate: bool = False,
+    overwrite: bool = False,
+) -> tuple[LoraExport, Path]:
+    """``lorma export``: the LoRMA adapter of a run (or adapter) directory, written as a LoRA adapter to ``out_dir``.
+
+    Here, not in :mod:`lorma.export`, because it reads a run directory (:mod:`lorma.recipes`): the library module
+    stays below the recipes."""
+    from lorma.export import ExportError, check_options, lora_export
+    from lorma.recipes.merge import load_adapter_model
+    from lorma.recipes.rundir import check_not_input, check_output_location, find_adapter
+
+    found = find_adapter(Path(source))  # the adapter's files checked, and a run's adapter/ consistent with it
+    adapter, recorded = found.path, found.config
+    out = Path(out_dir)
+    check_output_location(out, "OUT_DIR")
+    # never onto its own input: replacing the run (or a folder holding the adapter) would delete it
+    check_not_input(out, {"RUN_OR_ADAPTER": adapter}, replacing=True, flag="OUT_DIR",
+                    containers={"RUN_OR_ADAPTER (a run)": found.run_dir})
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ExportError(f"output directory {out} exists and is not empty; give --overwrite")
+    if recorded.get("peft_type") != "LORMA":
+        raise ExportError(f"{adapter} holds a {recorded.get('peft_type')} adapter, not a LoRMA one (nothing to export)")
+    check_options("default", str(recorded.get("inflation")), rank, max_error)
+    peft_model, _ = load_adapter_model(adapter, base_model)
+    exported = lora_export(
+        peft_model, "default", rank=rank, max_error=max_error, allow_approximate=allow_approximate
+    )
+    exported.source["adapter"] = str(adapter)
+    return exported, exported.save(out, overwrite=overwrite)
+
+
 def run(args: argparse.Namespace) -> int:
     from lorma.recipes.train import quiet_libraries
 
     quiet_libraries()
-    from lorma.export import EXPORT_REPORT_FILE, ExportError, export_adapter, format_table
+    from lorma.export import EXPORT_REPORT_FILE, ExportError, format_table
 
     try:
         exported, out = export_adapter(

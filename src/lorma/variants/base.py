@@ -90,7 +90,7 @@ class LormaVariant:
         with torch.no_grad():
             for a, b in zip(A, B) if A.dim() == 3 else [(A, B)]:
                 if init_weights:
-                    self.inflation.initialize(a, b, layer.scaling[adapter])
+                    self.inflation.initialize(a, b, self.scaling(layer, adapter))
                 else:
                     self.inflation.initialize_random(a, b)
 
@@ -102,6 +102,11 @@ class LormaVariant:
         if fused is None:
             return [(None, A, B)]
         return [(layer.part_slice(adapter, p), A[i], B[i]) for i, p in enumerate(fused[1])]
+
+    def scaling(self, layer: AdaptedLayer, adapter: str) -> float:
+        """The ``s`` the inflation is given with :meth:`pairs`: ``alpha / r`` (a nested-rank variant that trains
+        ``b < r`` ranks returns ``alpha / b`` here, as DyLoRA scales)."""
+        return layer.scaling[adapter]
 
     # ------------------------------------------------------------------ forward
     def before_base(self, layer: AdaptedLayer, adapter: str, x: torch.Tensor) -> torch.Tensor:
@@ -166,8 +171,9 @@ class LormaVariant:
         """``(I(BA) - I) drop(h - shift)``: the adapter path, the only place dropout acts."""
         if self._dropout_active(layer, adapter):
             source = h if shift is None else h - shift
-            return self.inflation.apply_delta(layer.lorma_dropout[adapter](source), A, B, layer.scaling[adapter])
-        return self.inflation.apply_delta(h, A, B, layer.scaling[adapter], shift)
+            dropped = layer.lorma_dropout[adapter](source)
+            return self.inflation.apply_delta(dropped, A, B, self.scaling(layer, adapter))
+        return self.inflation.apply_delta(h, A, B, self.scaling(layer, adapter), shift)
 
     def _apply(
         self, layer: AdaptedLayer, adapter: str, h: torch.Tensor, bias: torch.Tensor | None
@@ -190,13 +196,14 @@ class LormaVariant:
     # ------------------------------------------------------------------ merge / unmerge
     def transform(self, layer: AdaptedLayer, adapter: str) -> torch.Tensor:
         """The dense ``I(BA)``, float32, no grad: ``(d, d)``, or ``(parts, d, d)`` for a fused layer."""
+        s = self.scaling(layer, adapter)
         with torch.no_grad():
-            A, B = layer.lorma_A[adapter].float(), layer.lorma_B[adapter].float()
-            return self.inflation.transform(A, B, layer.scaling[adapter])
+            parts = [self.inflation.transform(A.float(), B.float(), s) for _, A, B in self.pairs(layer, adapter)]
+        return parts[0] if layer.fused[adapter] is None else torch.stack(parts)
 
     def delta_weight(self, layer: AdaptedLayer, adapter: str, weight: torch.Tensor) -> torch.Tensor:
         """What merging adds to ``weight`` (``nn.Linear`` layout, float), computed without ``W - W0``."""
-        side, s = layer.side[adapter], layer.scaling[adapter]
+        side, s = layer.side[adapter], self.scaling(layer, adapter)
         delta = None if layer.fused[adapter] is None else torch.zeros_like(weight)
         for rows, A, B in self.pairs(layer, adapter):
             w = weight if rows is None else weight[rows]
@@ -211,8 +218,12 @@ class LormaVariant:
         """LoRA factors ``(U, V)`` with ``U V`` = what merging adds to ``weight``, exactly; ``None`` if not low rank.
 
         One block per adapted fused part, with zero rows for the parts that are not adapted (``lorma export``).
+        A variant with its own :meth:`delta_weight` gets ``None`` (export then approximates that delta by SVD)
+        unless it also writes its own :meth:`lora_factors`.
         """
-        side, s = layer.side[adapter], layer.scaling[adapter]
+        if self._own_merge() and type(self).lora_factors is LormaVariant.lora_factors:
+            return None
+        side, s = layer.side[adapter], self.scaling(layer, adapter)
         blocks_u, blocks_v = [], []
         for rows, A, B in self.pairs(layer, adapter):
             w = weight if rows is None else weight[rows]
@@ -228,21 +239,24 @@ class LormaVariant:
             blocks_v.append(v)
         return torch.cat(blocks_u, dim=1), torch.cat(blocks_v, dim=0)
 
+    def _own_merge(self) -> bool:
+        """Whether this variant merges its own way (the inflation's inverse and factors then do not apply)."""
+        return type(self).delta_weight is not LormaVariant.delta_weight
+
     def unmerges_exactly(self, layer: AdaptedLayer, adapter: str) -> bool:
         """Whether :meth:`unmerge` restores ``W0`` by algebra (else the layer keeps a copy at merge time).
 
         The inflation's inverse undoes the plain merge only: a variant with its own :meth:`delta_weight` gets
         ``False`` (a kept copy, always right) unless it also writes its own :meth:`unmerge`.
         """
-        own_merge = type(self).delta_weight is not LormaVariant.delta_weight
-        if own_merge and type(self).unmerge is LormaVariant.unmerge:
+        if self._own_merge() and type(self).unmerge is LormaVariant.unmerge:
             return False
-        s = layer.scaling[adapter]
+        s = self.scaling(layer, adapter)
         return all(self.inflation.unmerges_exactly(A, B, s) for _, A, B in self.pairs(layer, adapter))
 
     def unmerge(self, layer: AdaptedLayer, adapter: str, weight: torch.Tensor) -> torch.Tensor:
         """``W0`` from the merged ``weight`` (``nn.Linear`` layout), by the inflation's inverse, part by part."""
-        side, s = layer.side[adapter], layer.scaling[adapter]
+        side, s = layer.side[adapter], self.scaling(layer, adapter)
         restored = weight.clone()
         for rows, A, B in self.pairs(layer, adapter):
             w = weight if rows is None else weight[rows]
