@@ -238,6 +238,9 @@ def child_main(argv: list[str], plan: dict[str, Any] | None, root: str, log: str
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
+    # A shell that starts a job in the background without job control (CI runners, `cmd &` in a script) starts it
+    # with SIGINT ignored, and Python then keeps ignoring it: give the child the interactive Ctrl-C it simulates.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     injector = Injector(plan, Path(root))
     injector.install()
     from lorma.cli import main
