@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one ``lorma`` command; returns its exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command as typed (for "try next" advice)
     try:
         result = args.func(args)
     except RunInterrupted as err:

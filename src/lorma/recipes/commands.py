@@ -19,7 +19,8 @@ TRAINING_FLAGS: dict[str, tuple[str, bool]] = {
     # name: (help, is a boolean switch)
     "max_steps": ("Stop after this many optimizer steps (overrides --num-train-epochs).", False),
     "num_train_epochs": ("Number of passes over the training data (default 3).", False),
-    "learning_rate": ("Peak learning rate of AdamW (default 4e-4).", False),
+    "learning_rate": ("Peak learning rate of AdamW (default per method family: adapters (LoRMA, LoRA, DoRA) 1e-3, "
+                      "full 5e-5, BitFit / head-only 3e-3).", False),
     "per_device_train_batch_size": ("Training batch size per process (default 16).", False),
     "per_device_eval_batch_size": ("Evaluation batch size per process (default 64).", False),
     "gradient_accumulation_steps": ("Batches accumulated per optimizer step.", False),
@@ -47,7 +48,7 @@ TRAINING_FLAGS: dict[str, tuple[str, bool]] = {
 }
 
 # RunConfig fields whose flags need special handling (dicts)
-_DICT_FIELDS = ("training", "task_options")
+_DICT_FIELDS = ("training", "task_options", "grid")
 
 
 def _scalar(text: str) -> Any:
@@ -65,13 +66,13 @@ def _scalar(text: str) -> Any:
     return text
 
 
-def _key_values(items: list[str] | None, flag: str) -> dict[str, Any]:
+def _key_values(items: list[str] | None, flag: str, as_text: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise InputError(f"{flag} expects KEY=VALUE, got '{item}'")
-        out[key.strip()] = _scalar(value)
+        out[key.strip()] = value if as_text else _scalar(value)
     return out
 
 
@@ -89,10 +90,18 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
         # shows RunConfig's default instead
         default = f.default if f.default is not dataclasses.MISSING else None
         shown = f" [default: {default}]" if default is not None else ""
+        if f.name == "tune":
+            from lorma.recipes.tuning import default_grids_help
+
+            shown = f" Default grids: {default_grids_help()}."
         run.add_argument(f"--{f.name.replace('_', '-')}", dest=f"cfg_{f.name}", default=None, metavar="VALUE",
                          help=f.metadata.get("help", "") + shown)
     run.add_argument("--task-option", dest="task_option", action="append", metavar="KEY=VALUE",
                      help="A task-specific option (repeatable), e.g. --task-option num_beams=10.")
+    run.add_argument("--grid", dest="grid", action="append", metavar="[METHOD:]KEY=V1,V2,...",
+                     help="Candidate values of a tuned setting (repeatable; implies --tune KEY), e.g. --grid "
+                          "learning_rate=1e-4,3e-4,1e-3 or, for one method or family (adapter, full, partial), "
+                          "--grid full:learning_rate=1e-5,3e-5.")
     training = parser.add_argument_group("training (HF TrainingArguments; also YAML keys, top level or under "
                                          "'training:')")
     for name, (help_text, switch) in TRAINING_FLAGS.items():
@@ -126,6 +135,9 @@ def flag_values(args: argparse.Namespace) -> dict[str, Any]:
     options = _key_values(getattr(args, "task_option", None), "--task-option")
     if options:
         values["task_options"] = options
+    grid = _key_values(getattr(args, "grid", None), "--grid", as_text=True)
+    if grid:
+        values["grid"] = grid
     return values
 
 
@@ -160,22 +172,48 @@ def resolve_config(args: argparse.Namespace, resume: bool = False) -> Any:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """``lorma train``: one run."""
+    """``lorma train``: one run (after choosing its settings on a validation split, with --tune / --grid)."""
     cfg = resolve_config(args, resume=args.resume)
-    from lorma.recipes.train import run_training
+    from lorma.recipes.train import is_main_process, run_training
+    from lorma.recipes.tuning import train_tuned, wants_tuning
 
-    metrics = run_training(cfg, overwrite=args.overwrite, resume=args.resume)
-    from lorma.recipes.train import is_main_process
-
+    if wants_tuning(cfg):
+        metrics = train_tuned(cfg, overwrite=args.overwrite, resume=args.resume)
+    else:
+        metrics = run_training(cfg, overwrite=args.overwrite, resume=args.resume)
     if is_main_process():
+        if metrics.get("tuning"):
+            print_tuning(metrics["tuning"])
         print(format_run_summary(metrics, cfg.output_dir))
+        if metrics.get("collapsed"):
+            from lorma.recipes.collapse import collapse_advice
+
+            print(collapse_advice(getattr(args, "argv", None), cfg, [metrics]))
     return 0
+
+
+def print_tuning(tuning: dict[str, Any]) -> None:
+    """The candidates' validation scores, the chosen ones marked, and how they were chosen."""
+    from lorma.recipes.compare import format_table
+    from lorma.recipes.tuning import tuning_rows, tuning_summary
+
+    print()
+    print(format_table(*tuning_rows(tuning)))
+    print(tuning_summary(tuning))
 
 
 def format_run_summary(metrics: dict[str, Any], output_dir: str | None) -> str:
     """A few readable lines about a finished run."""
     lines = [f"{metrics['method']} on {metrics['task']} (seed {metrics['seed']}): {metrics['global_step']} steps, "
              f"{metrics['trainable_params']:,} trainable of {metrics['total_params']:,} parameters"]
+    if metrics.get("tuning"):
+        from lorma.recipes.tuning import candidate_label
+
+        chosen = metrics["tuning"]["methods"][metrics["method"]]["chosen"]
+        lines.append(f"  tuned on the validation split: {candidate_label(chosen)}")
+    if metrics.get("class_weights"):
+        weights = ", ".join(f"{k} {v:.3g}" for k, v in metrics["class_weights"].items())
+        lines.append(f"  class-weighted loss (balanced): {weights}")
     for key, value in metrics["eval"].items():
         if not key.endswith(("_runtime", "_per_second", "epoch")):
             lines.append(f"  {key:32s} {value:.4f}")
@@ -183,6 +221,12 @@ def format_run_summary(metrics: dict[str, Any], output_dir: str | None) -> str:
         lines.append(f"  majority baseline {key.removeprefix('eval_'):14s} {value:.4f}")
     if (metrics.get("data") or {}).get("scorer"):  # generation tasks: what computed the scores
         lines.append(f"  scorer: {metrics['data']['scorer']}")
+    if metrics.get("main_metric"):
+        lines.append(f"  main metric: {metrics['main_metric'].removeprefix('eval_')}")
+    if metrics.get("collapsed"):
+        from lorma.recipes.collapse import describe_collapse
+
+        lines.append(f"  COLLAPSED: {describe_collapse(metrics)}")
     lines.append(f"  output: {output_dir}")
     return "\n".join(lines)
 
@@ -198,22 +242,53 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     results = run_compare(cfg, methods, args.seeds, overwrite=args.overwrite)
     if is_main_process():
-        print_results(results, cfg.output_dir)
+        print_results(results, cfg.output_dir, cfg, getattr(args, "argv", None))
     return 0
 
 
-def print_results(results: dict[str, Any], output_dir: str | None) -> None:
-    """The terminal table and where the files are."""
-    from lorma.recipes.compare import format_table, results_rows
+def print_results(results: dict[str, Any], output_dir: str | None, cfg: Any = None,
+                  argv: list[str] | None = None) -> None:
+    """The tuning table, the results table, the collapsed runs, the verdicts, and where the files are."""
+    from lorma.recipes.compare import collapse_lines, format_table, main_metric_line, results_rows
 
+    if results.get("tuning"):
+        print_tuning(results["tuning"])
     header, rows = results_rows(results)
     print()
     print(format_table(header, rows))
     if (results.get("data") or {}).get("scorer"):
         print(f"scorer: {results['data']['scorer']}")
+    if main_metric_line(results):
+        print(main_metric_line(results))
+    if results.get("class_weights"):
+        print(f"Loss: cross-entropy with {results['class_weights']} class weights.")
+    for line in collapse_lines(results):
+        print(f"COLLAPSED: {line}")
+    verdicts = results.get("verdicts") or []
+    if verdicts:
+        print()
+        print(f"Verdicts against {verdicts[0]['reference']}:")
+        for verdict in verdicts:
+            print(f"- {verdict['sentence']}")
     print()
     print(f"results: {Path(output_dir or '.') / 'results.md'}, {Path(output_dir or '.') / 'results.json'}")
     print(f"plot: {results['plot']}")
+    collapsed = [_run_metrics(d) for info in results["methods"].values()
+                 for d, seed in zip(info["run_dirs"], info["seeds"]) if seed in info.get("collapsed_seeds", [])]
+    if collapsed and cfg is not None:
+        from lorma.recipes.collapse import collapse_advice
+
+        print(collapse_advice(argv, cfg, [m for m in collapsed if m]))
+
+
+def _run_metrics(run_dir: str) -> dict[str, Any] | None:
+    """A run's metrics.json (None if unreadable)."""
+    from lorma.fileio import read_json
+
+    try:
+        return read_json(Path(run_dir) / "metrics.json")
+    except ValueError:  # DataFormatError: missing, unreadable or malformed
+        return None
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -239,7 +314,9 @@ def register(subparsers: Any) -> None:
         "train", help="Fine-tune one model with one method.", formatter_class=fmt,
         description="Fine-tune a model with LoRMA or a baseline method through HF Trainer. The output "
                     "directory receives the adapter (safetensors), config.yaml, metrics.json, train_log.jsonl "
-                    "(per-step loss) and checkpoints/. Works under torchrun / accelerate launch.",
+                    "(per-step loss), eval_predictions.json and checkpoints/. With --tune, the settings are first "
+                    "chosen on a validation split of the training data (OUTPUT_DIR/tuning/). Works under "
+                    "torchrun / accelerate launch.",
     )
     add_run_options(train)
     train.add_argument("--resume", action="store_true",
@@ -253,7 +330,11 @@ def register(subparsers: Any) -> None:
         formatter_class=fmt,
         description="Runs OUTPUT_DIR/<method>/seed-<seed>/ for each method and seed, then writes results.md, "
                     "results.json and loss_curves.png in OUTPUT_DIR and prints the table (metrics mean ± std, "
-                    "trainable parameters, training-loss AUC, seconds per step, majority baseline).",
+                    "trainable parameters, training-loss AUC, seconds per step, majority baseline, collapsed "
+                    "runs) and, for each method against the first, the difference in the main metric with 95% "
+                    "intervals over seeds and over eval examples. With --tune, each method's settings are first "
+                    "chosen on a validation split of the training data (OUTPUT_DIR/tuning/); the eval data is "
+                    "never read for that. For a fair comparison: --tune learning_rate --seeds 3.",
     )
     add_run_options(compare)
     compare.add_argument("--methods", default="lora,lorma-plus,lorma-pi",

@@ -2,7 +2,10 @@
 of the training-loss curves (the paper's Fig. 6 as a picture).
 
 Layout: ``OUTPUT_DIR/<method>/seed-<seed>/`` is an ordinary ``lorma train`` run directory;
-``OUTPUT_DIR/results.{md,json}`` and ``OUTPUT_DIR/loss_curves.png`` summarise them.
+``OUTPUT_DIR/tuning/<method>/<candidate>/`` the ``--tune`` candidates (:mod:`lorma.recipes.tuning`);
+``OUTPUT_DIR/results.{md,json}`` and ``OUTPUT_DIR/loss_curves.png`` summarise them. Beside the table: which
+runs collapsed to the label prior (:mod:`lorma.recipes.collapse`) and, for each method against the first, the
+difference in the main metric with its intervals over seeds and eval examples (:mod:`lorma.recipes.verdicts`).
 """
 
 from __future__ import annotations
@@ -76,6 +79,8 @@ def aggregate(runs: dict[str, list[dict[str, Any]]], run_dirs: dict[str, list[st
             "seeds": [m["seed"] for m in metrics_list],
             "run_dirs": run_dirs[method],
         }
+        if any("collapsed" in m for m in metrics_list):
+            methods[method]["collapsed_seeds"] = [m["seed"] for m in metrics_list if m.get("collapsed")]
     return methods
 
 
@@ -87,28 +92,59 @@ def _fmt(stat: dict[str, Any] | None, digits: int = 4) -> str:
     return f"{stat['mean']:.{digits}f}"
 
 
+def main_metric_keys(results: dict[str, Any]) -> set[str]:
+    """The eval keys of the main metric: ``eval_macro_f1``, or one per eval set (MNLI's matched, mismatched)."""
+    main = results.get("main_metric")
+    if not main:
+        return set()
+    name = main.removeprefix("eval_")
+    sets = list((results.get("data") or {}).get("eval_rows") or {"eval": None})
+    return {f"eval_{name}" if s in ("", "eval") else f"eval_{s}_{name}" for s in sets}
+
+
 def results_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the results table (methods, then the majority baseline if there is one)."""
+    """Header and rows of the results table (methods, then the majority baseline if there is one).
+
+    The main metric's column is marked ``(main)``; with ``--tune`` a column shows each method's chosen values;
+    a ``collapsed`` column counts the seeds whose run predicted one class (or constant values); class weights
+    show when they are on."""
     metric_cols: list[str] = []
     for info in results["methods"].values():
         metric_cols += [k for k in info["metrics"] if k not in metric_cols]
-    header = ["method", *[k.removeprefix("eval_") for k in metric_cols], "trainable params", "loss AUC", "s/step"]
+    main_keys = main_metric_keys(results)
+    tuning = results.get("tuning")
+    show_collapse = any("collapsed_seeds" in info for info in results["methods"].values())
+    weights = results.get("class_weights")
+    header = ["method"]
+    if tuning:
+        header.append("tuned")
+    header += [k.removeprefix("eval_") + (" (main)" if k in main_keys else "") for k in metric_cols]
+    if show_collapse:
+        header.append("collapsed")
+    if weights:
+        header.append("class weights")
+    header += ["trainable params", "loss AUC", "s/step"]
     rows = []
     for method, info in results["methods"].items():
-        rows.append([
-            method,
-            *[_fmt(info["metrics"].get(k)) for k in metric_cols],
-            f"{info['trainable_params']:,}",
-            _fmt(info["loss_auc"], 2),
-            _fmt(info["seconds_per_step"], 3),
-        ])
+        row = [method]
+        if tuning:
+            from lorma.recipes.tuning import candidate_label
+
+            row.append(candidate_label(tuning["methods"][method]["chosen"]))
+        row += [_fmt(info["metrics"].get(k)) for k in metric_cols]
+        if show_collapse:
+            collapsed = info.get("collapsed_seeds", [])
+            row.append(f"{len(collapsed)}/{len(info['seeds'])}" + (" !" if collapsed else ""))
+        if weights:
+            row.append(weights)
+        row += [f"{info['trainable_params']:,}", _fmt(info["loss_auc"], 2), _fmt(info["seconds_per_step"], 3)]
+        rows.append(row)
     baseline = results.get("baseline")
     if baseline:
-        rows.append([
-            "majority baseline",
-            *[f"{baseline[k]:.4f}" if k in baseline and baseline[k] is not None else "-" for k in metric_cols],
-            "0", "-", "-",
-        ])
+        row = ["majority baseline"] + (["-"] if tuning else [])
+        row += [f"{baseline[k]:.4f}" if k in baseline and baseline[k] is not None else "-" for k in metric_cols]
+        row += (["-"] if show_collapse else []) + (["-"] if weights else []) + ["0", "-", "-"]
+        rows.append(row)
     return header, rows
 
 
@@ -121,20 +157,66 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def main_metric_line(results: dict[str, Any]) -> str:
+    """Which metric is the main one, and why."""
+    main = results.get("main_metric")
+    if not main:
+        return ""
+    reason = results.get("main_metric_reason")
+    return f"Main metric: {main.removeprefix('eval_')}" + (f" ({reason})." if reason else ".")
+
+
+def collapse_lines(results: dict[str, Any]) -> list[str]:
+    """A line per method whose runs collapsed (empty when none did)."""
+    lines = []
+    for method, info in results["methods"].items():
+        seeds = info.get("collapsed_seeds") or []
+        if seeds:
+            lines.append(f"{method}: seeds {', '.join(map(str, seeds))} of {len(info['seeds'])} collapsed (one "
+                         "class for every input, or a macro-F1 no better than the majority class; constant "
+                         "predictions for regression): their scores are the label prior's. See each run's "
+                         "metrics.json ('collapse').")
+    return lines
+
+
 def format_markdown(results: dict[str, Any]) -> str:
-    """results.md: the table, then what the numbers are."""
-    header, rows = results_rows(results)
+    """results.md: the tuning, the table, what the numbers are, the collapsed runs and the verdicts."""
     lines = [f"# lorma compare: {results['task']} on {results['model']}", ""]
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "|".join("---" for _ in header) + "|")
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    tuning = results.get("tuning")
+    if tuning:
+        from lorma.recipes.tuning import tuning_rows, tuning_summary
+
+        lines += ["## Tuning (validation split)", ""]
+        lines += _markdown_table(*tuning_rows(tuning))
+        lines += ["", tuning_summary(tuning), ""]
+        lines += ["## Results (eval data)", ""]
+    lines += _markdown_table(*results_rows(results))
     lines += [
         "",
         f"Metrics: final evaluation, mean ± std over seeds {results['seeds']}; loss AUC: area under the "
         "per-step training-loss curve (trapezoid rule); s/step: training time per optimizer step.",
         "The majority baseline always predicts the most frequent training label.",
-        *([f"Scores computed by the {results['data']['scorer']}.", ""] if (results.get("data") or {}).get("scorer")
-          else [""]),
+    ]
+    if (results.get("data") or {}).get("scorer"):
+        lines.append(f"Scores computed by the {results['data']['scorer']}.")
+    if results.get("class_weights"):
+        lines.append(f"Loss: cross-entropy with {results['class_weights']} class weights (n / (classes x count)).")
+    if main_metric_line(results):
+        lines.append(main_metric_line(results))
+    collapsed = collapse_lines(results)
+    if collapsed:
+        lines += ["", "## Collapsed runs", "", *[f"- {line}" for line in collapsed]]
+    verdicts = results.get("verdicts")
+    if verdicts:
+        lines += ["", f"## Verdicts against {verdicts[0]['reference']}", "",
+                  *[f"- {v['sentence']}" for v in verdicts]]
+    lines += [
+        "",
         "Runs: " + ", ".join(d for info in results["methods"].values() for d in info["run_dirs"]),
         "",
     ]
@@ -198,32 +280,46 @@ def run_compare(
     from tqdm.auto import tqdm
 
     from lorma.recipes.train import is_main_process, read_loss_log, run_training
+    from lorma.recipes.tuning import final_config, plan_tuning, tune, wants_tuning
+    from lorma.recipes.verdicts import compare_verdicts
     from lorma.tasks.base import get_task
 
     if seeds < 1:
         raise RecipeError(f"--seeds must be at least 1, got {seeds}")
     out = check_compare_output(cfg.output_dir, methods, overwrite)
-    get_task(cfg).check_inputs()  # fail on bad data before the first of many runs
+    task = get_task(cfg)
+    task.check_inputs()  # fail on bad data before the first of many runs
+    tuning = None
+    if wants_tuning(cfg):
+        plan_tuning(cfg, methods)  # a bad grid fails before the first candidate
+        tuning = tune(cfg, methods, out / "tuning", task, quiet=quiet)
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     run_dirs: dict[str, list[str]] = {m: [] for m in methods}
     curves: dict[str, list[tuple[list[int], list[float]]]] = {m: [] for m in methods}
     plan = [(m, cfg.seed + i) for m in methods for i in range(seeds)]
     for method, seed in tqdm(plan, desc="compare: runs", unit="run", disable=quiet or not is_main_process()):
         run_dir = out / method / f"seed-{seed}"
-        run_cfg = dataclasses.replace(cfg, method=method, seed=seed, output_dir=str(run_dir))
+        method_cfg = final_config(cfg, tuning["methods"][method]["chosen"]) if tuning else cfg
+        run_cfg = dataclasses.replace(method_cfg, method=method, seed=seed, output_dir=str(run_dir))
         metrics = run_training(run_cfg, overwrite=overwrite)
         runs[method].append(metrics)
         run_dirs[method].append(str(run_dir))
         if (run_dir / "train_log.jsonl").exists():
             curves[method].append(read_loss_log(run_dir / "train_log.jsonl"))
     first = runs[methods[0]][0]
+    main_metric = f"eval_{task.metric_for_best_model}" if task.metric_for_best_model else None
     results = {
         "task": first["task"],
         "model": cfg.model,
         "seeds": [cfg.seed + i for i in range(seeds)],
+        "main_metric": main_metric,
+        "main_metric_reason": task.main_metric_reason(),
+        "class_weights": cfg.class_weights,
         "methods": aggregate(runs, run_dirs),
         "baseline": first.get("baseline"),
         "data": first.get("data"),
+        "tuning": tuning,
+        "verdicts": compare_verdicts(runs, run_dirs, main_metric, task.greater_is_better) if main_metric else [],
     }
     if is_main_process():
         atomic_write_json(out / "results.json", results)

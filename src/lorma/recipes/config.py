@@ -22,10 +22,21 @@ METHODS: tuple[str, ...] = ("lorma-plus", "lorma-pi", "lorma-none", "lora", "dor
 # which methods are a peft adapter (saved as an adapter, mergeable)
 ADAPTER_METHODS: tuple[str, ...] = ("lorma-plus", "lorma-pi", "lorma-none", "lora", "dora")
 
-# Training defaults for adapters: TrainingArguments' own default learning rate (5e-5) is a full
-# fine-tuning value and leaves adapters barely moving; logging every step gives the per-step loss log.
+# Methods grouped by how large a learning rate they want. A rank-8 adapter starts at the base model and has few
+# parameters, so it needs much larger steps than full fine-tuning, where every weight moves; BitFit and a head
+# alone need larger ones still. One learning rate shared by all of them decides a comparison more than the
+# methods do (issue 10: at a shared 4e-4 every method predicted the majority class).
+METHOD_FAMILIES: dict[str, tuple[str, ...]] = {
+    "adapter": ADAPTER_METHODS,
+    "full": ("full",),
+    "partial": ("bitfit", "head-only"),
+}
+# The default peak learning rate of each family (checked on two packaged datasets: docs/main-job.md).
+DEFAULT_LEARNING_RATES: dict[str, float] = {"adapter": 1e-3, "full": 5e-5, "partial": 3e-3}
+
+# Training defaults: the learning rate comes from DEFAULT_LEARNING_RATES (TrainingArguments' own 5e-5 is a
+# full fine-tuning value and leaves adapters barely moving); logging every step gives the per-step loss log.
 DEFAULT_TRAINING: dict[str, Any] = {
-    "learning_rate": 4e-4,
     "per_device_train_batch_size": 16,
     "per_device_eval_batch_size": 64,
     "num_train_epochs": 3.0,
@@ -83,6 +94,30 @@ class RunConfig:
     track_rank: int | None = field(
         default=None, metadata={"help": "Every N steps, record the rank of I(BA) (lorma.analysis)."}
     )
+    class_weights: str | None = field(
+        default=None,
+        metadata={"help": "'balanced': weight the classification loss by n / (classes x count of the class), so "
+                  "that a rare class counts as much as a common one (off by default)."},
+    )
+    eval_on: str = field(
+        default="eval",
+        metadata={"help": "'eval': evaluate on the eval data; 'validation': train on the training data minus "
+                  "validation_split of it and evaluate on that split, never reading the eval data (what each "
+                  "--tune candidate does)."},
+    )
+    validation_split: float = field(
+        default=0.2,
+        metadata={"help": "Fraction of the training data held out (stratified, seeded by split_seed, the same "
+                  "for every method) to choose the --tune values."},
+    )
+    tune: list[str] | None = field(
+        default=None,
+        metadata={"help": "Settings to choose per method on the validation split before the final runs, e.g. "
+                  "learning_rate or learning_rate,r (grids: --grid, or the defaults below)."},
+    )
+    grid: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "Candidate values per tuned setting (--grid KEY=V1,V2,...)."}
+    )
     training: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "HF TrainingArguments fields (overrides the defaults)."}
     )
@@ -91,8 +126,9 @@ class RunConfig:
     )
 
     def training_arguments(self) -> dict[str, Any]:
-        """The TrainingArguments keyword arguments: defaults, then ``training``."""
+        """The TrainingArguments keyword arguments: defaults (the method's learning rate), then ``training``."""
         merged = dict(DEFAULT_TRAINING)
+        merged["learning_rate"] = DEFAULT_LEARNING_RATES[method_family(self.method)]
         merged.update(self.training)
         merged["seed"] = self.seed
         return merged
@@ -116,6 +152,14 @@ COMMON_TRAINING_ARGUMENTS = frozenset({
     "load_best_model_at_end", "metric_for_best_model", "greater_is_better", "save_only_model", "disable_tqdm",
     "logging_strategy", "data_seed", "ddp_backend", "dataloader_pin_memory",
 })
+
+
+def method_family(method: str) -> str:
+    """``"adapter"``, ``"full"`` or ``"partial"``: the group of ``method`` in :data:`METHOD_FAMILIES`."""
+    for family, members in METHOD_FAMILIES.items():
+        if method in members:
+            return family
+    raise RecipeError(f"unknown method '{method}'; expected one of: {', '.join(METHODS)}")
 
 
 def training_argument_names() -> set[str]:
@@ -216,8 +260,8 @@ def build_config(
                     training[tkey] = tval
                 continue
             if name in RUN_FIELDS:
-                if name == "task_options":
-                    values.setdefault("task_options", {}).update(_coerce(name, value, where) or {})
+                if name in ("task_options", "grid"):
+                    values.setdefault(name, {}).update(_coerce(name, value, where) or {})
                 else:
                     values[name] = _coerce(name, value, where)
                 continue
@@ -258,6 +302,12 @@ def validate_config(cfg: RunConfig) -> None:
         raise RecipeError(f"max_seq_length must be positive, got {cfg.max_seq_length}")
     if cfg.problem_type not in (None, "classification", "regression"):
         raise RecipeError(f"problem_type must be 'classification' or 'regression', got '{cfg.problem_type}'")
+    if cfg.class_weights not in (None, "balanced"):
+        raise RecipeError(f"class_weights must be 'balanced' (or not given), got '{cfg.class_weights}'")
+    if cfg.eval_on not in ("eval", "validation"):
+        raise RecipeError(f"eval_on must be 'eval' or 'validation', got '{cfg.eval_on}'")
+    if not 0.0 < cfg.validation_split < 1.0:
+        raise RecipeError(f"validation_split must be in (0, 1), got {cfg.validation_split}")
     if cfg.track_rank is not None and cfg.track_rank <= 0:
         raise RecipeError(f"track_rank must be a positive number of steps, got {cfg.track_rank}")
     for key in ("max_train_samples", "max_eval_samples"):

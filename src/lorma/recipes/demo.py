@@ -103,5 +103,5 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"lorma demo: {', '.join(methods)} x {seeds} seeds on tweet sentiment ({cfg.train_file})")
     print(f"model: all-MiniLM-L6-v2 ({cfg.model}); output: {cfg.output_dir}")
     results = run_compare(cfg, methods, seeds, overwrite=args.overwrite)
-    print_results(results, cfg.output_dir)
+    print_results(results, cfg.output_dir, cfg, getattr(args, "argv", None))
     return 0

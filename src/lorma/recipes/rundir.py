@@ -8,6 +8,7 @@
     ``adapter/``          the adapter (safetensors, peft layout) + tokenizer + ``lorma_run.json``
     ``model/``            instead of ``adapter/`` for full / bitfit / head-only: the whole model
     ``metrics.json``      written last: a run with it has finished
+    ``tuning/``           with ``lorma train --tune``: one run directory per candidate (kept by ``--overwrite``)
 
 Beside it (in the parent folder) while a command writes it:
     ``.OUTPUT_DIR.lock``  the advisory lock: pid, host and command of the writer
@@ -45,6 +46,7 @@ MODEL_DIR = "model"
 RANK_DIR = "rank"
 RANK_LOG = "rank_log.jsonl"
 RUN_INFO_FILE = "lorma_run.json"
+TUNING_DIR = "tuning"
 TRAINER_STATE_FILE = "trainer_state.json"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 #: what makes a directory hold a run (an existing one is replaced only with --overwrite)
@@ -299,7 +301,7 @@ class RunTransaction:
     """
 
     def __init__(self, output_dir: str | os.PathLike[str] | None, *, overwrite: bool = False, resume: bool = False,
-                 main_process: bool = True, tell: Callable[[str], None] = notify) -> None:
+                 main_process: bool = True, tell: Callable[[str], None] = notify, keep: tuple[str, ...] = ()) -> None:
         if not output_dir:
             raise InputError("no output directory: give --output-dir")
         if resume and overwrite:
@@ -309,6 +311,9 @@ class RunTransaction:
         self.tell = tell
         self.resume = resume
         self.overwrite = overwrite
+        #: entries of the old run that an --overwrite run keeps (``tuning/``: the candidates of ``--tune``, which
+        #: were just trained for the new run): moved into the staged run right before the swap
+        self.keep = keep
         self._lock = AdvisoryLock(lock_path(self.final), f"run directory {self.final}")
         self._created: list[Path] = []
         self._started = False
@@ -411,6 +416,9 @@ class RunTransaction:
         if self.main_process and self.staged:
             from lorma.fileio import replace_directory
 
+            for name in self.keep:
+                if (self.final / name).exists() and not (self.work / name).exists():
+                    os.replace(self.final / name, self.work / name)
             replace_directory(self.work, self.final)
             self.work = self.final
         self._committed = True

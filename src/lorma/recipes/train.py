@@ -16,6 +16,7 @@ import hashlib
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from lorma.recipes.rundir import (
     RUN_FILES,
     RUN_INFO_FILE,
     TRAINER_STATE_FILE,
+    TUNING_DIR,
     RunTransaction,
     check_not_input,
     scan_checkpoints,
@@ -285,8 +287,12 @@ def _trim_logs(work: Path, checkpoint: Path | None, rank_log: Path) -> None:
         trim_jsonl(log, lambda r: int(r.get("step", -1)) <= step)
 
 
-def run_training(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
+def run_training(cfg: RunConfig, overwrite: bool = False, resume: bool = False,
+                 tuning: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train one run as configured; returns the metrics written to ``metrics.json``.
+
+    ``tuning``: the ``--tune`` record that chose this run's settings (:mod:`lorma.recipes.tuning`): kept in
+    ``metrics.json``, and its candidates (``OUTPUT_DIR/tuning/``) survive ``--overwrite``.
 
     Raises :class:`~lorma.errors.InputError` for bad input (nothing written), :class:`RunInterrupted` on
     Ctrl-C and :class:`DiskFullError` for a full disk (the run can be resumed from its last complete
@@ -296,7 +302,8 @@ def run_training(cfg: RunConfig, overwrite: bool = False, resume: bool = False) 
     from lorma.tasks.base import get_task
 
     main = is_main_process()
-    txn = RunTransaction(cfg.output_dir, overwrite=overwrite, resume=resume, main_process=main)
+    txn = RunTransaction(cfg.output_dir, overwrite=overwrite, resume=resume, main_process=main,
+                         keep=(TUNING_DIR,) if tuning else ())
     check_not_input(txn.final, run_inputs(cfg), replacing=overwrite)
     if cfg.track_rank and not cfg.method.startswith("lorma-"):
         raise InputError(f"--track-rank tracks the rank of LoRMA's I(BA); method {cfg.method} has none")
@@ -339,13 +346,14 @@ def run_training(cfg: RunConfig, overwrite: bool = False, resume: bool = False) 
             data_collator=task.data_collator(tokenizer),
             processing_class=tokenizer,
             compute_metrics=task.compute_metrics if task.has_compute_metrics() else None,
+            compute_loss_func=task.loss_function(),
             callbacks=callbacks,
         )
         _quiet_progress(trainer)
         txn.started()
         try:
             metrics = _train_and_save(cfg, txn, trainer, task, model, tokenizer, eval_ds, loss_log, checkpoint,
-                                      trainable, total, base_fingerprint)
+                                      trainable, total, base_fingerprint, tuning)
         except BaseException as err:  # only Ctrl-C and a failed write become messages; the rest re-raise
             _close_progress_bars(trainer)  # so that what follows starts on a line of its own
             if isinstance(err, KeyboardInterrupt):
@@ -362,8 +370,10 @@ def run_training(cfg: RunConfig, overwrite: bool = False, resume: bool = False) 
 
 def _train_and_save(cfg: RunConfig, txn: RunTransaction, trainer: Any, task: Any, model: Any, tokenizer: Any,
                     eval_ds: Any, loss_log: Any, checkpoint: Path | None, trainable: int, total: int,
-                    base_fingerprint: dict[str, Any]) -> dict[str, Any]:
+                    base_fingerprint: dict[str, Any], tuning: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train (from ``checkpoint`` if given), evaluate, save the model and ``metrics.json`` (main process)."""
+    from lorma.recipes.collapse import EVAL_PREDICTIONS, describe_collapse, outcome_fields, save_eval_predictions
+
     out = txn.work
     if checkpoint is not None and _training_was_done(checkpoint, trainer.args):
         train_loss, runtime = _load_finished_checkpoint(trainer, checkpoint, out / LOSS_LOG)
@@ -393,6 +403,9 @@ def _train_and_save(cfg: RunConfig, txn: RunTransaction, trainer: Any, task: Any
     }
     if hasattr(task, "data_summary"):
         metrics["data"] = task.data_summary()
+    metrics.update(outcome_fields(task))  # main metric, collapse flags, class weights
+    if tuning:
+        metrics["tuning"] = tuning
     if is_main_process():
         steps_logged, losses = read_loss_log(out / LOSS_LOG) if (out / LOSS_LOG).exists() else ([], [])
         if len(steps_logged) >= 2:
@@ -400,7 +413,11 @@ def _train_and_save(cfg: RunConfig, txn: RunTransaction, trainer: Any, task: Any
 
             metrics["loss_auc"] = float(loss_auc(steps_logged, losses))
         _save_model(cfg, out, model, tokenizer, task, base_fingerprint)
+        save_eval_predictions(out / EVAL_PREDICTIONS, task)
         atomic_write_json(out / METRICS_FILE, metrics)  # last: a run directory with metrics.json has finished
+        warning = describe_collapse(metrics)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
     return metrics
 
 

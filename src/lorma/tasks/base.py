@@ -27,7 +27,13 @@ How to add a task (e.g. ``e2e`` generation with a causal LM):
      head). Causal LMs usually return ``[]``.
    - ``baseline_metrics()``: a trivial baseline on the eval data (e.g. majority class), shown by compare.
    - ``peft_task_type``: the peft ``TaskType`` string (``"SEQ_CLS"``, ``"CAUSAL_LM"``).
-   - ``metric_for_best_model`` / ``greater_is_better``.
+   - ``metric_for_best_model`` / ``greater_is_better``: the main metric (``--tune`` chooses by it; the verdicts of
+     ``lorma compare`` compare it).
+   - ``supports_validation = True`` with ``check_inputs`` honouring ``config.eval_on == "validation"`` (train on
+     the training data minus ``validation_split`` of it, evaluate on that split, never read the eval data):
+     what ``--tune`` needs.
+   - ``eval_predictions()``, ``collapse_report()``, ``loss_function()``: per-example predictions (for the
+     bootstrap of the verdicts), whether the model collapsed to one output, a custom (e.g. class-weighted) loss.
 
 ``get_task(name)`` finds tasks in modules not yet imported by importing every module of this package
 once, so a new file is all a new task needs: no table to edit.
@@ -56,10 +62,17 @@ class Task:
     #: the eval metric (without ``eval_``) Trainer uses to pick the best checkpoint, if any
     metric_for_best_model: ClassVar[str | None] = None
     greater_is_better: ClassVar[bool] = True
+    #: whether ``config.eval_on == "validation"`` is honoured (``--tune`` needs it)
+    supports_validation: ClassVar[bool] = False
 
     def __init__(self, name: str, config: RunConfig) -> None:
         self.name = name
         self.config = config
+        if getattr(config, "eval_on", "eval") == "validation" and not self.supports_validation:
+            from lorma.recipes.config import RecipeError
+
+            raise RecipeError(f"task '{name}' cannot evaluate on a validation split (eval_on / --tune): "
+                              "it is supported by the classification tasks")
         #: facts about the built model that ``lorma merge`` needs to rebuild it (JSON-serialisable)
         self.model_info: dict[str, Any] = {}
 
@@ -115,6 +128,26 @@ class Task:
 
     def baseline_metrics(self) -> dict[str, float] | None:
         """A trivial baseline's eval metrics (same keys as :meth:`evaluate`), or None."""
+        return None
+
+    def main_metric_reason(self) -> str:
+        """Why :attr:`metric_for_best_model` is the main metric (one clause, shown with the verdicts)."""
+        return f"the main metric of task {self.name}"
+
+    def eval_predictions(self) -> dict[str, dict[str, list[Any]]] | None:
+        """``{eval set: {"predictions": [...], "labels": [...]}}`` of the final evaluation, or None."""
+        return None
+
+    def collapse_report(self) -> dict[str, Any] | None:
+        """Whether the final evaluation predicts one output for every input (see the classification task)."""
+        return None
+
+    def loss_function(self) -> Callable[..., Any] | None:
+        """A loss for Trainer's ``compute_loss_func``, or None for the model's own loss."""
+        if getattr(self.config, "class_weights", None) is not None:
+            from lorma.recipes.config import RecipeError
+
+            raise RecipeError(f"--class-weights applies to classification; task '{self.name}' has no classes")
         return None
 
     @classmethod

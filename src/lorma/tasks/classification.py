@@ -9,8 +9,10 @@ The 8 GLUE tasks are known by name, with the paper's metrics; other data gets ac
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -276,11 +278,63 @@ def classification_metrics(names: tuple[str, ...], predictions: np.ndarray, labe
     return out
 
 
+def batched_metric(name: str, predictions: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Metric ``name`` of every row of ``predictions`` / ``labels`` (arrays of shape ``(..., n)``) at once.
+
+    Written by hand because the bootstrap of ``lorma compare``'s verdicts scores thousands of resamples of the
+    eval set, and scikit-learn scores one at a time (about a millisecond each, with its input checks). Each
+    formula gives what :func:`classification_metrics` gives on one row (tests/test_verdicts.py checks them
+    against scikit-learn and scipy): macro-F1 averages over the classes present in the row's labels or
+    predictions, and an undefined F1 or Matthews correlation is 0, as scikit-learn's ``zero_division=0``.
+    """
+    predictions = np.asarray(predictions)
+    labels = np.asarray(labels)
+    if name == "accuracy":
+        return (predictions == labels).mean(axis=-1)
+    if name == "mse":
+        return ((predictions.astype(float) - labels) ** 2).mean(axis=-1)
+    if name in ("pearson", "spearmanr"):
+        if name == "spearmanr":
+            from scipy.stats import rankdata
+
+            predictions, labels = rankdata(predictions, axis=-1), rankdata(labels, axis=-1)
+        x = predictions - predictions.mean(axis=-1, keepdims=True)
+        y = labels - labels.mean(axis=-1, keepdims=True)
+        denominator = np.sqrt((x * x).sum(axis=-1) * (y * y).sum(axis=-1))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(denominator > 0, (x * y).sum(axis=-1) / denominator, np.nan)
+    if name not in ("macro_f1", "f1", "matthews_correlation"):
+        raise ValueError(f"no batched form of metric '{name}'")
+    classes = np.union1d(np.unique(predictions), np.unique(labels))
+    predicted = predictions[..., None] == classes  # (..., n, K)
+    true = labels[..., None] == classes
+    tp = (predicted & true).sum(axis=-2).astype(float)  # (..., K)
+    predicted_count = predicted.sum(axis=-2).astype(float)
+    true_count = true.sum(axis=-2).astype(float)
+    if name == "matthews_correlation":
+        total = float(predictions.shape[-1])
+        covariance = tp.sum(axis=-1) * total - (predicted_count * true_count).sum(axis=-1)
+        spread_predicted = total**2 - (predicted_count**2).sum(axis=-1)
+        spread_true = total**2 - (true_count**2).sum(axis=-1)
+        denominator = np.sqrt(spread_predicted * spread_true)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(denominator > 0, covariance / denominator, 0.0)
+    f1_denominator = predicted_count + true_count  # 2 tp + fp + fn
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = np.where(f1_denominator > 0, 2 * tp / f1_denominator, 0.0)
+    if name == "f1":  # binary, positive class 1 (scikit-learn's default pos_label)
+        positive = np.flatnonzero(classes == 1)
+        return f1[..., positive[0]] if positive.size else np.zeros(predictions.shape[:-1])
+    present = f1_denominator > 0
+    return f1.sum(axis=-1) / present.sum(axis=-1)
+
+
 @register_task("classification", *GLUE_TASKS)
 class ClassificationTask(Task):
     """GLUE-style sequence classification / regression with ``AutoModelForSequenceClassification``."""
 
     peft_task_type = "SEQ_CLS"
+    supports_validation = True
 
     def __init__(self, name: str, config: Any) -> None:
         super().__init__(GLUE_ALIASES.get(name, name), config)
@@ -289,6 +343,9 @@ class ClassificationTask(Task):
         self._eval: dict[str, Examples] | None = None
         self.label_names: list[str] | None = None  # None: regression
         self.metric_names: tuple[str, ...] = ()
+        # (predictions, label ids) of the last compute_metrics call, and of the final evaluation per eval set
+        self._last_predictions: tuple[np.ndarray, np.ndarray] | None = None
+        self._eval_outputs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     # --- data ---------------------------------------------------------------------------------------
     @property
@@ -315,17 +372,17 @@ class ClassificationTask(Task):
     def _data_is_glue_folder(self) -> bool:
         return self.config.data is not None and (Path(self.config.data) / "train.tsv").is_file()
 
-    def _read(self) -> tuple[Examples, dict[str, Examples]]:
+    def _read(self) -> tuple[Examples, dict[str, Callable[[], Examples]]]:
+        """The training examples, and a reader per eval set: the eval data is read only when asked for, so
+        that a run that evaluates on a validation split (``eval_on: validation``) never reads it."""
         cfg = self.config
         text, pair, label = self._columns()
         if cfg.train_file is not None:
             train = read_examples(cfg.train_file, text, pair, label, cfg.file_encoding)
-            evals = (
-                {"": read_examples(cfg.eval_file, text, pair, label, cfg.file_encoding)}
-                if cfg.eval_file is not None
-                else {}
-            )
-            return train, evals
+            if cfg.eval_file is None:
+                return train, {}
+            eval_file = cfg.eval_file
+            return train, {"": lambda: read_examples(eval_file, text, pair, label, cfg.file_encoding)}
         if cfg.data is None:
             raise RecipeError(
                 "no training data: give --train-file (CSV/TSV/JSONL) or --data (GLUE folder / HF dataset)"
@@ -338,11 +395,12 @@ class ClassificationTask(Task):
             has_header = glue.has_header if glue is not None else True
             train = read_examples(folder / "train.tsv", text, pair, label, cfg.file_encoding, has_header, True)
             dev_files = glue.dev_files if glue is not None else {"": "dev.tsv"}
-            evals: dict[str, Examples] = {}
+            evals: dict[str, Callable[[], Examples]] = {}
             for key, name in dev_files.items():
                 if not (folder / name).is_file():
                     raise RecipeError(f"{folder}: no {name} (the {self.name} dev set)")
-                evals[key] = read_examples(folder / name, text, pair, label, cfg.file_encoding, has_header, True)
+                evals[key] = functools.partial(read_examples, folder / name, text, pair, label, cfg.file_encoding,
+                                               has_header, True)
             return train, evals
         if (folder / "dataset_dict.json").is_file() or (folder / "dataset_info.json").is_file():
             return self._read_hf(folder, text, pair, label)
@@ -352,7 +410,7 @@ class ClassificationTask(Task):
 
     def _read_hf(
         self, folder: Path, text: str | int, pair: str | int | None, label: str | int
-    ) -> tuple[Examples, dict[str, Examples]]:
+    ) -> tuple[Examples, dict[str, Callable[[], Examples]]]:
         from datasets import Dataset, DatasetDict, load_from_disk
 
         try:
@@ -391,7 +449,7 @@ class ClassificationTask(Task):
                     raise RecipeError(f"{where}: row {i} has no label ({value!r})")
             return out
 
-        return convert("train"), {key: convert(split) for key, split in eval_splits.items()}
+        return convert("train"), {key: functools.partial(convert, split) for key, split in eval_splits.items()}
 
     def _labels_of(self, train: Examples) -> list[str] | None:
         if self.regression:
@@ -428,7 +486,9 @@ class ClassificationTask(Task):
             raise RecipeError("no model: give --model (a local directory or a hub name)")
         if cfg.eval_file is not None and cfg.train_file is None:
             raise RecipeError("--eval-file needs --train-file")
-        train, evals = self._read()
+        train, eval_readers = self._read()
+        on_validation = cfg.eval_on == "validation"
+        evals = {} if on_validation else {key: read() for key, read in eval_readers.items()}
         self.label_names = self._labels_of(train)
         self._check_labels(train)
         for examples in evals.values():
@@ -437,12 +497,17 @@ class ClassificationTask(Task):
             raise RecipeError(f"{train.source}: only one label ({self.label_names[0]}): nothing to classify")
         self._check_model_labels()
         rng = np.random.default_rng(cfg.split_seed)
-        if not evals:
-            train, held_out = self._split(train, rng)
-            evals = {"": held_out}
+        if not eval_readers:
+            train, held_out = self._split(train, rng, cfg.eval_split)
+            evals = {} if on_validation else {"": held_out}
         if cfg.max_train_samples is not None and len(train) > cfg.max_train_samples:
             train = train.subset(np.sort(rng.permutation(len(train))[: cfg.max_train_samples]))
-        if cfg.max_eval_samples is not None:
+        if on_validation:
+            # carved from exactly the final runs' training rows (the same split and sub-sample as above), with
+            # its own seeded generator, so that it is the same for every method and candidate
+            train, validation = self._split(train, np.random.default_rng([cfg.split_seed, 1]), cfg.validation_split)
+            evals = {"": validation}
+        if cfg.max_eval_samples is not None and not on_validation:
             evals = {k: (v.subset(np.sort(rng.permutation(len(v))[: cfg.max_eval_samples]))
                          if len(v) > cfg.max_eval_samples else v) for k, v in evals.items()}
         self._train, self._eval = train, evals
@@ -451,8 +516,8 @@ class ClassificationTask(Task):
         else:
             self.metric_names = ("pearson", "spearmanr", "mse") if self.regression else ("accuracy", "macro_f1")
 
-    def _split(self, train: Examples, rng: np.random.Generator) -> tuple[Examples, Examples]:
-        """Hold out ``eval_split`` of the training data (stratified for classification when possible)."""
+    def _split(self, train: Examples, rng: np.random.Generator, fraction: float) -> tuple[Examples, Examples]:
+        """Hold out ``fraction`` of the training data (stratified for classification when possible)."""
         from sklearn.model_selection import train_test_split
 
         index = np.arange(len(train))
@@ -460,14 +525,15 @@ class ClassificationTask(Task):
         if self.label_names is not None:
             keys = [_label_key(v) for v in train.labels]
             counts = {k: keys.count(k) for k in set(keys)}
-            n_held = math.ceil(self.config.eval_split * len(train))
+            n_held = math.ceil(fraction * len(train))
             if min(counts.values()) >= 2 and len(counts) <= min(n_held, len(train) - n_held):
                 stratify = keys
         if len(train) < 4:
             raise RecipeError(
-                f"{train.source}: {len(train)} rows are too few to hold out an eval set; give --eval-file"
+                f"{train.source}: {len(train)} rows are too few to hold out an eval or validation set; "
+                "give --eval-file or more data"
             )
-        fit, held = train_test_split(index, test_size=self.config.eval_split, stratify=stratify,
+        fit, held = train_test_split(index, test_size=fraction, stratify=stratify,
                                      random_state=int(rng.integers(2**31 - 1)))
         return train.subset(np.sort(fit)), train.subset(np.sort(held))
 
@@ -647,12 +713,129 @@ class ClassificationTask(Task):
     def compute_metrics(self, eval_pred: Any) -> dict[str, float]:
         """The task's metrics (GLUE's by name; accuracy and macro-F1 otherwise)."""
         predictions = self._predictions(eval_pred.predictions)
-        return classification_metrics(self.metric_names, predictions, np.asarray(eval_pred.label_ids))
+        labels = np.asarray(eval_pred.label_ids)
+        self._last_predictions = (predictions, labels)
+        return classification_metrics(self.metric_names, predictions, labels)
+
+    def evaluate(self, trainer: Any, eval_dataset: Any) -> dict[str, float]:
+        """Trainer's evaluation of each eval set, keeping its predictions (for collapse checks and verdicts)."""
+        sets = eval_dataset if isinstance(eval_dataset, dict) else {"": eval_dataset}
+        out: dict[str, float] = {}
+        self._eval_outputs = {}
+        for key, dataset in sets.items():
+            if dataset is None:
+                continue
+            self._last_predictions = None
+            out.update(trainer.evaluate(dataset, metric_key_prefix=f"eval_{key}" if key else "eval"))
+            if self._last_predictions is not None:
+                self._eval_outputs[key] = self._last_predictions
+        return out
 
     @property
     def metric_for_best_model(self) -> str | None:  # type: ignore[override]
-        """The task's first metric (the one the paper reports)."""
-        return self.metric_names[0] if self.metric_names else None
+        """The main metric: the paper's for a GLUE task; macro-F1 for other classification data (every class
+        weighs the same, so a model that predicts the majority class cannot look good), Pearson for regression."""
+        if self.glue is not None or not self.metric_names:
+            return self.metric_names[0] if self.metric_names else None
+        return "pearson" if self.regression else "macro_f1"
+
+    def main_metric_reason(self) -> str:
+        """Why :attr:`metric_for_best_model` is the main metric (one clause, for tables and logs)."""
+        if self.glue is not None:
+            return f"the metric the paper reports for {self.name}"
+        if self.regression:
+            return "regression: correlation with the labels"
+        return "every class weighs the same, so predicting the majority class scores low"
+
+    def eval_predictions(self) -> dict[str, dict[str, list[Any]]] | None:
+        """The final evaluation's predictions and labels per eval set (class ids, or floats for regression)."""
+        if not self._eval_outputs:
+            return None
+        return {key: {"predictions": predictions.tolist(), "labels": labels.tolist()}
+                for key, (predictions, labels) in self._eval_outputs.items()}
+
+    def collapse_report(self) -> dict[str, Any] | None:
+        """Whether the final evaluation collapsed: one class for every input (or a macro-F1 no better than always
+        predicting the training data's majority class); for regression, (nearly) one value for every input.
+
+        Returns ``None`` before an evaluation. Per eval set: the predicted class counts, macro-F1 against the
+        majority baseline's, the majority class and its share of the training rows (the facts the advice in
+        :mod:`lorma.recipes.collapse` is built from).
+        """
+        if not self._eval_outputs or self._train is None:
+            return None
+        if self.label_names is None:
+            sets: dict[str, Any] = {}
+            for key, (predictions, labels) in self._eval_outputs.items():
+                spread, label_spread = float(np.std(predictions)), float(np.std(labels))
+                # "constant": the predictions vary by less than 1% of the labels' spread
+                sets[key or "eval"] = {"rows": int(labels.size), "prediction_std": spread, "label_std": label_spread,
+                                       "constant": bool(spread <= 0.01 * label_spread)}
+            constant = any(info["constant"] for info in sets.values())
+            return {"problem_type": "regression", "predicts_constant": constant, "collapsed": constant, "sets": sets}
+        index = {name: i for i, name in enumerate(self.label_names)}
+        train_ids = np.array([index[_label_key(v)] for v in self._train.labels])
+        train_counts = np.bincount(train_ids, minlength=len(self.label_names))
+        majority = int(train_counts.argmax())
+        sets = {}
+        for key, (predictions, labels) in self._eval_outputs.items():
+            predicted = np.bincount(predictions.astype(int), minlength=len(self.label_names))
+            macro_f1 = classification_metrics(("macro_f1",), predictions, labels)["macro_f1"]
+            majority_f1 = classification_metrics(("macro_f1",), np.full_like(labels, majority), labels)["macro_f1"]
+            sets[key or "eval"] = {
+                "rows": int(labels.size),
+                "predicted_classes": {self.label_names[i]: int(c) for i, c in enumerate(predicted) if c},
+                "single_class": bool(np.count_nonzero(predicted) == 1),
+                "macro_f1": macro_f1,
+                "majority_macro_f1": majority_f1,
+                "no_better_than_majority": bool(macro_f1 <= majority_f1 + 1e-12),
+            }
+        single = any(info["single_class"] for info in sets.values())
+        return {
+            "problem_type": "classification",
+            "predicts_single_class": single,
+            "collapsed": single or any(info["no_better_than_majority"] for info in sets.values()),
+            "majority_class": self.label_names[majority],
+            "majority_share": float(train_counts[majority] / train_counts.sum()),
+            "classes": len(self.label_names),
+            "sets": sets,
+        }
+
+    def loss_function(self) -> Callable[..., Any] | None:
+        """With ``class_weights: balanced``, a cross-entropy that weighs class c by n / (K n_c) on this run's
+        training rows (scikit-learn's "balanced" weights), so that the rare classes count as much as the common
+        one; ``None`` (the model's own loss) otherwise."""
+        if self.config.class_weights is None:
+            return None
+        if self.label_names is None:
+            raise RecipeError("--class-weights applies to classification; this task is regression")
+        if self._train is None:
+            self.check_inputs()
+        assert self._train is not None
+        import torch
+        from sklearn.utils.class_weight import compute_class_weight
+
+        index = {name: i for i, name in enumerate(self.label_names)}
+        train_ids = np.array([index[_label_key(v)] for v in self._train.labels])
+        present = np.unique(train_ids)
+        weights = np.ones(len(self.label_names))  # a class without training rows is never a target
+        weights[present] = compute_class_weight("balanced", classes=present, y=train_ids)
+        self.class_weights = {name: float(w) for name, w in zip(self.label_names, weights)}
+        weight = torch.tensor(weights, dtype=torch.float32)
+        smoothing = float(self.config.training.get("label_smoothing_factor", 0.0) or 0.0)
+
+        def weighted_cross_entropy(outputs: Any, labels: Any, num_items_in_batch: Any = None) -> Any:
+            logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+            losses = torch.nn.functional.cross_entropy(
+                logits.float(), labels, weight=weight.to(logits.device), reduction="none", label_smoothing=smoothing
+            )
+            # Trainer treats a compute_loss_func loss as already normalised over the accumulated batch: divide the
+            # sum by the number of examples in it (the balanced weights average 1 over the training rows)
+            if num_items_in_batch is None:
+                return losses.mean()
+            return losses.sum() / num_items_in_batch
+
+        return weighted_cross_entropy
 
     def baseline_metrics(self) -> dict[str, float] | None:
         """Always predicting the training data's most frequent label, scored on the eval data."""
