@@ -142,10 +142,10 @@ def verdict(
     if seeds_clear is None and boot_clear is None:
         distinguishable, conclusion = None, "No interval could be computed: the data cannot be judged."
     elif seeds_clear is False or boot_clear is False:
-        where = " and ".join(w for w, clear in (("over seeds", seeds_clear), ("over eval examples", boot_clear))
-                             if clear is False)
+        where = [w for w, clear in (("over seeds", seeds_clear), ("over eval examples", boot_clear)) if clear is False]
         distinguishable = False
-        conclusion = f"The data cannot tell them apart: the interval {where} includes 0."
+        conclusion = (f"The data cannot tell them apart: the interval {where[0]} includes 0." if len(where) == 1 else
+                      "The data cannot tell them apart: both intervals include 0.")
     elif seeds_clear is None:
         distinguishable = None
         conclusion = (f"On this eval set {direction}, but with one seed the run-to-run variation is unmeasured: "
