@@ -280,7 +280,7 @@ def run_compare(
     from tqdm.auto import tqdm
 
     from lorma.recipes.train import is_main_process, read_loss_log, run_training
-    from lorma.recipes.tuning import final_config, plan_tuning, tune, wants_tuning
+    from lorma.recipes.tuning import final_config, tune, wants_tuning
     from lorma.recipes.verdicts import compare_verdicts
     from lorma.tasks.base import get_task
 
@@ -290,8 +290,7 @@ def run_compare(
     task = get_task(cfg)
     task.check_inputs()  # fail on bad data before the first of many runs
     tuning = None
-    if wants_tuning(cfg):
-        plan_tuning(cfg, methods)  # a bad grid fails before the first candidate
+    if wants_tuning(cfg):  # a bad grid fails inside, before the first candidate
         tuning = tune(cfg, methods, out / "tuning", task, quiet=quiet)
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     run_dirs: dict[str, list[str]] = {m: [] for m in methods}

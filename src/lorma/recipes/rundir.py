@@ -7,7 +7,9 @@
     ``rank/``             ``rank_log.jsonl`` with ``--track-rank``
     ``adapter/``          the adapter (safetensors, peft layout) + tokenizer + ``lorma_run.json``
     ``model/``            instead of ``adapter/`` for full / bitfit / head-only: the whole model
-    ``metrics.json``      written last: a run with it has finished
+    ``eval_predictions.json``  the final evaluation's predictions and labels (the verdicts' bootstrap)
+    ``metrics.json``      written last: a run with it has finished; with the main metric and whether the run
+                          collapsed (:mod:`lorma.recipes.collapse`)
     ``tuning/``           with ``lorma train --tune``: one run directory per candidate (kept by ``--overwrite``)
 
 Beside it (in the parent folder) while a command writes it:

@@ -355,7 +355,6 @@ def train_tuned(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -
     check_not_input(plan.final, run_inputs(cfg), replacing=overwrite)
     task = get_task(cfg)
     task.check_inputs()
-    plan_tuning(cfg, [cfg.method])
     record = tune(cfg, [cfg.method], plan.final / TUNING_DIR, task)
     return run_training(final_config(cfg, record["methods"][cfg.method]["chosen"]), overwrite=overwrite,
                         resume=resume, tuning=record)
