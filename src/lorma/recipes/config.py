@@ -113,7 +113,7 @@ class RunConfig:
     tune: list[str] | None = field(
         default=None,
         metadata={"help": "Settings to choose per method on the validation split before the final runs, e.g. "
-                  "learning_rate or learning_rate,r (grids: --grid, or the defaults below)."},
+                  "learning_rate or learning_rate,r (grids: --grid, or these defaults)."},
     )
     grid: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "Candidate values per tuned setting (--grid KEY=V1,V2,...)."}

@@ -70,10 +70,12 @@ def default_grids_help() -> str:
     """The default grids, one clause per setting (for ``--help``)."""
     parts = []
     for name, by_family in DEFAULT_GRIDS.items():
-        grids = "; ".join(f"{family} {','.join(format_value(v) for v in values)}"
-                          for family, values in by_family.items())
-        parts.append(f"{name}: {grids}")
-    return ". ".join(parts)
+        grids = {family: ",".join(format_value(v) for v in values) for family, values in by_family.items()}
+        if len(by_family) == len(METHOD_FAMILIES) and len(set(grids.values())) == 1:
+            parts.append(f"{name}: every method {next(iter(grids.values()))}")
+        else:
+            parts.append(f"{name}: " + "; ".join(f"{family} {values}" for family, values in grids.items()))
+    return ". ".join(parts) + " (adapter: LoRMA, LoRA, DoRA; partial: BitFit, head-only)"
 
 
 def format_value(value: Any) -> str:
