@@ -16,7 +16,7 @@ import yaml
 
 from lorma.cli import main
 from lorma.recipes.config import DEFAULT_LEARNING_RATES, RecipeError, build_config
-from lorma.recipes.tuning import DEFAULT_GRIDS, candidate_label, plan_tuning, tune
+from lorma.recipes.tuning import DEFAULT_GRIDS, candidate_label, grid_edges, plan_tuning, tune, tuning_rows
 from lorma.tasks import classification
 from lorma.tasks.base import get_task
 from test_recipes_support import make_tiny_bert, sentiment_rows, snapshot, write_csv
@@ -251,3 +251,19 @@ def test_default_learning_rate_per_method_family_and_help(capsys: pytest.Capture
             "learning_rate"]["adapter"]) in text
         assert "--grid [METHOD:]KEY=V1,V2,..." in text and "--class-weights" in text
         assert "adapters (LoRMA, LoRA, DoRA) 1e-3, full 5e-5" in text
+
+
+def test_a_choice_at_the_edge_of_the_grid_is_flagged() -> None:
+    grid = {"learning_rate": [1e-4, 1e-3, 1e-2], "side": ["pre", "post", "pre2"]}
+    assert grid_edges(grid, {"learning_rate": 1e-2, "side": "pre"}) == [
+        "learning_rate=0.01 is the largest value of its grid"]
+    assert grid_edges(grid, {"learning_rate": 1e-3, "side": "post"}) == []
+    assert grid_edges({"learning_rate": [1e-3, 3e-3]}, {"learning_rate": 1e-3}) == []  # two values: no middle
+    record = {"main_metric": "eval_macro_f1", "methods": {"lora": {
+        "chosen": {"learning_rate": 1e-4}, "at_grid_edge": grid_edges(grid, {"learning_rate": 1e-4}),
+        "candidates": [{"values": {"learning_rate": v}, "score": s, "collapsed": False}
+                       for v, s in ((1e-4, 0.6), (1e-3, 0.5), (1e-2, 0.4))]}}}
+    _, rows = tuning_rows(record)
+    assert rows[0][-1] == ("<- chosen (learning_rate=0.0001 is the smallest value of its grid: a wider grid may "
+                           "do better)")
+    assert rows[1][-1] == rows[2][-1] == ""

@@ -305,8 +305,21 @@ def tune(cfg: RunConfig, methods: list[str], root: Path, task: Any, quiet: bool 
         best = choose(info["candidates"], greater)
         info["chosen"] = dict(info["candidates"][best]["values"])
         info["all_collapsed"] = all(c.get("collapsed") for c in info["candidates"])
+        info["at_grid_edge"] = grid_edges(info["grid"], info["chosen"])
     bar.close()
     return record
+
+
+def grid_edges(grid: dict[str, list[Any]], chosen: dict[str, Any]) -> list[str]:
+    """The numeric settings whose chosen value is the smallest or largest of a grid of 3 or more values: the
+    best may lie outside the grid, so a wider one may do better."""
+    edges = []
+    for name, values in grid.items():
+        numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if len(numbers) == len(values) >= 3 and chosen.get(name) in (min(numbers), max(numbers)):
+            end = "largest" if chosen[name] == max(numbers) else "smallest"
+            edges.append(f"{name}={format_value(chosen[name])} is the {end} value of its grid")
+    return edges
 
 
 def tuning_rows(record: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -323,12 +336,17 @@ def tuning_rows(record: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 candidate_label(candidate["values"]),
                 "-" if score is None else f"{score:.4f}",
                 "yes" if candidate.get("collapsed") else "no",
-                "<- chosen" + (" (every candidate collapsed)" if chosen and info.get("all_collapsed") else "")
-                if chosen else "",
+                "<- chosen" + "".join(f" ({note})" for note in _choice_notes(info)) if chosen else "",
             ])
         if not info["candidates"]:
             rows.append([method, candidate_label(info["chosen"]), "-", "-", info.get("note", "")])
     return header, rows
+
+
+def _choice_notes(info: dict[str, Any]) -> list[str]:
+    notes = ["every candidate collapsed: change the grid or the steps"] if info.get("all_collapsed") else []
+    notes += [f"{edge}: a wider grid may do better" for edge in info.get("at_grid_edge", [])]
+    return notes
 
 
 def tuning_summary(record: dict[str, Any]) -> str:
