@@ -46,9 +46,11 @@ LORMA_METHODS = ("lorma-plus", "lorma-pi", "lorma-none")
 
 # Default candidate values per setting and method family ("adapter": LoRMA, LoRA, DoRA; "full"; "partial":
 # BitFit and head-only). The learning-rate grids bracket each family's default (config.DEFAULT_LEARNING_RATES)
-# by about a factor of 3 on each side.
+# by about a factor of 3 on each side; the adapters' reaches 1e-2 because short runs (a few hundred steps) chose
+# the top of a grid ending at 3e-3 on the packaged tweets (docs/main-job.md, "Checked on real data").
 DEFAULT_GRIDS: dict[str, dict[str, tuple[Any, ...]]] = {
-    "learning_rate": {"adapter": (3e-4, 1e-3, 3e-3), "full": (2e-5, 5e-5, 1e-4), "partial": (1e-3, 3e-3, 1e-2)},
+    "learning_rate": {"adapter": (3e-4, 1e-3, 3e-3, 1e-2), "full": (2e-5, 5e-5, 1e-4),
+                      "partial": (1e-3, 3e-3, 1e-2)},
     "r": {"adapter": (4, 8, 16)},
     "alpha": {"adapter": (4, 8, 16)},
     "dropout": {"adapter": (0.0, 0.1)},
