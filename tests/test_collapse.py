@@ -42,9 +42,10 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _train(data: dict[str, Path], out: Path, *extra: str) -> list[str]:
-    # head-only at learning rate 0: the constant head stays constant; one batch of all 80 training rows
+    # head-only at learning rate 1e-9 (0 is refused): one AdamW step moves the head by about 1e-9, so the constant
+    # head stays constant; one batch of all 80 training rows
     return ["train", "--model", str(data["model"]), "--train-file", str(data["train"]), "--eval-file",
-            str(data["eval"]), "--method", "head-only", "--learning-rate", "0", "--max-steps", "1",
+            str(data["eval"]), "--method", "head-only", "--learning-rate", "1e-9", "--max-steps", "1",
             "--per-device-train-batch-size", "80", "--warmup-steps", "0", "--save-strategy", "no",
             "--report-to", "none", "--output-dir", str(out), *extra]
 
