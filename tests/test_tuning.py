@@ -211,6 +211,19 @@ def test_train_tune_records_the_candidates_and_uses_the_choice(data: dict[str, P
     assert (out / "tuning" / "lorma-plus" / "learning_rate=0.002" / "candidate.json").is_file()
     assert f"tuned on the validation split: {candidate_label(info['chosen'])}" in buffer.getvalue()
     assert "validation macro_f1" in buffer.getvalue()
+    # again: refused without --overwrite before any candidate; with it, the new run (written beside the old one and
+    # swapped in) keeps the candidates, which are not trained again
+    args = ["train", "--model", str(data["model"]), "--train-file", str(data["train"]), "--eval-file",
+            str(data["eval"]), "--method", "lorma-plus", "--max-steps", "3", "--save-strategy", "no", "--report-to",
+            "none", "--grid", "learning_rate=2e-3,4e-2", "--output-dir", str(out)]
+    candidates = snapshot(out / "tuning")
+    assert main(args) == 2
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main([*args, "--overwrite"]) == 0
+    assert snapshot(out / "tuning") == candidates
+    again = json.loads((out / "metrics.json").read_text())["tuning"]["methods"]["lorma-plus"]
+    assert all(c["cached"] for c in again["candidates"]) and again["chosen"] == info["chosen"]
+    assert not list(tmp_path.glob(".run.*"))  # no staging folder or lock left behind
 
 
 def test_bad_tuning_requests_fail_before_any_work(data: dict[str, Path], tmp_path: Path,
