@@ -9,11 +9,16 @@ from pathlib import Path
 from typing import Any
 
 from peft.config import PeftConfig
+from peft.utils.other import get_pattern_key
 
 from .functional import SIDES
 from .inflations import DEFAULT_FFT_CHUNK_BYTES, DEFAULT_MAX_DENSE_BYTES, get_inflation
 from .peft_type import lorma_peft_type
 from .variants import get_variant
+
+# "auto": per module, the side whose square transform is smaller (resolved when the layer is made, recorded in
+# side_pattern). Not one of functional.SIDES: a layer always acts on a definite side.
+SIDE_CHOICES: tuple[str, ...] = (*SIDES, "auto")
 
 # Default target modules per transformers model_type: the paper's set-ups.
 # RoBERTa / BERT: query and value (Table 14). GPT-2: the fused c_attn, q and v parts only (Table 16).
@@ -45,7 +50,13 @@ class LormaConfig(PeftConfig):
         inflation: ``"plus"`` (``I + sBA``, LoRMA+), ``"pi"`` (``s pi(BA)``, LoRMA_pi) or ``"none"``
             (``s BA``, the rank-limited ablation); or the name of an inflation registered with
             :func:`lorma.inflations.register_inflation`.
-        side: ``"pre"`` (paper default, ``d = d_out``) or ``"post"`` (``d = d_in``).
+        side: ``"pre"`` (paper default, ``d = d_out``), ``"post"`` (``d = d_in``) or ``"auto"``: per module the
+            side with the smaller transform (:func:`cheaper_side`), for speed on expanding / contracting layers
+            (an LLM's MLP). Pre and post are different parameterizations (the paper's Table 7 compares them), so
+            ``"auto"`` is a setting of its own, never a silent switch; each module's resolved side is recorded in
+            ``side_pattern`` when the adapter is made and saved with it.
+        side_pattern: per-module side (``"pre"`` / ``"post"``), keys as in ``rank_pattern``; overrides ``side``.
+            With ``side="auto"`` lorma fills it with every adapted module's resolved side.
         dropout: dropout on the adapter path only; the frozen path ``W0 x`` never sees it.
         target_modules / exclude_modules / layers_to_transform / layers_pattern: as in peft's LoRA.
         init_weights: ``True`` for the paper's identity initialisation; ``False`` for random ``A`` and
@@ -68,7 +79,10 @@ class LormaConfig(PeftConfig):
     r: int = field(default=8, metadata={"help": "Rank of A (r x d) and B (d x r)."})
     alpha: float = field(default=8.0, metadata={"help": "Scaling numerator: s = alpha / r."})
     inflation: str = field(default="plus", metadata={"help": "Rank inflation: 'plus', 'pi' or 'none'."})
-    side: str = field(default="pre", metadata={"help": "'pre': W = I(BA) W0; 'post': W = W0 I(BA)."})
+    side: str = field(
+        default="pre",
+        metadata={"help": "'pre': W = I(BA) W0; 'post': W = W0 I(BA); 'auto': per module the smaller transform."},
+    )
     dropout: float = field(default=0.0, metadata={"help": "Dropout probability on the adapter path."})
     target_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Module names (or suffixes, or one regex) to adapt."}
@@ -83,6 +97,9 @@ class LormaConfig(PeftConfig):
     layers_pattern: list[str] | str | None = field(default=None, metadata={"help": "Layer list name."})
     rank_pattern: dict[str, int] = field(default_factory=dict, metadata={"help": "Per-module r."})
     alpha_pattern: dict[str, float] = field(default_factory=dict, metadata={"help": "Per-module alpha."})
+    side_pattern: dict[str, str] = field(
+        default_factory=dict, metadata={"help": "Per-module side ('pre' / 'post'); filled by side='auto'."}
+    )
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules trained in full and saved with the adapter."}
     )
@@ -119,8 +136,11 @@ class LormaConfig(PeftConfig):
             get_variant(self.variant)
         except ValueError as err:
             raise ValueError(f"LormaConfig: {err}") from None
-        if self.side not in SIDES:
-            raise ValueError(f"LormaConfig: unknown side {self.side!r}; expected one of {SIDES}")
+        if self.side not in SIDE_CHOICES:
+            raise ValueError(f"LormaConfig: unknown side {self.side!r}; expected one of {SIDE_CHOICES}")
+        for name, value in self.side_pattern.items():
+            if value not in SIDES:
+                raise ValueError(f"LormaConfig: side_pattern[{name!r}] must be one of {SIDES}, got {value!r}")
         if self.max_dense_bytes is not None and not _positive_int(self.max_dense_bytes):
             raise ValueError(
                 f"LormaConfig: max_dense_bytes must be a positive integer or None, got {self.max_dense_bytes!r}"
@@ -174,6 +194,16 @@ class LormaConfig(PeftConfig):
             raise ValueError(f"LormaConfig: the saved adapter config is peft_type {peft_type!r}, not 'LORMA'")
         return super().from_peft_type(**kwargs)
 
+    def side_for(self, module_name: str, d_in: int, d_out: int, num_parts: int = 1) -> str:
+        """The side module ``module_name`` (a ``d_out x d_in`` layer) is adapted on: ``side_pattern`` first, then
+        ``side``; ``"auto"`` resolves by shape (:func:`cheaper_side`)."""
+        key = get_pattern_key(self.side_pattern.keys(), module_name)
+        if key in self.side_pattern:
+            return self.side_pattern[key]
+        if self.side != "auto":
+            return self.side
+        return cheaper_side(d_in, d_out, num_parts)
+
     def fused_spec_for(self, module_name: str) -> tuple[int, list[int]] | None:
         """``(num_parts, parts)`` for a module name, or ``None`` if it is adapted as a whole."""
         if not self.fused_parts:
@@ -182,6 +212,17 @@ class LormaConfig(PeftConfig):
             if module_name == key or module_name.endswith("." + key) or re.fullmatch(key, module_name):
                 return int(spec["num_parts"]), sorted(int(p) for p in spec["parts"])
         return None
+
+
+def cheaper_side(d_in: int, d_out: int, num_parts: int = 1) -> str:
+    """The side whose square transform is smaller: ``"pre"`` when ``d_out / num_parts <= d_in``, else ``"post"``.
+
+    A dense transform (pi, none) costs ``d^2`` per token and a rank-r one ``2 r d`` parameters, with ``d`` the
+    transform size: ``d_out`` (per fused part) on the pre side, ``d_in`` on the post side. Ties go to ``"pre"``,
+    the paper's default. On a LLaMA-style MLP this picks post for gate / up (d_in = hidden < intermediate) and
+    pre for down; on square attention projections, pre.
+    """
+    return "pre" if d_out // num_parts <= d_in else "post"
 
 
 def _positive_finite(value: Any) -> bool:

@@ -65,14 +65,15 @@ class LormaModel(BaseTuner):
             raise ValueError("current_key must not be None")
         r_key = get_pattern_key(lorma_config.rank_pattern.keys(), current_key)
         alpha_key = get_pattern_key(lorma_config.alpha_pattern.keys(), current_key)
+        fused = lorma_config.fused_spec_for(current_key)
         kwargs = {
             "r": lorma_config.rank_pattern.get(r_key, lorma_config.r),
             "alpha": lorma_config.alpha_pattern.get(alpha_key, lorma_config.alpha),
             "inflation": lorma_config.inflation,
-            "side": lorma_config.side,
+            "side": _resolve_side(lorma_config, target, current_key, fused),
             "dropout": lorma_config.dropout,
             "init_weights": lorma_config.init_weights,
-            "fused": lorma_config.fused_spec_for(current_key),
+            "fused": fused,
             "inference_mode": lorma_config.inference_mode,
             "max_dense_bytes": lorma_config.max_dense_bytes,
             "fft_chunk_bytes": lorma_config.fft_chunk_bytes,
@@ -229,11 +230,11 @@ class LormaModel(BaseTuner):
         """
         self._check_weighted_adapter_args(adapters, weights, adapter_name, combination_type, lora_only_options)
         configs = [self.peft_config[name] for name in adapters]
-        side = configs[0].side
 
         # every module adapted by any of them: its new (B, A) and dtype, computed before anything is changed
         combined: dict[str, tuple[Pair, torch.dtype]] = {}
         fused_parts: dict[str, dict[str, Any]] = {}
+        sides_of: dict[str, str] = {}
         for key, layer in self.model.named_modules():
             if not isinstance(layer, LormaLayer):
                 continue
@@ -246,6 +247,14 @@ class LormaModel(BaseTuner):
                     f"LoRMA add_weighted_adapter: module {key!r} has different fused parts in the adapters "
                     f"({specs}); only adapters that adapt the same parts combine"
                 )
+            module_sides = {name: layer.side[name] for name, _ in present}
+            if len(set(module_sides.values())) > 1:  # possible with side="auto": compared per module
+                raise ValueError(
+                    f"LoRMA add_weighted_adapter: module {key!r} is adapted on different sides {module_sides} "
+                    "(I1 W0 I2 is not one adapter); only adapters on the same side combine"
+                )
+            side = module_sides[present[0][0]]
+            sides_of[key] = side
             fused = specs[present[0][0]]
             if fused is not None:
                 fused_parts[re.escape(key)] = {"num_parts": fused[0], "parts": list(fused[1])}
@@ -271,6 +280,11 @@ class LormaModel(BaseTuner):
             layers_to_transform=None,
             layers_pattern=None,
             fused_parts=fused_parts or None,
+            # the combination acts on each module's side; with "auto" (or mixed settings) recorded per module
+            side=configs[0].side if len({c.side for c in configs}) == 1 else "auto",
+            side_pattern={re.escape(key): side for key, side in sides_of.items()}
+            if any(c.side == "auto" for c in configs)
+            else {},
             init_weights=True,
             modules_to_save=self.peft_config[donors[0]].modules_to_save if donors else None,
         )
@@ -356,7 +370,7 @@ class LormaModel(BaseTuner):
         if variants:
             raise ValueError(f"{where}: adapters with a variant {variants} cannot be combined; {supported}")
         sides = {name: self.peft_config[name].side for name in adapters}
-        if len(set(sides.values())) > 1:
+        if len(set(sides.values())) > 1 and "auto" not in sides.values():  # with "auto": checked per module
             raise ValueError(
                 f"{where}: adapters act on different sides {sides} (I1 W0 I2 is not one adapter); {supported}"
             )
@@ -366,3 +380,24 @@ class LormaModel(BaseTuner):
                 f"{where}: adapters {donors} each train their own modules_to_save, which cannot be combined; "
                 "at most one of the combined adapters may have modules_to_save"
             )
+
+
+def _resolve_side(config: LormaConfig, target: nn.Module, module_name: str, fused: tuple[int, list[int]] | None) -> str:
+    """The side of one module; with ``side="auto"`` resolved from its shape and recorded in ``side_pattern``.
+
+    Recording the full module name makes the choice part of the saved adapter config, so a reloaded adapter gets
+    the sides it was trained with whatever the resolution rule (or the model's shapes) later say.
+    """
+    if config.side != "auto" and not config.side_pattern:
+        return config.side
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    if isinstance(base, Conv1D):  # stores its weight (d_in, d_out)
+        d_in, d_out = base.weight.shape
+    elif isinstance(base, nn.Linear):
+        d_in, d_out = base.in_features, base.out_features
+    else:  # _create_new_module refuses it with a clear error
+        return config.side
+    side = config.side_for(module_name, int(d_in), int(d_out), fused[0] if fused is not None else 1)
+    if config.side == "auto":
+        config.side_pattern.setdefault(re.escape(module_name), side)
+    return side

@@ -47,9 +47,12 @@ def adapter_parameter_count(model: Any, cfg: RunConfig) -> tuple[int, int]:
     """``(parameters, modules)`` the adapter of ``cfg.method`` would add to ``model``, from the target modules'
     shapes alone (before anything is allocated): ``2 r d`` per LoRMA transform (``d = d_out`` pre, ``d_in``
     post, one transform per adapted part of a fused projection), ``r (d_in + d_out)`` for LoRA (plus the
-    ``d_out`` magnitudes of DoRA). ``(0, 0)`` for the non-adapter methods."""
+    ``d_out`` magnitudes of DoRA). ``(0, 0)`` for the non-adapter methods. ``side="auto"`` is resolved per
+    module as the layer will resolve it (:func:`lorma.config.cheaper_side`)."""
     if cfg.method not in ADAPTER_METHODS:
         return 0, 0
+    from lorma.config import cheaper_side
+
     targets = cfg.target_modules or default_target_modules(model)
     fused: dict[str, Any] = {}
     if cfg.method in LORMA_INFLATION and cfg.target_modules is None:
@@ -66,12 +69,12 @@ def adapter_parameter_count(model: Any, cfg: RunConfig) -> tuple[int, int]:
             d_out, d_in = d_in, d_out
         modules += 1
         if cfg.method in LORMA_INFLATION:
-            d = d_out if cfg.side == "pre" else d_in
             spec = next((v for k, v in fused.items() if _matches(name, [k])), None)
-            transforms = 1
-            if spec is not None:  # one transform per adapted part; on the pre side, of the part's size
-                transforms = len(spec["parts"])
-                d = d // spec["num_parts"] if cfg.side == "pre" else d
+            num_parts = spec["num_parts"] if spec is not None else 1
+            side = cheaper_side(d_in, d_out, num_parts) if cfg.side == "auto" else cfg.side
+            # one transform per adapted part; on the pre side, of the part's size
+            transforms = len(spec["parts"]) if spec is not None else 1
+            d = d_out // num_parts if side == "pre" else d_in
             params += transforms * 2 * cfg.r * d
         else:
             params += cfg.r * (d_in + d_out) + (d_out if cfg.method == "dora" else 0)
