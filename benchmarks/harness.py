@@ -150,12 +150,14 @@ def layer_workload(d: int, tokens: int) -> Workload:
 
 # ------------------------------------------------------------------ methods
 R, ALPHA = 8, 16
+# "auto": per module the smaller transform (lorma.config.cheaper_side); the same as "pre" on square layers
+SIDES = ("pre", "post", "auto")
 
 
 def method_names(kind: str) -> list[str]:
     """The methods of one table: ``full`` (every peer), ``lorma`` (LoRA, OFT, HRA and LoRMA), ``layer``, ``core``
     (LoRA and LoRMA plus / pi only: the quick run)."""
-    lorma = [f"lorma-{i}-{s}" for i in ("plus", "pi", "none") for s in ("pre", "post")]
+    lorma = [f"lorma-{i}-{s}" for i in ("plus", "pi", "none") for s in SIDES]
     refs = [f"ref-{o}-{i}" for o in ("table11", "released") for i in ("plus", "pi")]
     if kind == "full":
         return ["lora", "oft", "boft", "hra", *lorma, *refs]
@@ -163,7 +165,7 @@ def method_names(kind: str) -> list[str]:
         return ["lora", "oft", "hra", *[m for m in lorma if "none" not in m]]
     if kind == "core":
         return ["lora", *[m for m in lorma if "none" not in m]]
-    if kind == "layer":
+    if kind == "layer":  # square layers: auto is pre
         return ["lora", "lorma-plus-pre", "lorma-plus-post", "lorma-pi-pre", "lorma-pi-post", *refs]
     raise ValueError(kind)
 

@@ -375,8 +375,8 @@ def test_quick_mode_is_one_model_with_fewer_rounds(tmp_path) -> None:
     full = R.make_plan(R.parse_args([]))
     assert quick.quick and quick.sections == ("smollm2",) and quick.threads == 1
     assert quick.max_rounds < full.max_rounds and quick.table_budget_s < full.table_budget_s
-    assert H.method_names(quick.smollm2_methods) == ["lora", "lorma-plus-pre", "lorma-plus-post", "lorma-pi-pre",
-                                                     "lorma-pi-post"]
+    assert H.method_names(quick.smollm2_methods) == ["lora", "lorma-plus-pre", "lorma-plus-post", "lorma-plus-auto",
+                                                     "lorma-pi-pre", "lorma-pi-post", "lorma-pi-auto"]
     assert full.sections == R.SECTIONS and not full.quick
     assert [s for s, _ in R.build_sessions(quick, tmp_path, torch.device("cpu"))] == ["smollm2"]
     assert R.make_plan(R.parse_args(["--quick", "--max-rounds", "20"])).max_rounds == 20
