@@ -306,3 +306,10 @@ def step_peak_bytes(step: Callable[[], None], model: nn.Module) -> int:
         step()
     return start + tracker.peak
 
+
+def allocated_peak_bytes(step: Callable[[], None]) -> int:
+    """The most tensor bytes ``step`` has allocated and alive at once, on top of what existed before it."""
+    tracker = _AllocationTracker()
+    with tracker.mode():
+        step()
+    return tracker.peak
