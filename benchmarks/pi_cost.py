@@ -183,12 +183,13 @@ def arithmetic_section(shape: LlamaShape, source: str, n_tokens: int, seq_len: i
 STRATEGIES = ("activation", "recompute", "fold", "fft")
 
 
-def module_steps(d_in: int, d_out: int, side: str, n_tokens: int, seed: int = 0) -> dict[str, Callable[[], None]]:
-    """One forward + backward of one adapted module per method: LoRA and LoRMA_pi by each exact strategy.
+def module_forwards(d_in: int, d_out: int, side: str, n_tokens: int, seed: int = 0
+                    ) -> tuple[dict[str, Callable[[], torch.Tensor]], dict[str, torch.Tensor]]:
+    """One adapted module's forward per method (LoRA, and LoRMA_pi by each exact strategy) and its tensors.
 
     The frozen weight and the input are shared; the input needs its gradient (a module inside a model), the
-    frozen weight does not. LoRMA_pi's factors are random (the identity init would make ``M`` trivially
-    structured for nothing here, but the cost does not depend on the values).
+    frozen weight does not. LoRMA_pi's factors are random: the cost does not depend on their values, and the
+    identity init would hide a wrong strategy from the exactness test.
     """
     g = torch.Generator().manual_seed(seed)
     w0 = torch.randn(d_out, d_in, generator=g) / math.sqrt(d_in)
@@ -203,30 +204,30 @@ def module_steps(d_in: int, d_out: int, side: str, n_tokens: int, seed: int = 0)
     def build(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return LF.inflate(a, b, "pi", s)
 
-    def lora() -> torch.Tensor:
-        return F.linear(x, w0) + s * F.linear(F.linear(x, lora_A), lora_B)
-
     def around(apply: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], torch.Tensor]:
         """The transform on its side: on the output (pre) or on the input (post)."""
         if side == "pre":
             return lambda: apply(F.linear(x, w0))
         return lambda: F.linear(apply(x), w0)
 
-    def fold() -> torch.Tensor:
-        return F.linear(x, LF.merge_weight(w0, build(A, B), side))
-
     forwards = {
-        "lora": lora,
+        "lora": lambda: F.linear(x, w0) + s * F.linear(F.linear(x, lora_A), lora_B),
         "activation": around(lambda h: F.linear(h, build(A, B))),
         "recompute": around(lambda h: LF.apply_dense_recomputed(h, A, B, build)),
-        "fold": fold,
+        "fold": lambda: F.linear(x, LF.merge_weight(w0, build(A, B), side)),
         "fft": around(lambda h: LF.apply_pi_fft(h, A, B, s)),
     }
+    return forwards, {"x": x, "w0": w0, "lora_A": lora_A, "lora_B": lora_B, "A": A, "B": B}
+
+
+def module_steps(d_in: int, d_out: int, side: str, n_tokens: int, seed: int = 0) -> dict[str, Callable[[], None]]:
+    """:func:`module_forwards` as training steps: forward, backward of a mean-square loss, gradients released."""
+    forwards, tensors = module_forwards(d_in, d_out, side, n_tokens, seed)
 
     def step_of(forward: Callable[[], torch.Tensor]) -> Callable[[], None]:
         def step() -> None:
             forward().square().mean().backward()
-            for t in (x, lora_A, lora_B, A, B):
+            for t in tensors.values():
                 t.grad = None
 
         return step

@@ -425,3 +425,53 @@ def test_small_run_writes_report_with_intervals_and_plot(tmp_path) -> None:
     png = tmp_path / "benchmarks-layers.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob("*.tmp*"))
+
+
+# ------------------------------------------------------------------ LoRMA_pi's cost on SmolLM2 (benchmarks/pi_cost.py)
+def test_pi_cost_arithmetic_by_hand() -> None:
+    from benchmarks import pi_cost as P
+
+    shape = P.SMOLLM2
+    # per layer: q, o 576^2; k, v 576 * 192; gate, up, down 576 * 1536
+    per_layer = 2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536
+    assert sum(i * o for i, o in shape.modules().values()) == per_layer == 3_538_944
+    # transform sizes: pre 576, 192, 192, 576, 1536, 1536, 576; post 576 x 6 and 1536; auto the smaller of each
+    squares = {"pre": 3 * 576**2 + 2 * 192**2 + 2 * 1536**2, "post": 6 * 576**2 + 1536**2,
+               "auto": 5 * 576**2 + 2 * 192**2}
+    for side, sq in squares.items():
+        c = P.step_macs(shape, side, n_tokens=128, seq_len=64)
+        assert c["transform"] == 3 * 30 * sq
+        assert c["build"] == pytest.approx(3 * 8 * 30 * sq / 128)
+        assert P.saved_transform_bytes(shape, side) == 4 * 30 * sq
+    lora = P.step_macs(shape, None, n_tokens=128, seq_len=64)
+    frozen = 30 * 2 * per_layer + 2 * 576 * 49152 + 30 * 3 * 2 * 64 * 576
+    adapter = 30 * 3 * 8 * (2 * 1152 + 2 * 768 + 3 * 2112)
+    assert (lora["frozen"], lora["adapter"], lora["total"]) == (frozen, adapter, frozen + adapter)
+    auto = P.step_macs(shape, "auto", 128, 64)
+    assert auto["total"] / lora["total"] == pytest.approx((frozen + 3 * 30 * squares["auto"] * (1 + 8 / 128))
+                                                          / (frozen + adapter))
+    assert 1.5 < auto["total"] / lora["total"] < 1.6  # the arithmetic limit sits just above the 1.5x goal
+    # fold against activation: n > 2 d d_other / (3 d - d_other); never when d_other >= 3 d
+    assert P.fold_break_even("pre", 576, 1536) == "439" and P.fold_break_even("post", 576, 1536) == "9216"
+    assert P.fold_break_even("pre", 576, 192) == "never"
+    assert P.model_bytes(shape) == 4 * (30 * per_layer + 49152 * 576)
+
+
+@pytest.mark.parametrize("side", ["pre", "post"])
+def test_pi_cost_strategies_are_exact(side: str) -> None:
+    """Every strategy measured computes the same output and the same gradients (against the dense formula)."""
+    from benchmarks import pi_cost as P
+
+    forwards, tensors = P.module_forwards(12, 20, side, n_tokens=5)
+    x, w0, A, B = tensors["x"], tensors["w0"], tensors["A"], tensors["B"]
+    M = reference_inflation(A.detach(), B.detach(), "pi", P.ALPHA / P.R)
+    W = M @ w0.double() if side == "pre" else w0.double() @ M
+    expected = x.detach().double() @ W.T
+    results = {}
+    for name in P.STRATEGIES:
+        out = forwards[name]()
+        assert rel_err(out, expected) < 1e-5, name
+        results[name] = torch.autograd.grad(out.square().mean(), (x, A, B))
+    for name in P.STRATEGIES[1:]:
+        for got, want in zip(results[name], results["activation"]):
+            assert rel_err(got, want) < 1e-4, name
