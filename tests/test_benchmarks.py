@@ -475,3 +475,15 @@ def test_pi_cost_strategies_are_exact(side: str) -> None:
     for name in P.STRATEGIES[1:]:
         for got, want in zip(results[name], results["activation"]):
             assert rel_err(got, want) < 1e-4, name
+
+
+def test_gpu_script_asks_for_cuda_and_a_plan_that_parses() -> None:
+    script = (Path(__file__).parents[1] / "scripts" / "gpu_bench.sh").read_text()
+    line = re.search(r"-m benchmarks\.run (.*?)\\\n\s*(.*?) \"\$@\"", script, re.S)
+    assert line is not None
+    argv = (line.group(1) + " " + line.group(2)).replace('"${OUT_MD:-BENCHMARKS-gpu.md}"', "B.md").split()
+    args = R.parse_args(argv)
+    plan = R.make_plan(args)
+    assert args.device == "cuda" and plan.table_budget_s == 60.0 and plan.max_rounds == 30
+    assert "compile" not in plan.sections and "quant" not in plan.sections and "smollm2" in plan.sections
+    assert "timeout 590" in script  # the 10-minute budget is enforced, not hoped for
