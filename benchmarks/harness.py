@@ -156,18 +156,35 @@ SIDES = ("pre", "post", "auto")
 
 def method_names(kind: str) -> list[str]:
     """The methods of one table: ``full`` (every peer), ``lorma`` (LoRA, OFT, HRA and LoRMA), ``layer``, ``core``
-    (LoRA and LoRMA plus / pi only: the quick run)."""
-    lorma = [f"lorma-{i}-{s}" for i in ("plus", "pi", "none") for s in SIDES]
+    (LoRA and LoRMA plus / pi, pre side: the quick run). The ``auto`` side is added by :func:`with_auto_side`
+    where it differs from ``pre``."""
+    lorma = [f"lorma-{i}-{s}" for i in ("plus", "pi", "none") for s in ("pre", "post")]
     refs = [f"ref-{o}-{i}" for o in ("table11", "released") for i in ("plus", "pi")]
     if kind == "full":
         return ["lora", "oft", "boft", "hra", *lorma, *refs]
     if kind == "lorma":
         return ["lora", "oft", "hra", *[m for m in lorma if "none" not in m]]
-    if kind == "core":
-        return ["lora", *[m for m in lorma if "none" not in m]]
+    if kind == "core":  # the methods the goals are about
+        return ["lora", "lorma-plus-pre", "lorma-pi-pre"]
     if kind == "layer":  # square layers: auto is pre
         return ["lora", "lorma-plus-pre", "lorma-plus-post", "lorma-pi-pre", "lorma-pi-post", *refs]
     raise ValueError(kind)
+
+
+def with_auto_side(methods: list[str], work: Workload) -> list[str]:
+    """``methods`` plus ``lorma-{plus,pi}-auto`` where the workload has a module whose auto side is not pre (an
+    expanding layer, d_out > d_in: an LLM's gate / up); elsewhere auto is pre and would be measured twice."""
+    from lorma.config import cheaper_side
+
+    expanding = any(
+        isinstance(m, nn.Linear) and cheaper_side(m.in_features, m.out_features) == "post"
+        and any(name == t or name.endswith("." + t) for t in work.targets)
+        for name, m in work.model.named_modules()
+    )
+    if not expanding:
+        return methods
+    extra = [f"lorma-{i}-auto" for i in ("plus", "pi") if f"lorma-{i}-pre" in methods]
+    return [*methods, *extra]
 
 
 def shared_copy(model: nn.Module) -> nn.Module:

@@ -1,8 +1,9 @@
 """``python -m benchmarks.run`` (``make bench``): measure, judge against the goals, write BENCHMARKS.md and a plot.
 
 ``--quick`` (``make bench-quick``) is the development run: SmolLM2-135M only (q, v and all linear, LoRA and
-LoRMA plus / pi), fewer rounds, a few minutes. ``--device cuda`` (``scripts/gpu_bench.sh``) runs the same
-tables on a GPU. How a number is measured and judged is stated in :data:`METHOD_NOTE`, which the report repeats.
+LoRMA plus / pi on the pre side, and on the auto side where it differs), fewer rounds, a few minutes.
+``--device cuda`` (``scripts/gpu_bench.sh``) runs the same tables on a GPU. How a number is measured and judged
+is stated in :data:`METHOD_NOTE`, which the report repeats.
 """
 
 from __future__ import annotations
@@ -126,7 +127,8 @@ class Plan:
 
 
 FULL_PLAN = Plan(sections=SECTIONS, min_rounds=5, max_rounds=30, table_budget_s=600.0, memory_rounds=3)
-# one model, the LoRA and LoRMA methods only, fewer rounds: under 5 minutes on 2 shared cores. One thread: the
+# one model, LoRA and LoRMA plus / pi (pre, and auto where it differs), fewer rounds: under 5 minutes on 2 quiet
+# cores (much longer while other work holds them: BENCHMARKS.md says how long its run took). One thread: the
 # quick run is for development on a shared machine, where two OpenMP threads on two busy cores wait for each
 # other at every parallel region (measured: a 64 x 64 layer's step 1.2 ms with one thread, 150 ms with two)
 QUICK_PLAN = Plan(sections=("smollm2",), min_rounds=4, max_rounds=12, table_budget_s=150.0, memory_rounds=2,
@@ -595,7 +597,7 @@ def build_sessions(plan: Plan, cache_dir: Path, device: torch.device) -> list[tu
                 w.batch = batch  # one batch object: the superset check needs the same input
             b, s = plan.smollm2_shape
             return Session(f"SmolLM2-135M, {b} x {s} tokens (q_proj, v_proj and all linear, one set of rounds)",
-                           works, {w.name: H.method_names(plan.smollm2_methods) for w in works})
+                           works, {w.name: H.with_auto_side(H.method_names(plan.smollm2_methods), w) for w in works})
 
         out.append(("smollm2", smollm2))
     if "gpt2" in plan.sections:
@@ -617,7 +619,7 @@ def build_sessions(plan: Plan, cache_dir: Path, device: torch.device) -> list[tu
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
     parser.add_argument("--quick", action="store_true",
-                        help="development run: SmolLM2-135M only, LoRA and LoRMA, fewer rounds (a few minutes)")
+                        help="development run: SmolLM2-135M, LoRA and LoRMA plus / pi, fewer rounds (a few minutes)")
     parser.add_argument("--out", type=Path, default=None,
                         help="report path (default BENCHMARKS.md; with --quick, runs/bench-quick/BENCHMARKS.md)")
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "lorma-bench",

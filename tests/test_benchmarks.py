@@ -375,8 +375,7 @@ def test_quick_mode_is_one_model_with_fewer_rounds(tmp_path) -> None:
     full = R.make_plan(R.parse_args([]))
     assert quick.quick and quick.sections == ("smollm2",) and quick.threads == 1
     assert quick.max_rounds < full.max_rounds and quick.table_budget_s < full.table_budget_s
-    assert H.method_names(quick.smollm2_methods) == ["lora", "lorma-plus-pre", "lorma-plus-post", "lorma-plus-auto",
-                                                     "lorma-pi-pre", "lorma-pi-post", "lorma-pi-auto"]
+    assert H.method_names(quick.smollm2_methods) == ["lora", "lorma-plus-pre", "lorma-pi-pre"]
     assert full.sections == R.SECTIONS and not full.quick
     assert [s for s, _ in R.build_sessions(quick, tmp_path, torch.device("cpu"))] == ["smollm2"]
     assert R.make_plan(R.parse_args(["--quick", "--max-rounds", "20"])).max_rounds == 20
@@ -487,3 +486,12 @@ def test_gpu_script_asks_for_cuda_and_a_plan_that_parses() -> None:
     assert args.device == "cuda" and plan.table_budget_s == 60.0 and plan.max_rounds == 30
     assert "compile" not in plan.sections and "quant" not in plan.sections and "smollm2" in plan.sections
     assert "timeout 590" in script  # the 10-minute budget is enforced, not hoped for
+
+
+def test_auto_side_is_measured_only_where_it_differs_from_pre(tiny_llama) -> None:
+    core = H.method_names("core")
+    all_linear = fake_work("llama (all linear)", list(H.LLAMA_ALL_LINEAR), tiny_llama, {})
+    qv = fake_work("llama (q, v)", ["q_proj", "v_proj"], tiny_llama, {})
+    assert H.with_auto_side(core, all_linear) == [*core, "lorma-plus-auto", "lorma-pi-auto"]  # gate / up expand
+    assert H.with_auto_side(core, qv) == core  # q 32 -> 32, v 32 -> 16: auto is pre
+    assert H.with_auto_side(["lora"], all_linear) == ["lora"]
