@@ -279,7 +279,10 @@ def apply_dense_recomputed(
     h: torch.Tensor, A: torch.Tensor, B: torch.Tensor, build: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ) -> torch.Tensor:
     """``build(A, B)`` (a dense ``d x d`` transform) applied to activations ``h``, exact, saving no ``d x d``
-    matrix for the backward (:class:`_DenseRecomputed`). Without gradients it is a plain ``F.linear``."""
-    if not (torch.is_grad_enabled() and (h.requires_grad or A.requires_grad or B.requires_grad)):
+    matrix for the backward (:class:`_DenseRecomputed`). Without gradients it is a plain ``F.linear``; so it is
+    under ``torch.compile``, which cannot trace the ``autograd.grad`` of the rebuilt transform inside a backward
+    (a graph break) and plans what to save or recompute itself."""
+    needs_grad = torch.is_grad_enabled() and (h.requires_grad or A.requires_grad or B.requires_grad)
+    if not needs_grad or torch.compiler.is_compiling():
         return F.linear(h, build(A, B))
     return _DenseRecomputed.apply(h, A, B, build)
