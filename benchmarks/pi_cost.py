@@ -107,6 +107,20 @@ def step_macs(shape: LlamaShape, side: str | None, n_tokens: int, seq_len: int, 
             "total": frozen + transform + build}
 
 
+def cheapest_step_macs(shape: LlamaShape, side: str, n_tokens: int, seq_len: int, r: int = R) -> float:
+    """Multiply-adds per token of LoRMA_pi's step when each module takes the cheaper exact dense strategy at
+    ``n_tokens``: ``3 d^2`` (activation) or ``d d_other + 2 d^2 d_other / n`` (fold: the folded weight's gradient
+    GEMM and the fold's two products), as :func:`lorma.functional.choose_dense_strategy` counts them."""
+    total = step_macs(shape, None, n_tokens, seq_len)["frozen"]
+    for d_in, d_out in shape.modules().values():
+        resolved = cheaper_side(d_in, d_out) if side == "auto" else side
+        d, other = (d_out, d_in) if resolved == "pre" else (d_in, d_out)
+        activation = 3 * d * d
+        fold = d * other + 2 * d * d * other / n_tokens
+        total += shape.layers * (min(activation, fold) + 3 * r * d * d / n_tokens)
+    return total
+
+
 def fold_break_even(side: str, d_in: int, d_out: int) -> str:
     """Tokens per step above which folding ``M`` into the weight costs fewer multiply-adds than applying it to
     activations with gradients (:func:`lorma.functional.choose_dense_strategy`'s counts)."""
@@ -163,15 +177,25 @@ def arithmetic_section(shape: LlamaShape, source: str, n_tokens: int, seq_len: i
         lines.append(f"| LoRMA_pi {side} | {c['frozen'] / 1e6:.0f} M | {c['transform'] / 1e6:.0f} M "
                      f"| {c['build'] / 1e6:.1f} M | - | {c['total'] / 1e6:.0f} M | {c['total'] / lora['total']:.2f} "
                      f"| {saved / 2**20:.0f} MiB | {(saved + model_bytes(shape)) / model_bytes(shape):.2f}x |")
+    lines += ["", "With each module on the cheaper of activation and fold (what `choose_dense_strategy` picks), the "
+              "limit falls with the token count, because a folded module pays one weight-gradient GEMM (d d_other "
+              "per token, as much as its frozen forward) instead of 3 d^2:", "",
+              "| tokens per step (sequence 64 / 256) | " + " | ".join(f"pi {s} / LoRA" for s in ("pre", "post", "auto"))
+              + " |", "|---|---:|---:|---:|"]
+    for n, seq in ((n_tokens, seq_len), (2048, 256), (8192, 256)):
+        base = step_macs(shape, None, n, seq)["total"]
+        lines.append(f"| {n} ({seq}) | " + " | ".join(f"{cheapest_step_macs(shape, s, n, seq) / base:.2f}"
+                                                    for s in ("pre", "post", "auto")) + " |")
     auto = step_macs(shape, "auto", n_tokens, seq_len)
     lines += [
         "",
-        f"So the limit of any exact dense strategy on the auto side is {auto['total'] / lora['total']:.2f}x LoRA's "
-        f"step at this token count: the transforms alone are {auto['transform'] / lora['total']:.2f}x LoRA's whole "
-        "step, and none of the three d^2 terms can be skipped (the forward applies M; the input needs M^T g; B "
+        f"So at {n_tokens} tokens the limit of any exact dense strategy on the auto side is "
+        f"{auto['total'] / lora['total']:.2f}x LoRA's step on the activation strategy: the transforms alone are "
+        f"{auto['transform'] / lora['total']:.2f}x LoRA's whole step, and none of the three d^2 terms can be "
+        "skipped (the forward applies M; the input needs M^T g; B "
         "and A need the d x d gradient G = sum_t g_t h_t^T, or the FFT form of it). Folding M into the weight "
-        "costs 2 d^2 d_other + n d d_other instead of 3 n d^2, which wins only from n > 2 d d_other / (3 d - "
-        "d_other) tokens per step (thousands here). Only the FFT form has fewer flops (about 3 x 2.5 (r + 1) d "
+        "costs 2 d^2 d_other + n d d_other instead of 3 n d^2, fewer only from n > 2 d d_other / (3 d - "
+        "d_other) tokens per step (the first table; never when d_other >= 3 d). Only the FFT form has fewer flops (about 3 x 2.5 (r + 1) d "
         "log2 d per token); see the measured table for what it costs on this machine. The memory limit: the saved "
         "d x d matrices are avoidable (rebuild M in the backward, `apply_dense_recomputed`), leaving one "
         "module's M (and its gradient) alive at a time.",
