@@ -195,7 +195,8 @@ def arithmetic_section(shape: LlamaShape, source: str, n_tokens: int, seq_len: i
         "skipped (the forward applies M; the input needs M^T g; B "
         "and A need the d x d gradient G = sum_t g_t h_t^T, or the FFT form of it). Folding M into the weight "
         "costs 2 d^2 d_other + n d d_other instead of 3 n d^2, fewer only from n > 2 d d_other / (3 d - "
-        "d_other) tokens per step (the first table; never when d_other >= 3 d). Only the FFT form has fewer flops (about 3 x 2.5 (r + 1) d "
+        "d_other) tokens per step (the first table; never when d_other >= 3 d). Only the FFT form has fewer "
+        "flops (about 3 x 2.5 (r + 1) d "
         "log2 d per token); see the measured table for what it costs on this machine. The memory limit: the saved "
         "d x d matrices are avoidable (rebuild M in the backward, `apply_dense_recomputed`), leaving one "
         "module's M (and its gradient) alive at a time.",
