@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from lorma import functional as LF
 from lorma.config import cheaper_side
 from lorma.fileio import atomic_write_text
+from lorma.inflations.pi import PiInflation
 
 from . import harness as H
 from .device import load_average, pin_threads
@@ -227,7 +228,7 @@ def module_forwards(d_in: int, d_out: int, side: str, n_tokens: int, seed: int =
     B = (torch.randn(d, R, generator=g) / math.sqrt(R)).requires_grad_(True)
 
     def build(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return LF.inflate(a, b, "pi", s)
+        return PiInflation().transform(a, b, s)
 
     def around(apply: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], torch.Tensor]:
         """The transform on its side: on the output (pre) or on the input (post)."""
