@@ -335,7 +335,7 @@ def run_training(cfg: RunConfig, overwrite: bool = False, resume: bool = False,
             atomic_write_text(out / CONFIG_FILE, dump_yaml(resolved))
             _trim_logs(out, checkpoint, rank_log)
         loss_log = _loss_log_callback(out / LOSS_LOG)
-        callbacks = [loss_log]
+        callbacks = [loss_log, *task.callbacks()]
         if cfg.track_rank:
             callbacks.append(_rank_callback(cfg.track_rank, rank_log.parent, checkpoint is not None))
         trainer = Trainer(
