@@ -67,12 +67,16 @@ def is_main_process() -> bool:
 
 
 def weights_digest(model: Any) -> str:
-    """SHA-256 of the trainable weights (names sorted): equal on every rank of one distributed run."""
+    """SHA-256 of the trainable weights (names sorted): equal on every rank of one distributed run.
+
+    Sharded weights (FSDP2, ZeRO-3) are gathered whole first: a collective, so every rank calls this.
+    """
+    from lorma.sharding import trainable_state_dict
+
     digest = hashlib.sha256()
-    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
-        if param.requires_grad:
-            digest.update(name.encode())
-            digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
+    for name, tensor in sorted(trainable_state_dict(model).items()):
+        digest.update(name.encode())
+        digest.update(tensor.float().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -156,6 +160,9 @@ def _training_arguments(cfg: RunConfig, out: Path, has_eval: bool, task: Any) ->
     import torch
 
     if not torch.cuda.is_available():
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+            raise InputError("accelerate enables FSDP on GPUs only: on this CPU-only machine the FSDP config would "
+                             "silently run DDP; launch with configs/distributed/ddp.yaml --cpu instead")
         kwargs.setdefault("dataloader_pin_memory", False)  # pinning needs an accelerator; avoids a warning
         if world_size() > 1:
             # accelerate treats a CPU-only multi-process run as distributed only when told it is on the CPU
@@ -406,13 +413,17 @@ def _train_and_save(cfg: RunConfig, txn: RunTransaction, trainer: Any, task: Any
     metrics.update(outcome_fields(task))  # main metric, collapse flags, class weights
     if tuning:
         metrics["tuning"] = tuning
+    # a sharded model (FSDP2, ZeRO-3) is gathered on every rank (collective) and saved whole by the main process
+    from lorma.sharding import model_is_sharded, trainable_state_dict
+
+    whole = trainable_state_dict(model, cfg.method in ADAPTER_METHODS) if model_is_sharded(model) else None
     if is_main_process():
         steps_logged, losses = read_loss_log(out / LOSS_LOG) if (out / LOSS_LOG).exists() else ([], [])
         if len(steps_logged) >= 2:
             from lorma.recipes.compare import loss_auc
 
             metrics["loss_auc"] = float(loss_auc(steps_logged, losses))
-        _save_model(cfg, out, model, tokenizer, task, base_fingerprint)
+        _save_model(cfg, out, model, tokenizer, task, base_fingerprint, whole)
         save_eval_predictions(out / EVAL_PREDICTIONS, task)
         atomic_write_json(out / METRICS_FILE, metrics)  # last: a run directory with metrics.json has finished
         warning = describe_collapse(metrics)
@@ -454,11 +465,16 @@ This is a LoRMA adapter (`peft_type` "LORMA"). peft knows the method only in a p
 """
 
 
-def _save_model(cfg: RunConfig, out: Path, model: Any, tokenizer: Any, task: Any, fingerprint: dict[str, Any]) -> None:
-    """Save the adapter (or the whole model for non-adapter methods) atomically, with the tokenizer."""
+def _save_model(cfg: RunConfig, out: Path, model: Any, tokenizer: Any, task: Any, fingerprint: dict[str, Any],
+                state_dict: dict[str, Any] | None = None) -> None:
+    """Save the adapter (or the whole model for non-adapter methods) atomically, with the tokenizer.
+
+    ``state_dict``: the weights gathered whole from a sharded model (the files are then those of an unsharded run).
+    """
     final = out / (ADAPTER_DIR if cfg.method in ADAPTER_METHODS else MODEL_DIR)
     with staged_directory(final) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        extra = {} if state_dict is None else {"state_dict": state_dict}
+        model.save_pretrained(str(tmp), safe_serialization=True, **extra)
         tokenizer.save_pretrained(str(tmp))
         if cfg.method.startswith("lorma-"):
             card = tmp / "README.md"

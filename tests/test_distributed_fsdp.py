@@ -1,0 +1,70 @@
+"""FSDP2 (``fully_shard``, 2 gloo processes on the CPU) trains LoRMA+ and LoRMA_pi to the same adapter as one
+process on the whole batch, saves it as a plain peft adapter, and the reloaded adapter gives the same logits.
+
+The worker is ``tests/distributed_worker.py`` (see its docstring for the cases, among them pi with every adapted
+linear sharded on its own, where the weight fold reads a sharded weight as it would under DeepSpeed ZeRO-3).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import distributed_worker as worker
+
+WORKER = str(Path(__file__).with_name("distributed_worker.py"))
+
+
+def _run(cmd: list[str]) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_fsdp2_two_processes_train_what_one_process_trains(tmp_path: Path) -> None:
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    import lorma  # noqa: F401
+
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    _run([sys.executable, WORKER, str(single)])
+    stdout = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", WORKER,
+                   str(sharded)])
+    reports = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    for case in worker.CASES:
+        # every rank gathered the same whole adapter
+        digests = [r["digest"] for r in reports if r["case"] == case]
+        assert len(digests) == 2 and digests[0] == digests[1], case
+
+        one, two = torch.load(single / case / "result.pt"), torch.load(sharded / case / "result.pt")
+        # the same steps on the same data: the losses (mean of the two halves under FSDP) and the logits agree to
+        # float32 rounding
+        halves = torch.tensor(two["losses"])
+        assert halves.shape == (worker.STEPS,)
+        torch.testing.assert_close(two["logits"], one["logits"], atol=2e-5, rtol=1e-4)
+
+        # a plain peft adapter: the same files and keys as the single process's, loadable on a fresh base
+        config = json.loads((sharded / case / "adapter_config.json").read_text())
+        assert config["peft_type"] == "LORMA" and config["inflation"] == worker.CASES[case]["inflation"]
+        keys_two = load_file(sharded / case / "adapter_model.safetensors")
+        keys_one = load_file(single / case / "adapter_model.safetensors")
+        assert sorted(keys_two) == sorted(keys_one)
+        for key in keys_one:
+            torch.testing.assert_close(keys_two[key], keys_one[key], atol=2e-5, rtol=1e-4)
+        base = worker.tiny_llama().eval()
+        with torch.no_grad():
+            base_logits = base(input_ids=worker.probe()).logits
+        reloaded = PeftModel.from_pretrained(base, str(sharded / case)).eval()
+        with torch.no_grad():
+            logits = reloaded(input_ids=worker.probe()).logits
+        torch.testing.assert_close(logits, one["logits"], atol=2e-5, rtol=1e-4)
+        assert (logits - base_logits).abs().max() > 1e-3, f"{case}: training did not move the adapter"
