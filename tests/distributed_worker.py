@@ -5,6 +5,8 @@ on its half of the batch; save each adapter as a peft adapter and the final logi
 Cases: ``plus`` (pre side) and ``pi`` (post side) with the decoder layers wrapped (the configs' auto-wrap), and
 ``pi-per-linear``: pre-side pi with every adapted ``nn.Linear`` wrapped on its own, so that the frozen weight is
 sharded whenever LoRMA reads it outside the linear's forward (the pi weight fold), as under DeepSpeed ZeRO-3.
+``zero3-plus`` / ``zero3-pi``: DeepSpeed ZeRO-3 on its CPU accelerator (gloo), every parameter partitioned
+(persistence threshold 0), LoRMA layers marked as ZeRO-3 leaf modules by :func:`lorma.sharding.prepare_zero3`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,11 @@ CASES = {
     "plus": {"inflation": "plus", "side": "pre", "wrap": "decoder-layer"},
     "pi": {"inflation": "pi", "side": "post", "wrap": "decoder-layer"},
     "pi-per-linear": {"inflation": "pi", "side": "pre", "wrap": "linear"},
+    "zero3-plus": {"inflation": "plus", "side": "post", "wrap": "zero3"},
+    "zero3-pi": {"inflation": "pi", "side": "pre", "wrap": "zero3"},
 }
+FSDP_CASES = [c for c, spec in CASES.items() if spec["wrap"] != "zero3"]
+ZERO3_CASES = [c for c, spec in CASES.items() if spec["wrap"] == "zero3"]
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 STEPS = 3
 BATCH, LENGTH = 4, 24
@@ -55,7 +61,24 @@ def run_case(case: str, out: Path, rank: int, world: int) -> None:
     model = get_peft_model(tiny_llama(), LormaConfig(r=4, alpha=8, inflation=spec["inflation"], side=spec["side"],
                                                      target_modules=TARGETS))
     torch.manual_seed(0)
-    if world > 1:
+    ids = batch()
+    rows = ids.shape[0] // world
+    ids = ids[rank * rows : (rank + 1) * rows]  # each rank trains on its part of the same batch
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    engine = None
+    if world > 1 and spec["wrap"] == "zero3":
+        import deepspeed
+
+        from lorma.sharding import prepare_zero3
+
+        prepare_zero3(model)
+        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config={
+            "train_micro_batch_size_per_gpu": rows, "gradient_accumulation_steps": 1, "train_batch_size": BATCH,
+            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+            "zero_allow_untested_optimizer": True, "steps_per_print": 10**9})
+        partitioned = [n for n, p in model.named_parameters() if p.data.numel() == 0]
+        assert any("base_layer" in n for n in partitioned), "ZeRO-3 left the frozen weights whole"
+    elif world > 1:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
@@ -69,17 +92,18 @@ def run_case(case: str, out: Path, rank: int, world: int) -> None:
         fully_shard(model, mesh=mesh)
         sharded = [n for n, p in model.named_parameters() if type(p).__name__ == "DTensor"]
         assert sharded, "fully_shard left no parameter sharded"
-    ids = batch()
-    rows = ids.shape[0] // world
-    ids = ids[rank * rows : (rank + 1) * rows]  # each rank trains on its part of the same batch
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
     losses = []
     for _ in range(STEPS):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+        if engine is not None:
+            loss = engine(input_ids=ids, labels=ids).loss
+            engine.backward(loss)
+            engine.step()
+        else:
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
         losses.append(float(loss.detach()))
     tensors = trainable_state_dict(model)  # collective: every rank gathers the whole adapter
     assert tensors and all(t.shape.numel() > 0 for t in tensors.values())
@@ -97,7 +121,7 @@ def run_case(case: str, out: Path, rank: int, world: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
-    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--cases", default=",".join(FSDP_CASES))
     args = parser.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))

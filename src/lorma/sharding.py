@@ -1,26 +1,28 @@
 """Whole tensors from sharded parameters: FSDP2 (``DTensor``) and DeepSpeed ZeRO-3 (partitioned ``ds_id`` params).
 
-Under ZeRO-3 a parameter holds only this rank's partition (its ``.data`` is empty) except around the forward of
-the module that owns it, where DeepSpeed's hooks gather it. LoRMA reads the frozen ``base_layer.weight`` outside
-the base layer's own forward in a few places (the pi / none weight fold, the fused post-side correction, merging),
-so those reads go through :func:`full_weight` and the writes of merging through :func:`modifiable`, which use
-DeepSpeed's own ``GatheredParameters``. FSDP2 (``fully_shard``) unshards every parameter of a wrapped block for
-that block's whole forward, so with the decoder layers wrapped (``configs/distributed/fsdp.yaml``) the reads in
-a forward see plain tensors; outside a forward (saving, a digest) a parameter is a ``DTensor`` and
-:func:`full_tensor` gathers it. Every gather is a collective: all ranks call these functions in the same order.
+ZeRO-3 keeps only this rank's partition of a parameter (its ``.data`` is empty) except around the forward (and
+backward) of the module that owns it, where DeepSpeed's hooks gather it. A LoRMA layer holds ``A`` and ``B`` in
+``ParameterDict`` children whose forward never runs, and reads the frozen ``base_layer.weight`` outside the base
+layer's own forward (the pi / none weight fold, the fused post-side correction, merging). So the LoRMA layers are
+marked as ZeRO-3 leaf modules (:func:`prepare_zero3`: the whole layer is gathered around its own forward), the
+reads go through :func:`full_weight`, and merging into a sharded weight is refused (:func:`refuse_sharded_write`:
+merge the saved adapter in one process). FSDP2 (``fully_shard``) unshards every parameter of a wrapped block for
+that block's forward, so with the decoder layers wrapped (``configs/distributed/fsdp.yaml``) the forward reads
+plain tensors; a base layer wrapped on its own, or a parameter outside a forward (saving, a digest), is a
+``DTensor`` that :func:`full_weight` / :func:`full_tensor` gather. Every gather is a collective: all ranks call
+these functions in the same order.
 
 Nothing here imports DeepSpeed unless a parameter is a DeepSpeed one, so the module is free to import.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-__all__ = ["full_tensor", "full_weight", "is_sharded", "model_is_sharded", "modifiable", "trainable_state_dict"]
+__all__ = ["full_tensor", "full_weight", "is_sharded", "model_is_sharded", "prepare_zero3", "refuse_sharded_write",
+           "trainable_state_dict"]
 
 
 def _is_zero3(param: Any) -> bool:
@@ -45,6 +47,23 @@ def model_is_sharded(model: torch.nn.Module) -> bool:
     return any(is_sharded(p) for p in model.parameters())
 
 
+def prepare_zero3(model: torch.nn.Module) -> int:
+    """Mark every LoRMA layer as a ZeRO-3 *leaf* module (DeepSpeed's ``set_z3_leaf_modules``); returns how many.
+
+    ZeRO-3 gathers a module's own parameters around its forward. A LoRMA layer keeps ``A`` and ``B`` in
+    ``ParameterDict`` children whose forward never runs, and reads the base weight outside the base layer's
+    forward (the pi / none weight fold, the fused post-side correction); as a leaf, the whole layer (base weight,
+    bias, ``A``, ``B``) is gathered around the LoRMA layer's forward and again for its backward. Call it before
+    ``deepspeed.initialize`` (HF Trainer calls that in ``train``); harmless without DeepSpeed ZeRO-3.
+    """
+    from deepspeed.utils import set_z3_leaf_modules
+
+    from lorma.layer import LormaLayer
+
+    classes = sorted({type(m) for m in model.modules() if isinstance(m, LormaLayer)}, key=lambda c: c.__name__)
+    return len(set_z3_leaf_modules(model, classes, raise_if_not_found=False)) if classes else 0
+
+
 def full_tensor(param: torch.Tensor) -> torch.Tensor:
     """The whole value of ``param``, detached (a copy when it had to be gathered; collective then)."""
     if _is_dtensor(param):
@@ -58,29 +77,27 @@ def full_tensor(param: torch.Tensor) -> torch.Tensor:
 
 
 def full_weight(weight: torch.Tensor) -> torch.Tensor:
-    """A frozen weight to compute with outside its module's forward.
+    """A frozen weight to compute with, whole.
 
-    A ZeRO-3 partitioned weight is gathered and copied (the copy stays valid for backward, after DeepSpeed has
-    freed the gathered buffer); a plain weight, or one FSDP2 has unsharded for the block's forward, is returned
-    as it is (no copy). A ``DTensor`` outside a forward is gathered.
+    A plain weight, one FSDP2 has unsharded for the block's forward, or a ZeRO-3 weight DeepSpeed has gathered
+    (a LoRMA layer marked by :func:`prepare_zero3`, inside its forward or backward) is returned as it is, so that
+    autograd keeps the parameter itself. An FSDP2 ``DTensor`` (a base layer wrapped on its own) is gathered with
+    ``full_tensor``, a differentiable collective; a partitioned ZeRO-3 weight outside a forward is gathered and
+    copied.
     """
-    return full_tensor(weight) if is_sharded(weight) else weight
-
-
-@contextlib.contextmanager
-def modifiable(weight: torch.Tensor) -> Iterator[None]:
-    """Around an in-place change of ``weight`` (merging): under ZeRO-3 the whole weight is gathered, changed on
-    rank 0 and re-partitioned from rank 0's value on exit; otherwise nothing happens."""
-    if _is_zero3(weight):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([weight], modifier_rank=0):
-            yield
-        return
     if _is_dtensor(weight):
-        raise RuntimeError("merging into an FSDP2-sharded weight is not supported: save the adapter and merge it "
-                           "in one process (lorma merge), or merge before sharding")
-    yield
+        return weight.full_tensor()
+    if _is_zero3(weight) and weight.data.numel() == 0:
+        return full_tensor(weight)
+    return weight
+
+
+def refuse_sharded_write(weight: torch.Tensor, module_name: str) -> None:
+    """A one-line error before merging into (or unmerging from) a sharded weight: a merge there would change one
+    rank's shard, or a gathered copy DeepSpeed throws away. Merge the saved adapter in one process instead."""
+    if is_sharded(weight):
+        raise RuntimeError(f"module {module_name!r}: its weight is sharded (FSDP2 / ZeRO-3); merging needs the whole "
+                           "weight in one process: save the adapter and run `lorma merge` (or merge before sharding)")
 
 
 def trainable_state_dict(model: torch.nn.Module, trainable_only: bool = True) -> dict[str, torch.Tensor]:
