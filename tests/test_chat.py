@@ -245,3 +245,17 @@ def test_lorma_compare_task_chat(chat_model: Path, tmp_path: Path) -> None:
     for method in ("lora", "lorma-plus"):
         metrics = json.loads((out / method / "seed-42" / "metrics.json").read_text())
         assert metrics["task"] == "chat" and metrics["eval"]["eval_loss"] > 0
+
+
+def test_chatterbot_corpus_conversations_are_real_distinct_and_alternating(tmp_path: Path) -> None:
+    from lorma.tasks.chat import chatterbot_conversations, write_chatterbot_jsonl
+
+    conversations = chatterbot_conversations()
+    assert len(conversations) > 800  # 899 distinct English conversations in chatterbot-corpus 1.3.3
+    assert len({tuple(m["content"] for m in c) for c in conversations}) == len(conversations)
+    for c in conversations:
+        assert [m["role"] for m in c] == ["user", "assistant"] * (len(c) // 2) and all(m["content"] for m in c)
+    assert sum(len(c) > 2 for c in conversations) >= 50  # multi-turn ones
+    train, test = write_chatterbot_jsonl(tmp_path, test_fraction=0.1, seed=0)
+    n_train, n_test = len(read_chat(train).items), len(read_chat(test).items)
+    assert n_train + n_test == len(conversations) and n_test == round(len(conversations) * 0.1)
