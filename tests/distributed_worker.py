@@ -64,7 +64,6 @@ def run_case(case: str, out: Path, rank: int, world: int) -> None:
     ids = batch()
     rows = ids.shape[0] // world
     ids = ids[rank * rows : (rank + 1) * rows]  # each rank trains on its part of the same batch
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     engine = None
     if world > 1 and spec["wrap"] == "zero3":
         import deepspeed
@@ -72,6 +71,7 @@ def run_case(case: str, out: Path, rank: int, world: int) -> None:
         from lorma.sharding import prepare_zero3
 
         prepare_zero3(model)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config={
             "train_micro_batch_size_per_gpu": rows, "gradient_accumulation_steps": 1, "train_batch_size": BATCH,
             "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
@@ -92,6 +92,8 @@ def run_case(case: str, out: Path, rank: int, world: int) -> None:
         fully_shard(model, mesh=mesh)
         sharded = [n for n, p in model.named_parameters() if type(p).__name__ == "DTensor"]
         assert sharded, "fully_shard left no parameter sharded"
+    if engine is None:  # after fully_shard, which replaces the parameters by sharded ones
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
     losses = []
     for _ in range(STEPS):
