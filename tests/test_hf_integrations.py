@@ -173,10 +173,10 @@ def test_trl_sft_trainer_with_a_lorma_peft_config(tiny_causal_lm_dir: Path, tmp_
 
 
 def test_trl_sft_config_trains_in_bf16_autocast_on_cpu_by_default(tiny_causal_lm_dir: Path, tmp_path: Path) -> None:
-    """trl's SFTConfig sets ``bf16=True`` unless fp16 is asked for, also on a CPU: the forward runs under bf16
-    autocast (LoRMA_pi's adapted layers give bf16 outputs) while the adapter weights stay float32. Pass
-    ``bf16=False`` (as the test above does) for float32 training. Conversational data (``messages``) goes through
-    the tokenizer's chat template."""
+    """trl's SFTConfig sets ``bf16=True`` unless fp16 is asked for, also on a CPU: the forward runs under CPU bf16
+    autocast (an un-adapted projection's output is bf16; LoRMA_pi computes its transform in the adapters' float32)
+    while the adapter weights stay float32. Pass ``bf16=False`` (as the test above does) for float32 training.
+    Conversational data (``messages``) goes through the tokenizer's chat template."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
@@ -196,14 +196,22 @@ def test_trl_sft_config_trains_in_bf16_autocast_on_cpu_by_default(tiny_causal_lm
         peft_config=LormaConfig(r=4, alpha=8, inflation="pi", target_modules=["q_proj", "v_proj"],
                                 task_type="CAUSAL_LM"),
     )
-    layer = trainer.model.base_model.model.model.layers[0].self_attn.q_proj
-    seen: list[torch.dtype] = []
-    handle = layer.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    attention = trainer.model.base_model.model.model.layers[0].self_attn
+    layer = attention.q_proj
+    seen: list[tuple[bool, torch.dtype]] = []
+    plain: list[torch.dtype] = []
+    handles = [
+        layer.register_forward_hook(lambda module, inputs, output: seen.append(
+            (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))),
+        attention.k_proj.register_forward_hook(lambda module, inputs, output: plain.append(output.dtype)),
+    ]
     try:
         trainer.train()
     finally:
-        handle.remove()
-    assert seen and set(seen) == {torch.bfloat16}
+        for handle in handles:
+            handle.remove()
+    assert seen and set(seen) == {(True, torch.bfloat16)}
+    assert plain and set(plain) == {torch.bfloat16}
     assert layer.lorma_A["default"].dtype == layer.lorma_B["default"].dtype == torch.float32
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
