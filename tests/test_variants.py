@@ -406,3 +406,106 @@ def test_peft_model_loads_the_variants_by_name(tmp_path) -> None:
     x = torch.randn(2, 12)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+# ---------------------------------------------------------------------------------------------- recipes, Trainer
+def _classifier(num_labels: int = 3):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+                        vocab_size=120, num_labels=num_labels)
+    return BertForSequenceClassification(config)
+
+
+@pytest.mark.parametrize(
+    ("method", "variant", "inflation"),
+    [("dorma-plus", "dorma", "plus"), ("dorma-pi", "dorma", "pi"), ("adalorma", "adalorma", "plus"),
+     ("dylorma", "dylorma", "plus")],
+)
+def test_methods_build_the_variants(method: str, variant: str, inflation: str) -> None:
+    from lorma.recipes.config import build_config
+    from lorma.recipes.methods import build_method_model
+
+    cfg = build_config({"method": method, "r": 4, "alpha": 8, "max_steps": 50}, {})
+    model = build_method_model(_classifier(), cfg, ["classifier"], "SEQ_CLS")
+    config = model.peft_config["default"]
+    assert (config.variant, config.inflation) == (variant, inflation)
+    if method == "adalorma":  # AdaLoRA's comparison: from 1.5 r down to r on average, over the run's steps
+        assert (config.r, config.target_r, config.total_step, config.tinit, config.tfinal) == (6, 4, 50, 5, 10)
+    layers = [m for m in model.modules() if isinstance(m, LormaLayer)]
+    assert len(layers) == 4 and all(type(m.lorma_variant["default"]).name == variant for m in layers)
+
+
+def test_adalora_baseline_and_the_budget_methods_need_max_steps() -> None:
+    from peft.tuners.adalora import AdaLoraModel
+
+    from lorma.recipes.config import RecipeError, build_config
+    from lorma.recipes.methods import build_method_model
+
+    cfg = build_config({"method": "adalora", "r": 4, "max_steps": 50}, {})
+    model = build_method_model(_classifier(), cfg, ["classifier"], "SEQ_CLS")
+    assert isinstance(model.base_model, AdaLoraModel)
+    assert (model.peft_config["default"].init_r, model.peft_config["default"].target_r) == (6, 4)
+    for method in ("adalora", "adalorma"):
+        with pytest.raises(RecipeError, match=f"method {method} needs --max-steps"):
+            build_method_model(_classifier(), build_config({"method": method}, {}), ["classifier"], "SEQ_CLS")
+
+
+def test_rank_allocation_callback_prunes_inside_a_trainer(tmp_path) -> None:
+    """The callback runs the budget after every optimizer step of a real Trainer; the saved ranks add up."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    from lorma.callbacks import RankAllocationCallback
+
+    total, r, target = 12, 4, 2
+    config = LormaConfig(r=r, alpha=4, variant="adalorma", target_r=target, tinit=2, tfinal=3, total_step=total,
+                         task_type="SEQ_CLS", target_modules=["query", "value"])
+    model = get_peft_model(_classifier(), config)
+    data = Dataset.from_dict({"input_ids": torch.randint(1, 120, (64, 8)).tolist(),
+                              "labels": torch.randint(0, 3, (64,)).tolist()})
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=total, per_device_train_batch_size=8,
+                             learning_rate=1e-2, report_to="none", save_strategy="no", use_cpu=True,
+                             disable_tqdm=True, logging_strategy="no")
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[RankAllocationCallback()]).train()
+    layers = {n: m for n, m in model.base_model.model.named_modules() if isinstance(m, LormaLayer)}
+    ranks = {n: int(torch.count_nonzero(m.lorma_E["default"])) for n, m in layers.items()}
+    assert sum(ranks.values()) == target * len(layers)
+    assert model.peft_config["default"].final_ranks == ranks
+
+
+def test_rank_allocation_callback_refuses_a_model_without_a_budget() -> None:
+    from lorma.callbacks import RankAllocationCallback
+
+    with pytest.raises(ValueError, match=r"RankAllocationCallback: the trained model has no update_and_allocate"):
+        RankAllocationCallback().on_optimizer_step(None, None, None, model=nn.Linear(2, 2))
+
+
+def test_analyze_reads_the_final_ranks_of_both_budgets(tiny_bert, tmp_path) -> None:
+    """``lorma analyze``: AdaLoRMA's final_ranks and peft AdaLoRA's rank_pattern, by module name, side by side."""
+    from peft import AdaLoraConfig
+
+    from lorma.analysis.report import analyze
+    from lorma.analysis.runs import final_ranks
+
+    base_dir = tmp_path / "base"
+    tiny_bert.save_pretrained(base_dir)
+    config = LormaConfig(r=4, variant="adalorma", target_r=2, total_step=10, target_modules=["query"])
+    ours = get_peft_model(copy.deepcopy(tiny_bert), config)
+    ranks = {"encoder.layer.0.attention.self.query": 3, "encoder.layer.1.attention.self.query": 1}
+    config.final_ranks = dict(ranks)
+    ours.save_pretrained(tmp_path / "adalorma")
+    theirs = get_peft_model(copy.deepcopy(tiny_bert), AdaLoraConfig(init_r=4, target_r=2, total_step=10,
+                                                                    target_modules=["query"]))
+    theirs.peft_config["default"].rank_pattern = {
+        "encoder.layer.0.attention.self.query.lora_E.default": [True, False, False, False],
+        "encoder.layer.1.attention.self.query.lora_E.default": [True, True, True, False],
+    }
+    theirs.save_pretrained(tmp_path / "adalora")
+    read = json.loads((tmp_path / "adalora" / "adapter_config.json").read_text())
+    assert final_ranks(read) == {"encoder.layer.0.attention.self.query": 1, "encoder.layer.1.attention.self.query": 3}
+    result = analyze(tmp_path / "adalorma", against=tmp_path / "adalora", base_model=str(base_dir),
+                     out_dir=tmp_path / "out")
+    assert result["final_ranks"] == {"run": ranks, "against": final_ranks(read)}
+    text = (tmp_path / "out" / "analysis.txt").read_text()
+    assert "the rank the rank budget left" in text and (tmp_path / "out" / "final_ranks.png").stat().st_size > 0
