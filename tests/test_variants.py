@@ -509,3 +509,32 @@ def test_analyze_reads_the_final_ranks_of_both_budgets(tiny_bert, tmp_path) -> N
     assert result["final_ranks"] == {"run": ranks, "against": final_ranks(read)}
     text = (tmp_path / "out" / "analysis.txt").read_text()
     assert "the rank the rank budget left" in text and (tmp_path / "out" / "final_ranks.png").stat().st_size > 0
+
+
+# ---------------------------------------------------------------------------------------------- export
+def test_export_of_dylorma_at_rank_b_is_the_exact_truncation(tiny_bert, tmp_path) -> None:
+    from lorma.export import lora_export
+
+    base = copy.deepcopy(tiny_bert)
+    model = get_peft_model(tiny_bert, variant_config("dylorma", r=4, init_weights=False)).eval()
+    exported = lora_export(model, "default", rank=2)
+    assert exported.exact and exported.config.r == 2
+    assert all(m.lorma_variant["default"].inference_rank is None for m in model.modules() if isinstance(m, LormaLayer))
+    exported.save(tmp_path / "lora")
+    lora = PeftModel.from_pretrained(base, tmp_path / "lora").eval()  # plain peft LoRA
+    for module in model.modules():
+        if isinstance(module, LormaLayer):
+            module.lorma_variant["default"].inference_rank = 2
+    ids = torch.randint(0, 120, (2, 7))
+    with torch.no_grad():
+        assert rel_err(lora(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state) < 1e-5
+
+
+def test_export_of_dorma_is_full_rank_and_needs_a_rank() -> None:
+    from lorma.export import ExportError, lora_export
+
+    model = get_peft_model(TwoLayer(), variant_config("dorma", target_modules=["proj"], init_weights=False))
+    with pytest.raises(ExportError, match=r"inflation 'plus' with variant 'dorma': its update W - W0 is full rank"):
+        lora_export(model, "default")
+    with pytest.raises(ExportError, match=r"DyLoRMA .* --max-error does not apply"):
+        lora_export(get_peft_model(TwoLayer(), variant_config("dylorma", target_modules=["proj"])), max_error=0.1)

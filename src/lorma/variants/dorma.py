@@ -23,9 +23,9 @@ and ``W0 Vt^T``) and ``O(r (d_out + d_in))`` memory, against peft's DoRA, which 
 (``r d_out d_in`` flops, plus ``d_in^2 r`` for its identity trick, and a ``d_out x d_in`` temporary). The
 ``pi`` and ``none`` inflations are full rank, so their norm builds ``V`` (what merging computes anyway).
 
-Merging writes ``W`` above; unmerging restores ``W0`` from the copy the layer keeps at merge time (exact to the
-bit). An algebraic unmerge would need ``||V||_r`` of the weight merged into (peft caches it); ``m`` and the merged
-weight alone do not determine it.
+Merging writes ``W`` above (full rank in general, so ``lorma export`` approximates ``W - W0`` by SVD); unmerging
+restores ``W0`` from the copy the layer keeps at merge time (exact to the bit). An algebraic unmerge would need
+``||V||_r`` of the weight merged into (peft caches it); ``m`` and the merged weight alone do not determine it.
 
 One restriction: a DoRMA adapter is active alone on its layer. Its norm is of ``V`` built from the weight it
 transforms; with another adapter composed before it, the forward would have to rebuild that composition.
@@ -37,7 +37,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..functional import Pair
 from .base import AdaptedLayer, LormaVariant
 
 
@@ -69,7 +68,7 @@ class DormaVariant(LormaVariant):
         Rows of fused parts this adapter does not transform keep ``||W0_i||``. A low-rank update uses the thin
         form of the module docstring; a full-rank one builds the part of ``V`` it transforms.
         """
-        side, s = layer.side[adapter], layer.scaling[adapter]
+        side, s = layer.side[adapter], self.scaling(layer, adapter)
         squared = weight.square().sum(dim=1)
         for rows, A, B in self.pairs(layer, adapter):
             w = weight if rows is None else weight[rows]
@@ -119,7 +118,3 @@ class DormaVariant(LormaVariant):
         direction = weight + super().delta_weight(layer, adapter, weight)
         scale = layer.lorma_magnitude[adapter].to(weight.dtype) / self.row_norms(layer, adapter, weight.detach())
         return scale[:, None] * direction - weight
-
-    def lora_factors(self, layer: AdaptedLayer, adapter: str, weight: torch.Tensor) -> Pair | None:
-        """``None``: the per-row rescaling makes ``W - W0`` full rank (``lorma export`` approximates it by SVD)."""
-        return None

@@ -12,10 +12,9 @@ all ``r``); ``lorma export --rank b`` writes the rank-``b`` truncation as a plai
 reproducible. DyLoRA's "frozen" mode (only the ``b``-th component updated each step) is not built: here every
 component up to ``b`` trains, which is what the truncation's gradient gives.
 
-Everything else is LoRMA+'s on the truncated pair (``B_b`` carries the factor ``r / b``, so the layer's
-``s = alpha / r`` times it is ``alpha / b``): forward, merge (the rank in force at merge time is merged), Woodbury
-unmerge, exact export. Only ``plus`` is accepted: truncating ``pi``'s identity initialisation with ``alpha / b``
-gives ``(r / b) I``, not the base model.
+Everything else is LoRMA+'s on the truncated pair with scaling ``alpha / b`` (the variant hook's ``pairs`` and
+``scaling``): forward, merge (the rank in force at merge time is merged), exact export. Only ``plus`` is accepted:
+truncating ``pi``'s identity initialisation with ``alpha / b`` gives ``(r / b) I``, not the base model.
 """
 
 from __future__ import annotations
@@ -69,8 +68,9 @@ class DyLormaVariant(LormaVariant):
         super().init(layer, adapter, init_weights)
 
     def rank_in_force(self, layer: AdaptedLayer, adapter: str) -> int:
-        """``b``: the drawn rank in training, ``inference_rank`` (or ``r``) otherwise; at most this module's ``r``."""
-        wanted = self.training_rank if getattr(layer, "training", False) else self.inference_rank
+        """``b``: the drawn rank in training (once drawn), else ``inference_rank`` (or ``r``); at most this ``r``."""
+        training = getattr(layer, "training", False) and self.training_rank is not None
+        wanted = self.training_rank if training else self.inference_rank
         return min(wanted or layer.r[adapter], layer.r[adapter])
 
     def unmerges_exactly(self, layer: AdaptedLayer, adapter: str) -> bool:
@@ -79,9 +79,13 @@ class DyLormaVariant(LormaVariant):
         return False
 
     def pairs(self, layer: AdaptedLayer, adapter: str) -> list[PairSlice]:
-        """The first ``b`` components; ``B_b`` times ``r / b``, so the layer's ``alpha / r`` becomes ``alpha / b``."""
-        b, r = self.rank_in_force(layer, adapter), layer.r[adapter]
-        return [(rows, A[..., :b, :], B[..., :, :b] * (r / b)) for rows, A, B in super().pairs(layer, adapter)]
+        """The first ``b`` components of every part."""
+        b = self.rank_in_force(layer, adapter)
+        return [(rows, A[..., :b, :], B[..., :, :b]) for rows, A, B in super().pairs(layer, adapter)]
+
+    def scaling(self, layer: AdaptedLayer, adapter: str) -> float:
+        """DyLoRA's ``alpha / b`` for the ``b`` components in force."""
+        return layer.alpha[adapter] / self.rank_in_force(layer, adapter)
 
 
 def sample_rank(model: nn.Module, adapters: list[str], min_rank: int, max_rank: int) -> int:
