@@ -538,3 +538,22 @@ def test_export_of_dorma_is_full_rank_and_needs_a_rank() -> None:
         lora_export(model, "default")
     with pytest.raises(ExportError, match=r"DyLoRMA .* --max-error does not apply"):
         lora_export(get_peft_model(TwoLayer(), variant_config("dylorma", target_modules=["proj"])), max_error=0.1)
+
+
+def test_dorma_dropout_acts_on_the_adapter_path_only() -> None:
+    """``(m / ||V||_r) * (W0 x + (I(BA) - I) drop(W0 x)) + b``: the frozen path and the norm never see dropout."""
+    config = variant_config("dorma", dropout=0.5, target_modules=["proj"], init_weights=False)
+    layer = get_peft_model(TwoLayer(), config).base_model.model.proj
+    layer.train()
+    x = torch.randn(64, 12)
+    torch.manual_seed(1)
+    out = layer(x)
+    torch.manual_seed(1)
+    W0, bias = linear_weight(layer).double(), layer.get_base_layer().bias.detach().double()
+    h = x.double() @ W0.T
+    dropped = torch.nn.functional.dropout(h.float(), 0.5, training=True).double()
+    M = reference_inflation(layer.lorma_A["default"].detach(), layer.lorma_B["default"].detach(), "plus",
+                            layer.scaling["default"])
+    scale = layer.lorma_magnitude["default"].detach().double() / (M @ W0).norm(dim=1)
+    expected = scale * (h + dropped @ (M - torch.eye(20, dtype=torch.float64)).T) + bias
+    assert rel_err(out, expected) < 1e-5
