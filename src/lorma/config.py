@@ -15,6 +15,7 @@ from .functional import SIDES
 from .inflations import DEFAULT_FFT_CHUNK_BYTES, DEFAULT_MAX_DENSE_BYTES, get_inflation
 from .peft_type import lorma_peft_type
 from .variants import get_variant
+from .variants.options import validate_variant_options
 
 # "auto": per module, the side whose square transform is smaller (resolved when the layer is made, recorded in
 # side_pattern). Not one of functional.SIDES: a layer always acts on a definite side.
@@ -73,7 +74,20 @@ class LormaConfig(PeftConfig):
         fft_chunk_bytes: working memory per module of the bounded FFT path, per chunk of tokens.
         variant: ``None`` for plain LoRMA, or the name of a variant registered with
             :func:`lorma.variants.register_variant` (it takes over how each adapted module's adapter is
-            initialised, applied, merged and unmerged).
+            initialised, applied, merged and unmerged). Built in: ``"dorma"``, ``"adalorma"``, ``"dylorma"``
+            (docs/variants.md).
+        use_dora: DoRMA (peft's name for the option): the same as ``variant="dorma"``,
+            ``W = diag(m / ||V||_r) V`` with ``V = I(BA) W0`` (pre) or ``W0 I(BA)`` (post).
+        target_r / tinit / tfinal / deltaT / beta1 / beta2 / orth_reg_weight / total_step: AdaLoRMA's budget and
+            schedule (``variant="adalorma"``), peft's AdaLoRA names and meanings: each module starts at rank ``r``
+            and the budget falls on a cubic schedule to ``target_r`` per module on average, between step
+            ``tinit`` and ``total_step - tfinal``, reallocated every ``deltaT`` steps by importance scores
+            smoothed with ``beta1`` / ``beta2``; ``orth_reg_weight`` weighs the orthogonality of ``P`` and ``Q``.
+        final_ranks: AdaLoRMA's per-module ranks after the last allocation (written by
+            ``LormaModel.update_and_allocate``, saved with the adapter; ``None`` before).
+        min_rank / inference_rank: DyLoRMA (``variant="dylorma"``): each training forward uses the first ``b``
+            ranks, ``b`` drawn uniformly from ``[min_rank, r]``; outside training ``inference_rank`` ranks
+            (``None``: all ``r``).
     """
 
     r: int = field(default=8, metadata={"help": "Rank of A (r x d) and B (d x r)."})
@@ -122,6 +136,23 @@ class LormaConfig(PeftConfig):
         default=None, metadata={"help": "None (plain LoRMA) or the name of a registered LoRMA variant."}
     )
 
+    use_dora: bool = field(default=False, metadata={"help": "DoRMA: the same as variant='dorma' (peft's name)."})
+    target_r: int | None = field(default=None, metadata={"help": "AdaLoRMA: target average rank per module."})
+    tinit: int = field(default=0, metadata={"help": "AdaLoRMA: steps at the full budget before pruning."})
+    tfinal: int = field(default=0, metadata={"help": "AdaLoRMA: final steps at the target budget."})
+    deltaT: int = field(default=1, metadata={"help": "AdaLoRMA: steps between two budget allocations."})
+    beta1: float = field(default=0.85, metadata={"help": "AdaLoRMA: EMA of the sensitivity."})
+    beta2: float = field(default=0.85, metadata={"help": "AdaLoRMA: EMA of the uncertainty."})
+    orth_reg_weight: float = field(default=0.5, metadata={"help": "AdaLoRMA: weight of P, Q orthogonality."})
+    total_step: int | None = field(default=None, metadata={"help": "AdaLoRMA: the number of training steps."})
+    final_ranks: dict[str, int] | None = field(
+        default=None, metadata={"help": "AdaLoRMA: per-module ranks after the last allocation (written in training)."}
+    )
+    min_rank: int = field(default=1, metadata={"help": "DyLoRMA: smallest rank a training step draws."})
+    inference_rank: int | None = field(
+        default=None, metadata={"help": "DyLoRMA: ranks used outside training (None: all r)."}
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.peft_type is not None and str(getattr(self.peft_type, "value", self.peft_type)) != "LORMA":
@@ -131,11 +162,19 @@ class LormaConfig(PeftConfig):
             raise ValueError(f"LormaConfig: r must be a positive integer, got {self.r!r}")
         if not _positive_finite(self.alpha):
             raise ValueError(f"LormaConfig: alpha must be a positive finite number, got {self.alpha!r}")
+        if self.use_dora:
+            if self.variant not in (None, "dorma"):
+                raise ValueError(
+                    f"LormaConfig: use_dora=True is DoRMA; it cannot be combined with variant={self.variant!r}"
+                )
+            self.variant = "dorma"
+        self.use_dora = self.variant == "dorma"
         try:
             get_inflation(self.inflation)
             get_variant(self.variant)
         except ValueError as err:
             raise ValueError(f"LormaConfig: {err}") from None
+        validate_variant_options(self)
         if self.side not in SIDE_CHOICES:
             raise ValueError(f"LormaConfig: unknown side {self.side!r}; expected one of {SIDE_CHOICES}")
         for name, value in self.side_pattern.items():

@@ -8,6 +8,8 @@ import numbers
 import re
 import warnings
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -21,6 +23,8 @@ from .config import DEFAULT_FUSED_PARTS, DEFAULT_TARGET_MODULES, LormaConfig
 from .functional import Pair
 from .inflations import get_inflation, inflation_names
 from .layer import Linear, LormaLayer
+from .variants.adalorma import RankBudget, orthogonality_penalty
+from .variants.dylorma import sample_rank
 
 # peft LoRA's other add_weighted_adapter options, at their defaults (accepted at these values, refused otherwise)
 LORA_ONLY_DEFAULTS: dict[str, Any] = {
@@ -81,8 +85,10 @@ class LormaModel(BaseTuner):
         }
         if isinstance(target, LormaLayer):
             target.update_layer(adapter_name, **kwargs)
+            target.lorma_variant[adapter_name].configure(lorma_config)
             return
         new_module = self._create_new_module(lorma_config, adapter_name, target, current_key, **kwargs)
+        new_module.lorma_variant[adapter_name].configure(lorma_config)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added, inactive adapter is not trained
         self._replace_module(parent, target_name, new_module, target)
@@ -110,6 +116,54 @@ class LormaModel(BaseTuner):
                 "transformers Conv1D layers only; remove it from target_modules"
             )
         return Linear(target, adapter_name, module_name=module_name, fan_in_fan_out=fan_in_fan_out, **kwargs)
+
+    # ------------------------------------------------------------------ variants that act per model step
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """Per forward of the whole model (peft's ``PeftModel`` enters this around every forward and generate):
+        DyLoRMA draws, in training, one rank for all its layers."""
+        if self.model.training:
+            for adapter in self.active_adapters:
+                config = self.peft_config.get(adapter)
+                if config is not None and config.variant == "dylorma":
+                    sample_rank(self.model, [adapter], config.min_rank, config.r)
+        yield
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's forward; in training, AdaLoRMA's orthogonality regulariser is added to the returned loss.
+
+        As with peft's AdaLoRA, this is the path of a ``PeftModel`` with a ``task_type`` (what a ``Trainer`` run
+        builds); peft's plain ``PeftModel`` calls the base model directly and leaves the loss alone. Training only
+        here (peft adds it in eval too), so that eval losses stay comparable with other methods.
+        """
+        outputs = self.model.forward(*args, **kwargs)
+        loss = getattr(outputs, "loss", None)
+        if self.model.training and isinstance(loss, torch.Tensor):
+            for adapter in self.active_adapters:
+                config = self.peft_config.get(adapter)
+                if config is not None and config.variant == "adalorma" and config.orth_reg_weight > 0:
+                    penalty = orthogonality_penalty(self.model, adapter)
+                    if penalty is not None:
+                        outputs.loss = outputs.loss + config.orth_reg_weight * penalty
+        return outputs
+
+    def update_and_allocate(self, global_step: int) -> None:
+        """AdaLoRMA's rank allocation for the trained adapter, as ``AdaLoraModel.update_and_allocate`` in peft.
+
+        Call it after ``optimizer.step()`` and before ``optimizer.zero_grad()`` (it reads the gradients), with
+        the 0-based step; :class:`lorma.callbacks.RankAllocationCallback` does so in a ``Trainer``. Records the
+        per-module ranks in the adapter's ``LormaConfig.final_ranks``.
+        """
+        adapters = [a for a in self.active_adapters if getattr(self.peft_config.get(a), "variant", None) == "adalorma"]
+        if not adapters:
+            raise ValueError(
+                f"update_and_allocate: no active adapter is an AdaLoRMA one (active: {list(self.active_adapters)})"
+            )
+        budgets = self.__dict__.setdefault("_rank_budgets", {})
+        for adapter in adapters:
+            if adapter not in budgets:
+                budgets[adapter] = RankBudget(self.model, self.peft_config[adapter], adapter)
+            budgets[adapter].step(global_step)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         super()._mark_only_adapters_as_trainable(model)

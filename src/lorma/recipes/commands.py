@@ -338,8 +338,9 @@ def register(subparsers: Any) -> None:
     )
     add_run_options(compare)
     compare.add_argument("--methods", default="lora,lorma-plus,lorma-pi",
-                         help="Comma-separated methods: lorma-plus, lorma-pi, lorma-none, lora, dora, full, "
-                              "bitfit, head-only [default: lora,lorma-plus,lorma-pi].")
+                         help="Comma-separated methods: lorma-plus, lorma-pi, lorma-none, dorma-plus, dorma-pi, "
+                              "adalorma, dylorma, lora, dora, adalora, full, bitfit, head-only "
+                              "[default: lora,lorma-plus,lorma-pi].")
     compare.add_argument("--seeds", type=int, default=3,
                          help="Number of seeds per method (seed, seed+1, ...) [default: 3].")
     compare.add_argument("--overwrite", action="store_true", help="Replace existing results in --output-dir.")

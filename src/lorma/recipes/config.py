@@ -18,9 +18,14 @@ from typing import Any
 
 from lorma.errors import InputError as RecipeError  # the name the recipes and tasks raise it by
 
-METHODS: tuple[str, ...] = ("lorma-plus", "lorma-pi", "lorma-none", "lora", "dora", "full", "bitfit", "head-only")
+METHODS: tuple[str, ...] = (
+    "lorma-plus", "lorma-pi", "lorma-none", "lora", "dora", "full", "bitfit", "head-only",
+    "dorma-plus", "dorma-pi", "adalorma", "dylorma", "adalora",
+)
 # which methods are a peft adapter (saved as an adapter, mergeable)
-ADAPTER_METHODS: tuple[str, ...] = ("lorma-plus", "lorma-pi", "lorma-none", "lora", "dora")
+ADAPTER_METHODS: tuple[str, ...] = (
+    "lorma-plus", "lorma-pi", "lorma-none", "lora", "dora", "dorma-plus", "dorma-pi", "adalorma", "dylorma", "adalora",
+)
 
 # Methods grouped by how large a learning rate they want. A rank-8 adapter starts at the base model and has few
 # parameters, so it needs much larger steps than full fine-tuning, where every weight moves; BitFit and a head

@@ -1,5 +1,6 @@
-"""Building the model to train for a method name: LoRMA (plus / pi / none, pre / post), LoRA, DoRA, and
-the paper's non-adapter baselines (full fine-tuning, BitFit, head only).
+"""Building the model to train for a method name: LoRMA (plus / pi / none, pre / post), its variants (DoRMA,
+AdaLoRMA, DyLoRMA: docs/variants.md), LoRA, DoRA, AdaLoRA, and the paper's non-adapter baselines (full
+fine-tuning, BitFit, head only).
 
 Adapters go through peft (``get_peft_model``), so saving, loading and merging are peft's; the head of the
 task (e.g. a classifier) is trained in full and saved with the adapter through ``modules_to_save``.
@@ -13,6 +14,30 @@ from typing import Any
 from lorma.recipes.config import ADAPTER_METHODS, RecipeError, RunConfig
 
 LORMA_INFLATION = {"lorma-plus": "plus", "lorma-pi": "pi", "lorma-none": "none"}
+# the LoRMA variants (docs/variants.md): method -> (inflation, LormaConfig.variant)
+LORMA_VARIANTS = {
+    "dorma-plus": ("plus", "dorma"),
+    "dorma-pi": ("pi", "dorma"),
+    "adalorma": ("plus", "adalorma"),
+    "dylorma": ("plus", "dylorma"),
+}
+# methods with an AdaLoRA rank budget (they need lorma.callbacks.RankAllocationCallback in training)
+RANK_BUDGET_METHODS = ("adalorma", "adalora")
+
+
+def rank_budget(cfg: RunConfig) -> dict[str, int]:
+    """AdaLoRA's budget and schedule for ``adalorma`` / ``adalora``, the same for both: start at ``1.5 r`` per
+    module and prune to ``r`` on average (the final budget of a rank-``r`` LoRA, AdaLoRA's comparison), at full
+    budget for the first 10% of the steps, at the final one for the last 20%, reallocating every step."""
+    total = int(cfg.training_arguments().get("max_steps", -1) or -1)
+    if total <= 0:
+        raise RecipeError(f"method {cfg.method} needs --max-steps: its rank budget falls on a schedule over the steps")
+    if cfg.r < 2:
+        raise RecipeError(f"method {cfg.method} needs r >= 2 (it prunes from 1.5 r down to r), got {cfg.r}")
+    return {
+        "init_r": cfg.r + cfg.r // 2, "target_r": cfg.r, "tinit": total // 10, "tfinal": total // 5, "deltaT": 1,
+        "total_step": total,
+    }
 
 # Training one float32 parameter with AdamW holds the weight, its gradient and AdamW's two moments (16 bytes),
 # and AdamW's multi-tensor update allocates a working copy of the size of the parameters (4 more).
@@ -133,21 +158,44 @@ def build_method_model(model: Any, cfg: RunConfig, head_modules: list[str], peft
         targets = cfg.target_modules or default_target_modules(model)
         _check_targets(model, targets)
         fused = None
-        if method in LORMA_INFLATION:
+        if method in LORMA_INFLATION or method in LORMA_VARIANTS:
             from lorma import DEFAULT_FUSED_PARTS, LormaConfig
 
+            inflation, variant = LORMA_VARIANTS.get(method, (LORMA_INFLATION.get(method), None))
             if cfg.target_modules is None:
                 fused = DEFAULT_FUSED_PARTS.get(getattr(model.config, "model_type", ""))
-            peft_config: Any = LormaConfig(
-                r=cfg.r,
-                alpha=cfg.alpha,
-                inflation=LORMA_INFLATION[method],
-                side=cfg.side,
-                dropout=cfg.dropout,
+            options: dict[str, Any] = {}
+            r = cfg.r
+            if method == "adalorma":
+                budget = rank_budget(cfg)
+                r = budget.pop("init_r")
+                options, fused = budget, ({} if fused else None)  # AdaLoRMA adapts whole layers
+            try:
+                peft_config: Any = LormaConfig(
+                    r=r,
+                    alpha=cfg.alpha,
+                    inflation=inflation,
+                    side=cfg.side,
+                    dropout=cfg.dropout,
+                    target_modules=targets,
+                    modules_to_save=modules_to_save or None,
+                    fused_parts=fused,
+                    task_type=peft_task_type,
+                    variant=variant,
+                    **options,
+                )
+            except ValueError as err:
+                raise RecipeError(f"cannot build the {method} adapter: {err}") from None
+        elif method == "adalora":
+            from peft import AdaLoraConfig
+
+            peft_config = AdaLoraConfig(
+                lora_alpha=cfg.alpha,
+                lora_dropout=cfg.dropout,
                 target_modules=targets,
                 modules_to_save=modules_to_save or None,
-                fused_parts=fused,
                 task_type=peft_task_type,
+                **rank_budget(cfg),
             )
         else:
             from peft import LoraConfig

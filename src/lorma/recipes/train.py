@@ -305,7 +305,7 @@ def run_training(cfg: RunConfig, overwrite: bool = False, resume: bool = False,
     Ctrl-C and :class:`DiskFullError` for a full disk (the run can be resumed from its last complete
     checkpoint after either).
     """
-    from lorma.recipes.methods import build_method_model, check_adapter_fits, count_parameters
+    from lorma.recipes.methods import RANK_BUDGET_METHODS, build_method_model, check_adapter_fits, count_parameters
     from lorma.tasks.base import get_task
 
     main = is_main_process()
@@ -349,6 +349,10 @@ def run_training(cfg: RunConfig, overwrite: bool = False, resume: bool = False,
         callbacks = [loss_log, *task.callbacks()]
         if cfg.track_rank:
             callbacks.append(_rank_callback(cfg.track_rank, rank_log.parent, checkpoint is not None))
+        if cfg.method in RANK_BUDGET_METHODS:  # AdaLoRMA / AdaLoRA: prune to the rank budget after each step
+            from lorma.callbacks import RankAllocationCallback
+
+            callbacks.append(RankAllocationCallback())
         trainer = Trainer(
             model=model,
             args=args,
