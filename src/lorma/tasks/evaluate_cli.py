@@ -102,7 +102,7 @@ def evaluate_files(
     For data-to-text tasks, what the scorer needs (Java for the official one) is checked before the files
     are read.
     """
-    from lorma.tasks.math_reasoning import score_math
+    from lorma.tasks.math_answers import score_math
     from lorma.tasks.nlg_metrics import check_scoring_setup, score_data_to_text
     from lorma.tasks.readers import read_predictions
 
