@@ -99,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         adapter_weights_file,
         check_not_input,
         check_output_location,
+        compare_runs,
         missing_adapter_reason,
     )
 
@@ -114,11 +115,11 @@ def run(args: argparse.Namespace) -> int:
         # everything on disk is read and checked before torch and transformers are imported
         info = read_run(run_dir)
         if info.adapter_dir is None and info.loss_curve is None and info.rank_log is None:
-            runs = sorted(str(p.parent) for p in run_dir.glob("*/seed-*/config.yaml"))
+            runs = compare_runs(run_dir)
             if runs:  # a `lorma compare` output: point at its run directories
                 raise LormaCLIError(
                     f"{run_dir} is a `lorma compare` output; analyze one of its runs, e.g. "
-                    f"{', '.join(runs[:4])}" + (" ..." if len(runs) > 4 else "")
+                    f"{', '.join(map(str, runs[:4]))}" + (" ..." if len(runs) > 4 else "")
                 )
             raise LormaCLIError(
                 f"{run_dir}: nothing to analyze (no adapter_config.json, training-loss log or rank_log.jsonl; "

@@ -523,6 +523,16 @@ class FinishedAdapter:
     run_dir: Path | None
 
 
+def compare_run_dir(compare_dir: Path, method: str, seed: int) -> Path:
+    """Where ``lorma compare`` puts the run of ``method`` with ``seed``: an ordinary run directory."""
+    return compare_dir / method / f"seed-{seed}"
+
+
+def compare_runs(compare_dir: Path) -> list[Path]:
+    """The run directories of a ``lorma compare`` output (those that wrote their config), sorted."""
+    return sorted(p.parent for p in compare_dir.glob(f"*/seed-*/{CONFIG_FILE}"))
+
+
 def missing_adapter_reason(path: Path) -> str:
     """Why directory ``path`` holds no adapter, in words for a message (what it is instead, and what to do)."""
     if (path / MODEL_DIR / "config.json").is_file():
