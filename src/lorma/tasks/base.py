@@ -44,6 +44,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
@@ -179,13 +180,12 @@ def _scan_task_modules() -> None:
     if _SCANNED:
         return
     _SCANNED = True
-    import lorma.tasks as package
-
-    for info in pkgutil.iter_modules(package.__path__):
+    package = __name__.rpartition(".")[0]  # lorma.tasks, whose folder is this module's
+    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
         if info.name in ("base",) or info.name.endswith("_cli"):
             continue
         try:
-            importlib.import_module(f"{package.__name__}.{info.name}")
+            importlib.import_module(f"{package}.{info.name}")
         except Exception as err:  # one broken task module must not take the other tasks down
             _BROKEN[info.name] = f"{type(err).__name__}: {err}"
 
