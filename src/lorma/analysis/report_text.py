@@ -7,6 +7,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from lorma.recipes.method_registry import label_of
+
 __all__ = ["COMPARE_METRICS", "format_report"]
 
 #: the delta W comparison metrics of Table 9, in the order they are shown
@@ -57,9 +59,15 @@ def _header(result: dict[str, Any]) -> list[str]:
 
 
 def _module_method(m: dict[str, Any]) -> str:
-    """The method of one module's adapter, e.g. ``lorma-plus-post`` or ``lora``."""
-    return m["method"] + (f"-{m['inflation']}" if m.get("inflation") else "") + ("-post" if m.get("side") == "post"
-                                                                                 else "")
+    """The method of one module's adapter, labelled as :mod:`lorma.recipes.method_registry` does
+    (``lorma-plus-post``, ``lora``)."""
+    if not m.get("inflation"):
+        return m["method"]
+    name = f"{m['method']}-{m['inflation']}"
+    try:
+        return label_of(name, {"side": m.get("side")})
+    except ValueError:  # an inflation registered outside lorma (docs/extending.md): no method of its own
+        return name + (f"-{m['side']}" if m.get("side") not in (None, "pre") else "")
 
 
 def _modules_section(result: dict[str, Any]) -> list[str]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lorma.fileio import read_json
+from lorma.recipes.method_registry import label_of, method_of_adapter_config
 from lorma.recipes.rundir import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_DIR,
@@ -101,21 +102,20 @@ def read_loss_curve(run_dir: Path) -> tuple[tuple[list[float], list[float]], Pat
 
 
 def method_label(adapter_config: dict[str, Any] | None, config: dict[str, Any] | None) -> str | None:
-    """``lorma-plus`` / ``lorma-pi`` / ``lorma-none`` (``-post`` when post-side) / ``lora``, or the run's method."""
+    """The run's method as :mod:`lorma.recipes.method_registry` labels it (``lorma-plus``, ``lorma-pi-post``,
+    ``lora``): from the run's config, else from the adapter's; another peft type by its own name."""
     if config and isinstance(config.get("method"), str):
-        label = config["method"]
-        if label.startswith("lorma") and config.get("side") == "post":
-            label += "-post"
-        return label
-    if not adapter_config:
+        found: tuple[str, dict[str, Any]] | None = (config["method"], {"side": config.get("side")})
+    elif adapter_config:
+        found = method_of_adapter_config(adapter_config)
+        if found is None:
+            return str(adapter_config.get("peft_type", "")).lower() or None
+    else:
         return None
-    peft_type = str(adapter_config.get("peft_type", "")).upper()
-    if peft_type == "LORMA":
-        label = f"lorma-{adapter_config.get('inflation', 'plus')}"
-        return label + "-post" if adapter_config.get("side") == "post" else label
-    if peft_type == "LORA":
-        return "dora" if adapter_config.get("use_dora") else "lora"
-    return peft_type.lower() or None
+    try:
+        return label_of(*found)
+    except ValueError:  # a method (or inflation) this version does not know: its name as the run wrote it
+        return found[0]
 
 
 def read_run(run_dir: str | Path) -> RunInfo:
