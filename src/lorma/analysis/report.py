@@ -261,7 +261,10 @@ def _plots(
     if curves:
         written.append(
             plots.plot_loss_curves(
-                curves, out / "loss_curves.png", result.get("convergence") if other is not None else None, smoothing
+                {name: [curve] for name, curve in curves.items()},
+                out / "loss_curves.png",
+                result.get("convergence") if other is not None else None,
+                smoothing,
             )
         )
     if "comparison" in result:
