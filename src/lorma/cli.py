@@ -28,7 +28,7 @@ SUBCOMMAND_MODULES: dict[str, str] = {
     "merge": "lorma.recipes.commands",
     "demo": "lorma.recipes.commands",
     "analyze": "lorma.analysis.cli",
-    "evaluate": "lorma.tasks.evaluate_cli",
+    "evaluate": "lorma.evaluate_cli",
     "export": "lorma.export_cli",
 }
 

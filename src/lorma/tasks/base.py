@@ -182,7 +182,7 @@ def _scan_task_modules() -> None:
     _SCANNED = True
     package = __name__.rpartition(".")[0]  # lorma.tasks, whose folder is this module's
     for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
-        if info.name in ("base",) or info.name.endswith("_cli"):
+        if info.name == "base":
             continue
         try:
             importlib.import_module(f"{package}.{info.name}")

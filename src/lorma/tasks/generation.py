@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lorma.errors import InputError
 from lorma.tasks.base import Task
 from lorma.tasks.decoding import PAPER_DECODING, DecodingConfig
 from lorma.tasks.readers import DataFormatError, ReadResult
@@ -130,9 +131,7 @@ class CausalLMGenerationTask(Task):
         return decoding_from_options(self.name, self.options)
 
     def _error(self, message: str) -> Exception:
-        from lorma.recipes.config import RecipeError
-
-        return RecipeError(message)
+        return InputError(message)
 
     def _read(self, reader: Any, path: str, what: str) -> ReadResult[Any]:
         try:
