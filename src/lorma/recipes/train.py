@@ -29,7 +29,6 @@ from lorma.fileio import (
     directory_size,
     is_no_space,
     read_json,
-    read_jsonl,
     staged_directory,
     trim_jsonl,
 )
@@ -49,6 +48,7 @@ from lorma.recipes.rundir import (
     TUNING_DIR,
     RunTransaction,
     check_not_input,
+    read_loss_log,
     scan_checkpoints,
 )
 
@@ -74,12 +74,6 @@ def weights_digest(model: Any) -> str:
             digest.update(name.encode())
             digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
-
-
-def read_loss_log(path: str | os.PathLike) -> tuple[list[int], list[float]]:
-    """``(steps, losses)`` from a ``train_log.jsonl`` (a line torn by a kill is dropped)."""
-    records = read_jsonl(path)
-    return [int(r["step"]) for r in records], [float(r["loss"]) for r in records]
 
 
 def _loss_log_callback(path: Path) -> Any:
@@ -116,15 +110,11 @@ def _loss_log_callback(path: Path) -> Any:
 
 
 def _rank_callback(every: int, output_dir: Path, resume: bool) -> Any:
-    """issue 5's RankTrackingCallback (imported lazily: the analysis package is optional for training)."""
-    try:
-        from lorma.analysis.callback import RankTrackingCallback
-    except ImportError as err:
-        raise InputError(f"--track-rank needs lorma.analysis.callback, which cannot be imported ({err})") from None
-    try:
-        return RankTrackingCallback(every_n_steps=every, output_dir=str(output_dir), resume=resume)
-    except TypeError:  # an older signature without resume
-        return RankTrackingCallback(every_n_steps=every, output_dir=str(output_dir))
+    """The rank of every I(BA) during training (:class:`lorma.analysis.callback.RankTrackingCallback`; imported
+    here because it imports transformers)."""
+    from lorma.analysis.callback import RankTrackingCallback
+
+    return RankTrackingCallback(every_n_steps=every, output_dir=str(output_dir), resume=resume)
 
 
 def _training_arguments(cfg: RunConfig, out: Path, has_eval: bool, task: Any) -> Any:
@@ -409,7 +399,7 @@ def _train_and_save(cfg: RunConfig, txn: RunTransaction, trainer: Any, task: Any
     if is_main_process():
         steps_logged, losses = read_loss_log(out / LOSS_LOG) if (out / LOSS_LOG).exists() else ([], [])
         if len(steps_logged) >= 2:
-            from lorma.recipes.compare import loss_auc
+            from lorma.analysis.convergence import loss_auc
 
             metrics["loss_auc"] = float(loss_auc(steps_logged, losses))
         _save_model(cfg, out, model, tokenizer, task, base_fingerprint)
