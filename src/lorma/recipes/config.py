@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorma.errors import InputError as RecipeError  # the name the recipes and tasks raise it by
+from lorma.errors import InputError as RecipeError  # the name the recipes raise it by
+from lorma.recipes.method_registry import adapter_method_names, method_names
 
-METHODS: tuple[str, ...] = ("lorma-plus", "lorma-pi", "lorma-none", "lora", "dora", "full", "bitfit", "head-only")
-# which methods are a peft adapter (saved as an adapter, mergeable)
-ADAPTER_METHODS: tuple[str, ...] = ("lorma-plus", "lorma-pi", "lorma-none", "lora", "dora")
+# the methods lorma train offers, and which of them are a peft adapter (saved as an adapter, mergeable)
+METHODS: tuple[str, ...] = method_names()
+ADAPTER_METHODS: tuple[str, ...] = adapter_method_names()
 
 # Methods grouped by how large a learning rate they want. A rank-8 adapter starts at the base model and has few
 # parameters, so it needs much larger steps than full fine-tuning, where every weight moves; BitFit and a head

@@ -1,5 +1,5 @@
-"""Building the model to train for a method name: LoRMA (plus / pi / none, pre / post), LoRA, DoRA, and
-the paper's non-adapter baselines (full fine-tuning, BitFit, head only).
+"""Building the model to train for a method name (:mod:`lorma.recipes.method_registry`): LoRMA (plus / pi / none,
+pre / post), LoRA, DoRA, and the paper's non-adapter baselines (full fine-tuning, BitFit, head only).
 
 Adapters go through peft (``get_peft_model``), so saving, loading and merging are peft's; the head of the
 task (e.g. a classifier) is trained in full and saved with the adapter through ``modules_to_save``.
@@ -10,9 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lorma.recipes.config import ADAPTER_METHODS, RecipeError, RunConfig
-
-LORMA_INFLATION = {"lorma-plus": "plus", "lorma-pi": "pi", "lorma-none": "none"}
+from lorma.recipes.config import RecipeError, RunConfig
+from lorma.recipes.method_registry import AdapterSettings, get_method
 
 # Training one float32 parameter with AdamW holds the weight, its gradient and AdamW's two moments (16 bytes),
 # and AdamW's multi-tensor update allocates a working copy of the size of the parameters (4 more).
@@ -48,11 +47,12 @@ def adapter_parameter_count(model: Any, cfg: RunConfig) -> tuple[int, int]:
     shapes alone (before anything is allocated): ``2 r d`` per LoRMA transform (``d = d_out`` pre, ``d_in``
     post, one transform per adapted part of a fused projection), ``r (d_in + d_out)`` for LoRA (plus the
     ``d_out`` magnitudes of DoRA). ``(0, 0)`` for the non-adapter methods."""
-    if cfg.method not in ADAPTER_METHODS:
+    method = get_method(cfg.method)
+    if not method.adapter:
         return 0, 0
     targets = cfg.target_modules or default_target_modules(model)
     fused: dict[str, Any] = {}
-    if cfg.method in LORMA_INFLATION and cfg.target_modules is None:
+    if method.inflation is not None:  # the tuner adapts parts of a fused projection by the model type's default
         from lorma import DEFAULT_FUSED_PARTS
 
         fused = DEFAULT_FUSED_PARTS.get(getattr(model.config, "model_type", ""), {})
@@ -65,7 +65,7 @@ def adapter_parameter_count(model: Any, cfg: RunConfig) -> tuple[int, int]:
         if type(module).__name__ == "Conv1D":  # transformers' Conv1D stores (d_in, d_out)
             d_out, d_in = d_in, d_out
         modules += 1
-        if cfg.method in LORMA_INFLATION:
+        if method.inflation is not None:
             d = d_out if cfg.side == "pre" else d_in
             spec = next((v for k, v in fused.items() if _matches(name, [k])), None)
             transforms = 1
@@ -111,68 +111,31 @@ def check_adapter_fits(model: Any, cfg: RunConfig) -> None:
         )
 
 
-def _freeze_all_but(model: Any, keep: Any) -> None:
-    for name, param in model.named_parameters():
-        param.requires_grad_(bool(keep(name)))
-
-
-def _in_modules(name: str, modules: list[str]) -> bool:
-    return any(name.startswith(m + ".") or f".{m}." in f".{name}" for m in modules)
-
-
 def build_method_model(model: Any, cfg: RunConfig, head_modules: list[str], peft_task_type: str | None) -> Any:
-    """Wrap or freeze ``model`` for ``cfg.method``; returns the model to train (a PeftModel for adapters)."""
-    method = cfg.method
+    """Wrap or freeze ``model`` for ``cfg.method``; returns the model to train (a PeftModel for adapters).
+
+    LoRMA on a fused projection (GPT-2's ``c_attn``) adapts the parts the tuner's default names for the model type
+    (:data:`lorma.config.DEFAULT_FUSED_PARTS`): it is stated there only.
+    """
+    method = get_method(cfg.method)
     modules_to_save = cfg.modules_to_save if cfg.modules_to_save is not None else list(head_modules)
-    if method in ADAPTER_METHODS:
+    if method.peft_config is not None:
         from peft import get_peft_model
 
         targets = cfg.target_modules or default_target_modules(model)
         _check_targets(model, targets)
-        fused = None
-        if method in LORMA_INFLATION:
-            from lorma import DEFAULT_FUSED_PARTS, LormaConfig
-
-            if cfg.target_modules is None:
-                fused = DEFAULT_FUSED_PARTS.get(getattr(model.config, "model_type", ""))
-            peft_config: Any = LormaConfig(
-                r=cfg.r,
-                alpha=cfg.alpha,
-                inflation=LORMA_INFLATION[method],
-                side=cfg.side,
-                dropout=cfg.dropout,
-                target_modules=targets,
-                modules_to_save=modules_to_save or None,
-                fused_parts=fused,
-                task_type=peft_task_type,
-            )
-        else:
-            from peft import LoraConfig
-
-            peft_config = LoraConfig(
-                r=cfg.r,
-                lora_alpha=cfg.alpha,
-                lora_dropout=cfg.dropout,
-                target_modules=targets,
-                modules_to_save=modules_to_save or None,
-                use_dora=method == "dora",
-                task_type=peft_task_type,
-            )
+        settings = AdapterSettings(r=cfg.r, alpha=cfg.alpha, target_modules=targets, dropout=cfg.dropout,
+                                   modules_to_save=modules_to_save or None, task_type=peft_task_type,
+                                   options={"side": cfg.side} if "side" in method.options else {})
         try:
-            return get_peft_model(model, peft_config)
+            return get_peft_model(model, method.peft_config(settings))
         except ValueError as err:
-            raise RecipeError(f"cannot build the {method} adapter: {err}") from None
-    if method == "full":
-        _freeze_all_but(model, lambda name: True)
-    elif method == "bitfit":
-        # BitFit (Ben Zaken et al., 2022): biases only, plus the task head
-        _freeze_all_but(model, lambda name: name.endswith(".bias") or _in_modules(name, modules_to_save))
-    elif method == "head-only":
-        _freeze_all_but(model, lambda name: _in_modules(name, modules_to_save))
-    else:  # pragma: no cover - validated in config
-        raise RecipeError(f"unknown method '{method}'")
+            raise RecipeError(f"cannot build the {method.name} adapter: {err}") from None
+    assert method.trains is not None  # a method is an adapter or says which parameters train
+    for name, param in model.named_parameters():
+        param.requires_grad_(bool(method.trains(name, modules_to_save)))
     if not any(p.requires_grad for p in model.parameters()):
-        raise RecipeError(f"method {method} leaves no trainable parameter (head modules: {modules_to_save})")
+        raise RecipeError(f"method {method.name} leaves no trainable parameter (head modules: {modules_to_save})")
     return model
 
 

@@ -33,6 +33,7 @@ from lorma.fileio import (
     trim_jsonl,
 )
 from lorma.recipes.config import ADAPTER_METHODS, RunConfig, dump_yaml
+from lorma.recipes.method_registry import get_method
 from lorma.recipes.rundir import (
     ADAPTER_DIR,
     CHECKPOINTS_DIR,
@@ -295,7 +296,7 @@ def run_training(cfg: RunConfig, overwrite: bool = False, resume: bool = False,
     txn = RunTransaction(cfg.output_dir, overwrite=overwrite, resume=resume, main_process=main,
                          keep=(TUNING_DIR,) if tuning else ())
     check_not_input(txn.final, run_inputs(cfg), replacing=overwrite)
-    if cfg.track_rank and not cfg.method.startswith("lorma-"):
+    if cfg.track_rank and get_method(cfg.method).inflation is None:
         raise InputError(f"--track-rank tracks the rank of LoRMA's I(BA); method {cfg.method} has none")
     task = get_task(cfg)
     task.check_inputs()
@@ -450,7 +451,7 @@ def _save_model(cfg: RunConfig, out: Path, model: Any, tokenizer: Any, task: Any
     with staged_directory(final) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        if cfg.method.startswith("lorma-"):
+        if get_method(cfg.method).inflation is not None:  # a LoRMA adapter: say how to load it
             card = tmp / "README.md"
             atomic_write_text(card, (card.read_text(encoding="utf-8") if card.is_file() else "") + LOAD_NOTE)
         model_path = cfg.model
