@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lorma.errors import InputError
+from lorma.recipes.config import normalise_yaml, parse_scalar
 
 # Common HF TrainingArguments fields as flags, with their help. Any other field: --training-arg KEY=VALUE
 # (listing all ~110 would need transformers imported to build the parser, and make --help unreadable).
@@ -51,28 +52,13 @@ TRAINING_FLAGS: dict[str, tuple[str, bool]] = {
 _DICT_FIELDS = ("training", "task_options", "grid")
 
 
-def _scalar(text: str) -> Any:
-    """A flag's text as int, float, bool or str (so ``4e-4`` is a number, as a user means it)."""
-    lowered = text.strip().lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered in ("none", "null"):
-        return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
 def _key_values(items: list[str] | None, flag: str, as_text: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise InputError(f"{flag} expects KEY=VALUE, got '{item}'")
-        out[key.strip()] = value if as_text else _scalar(value)
+        out[key.strip()] = value if as_text else parse_scalar(value)
     return out
 
 
@@ -128,7 +114,7 @@ def flag_values(args: argparse.Namespace) -> dict[str, Any]:
     for key, value in vars(args).items():
         if key.startswith("ta_") and value is not None:
             name = "warmup_steps" if key == "ta_warmup_ratio" else key[3:]
-            training[name] = value if isinstance(value, bool) else _scalar(value)
+            training[name] = value if isinstance(value, bool) else parse_scalar(value)
     training.update(_key_values(getattr(args, "training_arg", None), "--training-arg"))
     if training:
         values["training"] = training
@@ -139,16 +125,6 @@ def flag_values(args: argparse.Namespace) -> dict[str, Any]:
     if grid:
         values["grid"] = grid
     return values
-
-
-def _normalise_yaml(values: dict[str, Any]) -> dict[str, Any]:
-    """YAML reads ``4e-4`` as a string (YAML 1.1 needs a dot); numbers-as-text become numbers here."""
-    out = dict(values)
-    if isinstance(out.get("training"), dict):
-        out["training"] = {k: _scalar(v) if isinstance(v, str) else v for k, v in out["training"].items()}
-    return {k: _scalar(v) if isinstance(v, str) and k not in ("model", "data", "output_dir", "task",
-                                                              "train_file", "eval_file") else v
-            for k, v in out.items()}
 
 
 def resolve_config(args: argparse.Namespace, resume: bool = False) -> Any:
@@ -168,7 +144,7 @@ def resolve_config(args: argparse.Namespace, resume: bool = False) -> Any:
         if saved.is_file():
             source = str(saved)
             yaml_values = load_yaml(source)
-    return build_config(_normalise_yaml(yaml_values), flags, source=source)
+    return build_config(normalise_yaml(yaml_values), flags, source=source)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -183,6 +159,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         metrics = run_training(cfg, overwrite=args.overwrite, resume=args.resume)
     if is_main_process():
         if metrics.get("tuning"):
+            from lorma.recipes.compare import print_tuning
+
             print_tuning(metrics["tuning"])
         print(format_run_summary(metrics, cfg.output_dir))
         if metrics.get("collapsed"):
@@ -190,16 +168,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
             print(collapse_advice(getattr(args, "argv", None), cfg, [metrics]))
     return 0
-
-
-def print_tuning(tuning: dict[str, Any]) -> None:
-    """The candidates' validation scores, the chosen ones marked, and how they were chosen."""
-    from lorma.recipes.compare import format_table
-    from lorma.recipes.tuning import tuning_rows, tuning_summary
-
-    print()
-    print(format_table(*tuning_rows(tuning)))
-    print(tuning_summary(tuning))
 
 
 def format_run_summary(metrics: dict[str, Any], output_dir: str | None) -> str:
@@ -237,58 +205,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     methods = parse_methods(args.methods)
     cfg = resolve_config(args)
-    from lorma.recipes.compare import run_compare
+    from lorma.recipes.compare import print_results, run_compare
     from lorma.recipes.train import is_main_process
 
     results = run_compare(cfg, methods, args.seeds, overwrite=args.overwrite)
     if is_main_process():
         print_results(results, cfg.output_dir, cfg, getattr(args, "argv", None))
     return 0
-
-
-def print_results(results: dict[str, Any], output_dir: str | None, cfg: Any = None,
-                  argv: list[str] | None = None) -> None:
-    """The tuning table, the results table, the collapsed runs, the verdicts, and where the files are."""
-    from lorma.recipes.compare import collapse_lines, format_table, main_metric_line, results_rows
-
-    if results.get("tuning"):
-        print_tuning(results["tuning"])
-    header, rows = results_rows(results)
-    print()
-    print(format_table(header, rows))
-    if (results.get("data") or {}).get("scorer"):
-        print(f"scorer: {results['data']['scorer']}")
-    if main_metric_line(results):
-        print(main_metric_line(results))
-    if results.get("class_weights"):
-        print(f"Loss: cross-entropy with {results['class_weights']} class weights.")
-    for line in collapse_lines(results):
-        print(f"COLLAPSED: {line}")
-    verdicts = results.get("verdicts") or []
-    if verdicts:
-        print()
-        print(f"Verdicts against {verdicts[0]['reference']}:")
-        for verdict in verdicts:
-            print(f"- {verdict['sentence']}")
-    print()
-    print(f"results: {Path(output_dir or '.') / 'results.md'}, {Path(output_dir or '.') / 'results.json'}")
-    print(f"plot: {results['plot']}")
-    collapsed = [_run_metrics(d) for info in results["methods"].values()
-                 for d, seed in zip(info["run_dirs"], info["seeds"]) if seed in info.get("collapsed_seeds", [])]
-    if collapsed and cfg is not None:
-        from lorma.recipes.collapse import collapse_advice
-
-        print(collapse_advice(argv, cfg, [m for m in collapsed if m]))
-
-
-def _run_metrics(run_dir: str) -> dict[str, Any] | None:
-    """A run's metrics.json (None if unreadable)."""
-    from lorma.fileio import read_json
-
-    try:
-        return read_json(Path(run_dir) / "metrics.json")
-    except ValueError:  # DataFormatError: missing, unreadable or malformed
-        return None
 
 
 def cmd_merge(args: argparse.Namespace) -> int:

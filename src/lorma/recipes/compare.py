@@ -292,3 +292,56 @@ def run_compare(
                          title=f"{results['task']}: training loss ({short_name(cfg.model)})")
     results["plot"] = str(out / "loss_curves.png")
     return results
+
+
+def print_tuning(tuning: dict[str, Any]) -> None:
+    """The candidates' validation scores, the chosen ones marked, and how they were chosen."""
+    from lorma.recipes.tuning import tuning_rows, tuning_summary
+
+    print()
+    print(format_table(*tuning_rows(tuning)))
+    print(tuning_summary(tuning))
+
+
+def print_results(results: dict[str, Any], output_dir: str | None, cfg: Any = None,
+                  argv: list[str] | None = None) -> None:
+    """The tuning table, the results table, the collapsed runs, the verdicts, and where the files are."""
+    if results.get("tuning"):
+        print_tuning(results["tuning"])
+    header, rows = results_rows(results)
+    print()
+    print(format_table(header, rows))
+    if (results.get("data") or {}).get("scorer"):
+        print(f"scorer: {results['data']['scorer']}")
+    if main_metric_line(results):
+        print(main_metric_line(results))
+    if results.get("class_weights"):
+        print(f"Loss: cross-entropy with {results['class_weights']} class weights.")
+    for line in collapse_lines(results):
+        print(f"COLLAPSED: {line}")
+    verdicts = results.get("verdicts") or []
+    if verdicts:
+        print()
+        print(f"Verdicts against {verdicts[0]['reference']}:")
+        for verdict in verdicts:
+            print(f"- {verdict['sentence']}")
+    print()
+    print(f"results: {Path(output_dir or '.') / 'results.md'}, {Path(output_dir or '.') / 'results.json'}")
+    print(f"plot: {results['plot']}")
+    collapsed = [_run_metrics(d) for info in results["methods"].values()
+                 for d, seed in zip(info["run_dirs"], info["seeds"]) if seed in info.get("collapsed_seeds", [])]
+    if collapsed and cfg is not None:
+        from lorma.recipes.collapse import collapse_advice
+
+        print(collapse_advice(argv, cfg, [m for m in collapsed if m]))
+
+
+def _run_metrics(run_dir: str) -> dict[str, Any] | None:
+    """A run's metrics.json (None if unreadable)."""
+    from lorma.fileio import read_json
+    from lorma.recipes.rundir import METRICS_FILE
+
+    try:
+        return read_json(Path(run_dir) / METRICS_FILE)
+    except ValueError:  # DataFormatError: missing, unreadable or malformed
+        return None

@@ -213,6 +213,31 @@ def _coerce(name: str, value: Any, where: str) -> Any:
     return value
 
 
+def parse_scalar(text: str) -> Any:
+    """A flag's (or a YAML value's) text as int, float, bool or str (so ``4e-4`` is a number, as a user means it)."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def normalise_yaml(values: dict[str, Any]) -> dict[str, Any]:
+    """YAML reads ``4e-4`` as a string (YAML 1.1 needs a dot); numbers-as-text become numbers here."""
+    out = dict(values)
+    if isinstance(out.get("training"), dict):
+        out["training"] = {k: parse_scalar(v) if isinstance(v, str) else v for k, v in out["training"].items()}
+    return {k: parse_scalar(v) if isinstance(v, str) and k not in ("model", "data", "output_dir", "task",
+                                                                   "train_file", "eval_file") else v
+            for k, v in out.items()}
+
+
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """Read a YAML config file into a dict, with errors that name the file (and line, for syntax errors)."""
     import yaml

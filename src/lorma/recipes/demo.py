@@ -84,12 +84,11 @@ def demo_settings(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
 
 def run_demo(args: argparse.Namespace) -> int:
     """Resolve the packaged model and data, run the comparison, print the table and the plot's path."""
-    from lorma.recipes.commands import _normalise_yaml, print_results
-    from lorma.recipes.compare import parse_methods, run_compare
-    from lorma.recipes.config import build_config, load_yaml
+    from lorma.recipes.compare import parse_methods, print_results, run_compare
+    from lorma.recipes.config import build_config, load_yaml, normalise_yaml
 
     overrides: dict[str, Any] = load_yaml(args.demo_config) if args.demo_config else {}
-    settings = demo_settings(_normalise_yaml(overrides))
+    settings = demo_settings(normalise_yaml(overrides))
     if args.methods:
         settings["methods"] = args.methods
     if args.seeds is not None:

@@ -38,6 +38,7 @@ from lorma.recipes.config import (
     RecipeError,
     RunConfig,
     method_family,
+    parse_scalar,
     validate_config,
 )
 from lorma.recipes.rundir import TUNING_DIR
@@ -107,10 +108,8 @@ def _grid_key(key: str) -> tuple[str | None, str]:
 
 def _grid_values(key: str, values: Any) -> list[Any]:
     """The candidate values of one grid entry: a list, or text ``"1e-4,3e-4"`` (numbers become numbers)."""
-    from lorma.recipes.commands import _scalar
-
     items = values.split(",") if isinstance(values, str) else values if isinstance(values, (list, tuple)) else [values]
-    parsed = [_scalar(v) if isinstance(v, str) else v for v in items if not (isinstance(v, str) and not v.strip())]
+    parsed = [parse_scalar(v) if isinstance(v, str) else v for v in items if not (isinstance(v, str) and not v.strip())]
     if not parsed:
         raise RecipeError(f"--grid {key}: no values")
     if len({json.dumps(v, default=str) for v in parsed}) != len(parsed):
