@@ -8,210 +8,39 @@ The 8 GLUE tasks are known by name, with the paper's metrics; other data gets ac
 
 from __future__ import annotations
 
-import csv
 import functools
-import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lorma.recipes.config import RecipeError
+from lorma.errors import InputError
 from lorma.tasks.base import Task, register_task
-from lorma.tasks.readers import allow_large_csv_fields
+from lorma.tasks.classification_metrics import batched_metric, classification_metrics
+from lorma.tasks.glue import GLUE_ALIASES, GLUE_TASKS, GlueSpec
+from lorma.tasks.readers.tabular import Examples, read_examples
+
+# read_examples, classification_metrics, batched_metric and the GLUE table are re-exported: they were defined here
+# first, and tests and the verdicts import them from here
+__all__ = [
+    "GLUE_ALIASES",
+    "GLUE_TASKS",
+    "ClassificationTask",
+    "Examples",
+    "GlueSpec",
+    "batched_metric",
+    "classification_metrics",
+    "read_examples",
+]
 
 # A label set that looks like scores rather than classes: any fractional value, or more distinct integers than
 # this. Training a classifier on it is rarely meant; the user says which with --problem-type.
 MAX_INTEGER_CLASSES_UNASKED = 20
 
 
-@dataclass(frozen=True)
-class GlueSpec:
-    """Where a GLUE task's columns are in its TSV files, its labels and its metrics."""
-
-    text: str | int
-    pair: str | int | None
-    label: str | int
-    labels: tuple[str, ...] | None  # None: regression
-    metrics: tuple[str, ...]
-    has_header: bool = True
-    dev_files: dict[str, str] = field(default_factory=lambda: {"": "dev.tsv"})
-    # columns of the HF ``glue`` dataset (for saved HF datasets)
-    hf_columns: tuple[str, str | None] = ("sentence", None)
-    hf_eval_splits: dict[str, str] = field(default_factory=lambda: {"": "validation"})
-
-
-# Label orders follow the HF ``glue`` datasets, so that integer labels of a saved HF dataset mean the same.
-GLUE_TASKS: dict[str, GlueSpec] = {
-    # CoLA's TSVs have no header: source, label, original label, sentence
-    "cola": GlueSpec(3, None, 1, ("0", "1"), ("matthews_correlation",), has_header=False),
-    "sst2": GlueSpec("sentence", None, "label", ("0", "1"), ("accuracy",)),
-    "mrpc": GlueSpec("#1 String", "#2 String", "Quality", ("0", "1"), ("f1", "accuracy"),
-                     hf_columns=("sentence1", "sentence2")),
-    "qqp": GlueSpec("question1", "question2", "is_duplicate", ("0", "1"), ("f1", "accuracy"),
-                    hf_columns=("question1", "question2")),
-    "stsb": GlueSpec("sentence1", "sentence2", "score", None, ("pearson", "spearmanr"),
-                     hf_columns=("sentence1", "sentence2")),
-    "mnli": GlueSpec("sentence1", "sentence2", "gold_label", ("entailment", "neutral", "contradiction"),
-                     ("accuracy",), dev_files={"matched": "dev_matched.tsv", "mismatched": "dev_mismatched.tsv"},
-                     hf_columns=("premise", "hypothesis"),
-                     hf_eval_splits={"matched": "validation_matched", "mismatched": "validation_mismatched"}),
-    "qnli": GlueSpec("question", "sentence", "label", ("entailment", "not_entailment"), ("accuracy",),
-                     hf_columns=("question", "sentence")),
-    "rte": GlueSpec("sentence1", "sentence2", "label", ("entailment", "not_entailment"), ("accuracy",),
-                    hf_columns=("sentence1", "sentence2")),
-}
-GLUE_ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "mnli-m": "mnli"}
-
 HEAD_NAMES = ("pre_classifier", "classifier", "score", "classification_head")
-
-
-@dataclass
-class Examples:
-    """Raw examples of one split: texts, optional pair texts, raw labels, and where each came from."""
-
-    source: str
-    texts: list[str] = field(default_factory=list)
-    pairs: list[str] | None = None
-    labels: list[Any] = field(default_factory=list)
-    lines: list[int] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-    def subset(self, index: list[int] | np.ndarray) -> Examples:
-        """The examples at ``index``, in that order."""
-        return Examples(
-            self.source,
-            [self.texts[i] for i in index],
-            None if self.pairs is None else [self.pairs[i] for i in index],
-            [self.labels[i] for i in index],
-            [self.lines[i] for i in index],
-        )
-
-
-def _missing_column(path: Path, column: str | int, header: list[str]) -> RecipeError:
-    if isinstance(column, int):
-        return RecipeError(f"{path}: has no column number {column} (rows have {len(header)} columns)")
-    return RecipeError(f"{path}: no column '{column}' (columns: {', '.join(header) or 'none'})")
-
-
-def _read_rows(
-    path: Path, columns: list[str | int], encoding: str, delimiter: str, has_header: bool, quoting: int
-) -> tuple[list[list[str]], list[int]]:
-    """Rows of a delimited file, restricted to ``columns`` (names or indices); errors name file and line."""
-    rows: list[list[str]] = []
-    lines: list[int] = []
-    allow_large_csv_fields()
-    start = 1  # the line a record starts on (a quoted field may span lines; reader.line_num is where it ends)
-    try:
-        with open(path, encoding=encoding, newline="") as fh:
-            reader = csv.reader(fh, delimiter=delimiter, quoting=quoting)
-            header: list[str] = []
-            if has_header:
-                header = next(reader, [])
-                start = reader.line_num + 1
-                if not header:
-                    raise RecipeError(f"{path}: empty file (expected a header line)")
-            index: list[int] = []
-            for column in columns:
-                if isinstance(column, int):
-                    index.append(column)
-                elif column in header:
-                    index.append(header.index(column))
-                else:
-                    raise _missing_column(path, column, header)
-            need = max(index) + 1
-            separator = "a comma" if delimiter == "," else "a tab"
-            for row in reader:
-                line, start = start, reader.line_num + 1
-                if not row or (len(row) == 1 and not row[0].strip()):
-                    continue
-                if header and len(row) != len(header):
-                    # more fields than the header: most often a text with an unquoted separator, which would
-                    # shift the label column; fewer: a truncated row. Either way the columns are not trustworthy.
-                    hint = (f" (a text containing {separator} must be in double quotes)"
-                            if len(row) > len(header) else "")
-                    raise RecipeError(f"{path}:{line}: row has {len(row)} fields, the header has {len(header)}{hint}")
-                if len(row) < need:
-                    raise RecipeError(f"{path}:{line}: row has {len(row)} fields, expected at least {need}")
-                rows.append([row[i] for i in index])
-                lines.append(line)
-    except UnicodeDecodeError as err:
-        raise RecipeError(f"{path}: not valid {encoding} text ({err.reason} at byte {err.start}); "
-                          "set --file-encoding") from None
-    except csv.Error as err:
-        raise RecipeError(f"{path}:{start}: malformed CSV ({err})") from None
-    return rows, lines
-
-
-def _read_jsonl(path: Path, columns: list[str], encoding: str) -> tuple[list[list[Any]], list[int]]:
-    """Rows of a JSONL file restricted to ``columns``; errors name file, line and key."""
-    rows: list[list[Any]] = []
-    lines: list[int] = []
-    try:
-        with open(path, encoding=encoding) as fh:
-            for number, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise RecipeError(f"{path}:{number}: invalid JSON ({err.msg})") from None
-                if not isinstance(record, dict):
-                    raise RecipeError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-                for column in columns:
-                    if column not in record:
-                        keys = ", ".join(record) or "none"
-                        raise RecipeError(f"{path}:{number}: no key '{column}' (keys: {keys})")
-                rows.append([record[c] for c in columns])
-                lines.append(number)
-    except UnicodeDecodeError as err:
-        raise RecipeError(f"{path}: not valid {encoding} text ({err.reason}); set --file-encoding") from None
-    return rows, lines
-
-
-def read_examples(
-    path: str | Path,
-    text: str | int,
-    pair: str | int | None,
-    label: str | int,
-    encoding: str = "utf-8",
-    has_header: bool = True,
-    glue_tsv: bool = False,
-) -> Examples:
-    """Read one data file (CSV, TSV, JSONL) into :class:`Examples`, checking columns and empty cells."""
-    p = Path(path)
-    if not p.is_file():
-        raise RecipeError(f"data file not found: {p}")
-    columns: list[str | int] = [text] + ([pair] if pair is not None else []) + [label]
-    suffix = p.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        rows, lines = _read_jsonl(p, [str(c) for c in columns], encoding)
-    elif suffix in (".csv", ".tsv", ".txt"):
-        delimiter = "," if suffix == ".csv" else "\t"
-        # GLUE's TSVs contain unbalanced quotes: they must be read without quote handling.
-        quoting = csv.QUOTE_NONE if glue_tsv else csv.QUOTE_MINIMAL
-        rows, lines = _read_rows(p, columns, encoding, delimiter, has_header, quoting)
-    else:
-        raise RecipeError(f"{p}: unknown data file type '{suffix}' (expected .csv, .tsv, .jsonl)")
-    if not rows:
-        raise RecipeError(f"{p}: no data rows")
-    out = Examples(str(p), pairs=[] if pair is not None else None)
-    names = ["text", "text pair", "label"] if pair is not None else ["text", "label"]
-    for row, line in zip(rows, lines):
-        for value, what, column in zip(row, names, columns):
-            if value is None or (isinstance(value, str) and not value.strip()):
-                raise RecipeError(f"{p}:{line}: empty {what} (column '{column}')")
-        out.texts.append(str(row[0]))
-        if out.pairs is not None:
-            out.pairs.append(str(row[1]))
-        out.labels.append(row[-1])
-        out.lines.append(line)
-    return out
 
 
 def _label_key(value: Any) -> str:
@@ -238,7 +67,7 @@ def _refuse_score_like_labels(source: str, labels: list[str]) -> None:
     fractional = [label for label, x in zip(labels, numbers) if not x.is_integer()]
     if fractional or len(labels) > MAX_INTEGER_CLASSES_UNASKED:
         shown = ", ".join((fractional or labels)[:4])
-        raise RecipeError(
+        raise InputError(
             f"{source}: the labels look like scores ({len(labels)} distinct numbers, e.g. {shown}): give "
             "--problem-type regression to predict the number, or --problem-type classification to make each "
             "value a class"
@@ -247,86 +76,6 @@ def _refuse_score_like_labels(source: str, labels: list[str]) -> None:
 
 def _is_default_label_names(id2label: dict[int, str]) -> bool:
     return all(str(name) == f"LABEL_{int(i)}" for i, name in id2label.items())
-
-
-def classification_metrics(names: tuple[str, ...], predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """The named metrics, via scikit-learn / scipy."""
-    from scipy.stats import pearsonr, spearmanr
-    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, mean_squared_error
-
-    out: dict[str, float] = {}
-    for name in names:
-        if name == "accuracy":
-            out[name] = float(accuracy_score(labels, predictions))
-        elif name == "f1":
-            out[name] = float(f1_score(labels, predictions, zero_division=0))
-        elif name == "macro_f1":
-            out[name] = float(f1_score(labels, predictions, average="macro", zero_division=0))
-        elif name == "matthews_correlation":
-            out[name] = float(matthews_corrcoef(labels, predictions))
-        elif name in ("pearson", "spearmanr"):
-            # a constant prediction has no correlation: report nan rather than a warning and a guess
-            if np.ptp(predictions) == 0 or np.ptp(labels) == 0:
-                out[name] = math.nan
-            else:
-                stat = pearsonr if name == "pearson" else spearmanr
-                out[name] = float(stat(predictions, labels)[0])
-        elif name == "mse":
-            out[name] = float(mean_squared_error(labels, predictions))
-        else:  # pragma: no cover - names come from this module
-            raise ValueError(f"unknown metric {name}")
-    return out
-
-
-def batched_metric(name: str, predictions: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Metric ``name`` of every row of ``predictions`` / ``labels`` (arrays of shape ``(..., n)``) at once.
-
-    Written by hand because the bootstrap of ``lorma compare``'s verdicts scores thousands of resamples of the
-    eval set, and scikit-learn scores one at a time (about a millisecond each, with its input checks). Each
-    formula gives what :func:`classification_metrics` gives on one row (tests/test_verdicts.py checks them
-    against scikit-learn and scipy): macro-F1 averages over the classes present in the row's labels or
-    predictions, and an undefined F1 or Matthews correlation is 0, as scikit-learn's ``zero_division=0``.
-    """
-    predictions = np.asarray(predictions)
-    labels = np.asarray(labels)
-    if name == "accuracy":
-        return (predictions == labels).mean(axis=-1)
-    if name == "mse":
-        return ((predictions.astype(float) - labels) ** 2).mean(axis=-1)
-    if name in ("pearson", "spearmanr"):
-        if name == "spearmanr":
-            from scipy.stats import rankdata
-
-            predictions, labels = rankdata(predictions, axis=-1), rankdata(labels, axis=-1)
-        x = predictions - predictions.mean(axis=-1, keepdims=True)
-        y = labels - labels.mean(axis=-1, keepdims=True)
-        denominator = np.sqrt((x * x).sum(axis=-1) * (y * y).sum(axis=-1))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(denominator > 0, (x * y).sum(axis=-1) / denominator, np.nan)
-    if name not in ("macro_f1", "f1", "matthews_correlation"):
-        raise ValueError(f"no batched form of metric '{name}'")
-    classes = np.union1d(np.unique(predictions), np.unique(labels))
-    predicted = predictions[..., None] == classes  # (..., n, K)
-    true = labels[..., None] == classes
-    tp = (predicted & true).sum(axis=-2).astype(float)  # (..., K)
-    predicted_count = predicted.sum(axis=-2).astype(float)
-    true_count = true.sum(axis=-2).astype(float)
-    if name == "matthews_correlation":
-        total = float(predictions.shape[-1])
-        covariance = tp.sum(axis=-1) * total - (predicted_count * true_count).sum(axis=-1)
-        spread_predicted = total**2 - (predicted_count**2).sum(axis=-1)
-        spread_true = total**2 - (true_count**2).sum(axis=-1)
-        denominator = np.sqrt(spread_predicted * spread_true)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(denominator > 0, covariance / denominator, 0.0)
-    f1_denominator = predicted_count + true_count  # 2 tp + fp + fn
-    with np.errstate(invalid="ignore", divide="ignore"):
-        f1 = np.where(f1_denominator > 0, 2 * tp / f1_denominator, 0.0)
-    if name == "f1":  # binary, positive class 1 (scikit-learn's default pos_label)
-        positive = np.flatnonzero(classes == 1)
-        return f1[..., positive[0]] if positive.size else np.zeros(predictions.shape[:-1])
-    present = f1_denominator > 0
-    return f1.sum(axis=-1) / present.sum(axis=-1)
 
 
 @register_task("classification", *GLUE_TASKS)
@@ -384,12 +133,12 @@ class ClassificationTask(Task):
             eval_file = cfg.eval_file
             return train, {"": lambda: read_examples(eval_file, text, pair, label, cfg.file_encoding)}
         if cfg.data is None:
-            raise RecipeError(
+            raise InputError(
                 "no training data: give --train-file (CSV/TSV/JSONL) or --data (GLUE folder / HF dataset)"
             )
         folder = Path(cfg.data)
         if not folder.exists():
-            raise RecipeError(f"data directory not found: {folder}")
+            raise InputError(f"data directory not found: {folder}")
         if self._data_is_glue_folder():
             glue = self.glue
             has_header = glue.has_header if glue is not None else True
@@ -398,13 +147,13 @@ class ClassificationTask(Task):
             evals: dict[str, Callable[[], Examples]] = {}
             for key, name in dev_files.items():
                 if not (folder / name).is_file():
-                    raise RecipeError(f"{folder}: no {name} (the {self.name} dev set)")
+                    raise InputError(f"{folder}: no {name} (the {self.name} dev set)")
                 evals[key] = functools.partial(read_examples, folder / name, text, pair, label, cfg.file_encoding,
                                                has_header, True)
             return train, evals
         if (folder / "dataset_dict.json").is_file() or (folder / "dataset_info.json").is_file():
             return self._read_hf(folder, text, pair, label)
-        raise RecipeError(
+        raise InputError(
             f"{folder}: neither a GLUE task folder (train.tsv) nor a saved HF dataset (dataset_dict.json)"
         )
 
@@ -416,11 +165,11 @@ class ClassificationTask(Task):
         try:
             loaded = load_from_disk(str(folder))
         except Exception as err:  # datasets raises several types for a broken folder
-            raise RecipeError(f"{folder}: cannot load the saved HF dataset ({err})") from None
+            raise InputError(f"{folder}: cannot load the saved HF dataset ({err})") from None
         if isinstance(loaded, Dataset):
             loaded = DatasetDict({"train": loaded})
         if "train" not in loaded:
-            raise RecipeError(f"{folder}: the saved dataset has no 'train' split (splits: {', '.join(loaded)})")
+            raise InputError(f"{folder}: the saved dataset has no 'train' split (splits: {', '.join(loaded)})")
         if self.glue is not None and all(s in loaded for s in self.glue.hf_eval_splits.values()):
             eval_splits = dict(self.glue.hf_eval_splits)
         else:
@@ -433,7 +182,7 @@ class ClassificationTask(Task):
             columns = [text] + ([pair] if pair is not None else []) + [label]
             for column in columns:
                 if column not in ds.column_names:
-                    raise RecipeError(f"{where}: no column '{column}' (columns: {', '.join(ds.column_names)})")
+                    raise InputError(f"{where}: no column '{column}' (columns: {', '.join(ds.column_names)})")
             feature = ds.features[label]
             names = getattr(feature, "names", None)
             raw = ds[label]
@@ -446,7 +195,7 @@ class ClassificationTask(Task):
             # GLUE test splits carry label -1: unusable for training or evaluation
             for i, value in enumerate(raw):
                 if value is None or (isinstance(value, int) and value < 0):
-                    raise RecipeError(f"{where}: row {i} has no label ({value!r})")
+                    raise InputError(f"{where}: row {i} has no label ({value!r})")
             return out
 
         return convert("train"), {key: functools.partial(convert, split) for key, split in eval_splits.items()}
@@ -469,12 +218,12 @@ class ClassificationTask(Task):
                 except (TypeError, ValueError):
                     number = math.nan
                 if not math.isfinite(number):
-                    raise RecipeError(f"{examples.source}:{line}: regression label {value!r} is not a finite number")
+                    raise InputError(f"{examples.source}:{line}: regression label {value!r} is not a finite number")
             return
         known = set(self.label_names)
         for value, line in zip(examples.labels, examples.lines):
             if _label_key(value) not in known:
-                raise RecipeError(
+                raise InputError(
                     f"{examples.source}:{line}: label {value!r} is not one of the task's labels "
                     f"({', '.join(self.label_names)})"
                 )
@@ -483,9 +232,9 @@ class ClassificationTask(Task):
         """Read and check all data (files, columns, labels) and the model's label set, before any training."""
         cfg = self.config
         if cfg.model is None:
-            raise RecipeError("no model: give --model (a local directory or a hub name)")
+            raise InputError("no model: give --model (a local directory or a hub name)")
         if cfg.eval_file is not None and cfg.train_file is None:
-            raise RecipeError("--eval-file needs --train-file")
+            raise InputError("--eval-file needs --train-file")
         train, eval_readers = self._read()
         on_validation = cfg.eval_on == "validation"
         evals = {} if on_validation else {key: read() for key, read in eval_readers.items()}
@@ -494,7 +243,7 @@ class ClassificationTask(Task):
         for examples in evals.values():
             self._check_labels(examples)
         if self.label_names is not None and len(self.label_names) < 2:
-            raise RecipeError(f"{train.source}: only one label ({self.label_names[0]}): nothing to classify")
+            raise InputError(f"{train.source}: only one label ({self.label_names[0]}): nothing to classify")
         self._check_model_labels()
         rng = np.random.default_rng(cfg.split_seed)
         if not eval_readers:
@@ -529,7 +278,7 @@ class ClassificationTask(Task):
             if min(counts.values()) >= 2 and len(counts) <= min(n_held, len(train) - n_held):
                 stratify = keys
         if len(train) < 4:
-            raise RecipeError(
+            raise InputError(
                 f"{train.source}: {len(train)} rows are too few to hold out an eval or validation set; "
                 "give --eval-file or more data"
             )
@@ -547,7 +296,7 @@ class ClassificationTask(Task):
             raw = read_json(local)
             raw = raw.get("id2label") if isinstance(raw, dict) else None
         elif Path(self.config.model).is_dir():
-            raise RecipeError(f"cannot load model '{self.config.model}': no config.json in that directory")
+            raise InputError(f"cannot load model '{self.config.model}': no config.json in that directory")
         else:
             from transformers import AutoConfig
 
@@ -555,11 +304,11 @@ class ClassificationTask(Task):
                 raw = getattr(AutoConfig.from_pretrained(self.config.model), "id2label", None)
             except (OSError, ValueError) as err:
                 first_line = str(err).strip().splitlines()[0]
-                raise RecipeError(f"cannot load the model config of '{self.config.model}': {first_line}") from None
+                raise InputError(f"cannot load the model config of '{self.config.model}': {first_line}") from None
         try:
             return {int(k): str(v) for k, v in (raw or {}).items()}
         except (AttributeError, TypeError, ValueError):
-            raise RecipeError(f"model '{self.config.model}': its config's id2label is not a mapping of ids to "
+            raise InputError(f"model '{self.config.model}': its config's id2label is not a mapping of ids to "
                               "labels") from None
 
     def _check_model_labels(self) -> None:
@@ -569,11 +318,11 @@ class ClassificationTask(Task):
             return
         if self.label_names is None:
             if len(id2label) != 1:
-                raise RecipeError(f"model '{self.config.model}' has {len(id2label)} labels "
+                raise InputError(f"model '{self.config.model}' has {len(id2label)} labels "
                                   f"({', '.join(id2label.values())}); a regression task needs 1")
             return
         if set(id2label.values()) != set(self.label_names):
-            raise RecipeError(
+            raise InputError(
                 f"the data's labels ({', '.join(self.label_names)}) do not fit the labels of model "
                 f"'{self.config.model}' ({', '.join(id2label[i] for i in sorted(id2label))})"
             )
@@ -603,7 +352,7 @@ class ClassificationTask(Task):
                 self.config.model, output_loading_info=True, **kwargs
             )
         except (OSError, ValueError) as err:
-            raise RecipeError(f"cannot load model '{self.config.model}': {str(err).splitlines()[0]}") from None
+            raise InputError(f"cannot load model '{self.config.model}': {str(err).splitlines()[0]}") from None
         if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
             model.config.pad_token_id = tokenizer.pad_token_id
         self._head = self._find_head(model, info.get("missing_keys", []))
@@ -633,7 +382,7 @@ class ClassificationTask(Task):
         if not names:
             names = {n for n in HEAD_NAMES if hasattr(model, n)}
         if not names:
-            raise RecipeError(f"cannot find the classification head of {type(model).__name__}; "
+            raise InputError(f"cannot find the classification head of {type(model).__name__}; "
                               "name it with --modules-to-save")
         return sorted(names)
 
@@ -663,7 +412,7 @@ class ClassificationTask(Task):
         shown = "; ".join(f"{key} is {tuple(theirs)} there but {tuple(ours)} here"
                           for key, theirs, ours in sorted(info.get("mismatched_keys", []), reverse=True)[:3])
         what = f"{len(labels)} labels ({', '.join(labels)})" if labels is not None else "a regression head"
-        raise RecipeError(f"base model '{model_path}' has a task head of another size than the adapter's, made for "
+        raise InputError(f"base model '{model_path}' has a task head of another size than the adapter's, made for "
                           f"{what} ({shown}); merge into the base model the adapter was trained on")
 
     # --- datasets -----------------------------------------------------------------------------------
@@ -808,7 +557,7 @@ class ClassificationTask(Task):
         if self.config.class_weights is None:
             return None
         if self.label_names is None:
-            raise RecipeError("--class-weights applies to classification; this task is regression")
+            raise InputError("--class-weights applies to classification; this task is regression")
         if self._train is None:
             self.check_inputs()
         assert self._train is not None
