@@ -19,16 +19,15 @@ from lorma.recipes.config import normalise_yaml, parse_scalar
 TRAINING_FLAGS: dict[str, tuple[str, bool]] = {
     # name: (help, is a boolean switch)
     "max_steps": ("Stop after this many optimizer steps (overrides --num-train-epochs).", False),
-    "num_train_epochs": ("Number of passes over the training data (default 3).", False),
-    "learning_rate": ("Peak learning rate of AdamW (default per method family: adapters (LoRMA, LoRA, DoRA) 1e-3, "
-                      "full 5e-5, BitFit / head-only 3e-3).", False),
-    "per_device_train_batch_size": ("Training batch size per process (default 16).", False),
-    "per_device_eval_batch_size": ("Evaluation batch size per process (default 64).", False),
+    "num_train_epochs": ("Number of passes over the training data.", False),
+    "learning_rate": ("Peak learning rate of AdamW.", False),
+    "per_device_train_batch_size": ("Training batch size per process.", False),
+    "per_device_eval_batch_size": ("Evaluation batch size per process.", False),
     "gradient_accumulation_steps": ("Batches accumulated per optimizer step.", False),
-    "weight_decay": ("AdamW weight decay (default 0).", False),
-    "warmup_steps": ("Linear warm-up: steps, or a float in [0, 1) as a ratio of all steps (default 0.06).", False),
+    "weight_decay": ("AdamW weight decay.", False),
+    "warmup_steps": ("Linear warm-up: steps, or a float in [0, 1) as a ratio of all steps.", False),
     "warmup_ratio": ("Alias of a float --warmup-steps (the paper's tables say warm-up ratio).", False),
-    "lr_scheduler_type": ("Learning-rate schedule: linear (default), cosine, constant, ...", False),
+    "lr_scheduler_type": ("Learning-rate schedule: linear, cosine, constant, ...", False),
     "max_grad_norm": ("Gradient clipping norm (default 1.0).", False),
     "label_smoothing_factor": ("Label smoothing for classification losses.", False),
     "optim": ("Optimizer name of HF Trainer (default adamw_torch).", False),
@@ -38,8 +37,8 @@ TRAINING_FLAGS: dict[str, tuple[str, bool]] = {
     "save_strategy": ("When to checkpoint: no, steps, epoch (default: epoch, or every 500 steps with "
                       "--max-steps).", False),
     "save_steps": ("Checkpoint every N steps with --save-strategy steps.", False),
-    "save_total_limit": ("Keep at most this many checkpoints (default 2).", False),
-    "logging_steps": ("Log the training loss every N steps (default 1: the per-step loss log).", False),
+    "save_total_limit": ("Keep at most this many checkpoints.", False),
+    "logging_steps": ("Log the training loss every N steps (1: the per-step loss log).", False),
     "report_to": ("Where Trainer logs: tensorboard (default when installed), none, ...", False),
     "dataloader_num_workers": ("Worker processes for data loading.", False),
     "fp16": ("Mixed precision with float16 (GPU).", True),
@@ -60,6 +59,21 @@ def _key_values(items: list[str] | None, flag: str, as_text: bool = False) -> di
             raise InputError(f"{flag} expects KEY=VALUE, got '{item}'")
         out[key.strip()] = value if as_text else parse_scalar(value)
     return out
+
+
+def _training_default(name: str) -> str:
+    """`` [default: ...]`` for a training flag whose default lorma sets (:data:`lorma.recipes.config.DEFAULT_TRAINING`
+    and the learning rate per method family, stated there only); empty for transformers' own defaults."""
+    from lorma.recipes.config import DEFAULT_LEARNING_RATES, DEFAULT_TRAINING, METHOD_FAMILIES
+
+    if name == "learning_rate":
+        families = (f"{family} ({', '.join(METHOD_FAMILIES[family])}) {rate:g}"
+                    for family, rate in DEFAULT_LEARNING_RATES.items())
+        return f" [default per method family: {'; '.join(families)}]"
+    if name in DEFAULT_TRAINING:
+        value = DEFAULT_TRAINING[name]
+        return f" [default: {value:g}]" if isinstance(value, float) else f" [default: {value}]"
+    return ""
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -96,7 +110,8 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
             training.add_argument(flag, dest=f"ta_{name}", action="store_const", const=True, default=None,
                                   help=help_text)
         else:
-            training.add_argument(flag, dest=f"ta_{name}", default=None, metavar="VALUE", help=help_text)
+            training.add_argument(flag, dest=f"ta_{name}", default=None, metavar="VALUE",
+                                  help=help_text + _training_default(name))
     training.add_argument("--training-arg", dest="training_arg", action="append", metavar="KEY=VALUE",
                           help="Any other TrainingArguments field (repeatable), e.g. --training-arg "
                                "adam_beta2=0.98.")

@@ -45,6 +45,7 @@ DEFAULT_TRAINING: dict[str, Any] = {
     "lr_scheduler_type": "linear",
     "weight_decay": 0.0,
     "logging_steps": 1,
+    "save_total_limit": 2,  # checkpoints kept (a resume needs only the newest complete one)
 }
 
 

@@ -129,7 +129,6 @@ def _training_arguments(cfg: RunConfig, out: Path, has_eval: bool, task: Any) ->
         kwargs["eval_strategy"] = "no" if by_steps else "epoch"
     if "save_strategy" not in cfg.training and not by_steps:
         kwargs["save_strategy"] = "epoch"
-    kwargs.setdefault("save_total_limit", 2)
     # Trainer hides its bars when transformers' log level is above WARN (we quiet its load-time chatter)
     kwargs.setdefault("disable_tqdm", False)
     if "report_to" in cfg.training and kwargs.get("report_to") is None:
