@@ -309,6 +309,6 @@ def register(subparsers: Any) -> None:
     demo.add_argument("--max-train-samples", type=int, default=None,
                       help="Training tweets (default: from the demo config).")
     demo.add_argument("--config", dest="demo_config", default=None,
-                      help="A YAML file overriding the built-in demo settings (see configs/demo.yaml).")
+                      help="A YAML file overriding the built-in demo settings (src/lorma/recipes/demo.yaml).")
     demo.add_argument("--overwrite", action="store_true", help="Replace results in an existing --output-dir.")
     demo.set_defaults(func=cmd_demo)
