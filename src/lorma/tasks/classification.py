@@ -8,7 +8,6 @@ The 8 GLUE tasks are known by name, with the paper's metrics; other data gets ac
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 
 from lorma.errors import InputError
 from lorma.tasks.base import Task, register_task
+from lorma.tasks.classification_data import read_classification_data
 from lorma.tasks.classification_metrics import batched_metric, classification_metrics
 from lorma.tasks.glue import GLUE_ALIASES, GLUE_TASKS, GlueSpec
 from lorma.tasks.readers.tabular import Examples, read_examples
@@ -104,102 +104,6 @@ class ClassificationTask(Task):
             return self.config.problem_type == "regression"
         return self.glue is not None and self.glue.labels is None
 
-    def _columns(self) -> tuple[str | int, str | int | None, str | int]:
-        cfg = self.config
-        if self.glue is not None and cfg.data is not None and cfg.train_file is None and self._data_is_glue_folder():
-            default = (self.glue.text, self.glue.pair, self.glue.label)
-        elif self.glue is not None:
-            default = (self.glue.hf_columns[0], self.glue.hf_columns[1], "label")
-        else:
-            default = ("text", None, "label")
-        return (
-            cfg.text_column if cfg.text_column is not None else default[0],
-            cfg.text_pair_column if cfg.text_pair_column is not None else default[1],
-            cfg.label_column if cfg.label_column is not None else default[2],
-        )
-
-    def _data_is_glue_folder(self) -> bool:
-        return self.config.data is not None and (Path(self.config.data) / "train.tsv").is_file()
-
-    def _read(self) -> tuple[Examples, dict[str, Callable[[], Examples]]]:
-        """The training examples, and a reader per eval set: the eval data is read only when asked for, so
-        that a run that evaluates on a validation split (``eval_on: validation``) never reads it."""
-        cfg = self.config
-        text, pair, label = self._columns()
-        if cfg.train_file is not None:
-            train = read_examples(cfg.train_file, text, pair, label, cfg.file_encoding)
-            if cfg.eval_file is None:
-                return train, {}
-            eval_file = cfg.eval_file
-            return train, {"": lambda: read_examples(eval_file, text, pair, label, cfg.file_encoding)}
-        if cfg.data is None:
-            raise InputError(
-                "no training data: give --train-file (CSV/TSV/JSONL) or --data (GLUE folder / HF dataset)"
-            )
-        folder = Path(cfg.data)
-        if not folder.exists():
-            raise InputError(f"data directory not found: {folder}")
-        if self._data_is_glue_folder():
-            glue = self.glue
-            has_header = glue.has_header if glue is not None else True
-            train = read_examples(folder / "train.tsv", text, pair, label, cfg.file_encoding, has_header, True)
-            dev_files = glue.dev_files if glue is not None else {"": "dev.tsv"}
-            evals: dict[str, Callable[[], Examples]] = {}
-            for key, name in dev_files.items():
-                if not (folder / name).is_file():
-                    raise InputError(f"{folder}: no {name} (the {self.name} dev set)")
-                evals[key] = functools.partial(read_examples, folder / name, text, pair, label, cfg.file_encoding,
-                                               has_header, True)
-            return train, evals
-        if (folder / "dataset_dict.json").is_file() or (folder / "dataset_info.json").is_file():
-            return self._read_hf(folder, text, pair, label)
-        raise InputError(
-            f"{folder}: neither a GLUE task folder (train.tsv) nor a saved HF dataset (dataset_dict.json)"
-        )
-
-    def _read_hf(
-        self, folder: Path, text: str | int, pair: str | int | None, label: str | int
-    ) -> tuple[Examples, dict[str, Callable[[], Examples]]]:
-        from datasets import Dataset, DatasetDict, load_from_disk
-
-        try:
-            loaded = load_from_disk(str(folder))
-        except Exception as err:  # datasets raises several types for a broken folder
-            raise InputError(f"{folder}: cannot load the saved HF dataset ({err})") from None
-        if isinstance(loaded, Dataset):
-            loaded = DatasetDict({"train": loaded})
-        if "train" not in loaded:
-            raise InputError(f"{folder}: the saved dataset has no 'train' split (splits: {', '.join(loaded)})")
-        if self.glue is not None and all(s in loaded for s in self.glue.hf_eval_splits.values()):
-            eval_splits = dict(self.glue.hf_eval_splits)
-        else:
-            found = [s for s in ("validation", "dev", "eval", "test") if s in loaded]
-            eval_splits = {"": found[0]} if found else {}
-
-        def convert(split: str) -> Examples:
-            ds = loaded[split]
-            where = f"{folder} split '{split}'"
-            columns = [text] + ([pair] if pair is not None else []) + [label]
-            for column in columns:
-                if column not in ds.column_names:
-                    raise InputError(f"{where}: no column '{column}' (columns: {', '.join(ds.column_names)})")
-            feature = ds.features[label]
-            names = getattr(feature, "names", None)
-            raw = ds[label]
-            labels = [names[v] if names is not None and isinstance(v, int) and v >= 0 else v for v in raw]
-            if names is None and self.glue is not None and self.glue.labels is not None:
-                labels = [self.glue.labels[v] if isinstance(v, int) and 0 <= v < len(self.glue.labels) else v
-                          for v in labels]
-            out = Examples(where, [str(t) for t in ds[text]], None if pair is None else [str(t) for t in ds[pair]],
-                           labels, list(range(len(ds))))
-            # GLUE test splits carry label -1: unusable for training or evaluation
-            for i, value in enumerate(raw):
-                if value is None or (isinstance(value, int) and value < 0):
-                    raise InputError(f"{where}: row {i} has no label ({value!r})")
-            return out
-
-        return convert("train"), {key: functools.partial(convert, split) for key, split in eval_splits.items()}
-
     def _labels_of(self, train: Examples) -> list[str] | None:
         if self.regression:
             return None
@@ -235,7 +139,7 @@ class ClassificationTask(Task):
             raise InputError("no model: give --model (a local directory or a hub name)")
         if cfg.eval_file is not None and cfg.train_file is None:
             raise InputError("--eval-file needs --train-file")
-        train, eval_readers = self._read()
+        train, eval_readers = read_classification_data(self.config, self.name, self.glue)
         on_validation = cfg.eval_on == "validation"
         evals = {} if on_validation else {key: read() for key, read in eval_readers.items()}
         self.label_names = self._labels_of(train)
