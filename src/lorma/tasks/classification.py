@@ -4,13 +4,16 @@ Data comes as a GLUE task folder (``train.tsv`` / ``dev.tsv`` with that task's o
 JSONL files with text, optional text-pair and label columns, or a saved HF dataset (``load_from_disk``).
 The 8 GLUE tasks are known by name, with the paper's metrics; other data gets accuracy and macro-F1
 (or Pearson / Spearman for regression). Everything about the files is checked before the model loads.
+
+The parts: :mod:`~lorma.tasks.glue` (the GLUE table), :mod:`~lorma.tasks.classification_data` (where the data comes
+from), :mod:`~lorma.tasks.readers.tabular` (CSV / TSV / JSONL), :mod:`~lorma.tasks.classification_labels` and
+:mod:`~lorma.tasks.classification_metrics`; this module is the task.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,6 +21,7 @@ import numpy as np
 from lorma.errors import InputError
 from lorma.tasks.base import Task, register_task
 from lorma.tasks.classification_data import read_classification_data
+from lorma.tasks.classification_labels import check_labels, fit_model_labels, label_key, labels_of
 from lorma.tasks.classification_metrics import batched_metric, classification_metrics
 from lorma.tasks.glue import GLUE_ALIASES, GLUE_TASKS, GlueSpec
 from lorma.tasks.readers.tabular import Examples, read_examples
@@ -35,47 +39,7 @@ __all__ = [
     "read_examples",
 ]
 
-# A label set that looks like scores rather than classes: any fractional value, or more distinct integers than
-# this. Training a classifier on it is rarely meant; the user says which with --problem-type.
-MAX_INTEGER_CLASSES_UNASKED = 20
-
-
 HEAD_NAMES = ("pre_classifier", "classifier", "score", "classification_head")
-
-
-def _label_key(value: Any) -> str:
-    """Labels compare as strings, so 1 (JSON), "1" (CSV) and 1.0 mean the same class."""
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value).strip()
-
-
-def _sorted_labels(values: set[str]) -> list[str]:
-    """Labels in a stable order: numerically when all are integers, else alphabetically."""
-    try:
-        return sorted(values, key=int)
-    except ValueError:
-        return sorted(values)
-
-
-def _refuse_score_like_labels(source: str, labels: list[str]) -> None:
-    """Numeric labels with fractions, or too many distinct integers, look like regression targets: ask."""
-    try:
-        numbers = [float(label) for label in labels]
-    except ValueError:
-        return
-    fractional = [label for label, x in zip(labels, numbers) if not x.is_integer()]
-    if fractional or len(labels) > MAX_INTEGER_CLASSES_UNASKED:
-        shown = ", ".join((fractional or labels)[:4])
-        raise InputError(
-            f"{source}: the labels look like scores ({len(labels)} distinct numbers, e.g. {shown}): give "
-            "--problem-type regression to predict the number, or --problem-type classification to make each "
-            "value a class"
-        )
-
-
-def _is_default_label_names(id2label: dict[int, str]) -> bool:
-    return all(str(name) == f"LABEL_{int(i)}" for i, name in id2label.items())
 
 
 @register_task("classification", *GLUE_TASKS)
@@ -104,34 +68,6 @@ class ClassificationTask(Task):
             return self.config.problem_type == "regression"
         return self.glue is not None and self.glue.labels is None
 
-    def _labels_of(self, train: Examples) -> list[str] | None:
-        if self.regression:
-            return None
-        if self.glue is not None and self.glue.labels is not None:
-            return list(self.glue.labels)
-        labels = _sorted_labels({_label_key(v) for v in train.labels})
-        if self.config.problem_type is None:
-            _refuse_score_like_labels(train.source, labels)
-        return labels
-
-    def _check_labels(self, examples: Examples) -> None:
-        if self.label_names is None:
-            for value, line in zip(examples.labels, examples.lines):
-                try:
-                    number = float(value)
-                except (TypeError, ValueError):
-                    number = math.nan
-                if not math.isfinite(number):
-                    raise InputError(f"{examples.source}:{line}: regression label {value!r} is not a finite number")
-            return
-        known = set(self.label_names)
-        for value, line in zip(examples.labels, examples.lines):
-            if _label_key(value) not in known:
-                raise InputError(
-                    f"{examples.source}:{line}: label {value!r} is not one of the task's labels "
-                    f"({', '.join(self.label_names)})"
-                )
-
     def check_inputs(self) -> None:
         """Read and check all data (files, columns, labels) and the model's label set, before any training."""
         cfg = self.config
@@ -142,13 +78,13 @@ class ClassificationTask(Task):
         train, eval_readers = read_classification_data(self.config, self.name, self.glue)
         on_validation = cfg.eval_on == "validation"
         evals = {} if on_validation else {key: read() for key, read in eval_readers.items()}
-        self.label_names = self._labels_of(train)
-        self._check_labels(train)
+        self.label_names = labels_of(train, self.regression, self.glue, cfg.problem_type)
+        check_labels(train, self.label_names)
         for examples in evals.values():
-            self._check_labels(examples)
+            check_labels(examples, self.label_names)
         if self.label_names is not None and len(self.label_names) < 2:
             raise InputError(f"{train.source}: only one label ({self.label_names[0]}): nothing to classify")
-        self._check_model_labels()
+        self.label_names = fit_model_labels(cfg.model, self.label_names)
         rng = np.random.default_rng(cfg.split_seed)
         if not eval_readers:
             train, held_out = self._split(train, rng, cfg.eval_split)
@@ -176,7 +112,7 @@ class ClassificationTask(Task):
         index = np.arange(len(train))
         stratify = None
         if self.label_names is not None:
-            keys = [_label_key(v) for v in train.labels]
+            keys = [label_key(v) for v in train.labels]
             counts = {k: keys.count(k) for k in set(keys)}
             n_held = math.ceil(fraction * len(train))
             if min(counts.values()) >= 2 and len(counts) <= min(n_held, len(train) - n_held):
@@ -189,49 +125,6 @@ class ClassificationTask(Task):
         fit, held = train_test_split(index, test_size=fraction, stratify=stratify,
                                      random_state=int(rng.integers(2**31 - 1)))
         return train.subset(np.sort(fit)), train.subset(np.sort(held))
-
-    def _model_id2label(self) -> dict[int, str]:
-        """The model's ``id2label``: from a local ``config.json`` as plain JSON (no transformers import, so that
-        bad data is reported at once), else through transformers' ``AutoConfig`` (hub names)."""
-        local = Path(self.config.model) / "config.json"
-        if local.is_file():
-            from lorma.fileio import read_json
-
-            raw = read_json(local)
-            raw = raw.get("id2label") if isinstance(raw, dict) else None
-        elif Path(self.config.model).is_dir():
-            raise InputError(f"cannot load model '{self.config.model}': no config.json in that directory")
-        else:
-            from transformers import AutoConfig
-
-            try:
-                raw = getattr(AutoConfig.from_pretrained(self.config.model), "id2label", None)
-            except (OSError, ValueError) as err:
-                first_line = str(err).strip().splitlines()[0]
-                raise InputError(f"cannot load the model config of '{self.config.model}': {first_line}") from None
-        try:
-            return {int(k): str(v) for k, v in (raw or {}).items()}
-        except (AttributeError, TypeError, ValueError):
-            raise InputError(f"model '{self.config.model}': its config's id2label is not a mapping of ids to "
-                              "labels") from None
-
-    def _check_model_labels(self) -> None:
-        """The data's labels must fit the model's labels when the model already has a trained head."""
-        id2label = self._model_id2label()
-        if not id2label or _is_default_label_names(id2label):
-            return
-        if self.label_names is None:
-            if len(id2label) != 1:
-                raise InputError(f"model '{self.config.model}' has {len(id2label)} labels "
-                                  f"({', '.join(id2label.values())}); a regression task needs 1")
-            return
-        if set(id2label.values()) != set(self.label_names):
-            raise InputError(
-                f"the data's labels ({', '.join(self.label_names)}) do not fit the labels of model "
-                f"'{self.config.model}' ({', '.join(id2label[i] for i in sorted(id2label))})"
-            )
-        # keep the model's own order so that its trained head keeps meaning the same classes
-        self.label_names = [id2label[i] for i in sorted(id2label)]
 
     # --- model --------------------------------------------------------------------------------------
     def _model_kwargs(self) -> dict[str, Any]:
@@ -327,7 +220,7 @@ class ClassificationTask(Task):
             labels: list[Any] = [float(v) for v in examples.labels]
         else:
             index = {name: i for i, name in enumerate(self.label_names)}
-            labels = [index[_label_key(v)] for v in examples.labels]
+            labels = [index[label_key(v)] for v in examples.labels]
         columns: dict[str, list[Any]] = {"text": examples.texts, "labels": labels}
         if examples.pairs is not None:
             columns["text_pair"] = examples.pairs
@@ -427,7 +320,7 @@ class ClassificationTask(Task):
             constant = any(info["constant"] for info in sets.values())
             return {"problem_type": "regression", "predicts_constant": constant, "collapsed": constant, "sets": sets}
         index = {name: i for i, name in enumerate(self.label_names)}
-        train_ids = np.array([index[_label_key(v)] for v in self._train.labels])
+        train_ids = np.array([index[label_key(v)] for v in self._train.labels])
         train_counts = np.bincount(train_ids, minlength=len(self.label_names))
         majority = int(train_counts.argmax())
         sets = {}
@@ -469,7 +362,7 @@ class ClassificationTask(Task):
         from sklearn.utils.class_weight import compute_class_weight
 
         index = {name: i for i, name in enumerate(self.label_names)}
-        train_ids = np.array([index[_label_key(v)] for v in self._train.labels])
+        train_ids = np.array([index[label_key(v)] for v in self._train.labels])
         present = np.unique(train_ids)
         weights = np.ones(len(self.label_names))  # a class without training rows is never a target
         weights[present] = compute_class_weight("balanced", classes=present, y=train_ids)
@@ -495,11 +388,11 @@ class ClassificationTask(Task):
         if self.label_names is None or self._train is None or self._eval is None:
             return None
         index = {name: i for i, name in enumerate(self.label_names)}
-        train_ids = np.array([index[_label_key(v)] for v in self._train.labels])
+        train_ids = np.array([index[label_key(v)] for v in self._train.labels])
         majority = int(np.bincount(train_ids, minlength=len(self.label_names)).argmax())
         out: dict[str, float] = {}
         for key, examples in self._eval.items():
-            ids = np.array([index[_label_key(v)] for v in examples.labels])
+            ids = np.array([index[label_key(v)] for v in examples.labels])
             prefix = f"eval_{key}_" if key else "eval_"
             scores = classification_metrics(self.metric_names, np.full_like(ids, majority), ids)
             out.update({prefix + k: v for k, v in scores.items()})
