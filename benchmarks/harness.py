@@ -1,4 +1,4 @@
-"""Models, methods and measurements of the benchmark: interleaved step timing and peak step memory.
+"""Models, methods and measurements of the benchmark: workloads, the methods built on them, peak step memory.
 
 Everything here runs in one process: every method gets its own copy of the model's module tree, but the
 frozen base weights are shared between the copies (they are never written during training), so that a dozen
@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import random
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +18,7 @@ import torch
 from torch import nn
 
 from lorma.fileio import staged_directory
+from lorma.recipes.method_registry import LORMA_SIDES
 
 from .reference_orderings import apply_reference
 
@@ -42,6 +40,11 @@ class Workload:
     note: str = ""
     tokens: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    # "model" (goals on the whole-model ratios) or "layer" (a single-layer sweep point)
+    kind: str = "model"
+    # whether the "strictly more work must not be faster" checks hold here: not for layers so small that
+    # per-call overhead, not arithmetic, decides the order (see benchmarks/run.py: sanity_pairs)
+    sanity: bool = True
 
 
 def _hidden_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -143,24 +146,46 @@ def layer_workload(d: int, tokens: int) -> Workload:
     model = OneLayer(d)
     x = torch.randn(tokens, d, generator=torch.Generator().manual_seed(0))
     return Workload(f"Linear {d}x{d}", model, {"x": x}, lambda m, b: m(b["x"]).square().mean(), ["proj"],
-                    tokens=tokens)
+                    tokens=tokens, extra={"d": d}, kind="layer", sanity=d >= 1024)
 
 
 # ------------------------------------------------------------------ methods
 R, ALPHA = 8, 16
+# LoRMA's sides; "auto": per module the smaller transform (lorma.config.cheaper_side), "pre" on square layers
+SIDES = LORMA_SIDES
 
 
 def method_names(kind: str) -> list[str]:
-    """The methods of one table: ``full`` (every peer), ``lorma`` (LoRA and LoRMA only), ``layer``."""
+    """The methods of one table: ``full`` (every peer), ``lorma`` (LoRA, OFT, HRA and LoRMA), ``layer``, ``core``
+    (LoRA and LoRMA plus / pi, pre side: the quick run). The ``auto`` side is added by :func:`with_auto_side`
+    where it differs from ``pre``."""
     lorma = [f"lorma-{i}-{s}" for i in ("plus", "pi", "none") for s in ("pre", "post")]
     refs = [f"ref-{o}-{i}" for o in ("table11", "released") for i in ("plus", "pi")]
     if kind == "full":
         return ["lora", "oft", "boft", "hra", *lorma, *refs]
     if kind == "lorma":
         return ["lora", "oft", "hra", *[m for m in lorma if "none" not in m]]
-    if kind == "layer":
+    if kind == "core":  # the methods the goals are about
+        return ["lora", "lorma-plus-pre", "lorma-pi-pre"]
+    if kind == "layer":  # square layers: auto is pre
         return ["lora", "lorma-plus-pre", "lorma-plus-post", "lorma-pi-pre", "lorma-pi-post", *refs]
     raise ValueError(kind)
+
+
+def with_auto_side(methods: list[str], work: Workload) -> list[str]:
+    """``methods`` plus ``lorma-{plus,pi}-auto`` where the workload has a module whose auto side is not pre (an
+    expanding layer, d_out > d_in: an LLM's gate / up); elsewhere auto is pre and would be measured twice."""
+    from lorma.config import cheaper_side
+
+    expanding = any(
+        isinstance(m, nn.Linear) and cheaper_side(m.in_features, m.out_features) == "post"
+        and any(name == t or name.endswith("." + t) for t in work.targets)
+        for name, m in work.model.named_modules()
+    )
+    if not expanding:
+        return methods
+    extra = [f"lorma-{i}-auto" for i in ("plus", "pi") if f"lorma-{i}-pre" in methods]
+    return [*methods, *extra]
 
 
 def shared_copy(model: nn.Module) -> nn.Module:
@@ -213,20 +238,6 @@ def make_step(work: Workload, model: nn.Module) -> Callable[[], None]:
 
     step.optimizer = opt  # type: ignore[attr-defined]
     return step
-
-
-def interleaved_times(steps: dict[str, Callable[[], None]], rounds: int, seed: int = 0) -> dict[str, list[float]]:
-    """Each round runs every method once, in a fresh random order; returns the per-method step times."""
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    order = list(steps)
-    rng = random.Random(seed)
-    for _ in range(rounds):
-        rng.shuffle(order)
-        for name in order:
-            t0 = time.perf_counter()
-            steps[name]()
-            times[name].append(time.perf_counter() - t0)
-    return times
 
 
 def live_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> int:
@@ -310,5 +321,9 @@ def step_peak_bytes(step: Callable[[], None], model: nn.Module) -> int:
     return start + tracker.peak
 
 
-def median(xs: list[float]) -> float:
-    return statistics.median(xs)
+def allocated_peak_bytes(step: Callable[[], None]) -> int:
+    """The most tensor bytes ``step`` has allocated and alive at once, on top of what existed before it."""
+    tracker = _AllocationTracker()
+    with tracker.mode():
+        step()
+    return tracker.peak

@@ -214,20 +214,32 @@ def test_pi_keeps_no_square_index() -> None:
     assert not any(t.numel() >= 64 * 64 for t in layer.state_dict().values() if t.shape[-2:] == (64, 64))
 
 
-def test_gradients_reach_only_adapter_weights(tiny_bert) -> None:
+# plain LoRMA and each variant (docs/variants.md): (options, the variant's own trained tensor)
+VARIANT_OPTIONS = [
+    ({"inflation": "pi"}, None),
+    ({"inflation": "pi", "variant": "dorma"}, "lorma_magnitude"),
+    ({"variant": "adalorma", "target_r": 2, "total_step": 10}, "lorma_E"),
+    ({"variant": "dylorma", "min_rank": 4}, None),  # every draw is b = r = 4: all of A and B get a gradient
+]
+
+
+@pytest.mark.parametrize(("options", "own"), VARIANT_OPTIONS, ids=["lorma-pi", "dorma-pi", "adalorma", "dylorma"])
+def test_gradients_reach_only_adapter_weights(tiny_bert, options: dict, own: str | None) -> None:
     from transformers import BertConfig, BertForSequenceClassification
 
     cls = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                                     intermediate_size=48, vocab_size=120, num_labels=3))
-    model = get_peft_model(cls, LormaConfig(r=4, inflation="pi", target_modules=["query", "value"],
-                                           modules_to_save=["classifier"], init_weights=False))
+    model = get_peft_model(cls, LormaConfig(r=4, target_modules=["query", "value"], modules_to_save=["classifier"],
+                                           init_weights=False, **options))
     out = model(input_ids=torch.randint(0, 120, (2, 6)), labels=torch.tensor([0, 2]))
     out.loss.backward()
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert with_grad == trainable
-    assert all(("lorma_A" in n or "lorma_B" in n or "classifier" in n) for n in trainable)
-    assert sum("lorma_" in n for n in trainable) == 2 * 2 * 2  # 2 layers x (query, value) x (A, B)
+    names = ("lorma_A", "lorma_B", "classifier") + ((own,) if own else ())
+    assert all(any(part in n for part in names) for n in trainable)
+    # 2 layers x (query, value) x (A, B, and the variant's own tensor)
+    assert sum("lorma_" in n for n in trainable) == 2 * 2 * (3 if own else 2)
     assert any("modules_to_save" in n for n in trainable)
 
 

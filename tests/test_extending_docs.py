@@ -141,8 +141,9 @@ def test_variant_registry_and_config() -> None:
     from lorma.variants import LormaVariant, get_variant, register_variant, variant_names
 
     assert get_variant(None) is LormaVariant  # plain LoRMA
-    with pytest.raises(ValueError, match=r"LormaConfig: unknown variant 'dorma'; expected None or one of"):
-        LormaConfig(variant="dorma")
+    assert variant_names()[:3] == ("dorma", "adalorma", "dylorma")  # the built-ins (docs/variants.md)
+    with pytest.raises(ValueError, match=r"LormaConfig: unknown variant 'no-such'; expected None or one of"):
+        LormaConfig(variant="no-such")
     with pytest.raises(TypeError, match="LormaVariant subclass"):
         register_variant(LormaVariant)
 

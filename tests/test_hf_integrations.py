@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -169,3 +170,48 @@ def test_trl_sft_trainer_with_a_lorma_peft_config(tiny_causal_lm_dir: Path, tmp_
                                          str(tmp_path / "adapter")).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).logits, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_trl_sft_config_trains_in_bf16_autocast_on_cpu_by_default(tiny_causal_lm_dir: Path, tmp_path: Path) -> None:
+    """trl's SFTConfig sets ``bf16=True`` unless fp16 is asked for, also on a CPU: the forward runs under CPU bf16
+    autocast (an un-adapted projection's output is bf16; LoRMA_pi computes its transform in the adapters' float32)
+    while the adapter weights stay float32. Pass ``bf16=False`` (as the test above does) for float32 training.
+    Conversational data (``messages``) goes through the tokenizer's chat template."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_causal_lm_dir)
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}assistant: {% endif %}")
+    args = SFTConfig(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4, learning_rate=5e-3,
+                     logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, max_length=48,
+                     dataloader_num_workers=0, seed=0)
+    assert args.bf16 is True and not args.fp16  # trl's default, whatever the device
+    conversations = [{"messages": [{"role": "user", "content": f"Colour of the {t}?"},
+                                   {"role": "assistant", "content": s}]} for t, s in zip("abcd", sft_texts())]
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_causal_lm_dir), args=args,
+        train_dataset=Dataset.from_list(conversations), processing_class=tokenizer,
+        peft_config=LormaConfig(r=4, alpha=8, inflation="pi", target_modules=["q_proj", "v_proj"],
+                                task_type="CAUSAL_LM"),
+    )
+    attention = trainer.model.base_model.model.model.layers[0].self_attn
+    layer = attention.q_proj
+    seen: list[tuple[bool, torch.dtype]] = []
+    plain: list[torch.dtype] = []
+    handles = [
+        layer.register_forward_hook(lambda module, inputs, output: seen.append(
+            (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))),
+        attention.k_proj.register_forward_hook(lambda module, inputs, output: plain.append(output.dtype)),
+    ]
+    try:
+        trainer.train()
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert seen and set(seen) == {(True, torch.bfloat16)}
+    assert plain and set(plain) == {torch.bfloat16}
+    assert layer.lorma_A["default"].dtype == layer.lorma_B["default"].dtype == torch.float32
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)

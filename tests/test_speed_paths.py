@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import reference_inflation
 from lorma import LormaConfig
 from lorma import functional as LF
-from lorma.inflations import NoneInflation, PiInflation, PlusInflation
+from lorma.inflations import NoneInflation, PiInflation, PlusInflation, get_inflation
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -180,3 +180,42 @@ def test_none_is_applied_low_rank(side: str) -> None:
                             layer.scaling["default"])
     expected = x.double() @ (M @ W0 if side == "pre" else W0 @ M).T + b
     assert rel_err(out, expected) < 1e-5
+
+
+@pytest.mark.parametrize("inflation", ["pi", "none", "plus"])
+def test_dense_recomputed_is_exact_and_saves_no_square_matrix(inflation: str) -> None:
+    """apply_dense_recomputed: the dense formula's values and gradients, with no d x d tensor kept for backward."""
+    d, r, s = 24, 3, 0.7
+    A = torch.randn(r, d, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(d, r, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(2, 5, d, dtype=torch.float64, requires_grad=True)
+
+    def build(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return get_inflation(inflation)().transform(a, b, s)
+
+    saved: dict[str, list[int]] = {}
+    for name, apply in (("autograd", lambda: h @ build(A, B).T), ("recomputed",
+                                                                   lambda: LF.apply_dense_recomputed(h, A, B, build))):
+        saved[name] = []
+
+        def pack(t: torch.Tensor, sizes: list[int] = saved[name]) -> torch.Tensor:
+            sizes.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = apply()
+        M = reference_inflation(A.detach(), B.detach(), inflation, s)
+        assert rel_err(out.detach(), h.detach() @ M.T) < 1e-12
+        weights = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1))
+        grads = torch.autograd.grad((out * weights).sum(), (h, A, B))
+        rows = torch.arange(d).unsqueeze(1)
+        cols = (torch.arange(d).unsqueeze(0) - rows) % d
+        ba = B @ A
+        dense_m = {"pi": s * ba[rows, cols], "none": s * ba, "plus": torch.eye(d, dtype=ba.dtype) + s * ba}[inflation]
+        expected = torch.autograd.grad(((h @ dense_m.T) * weights).sum(), (h, A, B))
+        for got, want in zip(grads, expected):
+            assert rel_err(got, want) < 1e-10
+    assert max(saved["autograd"]) >= d * d  # autograd keeps M for the input's gradient
+    assert max(saved["recomputed"]) < d * d  # only h, A and B are kept
+    with torch.no_grad():  # no graph: a plain matmul
+        assert rel_err(LF.apply_dense_recomputed(h, A, B, build), h @ build(A, B).T) < 1e-15

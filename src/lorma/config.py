@@ -9,11 +9,17 @@ from pathlib import Path
 from typing import Any
 
 from peft.config import PeftConfig
+from peft.utils.other import get_pattern_key
 
 from .functional import SIDES
 from .inflations import DEFAULT_FFT_CHUNK_BYTES, DEFAULT_MAX_DENSE_BYTES, get_inflation
 from .peft_type import lorma_peft_type
 from .variants import get_variant
+from .variants.options import validate_variant_options
+
+# "auto": per module, the side whose square transform is smaller (resolved when the layer is made, recorded in
+# side_pattern). Not one of functional.SIDES: a layer always acts on a definite side.
+SIDE_CHOICES: tuple[str, ...] = (*SIDES, "auto")
 
 # Default target modules per transformers model_type: the paper's set-ups.
 # RoBERTa / BERT: query and value (Table 14). GPT-2: the fused c_attn, q and v parts only (Table 16).
@@ -45,7 +51,13 @@ class LormaConfig(PeftConfig):
         inflation: ``"plus"`` (``I + sBA``, LoRMA+), ``"pi"`` (``s pi(BA)``, LoRMA_pi) or ``"none"``
             (``s BA``, the rank-limited ablation); or the name of an inflation registered with
             :func:`lorma.inflations.register_inflation`.
-        side: ``"pre"`` (paper default, ``d = d_out``) or ``"post"`` (``d = d_in``).
+        side: ``"pre"`` (paper default, ``d = d_out``), ``"post"`` (``d = d_in``) or ``"auto"``: per module the
+            side with the smaller transform (:func:`cheaper_side`), for speed on expanding / contracting layers
+            (an LLM's MLP). Pre and post are different parameterizations (the paper's Table 7 compares them), so
+            ``"auto"`` is a setting of its own, never a silent switch; each module's resolved side is recorded in
+            ``side_pattern`` when the adapter is made and saved with it.
+        side_pattern: per-module side (``"pre"`` / ``"post"``), keys as in ``rank_pattern``; overrides ``side``.
+            With ``side="auto"`` lorma fills it with every adapted module's resolved side.
         dropout: dropout on the adapter path only; the frozen path ``W0 x`` never sees it.
         target_modules / exclude_modules / layers_to_transform / layers_pattern: as in peft's LoRA.
         init_weights: ``True`` for the paper's identity initialisation; ``False`` for random ``A`` and
@@ -62,13 +74,29 @@ class LormaConfig(PeftConfig):
         fft_chunk_bytes: working memory per module of the bounded FFT path, per chunk of tokens.
         variant: ``None`` for plain LoRMA, or the name of a variant registered with
             :func:`lorma.variants.register_variant` (it takes over how each adapted module's adapter is
-            initialised, applied, merged and unmerged).
+            initialised, applied, merged and unmerged). Built in: ``"dorma"``, ``"adalorma"``, ``"dylorma"``
+            (docs/variants.md).
+        use_dora: DoRMA (peft's name for the option): the same as ``variant="dorma"``,
+            ``W = diag(m / ||V||_r) V`` with ``V = I(BA) W0`` (pre) or ``W0 I(BA)`` (post).
+        target_r / tinit / tfinal / deltaT / beta1 / beta2 / orth_reg_weight / total_step: AdaLoRMA's budget and
+            schedule (``variant="adalorma"``), peft's AdaLoRA names and meanings: each module starts at rank ``r``
+            and the budget falls on a cubic schedule to ``target_r`` per module on average, between step
+            ``tinit`` and ``total_step - tfinal``, reallocated every ``deltaT`` steps by importance scores
+            smoothed with ``beta1`` / ``beta2``; ``orth_reg_weight`` weighs the orthogonality of ``P`` and ``Q``.
+        final_ranks: AdaLoRMA's per-module ranks after the last allocation (written by
+            ``LormaModel.update_and_allocate``, saved with the adapter; ``None`` before).
+        min_rank / inference_rank: DyLoRMA (``variant="dylorma"``): each training forward uses the first ``b``
+            ranks, ``b`` drawn uniformly from ``[min_rank, r]``; outside training ``inference_rank`` ranks
+            (``None``: all ``r``).
     """
 
     r: int = field(default=8, metadata={"help": "Rank of A (r x d) and B (d x r)."})
     alpha: float = field(default=8.0, metadata={"help": "Scaling numerator: s = alpha / r."})
     inflation: str = field(default="plus", metadata={"help": "Rank inflation: 'plus', 'pi' or 'none'."})
-    side: str = field(default="pre", metadata={"help": "'pre': W = I(BA) W0; 'post': W = W0 I(BA)."})
+    side: str = field(
+        default="pre",
+        metadata={"help": "'pre': W = I(BA) W0; 'post': W = W0 I(BA); 'auto': per module the smaller transform."},
+    )
     dropout: float = field(default=0.0, metadata={"help": "Dropout probability on the adapter path."})
     target_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Module names (or suffixes, or one regex) to adapt."}
@@ -83,6 +111,9 @@ class LormaConfig(PeftConfig):
     layers_pattern: list[str] | str | None = field(default=None, metadata={"help": "Layer list name."})
     rank_pattern: dict[str, int] = field(default_factory=dict, metadata={"help": "Per-module r."})
     alpha_pattern: dict[str, float] = field(default_factory=dict, metadata={"help": "Per-module alpha."})
+    side_pattern: dict[str, str] = field(
+        default_factory=dict, metadata={"help": "Per-module side ('pre' / 'post'); filled by side='auto'."}
+    )
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules trained in full and saved with the adapter."}
     )
@@ -105,6 +136,23 @@ class LormaConfig(PeftConfig):
         default=None, metadata={"help": "None (plain LoRMA) or the name of a registered LoRMA variant."}
     )
 
+    use_dora: bool = field(default=False, metadata={"help": "DoRMA: the same as variant='dorma' (peft's name)."})
+    target_r: int | None = field(default=None, metadata={"help": "AdaLoRMA: target average rank per module."})
+    tinit: int = field(default=0, metadata={"help": "AdaLoRMA: steps at the full budget before pruning."})
+    tfinal: int = field(default=0, metadata={"help": "AdaLoRMA: final steps at the target budget."})
+    deltaT: int = field(default=1, metadata={"help": "AdaLoRMA: steps between two budget allocations."})
+    beta1: float = field(default=0.85, metadata={"help": "AdaLoRMA: EMA of the sensitivity."})
+    beta2: float = field(default=0.85, metadata={"help": "AdaLoRMA: EMA of the uncertainty."})
+    orth_reg_weight: float = field(default=0.5, metadata={"help": "AdaLoRMA: weight of P, Q orthogonality."})
+    total_step: int | None = field(default=None, metadata={"help": "AdaLoRMA: the number of training steps."})
+    final_ranks: dict[str, int] | None = field(
+        default=None, metadata={"help": "AdaLoRMA: per-module ranks after the last allocation (written in training)."}
+    )
+    min_rank: int = field(default=1, metadata={"help": "DyLoRMA: smallest rank a training step draws."})
+    inference_rank: int | None = field(
+        default=None, metadata={"help": "DyLoRMA: ranks used outside training (None: all r)."}
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.peft_type is not None and str(getattr(self.peft_type, "value", self.peft_type)) != "LORMA":
@@ -114,13 +162,24 @@ class LormaConfig(PeftConfig):
             raise ValueError(f"LormaConfig: r must be a positive integer, got {self.r!r}")
         if not _positive_finite(self.alpha):
             raise ValueError(f"LormaConfig: alpha must be a positive finite number, got {self.alpha!r}")
+        if self.use_dora:
+            if self.variant not in (None, "dorma"):
+                raise ValueError(
+                    f"LormaConfig: use_dora=True is DoRMA; it cannot be combined with variant={self.variant!r}"
+                )
+            self.variant = "dorma"
+        self.use_dora = self.variant == "dorma"
         try:
             get_inflation(self.inflation)
             get_variant(self.variant)
         except ValueError as err:
             raise ValueError(f"LormaConfig: {err}") from None
-        if self.side not in SIDES:
-            raise ValueError(f"LormaConfig: unknown side {self.side!r}; expected one of {SIDES}")
+        validate_variant_options(self)
+        if self.side not in SIDE_CHOICES:
+            raise ValueError(f"LormaConfig: unknown side {self.side!r}; expected one of {SIDE_CHOICES}")
+        for name, value in self.side_pattern.items():
+            if value not in SIDES:
+                raise ValueError(f"LormaConfig: side_pattern[{name!r}] must be one of {SIDES}, got {value!r}")
         if self.max_dense_bytes is not None and not _positive_int(self.max_dense_bytes):
             raise ValueError(
                 f"LormaConfig: max_dense_bytes must be a positive integer or None, got {self.max_dense_bytes!r}"
@@ -174,6 +233,16 @@ class LormaConfig(PeftConfig):
             raise ValueError(f"LormaConfig: the saved adapter config is peft_type {peft_type!r}, not 'LORMA'")
         return super().from_peft_type(**kwargs)
 
+    def side_for(self, module_name: str, d_in: int, d_out: int, num_parts: int = 1) -> str:
+        """The side module ``module_name`` (a ``d_out x d_in`` layer) is adapted on: ``side_pattern`` first, then
+        ``side``; ``"auto"`` resolves by shape (:func:`cheaper_side`)."""
+        key = get_pattern_key(self.side_pattern.keys(), module_name)
+        if key in self.side_pattern:
+            return self.side_pattern[key]
+        if self.side != "auto":
+            return self.side
+        return cheaper_side(d_in, d_out, num_parts)
+
     def fused_spec_for(self, module_name: str) -> tuple[int, list[int]] | None:
         """``(num_parts, parts)`` for a module name, or ``None`` if it is adapted as a whole."""
         if not self.fused_parts:
@@ -182,6 +251,17 @@ class LormaConfig(PeftConfig):
             if module_name == key or module_name.endswith("." + key) or re.fullmatch(key, module_name):
                 return int(spec["num_parts"]), sorted(int(p) for p in spec["parts"])
         return None
+
+
+def cheaper_side(d_in: int, d_out: int, num_parts: int = 1) -> str:
+    """The side whose square transform is smaller: ``"pre"`` when ``d_out / num_parts <= d_in``, else ``"post"``.
+
+    A dense transform (pi, none) costs ``d^2`` per token and a rank-r one ``2 r d`` parameters, with ``d`` the
+    transform size: ``d_out`` (per fused part) on the pre side, ``d_in`` on the post side. Ties go to ``"pre"``,
+    the paper's default. On a LLaMA-style MLP this picks post for gate / up (d_in = hidden < intermediate) and
+    pre for down; on square attention projections, pre.
+    """
+    return "pre" if d_out // num_parts <= d_in else "post"
 
 
 def _positive_finite(value: Any) -> bool:

@@ -34,6 +34,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .inflations import get_inflation
 from .layer import LormaLayer
+from .variants import DyLormaVariant, LormaVariant, get_variant
 
 EXPORT_REPORT_FILE = "lorma_export.json"
 # a truncation whose relative error is at most this is exact to float32 rounding (the factors are stored in fp32)
@@ -181,7 +182,8 @@ def lora_export(
     inflation = getattr(config, "inflation", None)
     if inflation is None:
         raise ExportError(f"adapter {adapter_name!r} is a {config.peft_type} adapter, not a LoRMA one")
-    check_options(adapter_name, inflation, rank, max_error)
+    variant = getattr(config, "variant", None)
+    check_options(adapter_name, inflation, rank, max_error, variant)
 
     layers = [
         (key, m) for key, m in tuner.model.named_modules() if isinstance(m, LormaLayer) and adapter_name in m.lorma_A
@@ -190,15 +192,25 @@ def lora_export(
         raise ExportError(f"adapter {adapter_name!r} adapts no module of this model")
     if any(m.merged for _, m in layers):
         raise ExportError("the adapter is merged into the base weights (W0 is not available): unmerge it first")
+    nested = [layer.lorma_variant[adapter_name] for _, layer in layers if variant == DyLormaVariant.name]
+    if nested and rank is not None and rank > config.r:  # DyLoRMA: the rank-b truncation, exact up to r
+        raise ExportError(f"adapter {adapter_name!r}: --rank {rank} is above the DyLoRMA adapter's r={config.r}")
+    previous = [v.inference_rank for v in nested]
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     modules: list[ModuleExport] = []
     conv1d = False
-    with torch.no_grad():
-        for key, layer in layers:
-            b_lora, a_lora, line = _module_factors(key, layer, adapter_name, rank, max_error)
-            factors[key] = (b_lora, a_lora)
-            modules.append(line)
-            conv1d = conv1d or isinstance(layer.get_base_layer(), Conv1D)
+    try:
+        for v in nested:
+            v.inference_rank = rank if rank is not None else v.inference_rank
+        with torch.no_grad():
+            for key, layer in layers:
+                b_lora, a_lora, line = _module_factors(key, layer, adapter_name, None if nested else rank, max_error)
+                factors[key] = (b_lora, a_lora)
+                modules.append(line)
+                conv1d = conv1d or isinstance(layer.get_base_layer(), Conv1D)
+    finally:
+        for v, before in zip(nested, previous):
+            v.inference_rank = before
 
     lossy = [m for m in modules if m.relative_error > EXACT_RELATIVE_ERROR]
     if lossy and not allow_approximate:
@@ -242,8 +254,14 @@ def lora_export(
     return LoraExport(config=lora_config, state_dict=state, modules=modules, source=source)
 
 
-def check_options(adapter_name: str, inflation: str, rank: int | None, max_error: float | None) -> None:
-    """Refuse options that do not fit the adapter's inflation, before any work."""
+def check_options(
+    adapter_name: str, inflation: str, rank: int | None, max_error: float | None, variant: str | None = None
+) -> None:
+    """Refuse options that do not fit the adapter's inflation (and variant), before any work.
+
+    A DyLoRMA adapter (nested ranks) takes ``--rank b`` as the truncation to export, exactly; a variant that merges
+    its own way (DoRMA's per-row rescaling) has a full-rank update whatever the inflation.
+    """
     if rank is not None and max_error is not None:
         raise ExportError("give --rank or --max-error, not both")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
@@ -252,17 +270,27 @@ def check_options(adapter_name: str, inflation: str, rank: int | None, max_error
         raise ExportError(f"--max-error must be a relative error in [0, 1), got {max_error!r}")
     try:
         exact_kind = get_inflation(inflation).exact_lora_export
+        variant_cls = get_variant(variant)
     except ValueError as err:
         raise ExportError(f"adapter {adapter_name!r}: {err}") from None
+    if variant_cls is DyLormaVariant:
+        if max_error is not None:
+            raise ExportError(f"adapter {adapter_name!r} is DyLoRMA (nested ranks): --rank b picks the rank to "
+                              "export exactly; --max-error does not apply")
+        return
+    kind = f"inflation {inflation!r}"
+    own_merge = variant_cls.delta_weight is not LormaVariant.delta_weight
+    if own_merge and variant_cls.lora_factors is LormaVariant.lora_factors:
+        exact_kind, kind = False, f"{kind} with variant {variant!r}"
     if exact_kind and (rank is not None or max_error is not None):
         raise ExportError(
-            f"adapter {adapter_name!r} has inflation {inflation!r} (LoRMA+): its update is exactly a rank-r LoRA "
+            f"adapter {adapter_name!r} has {kind} (LoRMA+): its update is exactly a rank-r LoRA "
             "update and is exported as such; --rank / --max-error apply to adapters with a full-rank update "
             "(pi, none)"
         )
     if not exact_kind and rank is None and max_error is None:
         raise ExportError(
-            f"adapter {adapter_name!r} has inflation {inflation!r}: its update W - W0 is full rank, so a LoRA "
+            f"adapter {adapter_name!r} has {kind}: its update W - W0 is full rank, so a LoRA "
             "adapter can only approximate it (a truncated SVD per module); give --rank K or --max-error E, "
             "and --allow-approximate"
         )

@@ -75,7 +75,7 @@ def export_adapter(
         raise ExportError(f"output directory {out} exists and is not empty; give --overwrite")
     if recorded.get("peft_type") != "LORMA":
         raise ExportError(f"{adapter} holds a {recorded.get('peft_type')} adapter, not a LoRMA one (nothing to export)")
-    check_options("default", str(recorded.get("inflation")), rank, max_error)
+    check_options("default", str(recorded.get("inflation")), rank, max_error, recorded.get("variant"))
     peft_model, _ = load_adapter_model(adapter, base_model)
     exported = lora_export(
         peft_model, "default", rank=rank, max_error=max_error, allow_approximate=allow_approximate

@@ -24,6 +24,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .functional import SIDES
 from .inflations import DEFAULT_FFT_CHUNK_BYTES, DEFAULT_MAX_DENSE_BYTES, get_inflation
+from .sharding import full_weight, refuse_sharded_write
 from .variants import LormaVariant, get_variant
 
 
@@ -41,8 +42,10 @@ class FloatWeight:
         self.fan_in_fan_out = fan_in_fan_out
 
     def read(self, base: nn.Module) -> torch.Tensor:
-        """``W`` ``(d_out, d_in)``: a view of the parameter (transposed for ``Conv1D``), in its dtype."""
-        return base.weight.T if self.fan_in_fan_out else base.weight
+        """``W`` ``(d_out, d_in)``: a view of the parameter (transposed for ``Conv1D``), in its dtype; gathered whole
+        when it is sharded (FSDP2 / ZeRO-3 outside the base layer's forward: :func:`lorma.sharding.full_weight`)."""
+        weight = full_weight(base.weight)
+        return weight.T if self.fan_in_fan_out else weight
 
     def work_copy(self, base: nn.Module) -> torch.Tensor:
         """``W`` to merge into, detached: float32 for a half-precision weight (merging in half would round twice)."""
@@ -107,7 +110,8 @@ class LormaLayer(BaseTunerLayer):
 
         base = self.get_base_layer()
         if isinstance(base, Conv1D):
-            self.in_features, self.out_features = base.weight.shape
+            # a ZeRO-3 partitioned weight keeps its real shape in ds_shape
+            self.in_features, self.out_features = getattr(base.weight, "ds_shape", base.weight.shape)
             fan_in_fan_out = True
         elif hasattr(base, "in_features") and hasattr(base, "out_features"):
             self.in_features, self.out_features = base.in_features, base.out_features
@@ -249,6 +253,7 @@ class LormaLayer(BaseTunerLayer):
         adapter_names = [a for a in check_adapters_to_merge(self, adapter_names) if a in self.lorma_A]
         base = self.get_base_layer()
         if adapter_names:
+            refuse_sharded_write(base.weight, self.module_name)
             self.base_weight.before_merge(self.module_name)
         for adapter in adapter_names:
             variant = self.lorma_variant[adapter]
@@ -270,6 +275,7 @@ class LormaLayer(BaseTunerLayer):
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         base = self.get_base_layer()
+        refuse_sharded_write(base.weight, self.module_name)
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
             if adapter not in self.lorma_A:

@@ -8,6 +8,8 @@ import numbers
 import re
 import warnings
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -21,6 +23,8 @@ from .config import DEFAULT_FUSED_PARTS, DEFAULT_TARGET_MODULES, LormaConfig
 from .functional import Pair
 from .inflations import get_inflation, inflation_names
 from .layer import Linear, LormaLayer
+from .variants.adalorma import RankBudget, orthogonality_penalty
+from .variants.dylorma import sample_rank
 
 # peft LoRA's other add_weighted_adapter options, at their defaults (accepted at these values, refused otherwise)
 LORA_ONLY_DEFAULTS: dict[str, Any] = {
@@ -65,14 +69,15 @@ class LormaModel(BaseTuner):
             raise ValueError("current_key must not be None")
         r_key = get_pattern_key(lorma_config.rank_pattern.keys(), current_key)
         alpha_key = get_pattern_key(lorma_config.alpha_pattern.keys(), current_key)
+        fused = lorma_config.fused_spec_for(current_key)
         kwargs = {
             "r": lorma_config.rank_pattern.get(r_key, lorma_config.r),
             "alpha": lorma_config.alpha_pattern.get(alpha_key, lorma_config.alpha),
             "inflation": lorma_config.inflation,
-            "side": lorma_config.side,
+            "side": _resolve_side(lorma_config, target, current_key, fused),
             "dropout": lorma_config.dropout,
             "init_weights": lorma_config.init_weights,
-            "fused": lorma_config.fused_spec_for(current_key),
+            "fused": fused,
             "inference_mode": lorma_config.inference_mode,
             "max_dense_bytes": lorma_config.max_dense_bytes,
             "fft_chunk_bytes": lorma_config.fft_chunk_bytes,
@@ -80,8 +85,10 @@ class LormaModel(BaseTuner):
         }
         if isinstance(target, LormaLayer):
             target.update_layer(adapter_name, **kwargs)
+            target.lorma_variant[adapter_name].configure(lorma_config)
             return
         new_module = self._create_new_module(lorma_config, adapter_name, target, current_key, **kwargs)
+        new_module.lorma_variant[adapter_name].configure(lorma_config)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added, inactive adapter is not trained
         self._replace_module(parent, target_name, new_module, target)
@@ -109,6 +116,54 @@ class LormaModel(BaseTuner):
                 "transformers Conv1D layers only; remove it from target_modules"
             )
         return Linear(target, adapter_name, module_name=module_name, fan_in_fan_out=fan_in_fan_out, **kwargs)
+
+    # ------------------------------------------------------------------ variants that act per model step
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """Per forward of the whole model (peft's ``PeftModel`` enters this around every forward and generate):
+        DyLoRMA draws, in training, one rank for all its layers."""
+        if self.model.training:
+            for adapter in self.active_adapters:
+                config = self.peft_config.get(adapter)
+                if config is not None and config.variant == "dylorma":
+                    sample_rank(self.model, [adapter], config.min_rank, config.r)
+        yield
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's forward; in training, AdaLoRMA's orthogonality regulariser is added to the returned loss.
+
+        As with peft's AdaLoRA, this is the path of a ``PeftModel`` with a ``task_type`` (what a ``Trainer`` run
+        builds); peft's plain ``PeftModel`` calls the base model directly and leaves the loss alone. Training only
+        here (peft adds it in eval too), so that eval losses stay comparable with other methods.
+        """
+        outputs = self.model.forward(*args, **kwargs)
+        loss = getattr(outputs, "loss", None)
+        if self.model.training and isinstance(loss, torch.Tensor):
+            for adapter in self.active_adapters:
+                config = self.peft_config.get(adapter)
+                if config is not None and config.variant == "adalorma" and config.orth_reg_weight > 0:
+                    penalty = orthogonality_penalty(self.model, adapter)
+                    if penalty is not None:
+                        outputs.loss = outputs.loss + config.orth_reg_weight * penalty
+        return outputs
+
+    def update_and_allocate(self, global_step: int) -> None:
+        """AdaLoRMA's rank allocation for the trained adapter, as ``AdaLoraModel.update_and_allocate`` in peft.
+
+        Call it after ``optimizer.step()`` and before ``optimizer.zero_grad()`` (it reads the gradients), with
+        the 0-based step; :class:`lorma.callbacks.RankAllocationCallback` does so in a ``Trainer``. Records the
+        per-module ranks in the adapter's ``LormaConfig.final_ranks``.
+        """
+        adapters = [a for a in self.active_adapters if getattr(self.peft_config.get(a), "variant", None) == "adalorma"]
+        if not adapters:
+            raise ValueError(
+                f"update_and_allocate: no active adapter is an AdaLoRMA one (active: {list(self.active_adapters)})"
+            )
+        budgets = self.__dict__.setdefault("_rank_budgets", {})
+        for adapter in adapters:
+            if adapter not in budgets:
+                budgets[adapter] = RankBudget(self.model, self.peft_config[adapter], adapter)
+            budgets[adapter].step(global_step)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         super()._mark_only_adapters_as_trainable(model)
@@ -229,11 +284,11 @@ class LormaModel(BaseTuner):
         """
         self._check_weighted_adapter_args(adapters, weights, adapter_name, combination_type, lora_only_options)
         configs = [self.peft_config[name] for name in adapters]
-        side = configs[0].side
 
         # every module adapted by any of them: its new (B, A) and dtype, computed before anything is changed
         combined: dict[str, tuple[Pair, torch.dtype]] = {}
         fused_parts: dict[str, dict[str, Any]] = {}
+        sides_of: dict[str, str] = {}
         for key, layer in self.model.named_modules():
             if not isinstance(layer, LormaLayer):
                 continue
@@ -246,6 +301,14 @@ class LormaModel(BaseTuner):
                     f"LoRMA add_weighted_adapter: module {key!r} has different fused parts in the adapters "
                     f"({specs}); only adapters that adapt the same parts combine"
                 )
+            module_sides = {name: layer.side[name] for name, _ in present}
+            if len(set(module_sides.values())) > 1:  # possible with side="auto": compared per module
+                raise ValueError(
+                    f"LoRMA add_weighted_adapter: module {key!r} is adapted on different sides {module_sides} "
+                    "(I1 W0 I2 is not one adapter); only adapters on the same side combine"
+                )
+            side = module_sides[present[0][0]]
+            sides_of[key] = side
             fused = specs[present[0][0]]
             if fused is not None:
                 fused_parts[re.escape(key)] = {"num_parts": fused[0], "parts": list(fused[1])}
@@ -271,6 +334,11 @@ class LormaModel(BaseTuner):
             layers_to_transform=None,
             layers_pattern=None,
             fused_parts=fused_parts or None,
+            # the combination acts on each module's side; with "auto" (or mixed settings) recorded per module
+            side=configs[0].side if len({c.side for c in configs}) == 1 else "auto",
+            side_pattern={re.escape(key): side for key, side in sides_of.items()}
+            if any(c.side == "auto" for c in configs)
+            else {},
             init_weights=True,
             modules_to_save=self.peft_config[donors[0]].modules_to_save if donors else None,
         )
@@ -356,7 +424,7 @@ class LormaModel(BaseTuner):
         if variants:
             raise ValueError(f"{where}: adapters with a variant {variants} cannot be combined; {supported}")
         sides = {name: self.peft_config[name].side for name in adapters}
-        if len(set(sides.values())) > 1:
+        if len(set(sides.values())) > 1 and "auto" not in sides.values():  # with "auto": checked per module
             raise ValueError(
                 f"{where}: adapters act on different sides {sides} (I1 W0 I2 is not one adapter); {supported}"
             )
@@ -366,3 +434,24 @@ class LormaModel(BaseTuner):
                 f"{where}: adapters {donors} each train their own modules_to_save, which cannot be combined; "
                 "at most one of the combined adapters may have modules_to_save"
             )
+
+
+def _resolve_side(config: LormaConfig, target: nn.Module, module_name: str, fused: tuple[int, list[int]] | None) -> str:
+    """The side of one module; with ``side="auto"`` resolved from its shape and recorded in ``side_pattern``.
+
+    Recording the full module name makes the choice part of the saved adapter config, so a reloaded adapter gets
+    the sides it was trained with whatever the resolution rule (or the model's shapes) later say.
+    """
+    if config.side != "auto" and not config.side_pattern:
+        return config.side
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    if isinstance(base, Conv1D):  # stores its weight (d_in, d_out)
+        d_in, d_out = base.weight.shape
+    elif isinstance(base, nn.Linear):
+        d_in, d_out = base.in_features, base.out_features
+    else:  # _create_new_module refuses it with a clear error
+        return config.side
+    side = config.side_for(module_name, int(d_in), int(d_out), fused[0] if fused is not None else 1)
+    if config.side == "auto":
+        config.side_pattern.setdefault(re.escape(module_name), side)
+    return side

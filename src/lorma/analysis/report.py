@@ -24,7 +24,7 @@ from lorma.fileio import atomic_write_json, atomic_write_text
 from .convergence import Smoothing, convergence_table, loss_auc, smooth
 from .matrices import compare_matrices, random_control, singular_values, summarise, sv_summary
 from .report_text import COMPARE_METRICS, format_report
-from .runs import RunInfo, read_run
+from .runs import RunInfo, final_ranks, read_run
 
 __all__ = ["OUTPUT_NAMES", "analyze"]
 
@@ -38,6 +38,7 @@ OUTPUT_NAMES = (
     "comparison_frobenius.png",
     "comparison_cosine.png",
     "comparison_angle.png",
+    "final_ranks.png",
 )
 
 def _measure_model(run: RunInfo, base_model: str | None, rtol: float | None) -> tuple[dict[str, Any], str]:
@@ -141,6 +142,9 @@ def analyze(
         }
     if run.rank_log is not None:
         result["rank_log"] = _rank_log_summary(run.rank_log)
+    budget = final_ranks(run.adapter_config)
+    if budget is not None:  # AdaLoRMA / AdaLoRA: the ranks the budget left, as saved with the adapter
+        result["final_ranks"] = {"run": budget}
     if other is not None:
         result["against"] = {
             "path": str(other.path),
@@ -150,6 +154,9 @@ def analyze(
         }
         if measured is not None and other.adapter_dir is None:
             result["against"]["notes"] = [*other.notes, "delta W is not compared (no adapter); convergence is"]
+        other_budget = final_ranks(other.adapter_config)
+        if other_budget is not None:
+            result.setdefault("final_ranks", {})["against"] = other_budget
         if measured is not None and other.adapter_dir is not None:
             ref, ref_base = _measure_model(other, against_base_model or base_model, rtol)
             result["against"]["base_model"] = ref_base
@@ -250,6 +257,16 @@ def _plots(
             )
         )
         written.append(plots.plot_singular_values(spectra, out / "delta_spectra.png"))
+    if "final_ranks" in result:
+        budgets = {run.label: result["final_ranks"].get("run", {})}
+        if other is not None and "against" in result["final_ranks"]:
+            budgets[other.label if other.label != run.label else f"{other.label} (against)"] = result["final_ranks"][
+                "against"
+            ]
+        written.append(
+            plots.plot_module_bars(budgets, out / "final_ranks.png", "rank after the budget",
+                                   "Final rank per module (rank budget)")
+        )
     if "rank_log" in result:
         written.append(
             plots.plot_rank_over_steps(

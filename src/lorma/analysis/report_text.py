@@ -113,6 +113,19 @@ def _comparison_section(result: dict[str, Any]) -> list[str]:
     return ["", title, _table(headers, rows)]
 
 
+def _final_ranks_section(result: dict[str, Any]) -> list[str]:
+    """The ranks a rank budget left per module (AdaLoRMA's final_ranks, AdaLoRA's rank_pattern)."""
+    budgets = result["final_ranks"]
+    run, against = budgets.get("run"), budgets.get("against")
+    names = sorted(set(run or {}) | set(against or {}))
+    rows = [[name, (run or {}).get(name), (against or {}).get(name)] for name in names]
+    rows.append(["total", sum(run.values()) if run is not None else None,
+                 sum(against.values()) if against is not None else None])
+    headers = ["module", "final rank"] + (["final rank (against)"] if against is not None else [])
+    title = "Per module: the rank the rank budget left (AdaLoRMA's final_ranks, AdaLoRA's rank_pattern)"
+    return ["", title, _table(headers, [row[: len(headers)] for row in rows])]
+
+
 def _rank_log_section(result: dict[str, Any]) -> list[str]:
     """Fig. 7 as numbers: the rank of I(BA) during training, per module."""
     rows = [[k, v["d"], v["min_rank"], v["final_rank"], v["final_step"], v["final_cond"], v["steps"]]
@@ -157,6 +170,8 @@ def format_report(result: dict[str, Any]) -> str:
         out += _modules_section(result)
     if "comparison" in result:
         out += _comparison_section(result)
+    if "final_ranks" in result:
+        out += _final_ranks_section(result)
     if "rank_log" in result:
         out += _rank_log_section(result)
     if "convergence" in result:

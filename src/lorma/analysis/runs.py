@@ -101,6 +101,23 @@ def read_loss_curve(run_dir: Path) -> tuple[tuple[list[float], list[float]], Pat
     return None
 
 
+def final_ranks(adapter_config: dict[str, Any] | None) -> dict[str, int] | None:
+    """The per-module ranks a rank budget left (AdaLoRMA's ``final_ranks``, peft AdaLoRA's ``rank_pattern``),
+    keyed by module name without peft's prefixes; ``None`` for an adapter without a budget."""
+    from .callback import module_key
+
+    if not adapter_config:
+        return None
+    ranks = adapter_config.get("final_ranks")
+    if isinstance(ranks, dict) and ranks:
+        return {module_key(name): int(rank) for name, rank in ranks.items()}
+    pattern = adapter_config.get("rank_pattern")
+    if str(adapter_config.get("peft_type", "")).upper() == "ADALORA" and isinstance(pattern, dict) and pattern:
+        # peft AdaLoRA: "<module>.lora_E" (the adapter name stripped at save) -> kept triplets
+        return {module_key(name.rsplit(".lora_E", 1)[0]): int(sum(mask)) for name, mask in pattern.items()}
+    return None
+
+
 def method_label(adapter_config: dict[str, Any] | None, config: dict[str, Any] | None) -> str | None:
     """The run's method as :mod:`lorma.recipes.method_registry` labels it (``lorma-plus``, ``lorma-pi-post``,
     ``lora``): from the run's config, else from the adapter's; another peft type by its own name."""

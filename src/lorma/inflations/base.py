@@ -30,10 +30,16 @@ from collections.abc import Sequence
 from typing import ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..functional import Pair, Side, choose_dense_strategy, dense_delta_weight, dense_transform_bytes
+from ..functional import (
+    Pair,
+    Side,
+    apply_dense_recomputed,
+    choose_dense_strategy,
+    dense_delta_weight,
+    dense_transform_bytes,
+)
 
 # Largest dense ``d x d`` fp32 transform a forward may build for one adapted module unless the config raises it:
 # 256 MiB (d = 8192). LLaMA-3-8B's up/gate on the pre side (d = 14336, 822 MB) is above it, where pi takes its
@@ -127,10 +133,17 @@ class Inflation:
         """``(I(BA) - I)(h - shift)`` on activations ``h`` (``(..., d)``): the adapter path of the layer.
 
         ``shift`` (the base layer's bias, on the pre side) is kept out of the product. The dense default builds
-        :meth:`transform` and applies it.
+        :meth:`transform` and applies it, keeping ``h``, ``A`` and ``B`` for the backward and rebuilding the
+        ``d x d`` transform there instead of saving it (:func:`lorma.functional.apply_dense_recomputed`: about
+        ``r d^2`` more multiply-adds per step, and no ``d x d`` matrix per module alive between forward and
+        backward; BENCHMARKS.md measures both).
         """
         source = h if shift is None else h - shift
-        return F.linear(source, self.transform(A, B, scaling)) - source
+
+        def build(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return self.transform(a, b, scaling)
+
+        return apply_dense_recomputed(source, A, B, build) - source
 
     # ------------------------------------------------------------------ merge / unmerge
     def delta_weight(

@@ -162,7 +162,8 @@ def resolve_config(args: argparse.Namespace, resume: bool = False) -> Any:
 def cmd_train(args: argparse.Namespace) -> int:
     """``lorma train``: one run (after choosing its settings on a validation split, with --tune / --grid)."""
     cfg = resolve_config(args, resume=args.resume)
-    from lorma.recipes.train import is_main_process, run_training
+    from lorma.processes import is_main_process
+    from lorma.recipes.train import run_training
     from lorma.recipes.tuning import train_tuned, wants_tuning
 
     if wants_tuning(cfg):
@@ -217,8 +218,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     methods = parse_methods(args.methods)
     cfg = resolve_config(args)
+    from lorma.processes import is_main_process
     from lorma.recipes.compare import print_results, run_compare
-    from lorma.recipes.train import is_main_process
 
     results = run_compare(cfg, methods, args.seeds, overwrite=args.overwrite)
     if is_main_process():
@@ -273,8 +274,9 @@ def register(subparsers: Any) -> None:
     )
     add_run_options(compare)
     compare.add_argument("--methods", default="lora,lorma-plus,lorma-pi",
-                         help="Comma-separated methods: lorma-plus, lorma-pi, lorma-none, lora, dora, full, "
-                              "bitfit, head-only [default: lora,lorma-plus,lorma-pi].")
+                         help="Comma-separated methods: lorma-plus, lorma-pi, lorma-none, dorma-plus, dorma-pi, "
+                              "adalorma, dylorma, lora, dora, adalora, full, bitfit, head-only "
+                              "[default: lora,lorma-plus,lorma-pi].")
     compare.add_argument("--seeds", type=int, default=3,
                          help="Number of seeds per method (seed, seed+1, ...) [default: 3].")
     compare.add_argument("--overwrite", action="store_true", help="Replace existing results in --output-dir.")

@@ -241,8 +241,9 @@ def run_compare(
     """Train every method with ``seeds`` seeds (``cfg.seed``, ``cfg.seed + 1``, ...) and summarise."""
     from tqdm.auto import tqdm
 
+    from lorma.processes import is_main_process
     from lorma.recipes.rundir import LOSS_LOG, compare_run_dir, read_loss_log
-    from lorma.recipes.train import is_main_process, run_training
+    from lorma.recipes.train import run_training
     from lorma.recipes.tuning import final_config, tune, wants_tuning
     from lorma.recipes.verdicts import compare_verdicts
     from lorma.tasks.base import get_task

@@ -83,7 +83,10 @@ class RunConfig:
     method: str = field(default="lorma-plus", metadata={"help": f"Fine-tuning method: {', '.join(METHODS)}."})
     r: int = field(default=8, metadata={"help": "Rank of the adapter (LoRMA, LoRA, DoRA)."})
     alpha: float = field(default=8.0, metadata={"help": "Scaling numerator: s = alpha / r."})
-    side: str = field(default="pre", metadata={"help": "LoRMA side: 'pre' (W = I(BA) W0) or 'post' (W0 I(BA))."})
+    side: str = field(
+        default="pre",
+        metadata={"help": "LoRMA side: 'pre' (W = I(BA) W0), 'post' (W0 I(BA)) or 'auto' (per module the smaller)."},
+    )
     dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter path."})
     target_modules: list[str] | None = field(
         default=None, metadata={"help": "Modules to adapt (default: the paper's set for the model type)."}
@@ -315,8 +318,8 @@ def validate_config(cfg: RunConfig) -> None:
     """Errors for settings that are wrong on their face, before any model or data is touched."""
     if cfg.method not in METHODS:
         raise RecipeError(f"unknown method '{cfg.method}'; expected one of: {', '.join(METHODS)}")
-    if cfg.side not in ("pre", "post"):
-        raise RecipeError(f"unknown side '{cfg.side}'; expected 'pre' or 'post'")
+    if cfg.side not in ("pre", "post", "auto"):
+        raise RecipeError(f"unknown side '{cfg.side}'; expected 'pre', 'post' or 'auto'")
     if cfg.r <= 0:
         raise RecipeError(f"r must be a positive integer, got {cfg.r}")
     if not math.isfinite(cfg.alpha) or cfg.alpha <= 0:

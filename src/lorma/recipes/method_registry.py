@@ -49,6 +49,8 @@ class AdapterSettings:
     fused_parts: dict[str, dict[str, Any]] | None = None
     #: LoRA on transformers' ``Conv1D`` (GPT-2), whose weight is stored ``(d_in, d_out)``
     fan_in_fan_out: bool = False
+    #: the run's number of optimizer steps: a rank budget (AdaLoRMA, AdaLoRA) falls on a schedule over them
+    max_steps: int | None = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,11 @@ class Method:
     options: dict[str, tuple[str, ...]] = field(default_factory=dict)
     #: LoRMA's inflation (the rank tracker and the parameter estimate need it); None for other methods
     inflation: str | None = None
+    #: a LoRMA variant (``LormaConfig.variant``: ``dorma``, ``adalorma``, ``dylorma``; docs/variants.md)
+    variant: str | None = None
+    #: prunes to a rank budget while it trains (AdaLoRMA, AdaLoRA): training adds
+    #: :class:`lorma.callbacks.RankAllocationCallback`
+    rank_budget: bool = False
     #: offered by ``lorma train`` / ``compare`` (False: a peer the benchmarks measure against only)
     trainable_by_recipes: bool = True
 
@@ -139,15 +146,19 @@ def parse_label(label: str) -> tuple[str, dict[str, Any]]:
     method = _METHODS.get(name)
     if method is None or side not in method.options.get("side", ()):
         raise ValueError(f"unknown method '{label}'; expected one of: {', '.join(method_names(False))} (LoRMA's "
-                         f"with a side appended: lorma-plus-{LORMA_SIDES[-1]})")
+                         f"with a side appended: lorma-plus-{LORMA_SIDES[1]})")
     return name, {"side": side}
 
 
 def method_of_adapter_config(adapter_config: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
-    """``(name, options)`` of the method that saved a peft ``adapter_config.json`` (None: not one of these)."""
-    peft_type = str(adapter_config.get("peft_type", "")).upper()
+    """``(name, options)`` of the method that saved a peft ``adapter_config.json`` (None: not one of these); also
+    takes a config's ``to_dict()``, whose ``peft_type`` is peft's enum."""
+    peft_type = adapter_config.get("peft_type", "")
+    peft_type = str(getattr(peft_type, "value", peft_type)).upper()
     if peft_type == "LORMA":
-        return f"lorma-{adapter_config.get('inflation', 'plus')}", {"side": adapter_config.get("side", "pre")}
+        variant, inflation = adapter_config.get("variant"), adapter_config.get("inflation", "plus")
+        name = variant if variant in ("adalorma", "dylorma") else f"{variant or 'lorma'}-{inflation}"
+        return name, {"side": adapter_config.get("side", "pre")}
     if peft_type == "LORA":
         return ("dora" if adapter_config.get("use_dora") else "lora"), {}
     name = peft_type.lower()
@@ -158,17 +169,35 @@ def method_of_adapter_config(adapter_config: dict[str, Any]) -> tuple[str, dict[
 # The methods
 # --------------------------------------------------------------------------------------------------
 
-#: LoRMA's sides: ``pre`` (W = I(BA) W0, the paper's default) and ``post`` (W = W0 I(BA))
-LORMA_SIDES = ("pre", "post")
+#: LoRMA's sides: ``pre`` (W = I(BA) W0, the paper's default), ``post`` (W = W0 I(BA)), and ``auto`` (per module,
+#: the side with the smaller transform: :func:`lorma.config.cheaper_side`). Stated literally so that this module
+#: imports no torch; tests/test_recipes_methods.py keeps it equal to :data:`lorma.config.SIDE_CHOICES`.
+LORMA_SIDES = ("pre", "post", "auto")
 
 
-def _lorma_builder(inflation: str) -> Callable[[AdapterSettings], Any]:
+def rank_budget(name: str, r: int, max_steps: int | None) -> dict[str, int]:
+    """AdaLoRA's budget and schedule for ``adalorma`` / ``adalora``, the same for both: start at ``1.5 r`` per
+    module and prune to ``r`` on average (the final budget of a rank-``r`` LoRA, AdaLoRA's comparison), at full
+    budget for the first 10% of the steps, at the final one for the last 20%, reallocating every step."""
+    if not max_steps or max_steps <= 0:
+        raise ValueError(f"method {name} needs --max-steps: its rank budget falls on a schedule over the steps")
+    if r < 2:
+        raise ValueError(f"method {name} needs r >= 2 (it prunes from 1.5 r down to r), got {r}")
+    return {"init_r": r + r // 2, "target_r": r, "tinit": max_steps // 10, "tfinal": max_steps // 5, "deltaT": 1,
+            "total_step": max_steps}
+
+
+def _lorma_builder(name: str, inflation: str, variant: str | None = None) -> Callable[[AdapterSettings], Any]:
     def build(s: AdapterSettings) -> Any:
         from lorma.config import LormaConfig
 
-        return LormaConfig(r=s.r, alpha=s.alpha, inflation=inflation, side=s.options.get("side", "pre"),
+        r, fused, budget = s.r, s.fused_parts, {}
+        if variant == "adalorma":  # AdaLoRMA adapts whole layers, from the budget's initial rank
+            budget = rank_budget(name, s.r, s.max_steps)
+            r, fused = budget.pop("init_r"), {}
+        return LormaConfig(r=r, alpha=s.alpha, inflation=inflation, side=s.options.get("side", "pre"),
                            dropout=s.dropout, target_modules=s.target_modules, modules_to_save=s.modules_to_save,
-                           fused_parts=s.fused_parts, task_type=s.task_type)
+                           fused_parts=fused, task_type=s.task_type, variant=variant, **budget)
 
     return build
 
@@ -182,6 +211,14 @@ def _lora_builder(dora: bool) -> Callable[[AdapterSettings], Any]:
                           fan_in_fan_out=s.fan_in_fan_out)
 
     return build
+
+
+def _adalora(s: AdapterSettings) -> Any:
+    from peft import AdaLoraConfig
+
+    return AdaLoraConfig(lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=s.target_modules,
+                         modules_to_save=s.modules_to_save, task_type=s.task_type,
+                         **rank_budget("adalora", s.r, s.max_steps))
 
 
 def _oft(s: AdapterSettings) -> Any:
@@ -211,10 +248,22 @@ def in_modules(name: str, modules: Sequence[str]) -> bool:
 for _inflation, _what in (("plus", "LoRMA+ (I + s BA, the paper's main method)"),
                           ("pi", "LoRMA_pi (the rank-inflating permutation of s BA)"),
                           ("none", "LoRMA without rank inflation (s BA as it is)")):
-    register_method(Method(f"lorma-{_inflation}", _what, peft_config=_lorma_builder(_inflation),
+    register_method(Method(f"lorma-{_inflation}", _what, peft_config=_lorma_builder(f"lorma-{_inflation}", _inflation),
                            options={"side": LORMA_SIDES}, inflation=_inflation))
 register_method(Method("lora", "LoRA (W0 + s BA)", peft_config=_lora_builder(dora=False)))
 register_method(Method("dora", "DoRA (LoRA with a learned magnitude per output)", peft_config=_lora_builder(dora=True)))
+# the LoRMA variants (docs/variants.md) and the additive baseline of AdaLoRMA
+for _name, _inflation, _variant, _what in (
+    ("dorma-plus", "plus", "dorma", "DoRMA+ (LoRMA+ with DoRA's learned magnitude per output)"),
+    ("dorma-pi", "pi", "dorma", "DoRMA_pi (LoRMA_pi with DoRA's learned magnitude per output)"),
+    ("adalorma", "plus", "adalorma", "AdaLoRMA (LoRMA+ in SVD form, pruned to a rank budget as AdaLoRA)"),
+    ("dylorma", "plus", "dylorma", "DyLoRMA (LoRMA+ trained at sampled nested ranks, as DyLoRA)"),
+):
+    register_method(Method(_name, _what, peft_config=_lorma_builder(_name, _inflation, _variant),
+                           options={"side": LORMA_SIDES}, inflation=_inflation, variant=_variant,
+                           rank_budget=_variant == "adalorma"))
+register_method(Method("adalora", "AdaLoRA (LoRA in SVD form, pruned to a rank budget)", peft_config=_adalora,
+                       rank_budget=True))
 register_method(Method("full", "full fine-tuning (every parameter)", trains=lambda name, head: True))
 # BitFit (Ben Zaken et al., 2022): biases only, plus the task head
 register_method(Method("bitfit", "BitFit (the biases and the task head)",

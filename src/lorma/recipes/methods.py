@@ -1,5 +1,6 @@
-"""Building the model to train for a method name (:mod:`lorma.recipes.method_registry`): LoRMA (plus / pi / none,
-pre / post), LoRA, DoRA, and the paper's non-adapter baselines (full fine-tuning, BitFit, head only).
+"""Building the model to train for a method name: LoRMA (plus / pi / none, pre / post), its variants (DoRMA,
+AdaLoRMA, DyLoRMA: docs/variants.md), LoRA, DoRA, AdaLoRA, and the paper's non-adapter baselines (full
+fine-tuning, BitFit, head only).
 
 Adapters go through peft (``get_peft_model``), so saving, loading and merging are peft's; the head of the
 task (e.g. a classifier) is trained in full and saved with the adapter through ``modules_to_save``.
@@ -46,13 +47,20 @@ def adapter_parameter_count(model: Any, cfg: RunConfig) -> tuple[int, int]:
     """``(parameters, modules)`` the adapter of ``cfg.method`` would add to ``model``, from the target modules'
     shapes alone (before anything is allocated): ``2 r d`` per LoRMA transform (``d = d_out`` pre, ``d_in``
     post, one transform per adapted part of a fused projection), ``r (d_in + d_out)`` for LoRA (plus the
-    ``d_out`` magnitudes of DoRA). ``(0, 0)`` for the non-adapter methods."""
+    ``d_out`` magnitudes of DoRA and DoRMA), at the initial ``1.5 r`` of a rank budget (AdaLoRMA, AdaLoRA).
+    ``(0, 0)`` for the non-adapter methods. ``side="auto"`` is resolved per module as the layer will resolve it
+    (:func:`lorma.config.cheaper_side`)."""
     method = get_method(cfg.method)
     if not method.adapter:
         return 0, 0
+    from lorma.config import cheaper_side
+
     targets = cfg.target_modules or default_target_modules(model)
+    r = cfg.r + cfg.r // 2 if method.rank_budget else cfg.r
+    magnitudes = method.name == "dora" or method.variant == "dorma"
     fused: dict[str, Any] = {}
-    if method.inflation is not None:  # the tuner adapts parts of a fused projection by the model type's default
+    # the tuner adapts parts of a fused projection by the model type's default (AdaLoRMA: whole layers)
+    if method.inflation is not None and not method.rank_budget:
         from lorma import DEFAULT_FUSED_PARTS
 
         fused = DEFAULT_FUSED_PARTS.get(getattr(model.config, "model_type", ""), {})
@@ -66,15 +74,16 @@ def adapter_parameter_count(model: Any, cfg: RunConfig) -> tuple[int, int]:
             d_out, d_in = d_in, d_out
         modules += 1
         if method.inflation is not None:
-            d = d_out if cfg.side == "pre" else d_in
             spec = next((v for k, v in fused.items() if _matches(name, [k])), None)
-            transforms = 1
-            if spec is not None:  # one transform per adapted part; on the pre side, of the part's size
-                transforms = len(spec["parts"])
-                d = d // spec["num_parts"] if cfg.side == "pre" else d
-            params += transforms * 2 * cfg.r * d
+            num_parts = spec["num_parts"] if spec is not None else 1
+            side = cheaper_side(d_in, d_out, num_parts) if cfg.side == "auto" else cfg.side
+            # one transform per adapted part; on the pre side, of the part's size
+            transforms = len(spec["parts"]) if spec is not None else 1
+            d = d_out // num_parts if side == "pre" else d_in
+            params += transforms * 2 * r * d
         else:
-            params += cfg.r * (d_in + d_out) + (d_out if cfg.method == "dora" else 0)
+            params += r * (d_in + d_out)
+        params += d_out if magnitudes else 0
     return params, modules
 
 
@@ -126,7 +135,8 @@ def build_method_model(model: Any, cfg: RunConfig, head_modules: list[str], peft
         _check_targets(model, targets)
         settings = AdapterSettings(r=cfg.r, alpha=cfg.alpha, target_modules=targets, dropout=cfg.dropout,
                                    modules_to_save=modules_to_save or None, task_type=peft_task_type,
-                                   options={"side": cfg.side} if "side" in method.options else {})
+                                   options={"side": cfg.side} if "side" in method.options else {},
+                                   max_steps=int(cfg.training_arguments().get("max_steps", -1) or -1))
         try:
             return get_peft_model(model, method.peft_config(settings))
         except ValueError as err:

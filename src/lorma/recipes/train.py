@@ -32,6 +32,7 @@ from lorma.fileio import (
     staged_directory,
     trim_jsonl,
 )
+from lorma.processes import is_main_process, world_size
 from lorma.recipes.config import ADAPTER_METHODS, RunConfig, dump_yaml
 from lorma.recipes.method_registry import get_method
 from lorma.recipes.rundir import (
@@ -57,23 +58,17 @@ __all__ = ["LOSS_LOG", "RUN_FILES", "RUN_INFO_FILE", "is_main_process", "quiet_l
            "run_training", "weights_digest", "world_size"]
 
 
-def world_size() -> int:
-    """Processes in this run (torchrun / accelerate set WORLD_SIZE)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_main_process() -> bool:
-    """Rank 0 (or a single process)."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def weights_digest(model: Any) -> str:
-    """SHA-256 of the trainable weights (names sorted): equal on every rank of one distributed run."""
+    """SHA-256 of the trainable weights (names sorted): equal on every rank of one distributed run.
+
+    Sharded weights (FSDP2, ZeRO-3) are gathered whole first: a collective, so every rank calls this.
+    """
+    from lorma.sharding import trainable_state_dict
+
     digest = hashlib.sha256()
-    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
-        if param.requires_grad:
-            digest.update(name.encode())
-            digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
+    for name, tensor in sorted(trainable_state_dict(model).items()):
+        digest.update(name.encode())
+        digest.update(tensor.float().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -146,6 +141,9 @@ def _training_arguments(cfg: RunConfig, out: Path, has_eval: bool, task: Any) ->
     import torch
 
     if not torch.cuda.is_available():
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+            raise InputError("accelerate enables FSDP on GPUs only: on this CPU-only machine the FSDP config would "
+                             "silently run DDP; launch with configs/distributed/ddp.yaml --cpu instead")
         kwargs.setdefault("dataloader_pin_memory", False)  # pinning needs an accelerator; avoids a warning
         if world_size() > 1:
             # accelerate treats a CPU-only multi-process run as distributed only when told it is on the CPU
@@ -295,8 +293,10 @@ def run_training(cfg: RunConfig, overwrite: bool = False, resume: bool = False,
     txn = RunTransaction(cfg.output_dir, overwrite=overwrite, resume=resume, main_process=main,
                          keep=(TUNING_DIR,) if tuning else ())
     check_not_input(txn.final, run_inputs(cfg), replacing=overwrite)
-    if cfg.track_rank and get_method(cfg.method).inflation is None:
-        raise InputError(f"--track-rank tracks the rank of LoRMA's I(BA); method {cfg.method} has none")
+    tracked = get_method(cfg.method)
+    if cfg.track_rank and (tracked.inflation is None or tracked.variant is not None):
+        raise InputError(f"--track-rank tracks the rank of LoRMA's I(BA) (methods lorma-plus, lorma-pi, lorma-none); "
+                         f"method {cfg.method} " + ("is a LoRMA variant" if tracked.variant else "has none"))
     task = get_task(cfg)
     task.check_inputs()
 
@@ -311,6 +311,10 @@ def run_training(cfg: RunConfig, overwrite: bool = False, resume: bool = False,
         base_fingerprint = model_fingerprint(base.config)
         check_adapter_fits(base, cfg)
         model = build_method_model(base, cfg, task.head_module_names(base), task.peft_task_type)
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":  # accelerate launch, DeepSpeed
+            from lorma.sharding import prepare_zero3
+
+            prepare_zero3(model)  # LoRMA layers gathered whole around their forward under ZeRO-3
         trainable, total = count_parameters(model)
         train_ds, eval_ds = task.build_datasets(tokenizer)
         args = _training_arguments(cfg, txn.work, eval_ds is not None, task)
@@ -325,9 +329,13 @@ def run_training(cfg: RunConfig, overwrite: bool = False, resume: bool = False,
             atomic_write_text(out / CONFIG_FILE, dump_yaml(resolved))
             _trim_logs(out, checkpoint, rank_log)
         loss_log = _loss_log_callback(out / LOSS_LOG)
-        callbacks = [loss_log]
+        callbacks = [loss_log, *task.callbacks()]
         if cfg.track_rank:
             callbacks.append(_rank_callback(cfg.track_rank, rank_log.parent, checkpoint is not None))
+        if get_method(cfg.method).rank_budget:  # AdaLoRMA / AdaLoRA: prune to the rank budget after each step
+            from lorma.callbacks import RankAllocationCallback
+
+            callbacks.append(RankAllocationCallback())
         trainer = Trainer(
             model=model,
             args=args,
@@ -396,13 +404,17 @@ def _train_and_save(cfg: RunConfig, txn: RunTransaction, trainer: Any, task: Any
     metrics.update(outcome_fields(task))  # main metric, collapse flags, class weights
     if tuning:
         metrics["tuning"] = tuning
+    # a sharded model (FSDP2, ZeRO-3) is gathered on every rank (collective) and saved whole by the main process
+    from lorma.sharding import model_is_sharded, trainable_state_dict
+
+    whole = trainable_state_dict(model, cfg.method in ADAPTER_METHODS) if model_is_sharded(model) else None
     if is_main_process():
         steps_logged, losses = read_loss_log(out / LOSS_LOG) if (out / LOSS_LOG).exists() else ([], [])
         if len(steps_logged) >= 2:
             from lorma.analysis.convergence import loss_auc
 
             metrics["loss_auc"] = float(loss_auc(steps_logged, losses))
-        _save_model(cfg, out, model, tokenizer, task, base_fingerprint)
+        _save_model(cfg, out, model, tokenizer, task, base_fingerprint, whole)
         save_eval_predictions(out / EVAL_PREDICTIONS, task)
         atomic_write_json(out / METRICS_FILE, metrics)  # last: a run directory with metrics.json has finished
         warning = describe_collapse(metrics)
@@ -444,11 +456,16 @@ This is a LoRMA adapter (`peft_type` "LORMA"). peft knows the method only in a p
 """
 
 
-def _save_model(cfg: RunConfig, out: Path, model: Any, tokenizer: Any, task: Any, fingerprint: dict[str, Any]) -> None:
-    """Save the adapter (or the whole model for non-adapter methods) atomically, with the tokenizer."""
+def _save_model(cfg: RunConfig, out: Path, model: Any, tokenizer: Any, task: Any, fingerprint: dict[str, Any],
+                state_dict: dict[str, Any] | None = None) -> None:
+    """Save the adapter (or the whole model for non-adapter methods) atomically, with the tokenizer.
+
+    ``state_dict``: the weights gathered whole from a sharded model (the files are then those of an unsharded run).
+    """
     final = out / (ADAPTER_DIR if cfg.method in ADAPTER_METHODS else MODEL_DIR)
     with staged_directory(final) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        extra = {} if state_dict is None else {"state_dict": state_dict}
+        model.save_pretrained(str(tmp), safe_serialization=True, **extra)
         tokenizer.save_pretrained(str(tmp))
         if get_method(cfg.method).inflation is not None:  # a LoRMA adapter: say how to load it
             card = tmp / "README.md"

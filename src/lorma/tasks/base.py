@@ -26,6 +26,7 @@ How to add a task (e.g. ``e2e`` generation with a causal LM):
      calls ``trainer.evaluate``). Return a flat ``{metric: float}`` dict, keys prefixed ``eval_``.
    - ``head_module_names(model)``: modules trained in full and saved with an adapter (a classifier
      head). Causal LMs usually return ``[]``.
+   - ``callbacks()``: TrainerCallbacks added to the run (the chat task evaluates at step 0 with one).
    - ``baseline_metrics()``: a trivial baseline on the eval data (e.g. majority class), shown by compare.
    - ``peft_task_type``: the peft ``TaskType`` string (``"SEQ_CLS"``, ``"CAUSAL_LM"``).
    - ``metric_for_best_model`` / ``greater_is_better``: the main metric (``--tune`` chooses by it; the verdicts of
@@ -123,6 +124,10 @@ class Task:
 
     def head_module_names(self, model: Any) -> list[str]:
         """Modules trained in full (and saved with an adapter) alongside the adapter; none by default."""
+        return []
+
+    def callbacks(self) -> list[Any]:
+        """TrainerCallbacks the task adds to the run (e.g. an evaluation at step 0); none by default."""
         return []
 
     def baseline_metrics(self) -> dict[str, float] | None:

@@ -68,12 +68,14 @@ def generate_texts(
     config: DecodingConfig,
     progress: bool = True,
     description: str = "generating",
+    add_special_tokens: bool = True,
 ) -> list[str]:
     """Continuations of ``prompts`` (the new tokens only, decoded), in the order of ``prompts``.
 
     Batches are left-padded (a decoder-only model continues from the last position) and formed from
     prompts of similar length, to waste less compute on padding. The tokenizer's padding side and pad
-    token are restored afterwards.
+    token are restored afterwards. ``add_special_tokens=False`` for prompts that already hold them (text
+    rendered by a chat template, which writes its own BOS).
     """
     import torch
     from tqdm.auto import tqdm
@@ -89,7 +91,7 @@ def generate_texts(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
+    lengths = [len(tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"]) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
     outputs: list[str] = [""] * len(prompts)
     gen_kwargs: dict[str, Any] = {
@@ -108,7 +110,8 @@ def generate_texts(
         with torch.inference_mode():
             for start in range(0, len(order), config.batch_size):
                 idx = order[start : start + config.batch_size]
-                enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(device)
+                enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
+                                add_special_tokens=add_special_tokens).to(device)
                 out = model.generate(**enc, **gen_kwargs)
                 new_tokens = out[:, enc["input_ids"].shape[1] :]
                 for i, text in zip(idx, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):

@@ -1,13 +1,18 @@
 """Variants of LoRMA: per-adapter objects that take over how an adapter is initialised, applied and merged.
 
 Plain LoRMA is :class:`LormaVariant` itself; a variant is one module here with one subclass, registered with
-:func:`register_variant` and chosen by ``LormaConfig(variant=name)``. None is built in yet (DoRMA, AdaLoRMA and
-DyLoRMA are planned on this hook); docs/extending.md shows how a variant is written and tested.
+:func:`register_variant` and chosen by ``LormaConfig(variant=name)``. Built in: ``dorma`` (weight-decomposed,
+after DoRA; :mod:`lorma.variants.dorma`), ``adalorma`` (adaptive rank budget, after AdaLoRA;
+:mod:`lorma.variants.adalorma`) and ``dylorma`` (nested ranks, after DyLoRA; :mod:`lorma.variants.dylorma`);
+docs/variants.md describes and measures them, docs/extending.md shows how a variant is written and tested.
 """
 
 from __future__ import annotations
 
+from .adalorma import AdaLormaVariant
 from .base import AdaptedLayer, LormaVariant
+from .dorma import DormaVariant
+from .dylorma import DyLormaVariant
 
 _VARIANTS: dict[str, type[LormaVariant]] = {}
 
@@ -46,4 +51,18 @@ def get_variant(name: str | None) -> type[LormaVariant]:
         ) from None
 
 
-__all__ = ["AdaptedLayer", "LormaVariant", "get_variant", "register_variant", "variant_names"]
+# the built-in variants, registered here at the package face (as the inflations are)
+for _variant in (DormaVariant, AdaLormaVariant, DyLormaVariant):
+    register_variant(_variant)
+del _variant
+
+__all__ = [
+    "AdaLormaVariant",
+    "AdaptedLayer",
+    "DormaVariant",
+    "DyLormaVariant",
+    "LormaVariant",
+    "get_variant",
+    "register_variant",
+    "variant_names",
+]

@@ -79,6 +79,9 @@ class LormaVariant:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.inflation!r})"
 
+    def configure(self, config: Any) -> None:
+        """Read this variant's own ``LormaConfig`` fields (called once the adapter exists on the layer); none here."""
+
     # ------------------------------------------------------------------ initialisation
     def init(self, layer: AdaptedLayer, adapter: str, init_weights: bool) -> None:
         """Fill ``lorma_A[adapter]`` / ``lorma_B[adapter]`` (float32, on the CPU, created by the layer) in place.
