@@ -22,7 +22,12 @@ from lorma.errors import InputError
 from lorma.tasks.base import Task, register_task
 from lorma.tasks.classification_data import read_classification_data
 from lorma.tasks.classification_labels import check_labels, fit_model_labels, label_key, labels_of
-from lorma.tasks.classification_metrics import batched_metric, classification_metrics
+from lorma.tasks.classification_metrics import (
+    batched_metric,
+    classification_metrics,
+    collapse_facts,
+    weighted_cross_entropy,
+)
 from lorma.tasks.glue import GLUE_ALIASES, GLUE_TASKS, GlueSpec
 from lorma.tasks.readers.tabular import Examples, read_examples
 
@@ -300,52 +305,19 @@ class ClassificationTask(Task):
         return {key: {"predictions": predictions.tolist(), "labels": labels.tolist()}
                 for key, (predictions, labels) in self._eval_outputs.items()}
 
-    def collapse_report(self) -> dict[str, Any] | None:
-        """Whether the final evaluation collapsed: one class for every input (or a macro-F1 no better than always
-        predicting the training data's majority class); for regression, (nearly) one value for every input.
+    def _train_ids(self) -> np.ndarray:
+        """The training rows' class ids (classification only)."""
+        assert self.label_names is not None and self._train is not None
+        index = {name: i for i, name in enumerate(self.label_names)}
+        return np.array([index[label_key(v)] for v in self._train.labels])
 
-        Returns ``None`` before an evaluation. Per eval set: the predicted class counts, macro-F1 against the
-        majority baseline's, the majority class and its share of the training rows (the facts the advice in
-        :mod:`lorma.recipes.collapse` is built from).
-        """
+    def collapse_report(self) -> dict[str, Any] | None:
+        """Whether the final evaluation collapsed (:func:`~lorma.tasks.classification_metrics.collapse_facts`);
+        ``None`` before an evaluation."""
         if not self._eval_outputs or self._train is None:
             return None
-        if self.label_names is None:
-            sets: dict[str, Any] = {}
-            for key, (predictions, labels) in self._eval_outputs.items():
-                spread, label_spread = float(np.std(predictions)), float(np.std(labels))
-                # "constant": the predictions vary by less than 1% of the labels' spread
-                sets[key or "eval"] = {"rows": int(labels.size), "prediction_std": spread, "label_std": label_spread,
-                                       "constant": bool(spread <= 0.01 * label_spread)}
-            constant = any(info["constant"] for info in sets.values())
-            return {"problem_type": "regression", "predicts_constant": constant, "collapsed": constant, "sets": sets}
-        index = {name: i for i, name in enumerate(self.label_names)}
-        train_ids = np.array([index[label_key(v)] for v in self._train.labels])
-        train_counts = np.bincount(train_ids, minlength=len(self.label_names))
-        majority = int(train_counts.argmax())
-        sets = {}
-        for key, (predictions, labels) in self._eval_outputs.items():
-            predicted = np.bincount(predictions.astype(int), minlength=len(self.label_names))
-            macro_f1 = classification_metrics(("macro_f1",), predictions, labels)["macro_f1"]
-            majority_f1 = classification_metrics(("macro_f1",), np.full_like(labels, majority), labels)["macro_f1"]
-            sets[key or "eval"] = {
-                "rows": int(labels.size),
-                "predicted_classes": {self.label_names[i]: int(c) for i, c in enumerate(predicted) if c},
-                "single_class": bool(np.count_nonzero(predicted) == 1),
-                "macro_f1": macro_f1,
-                "majority_macro_f1": majority_f1,
-                "no_better_than_majority": bool(macro_f1 <= majority_f1 + 1e-12),
-            }
-        single = any(info["single_class"] for info in sets.values())
-        return {
-            "problem_type": "classification",
-            "predicts_single_class": single,
-            "collapsed": single or any(info["no_better_than_majority"] for info in sets.values()),
-            "majority_class": self.label_names[majority],
-            "majority_share": float(train_counts[majority] / train_counts.sum()),
-            "classes": len(self.label_names),
-            "sets": sets,
-        }
+        train_ids = self._train_ids() if self.label_names is not None else None
+        return collapse_facts(self.label_names, train_ids, self._eval_outputs)
 
     def loss_function(self) -> Callable[..., Any] | None:
         """With ``class_weights: balanced``, a cross-entropy that weighs class c by n / (K n_c) on this run's
@@ -357,39 +329,22 @@ class ClassificationTask(Task):
             raise InputError("--class-weights applies to classification; this task is regression")
         if self._train is None:
             self.check_inputs()
-        assert self._train is not None
-        import torch
         from sklearn.utils.class_weight import compute_class_weight
 
-        index = {name: i for i, name in enumerate(self.label_names)}
-        train_ids = np.array([index[label_key(v)] for v in self._train.labels])
+        train_ids = self._train_ids()
         present = np.unique(train_ids)
         weights = np.ones(len(self.label_names))  # a class without training rows is never a target
         weights[present] = compute_class_weight("balanced", classes=present, y=train_ids)
         self.class_weights = {name: float(w) for name, w in zip(self.label_names, weights)}
-        weight = torch.tensor(weights, dtype=torch.float32)
         smoothing = float(self.config.training.get("label_smoothing_factor", 0.0) or 0.0)
-
-        def weighted_cross_entropy(outputs: Any, labels: Any, num_items_in_batch: Any = None) -> Any:
-            logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-            losses = torch.nn.functional.cross_entropy(
-                logits.float(), labels, weight=weight.to(logits.device), reduction="none", label_smoothing=smoothing
-            )
-            # Trainer treats a compute_loss_func loss as already normalised over the accumulated batch: divide the
-            # sum by the number of examples in it (the balanced weights average 1 over the training rows)
-            if num_items_in_batch is None:
-                return losses.mean()
-            return losses.sum() / num_items_in_batch
-
-        return weighted_cross_entropy
+        return weighted_cross_entropy(weights, smoothing)
 
     def baseline_metrics(self) -> dict[str, float] | None:
         """Always predicting the training data's most frequent label, scored on the eval data."""
         if self.label_names is None or self._train is None or self._eval is None:
             return None
         index = {name: i for i, name in enumerate(self.label_names)}
-        train_ids = np.array([index[label_key(v)] for v in self._train.labels])
-        majority = int(np.bincount(train_ids, minlength=len(self.label_names)).argmax())
+        majority = int(np.bincount(self._train_ids(), minlength=len(self.label_names)).argmax())
         out: dict[str, float] = {}
         for key, examples in self._eval.items():
             ids = np.array([index[label_key(v)] for v in examples.labels])

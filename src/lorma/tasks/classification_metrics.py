@@ -5,10 +5,12 @@ bootstrap)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
-__all__ = ["batched_metric", "classification_metrics"]
+__all__ = ["batched_metric", "classification_metrics", "collapse_facts", "weighted_cross_entropy"]
 
 
 def classification_metrics(names: tuple[str, ...], predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -89,3 +91,69 @@ def batched_metric(name: str, predictions: np.ndarray, labels: np.ndarray) -> np
         return f1[..., positive[0]] if positive.size else np.zeros(predictions.shape[:-1])
     present = f1_denominator > 0
     return f1.sum(axis=-1) / present.sum(axis=-1)
+
+
+def collapse_facts(label_names: list[str] | None, train_ids: np.ndarray | None,
+                   eval_outputs: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    """Whether an evaluation collapsed: one class for every input (or a macro-F1 no better than always predicting
+    the training data's majority class); for regression (``label_names`` None), (nearly) one value for every input.
+
+    ``eval_outputs``: per eval set, ``(predictions, labels)``. Per eval set: the predicted class counts, macro-F1
+    against the majority baseline's, the majority class and its share of the training rows (the facts the advice
+    in :mod:`lorma.recipes.collapse` is built from).
+    """
+    if label_names is None:
+        sets: dict[str, Any] = {}
+        for key, (predictions, labels) in eval_outputs.items():
+            spread, label_spread = float(np.std(predictions)), float(np.std(labels))
+            # "constant": the predictions vary by less than 1% of the labels' spread
+            sets[key or "eval"] = {"rows": int(labels.size), "prediction_std": spread, "label_std": label_spread,
+                                   "constant": bool(spread <= 0.01 * label_spread)}
+        constant = any(info["constant"] for info in sets.values())
+        return {"problem_type": "regression", "predicts_constant": constant, "collapsed": constant, "sets": sets}
+    assert train_ids is not None
+    train_counts = np.bincount(train_ids, minlength=len(label_names))
+    majority = int(train_counts.argmax())
+    sets = {}
+    for key, (predictions, labels) in eval_outputs.items():
+        predicted = np.bincount(predictions.astype(int), minlength=len(label_names))
+        macro_f1 = classification_metrics(("macro_f1",), predictions, labels)["macro_f1"]
+        majority_f1 = classification_metrics(("macro_f1",), np.full_like(labels, majority), labels)["macro_f1"]
+        sets[key or "eval"] = {
+            "rows": int(labels.size),
+            "predicted_classes": {label_names[i]: int(c) for i, c in enumerate(predicted) if c},
+            "single_class": bool(np.count_nonzero(predicted) == 1),
+            "macro_f1": macro_f1,
+            "majority_macro_f1": majority_f1,
+            "no_better_than_majority": bool(macro_f1 <= majority_f1 + 1e-12),
+        }
+    single = any(info["single_class"] for info in sets.values())
+    return {
+        "problem_type": "classification",
+        "predicts_single_class": single,
+        "collapsed": single or any(info["no_better_than_majority"] for info in sets.values()),
+        "majority_class": label_names[majority],
+        "majority_share": float(train_counts[majority] / train_counts.sum()),
+        "classes": len(label_names),
+        "sets": sets,
+    }
+
+
+def weighted_cross_entropy(class_weights: np.ndarray, label_smoothing: float = 0.0) -> Callable[..., Any]:
+    """A ``compute_loss_func`` for HF Trainer: cross-entropy with a weight per class."""
+    import torch
+
+    weight = torch.tensor(class_weights, dtype=torch.float32)
+
+    def loss(outputs: Any, labels: Any, num_items_in_batch: Any = None) -> Any:
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        losses = torch.nn.functional.cross_entropy(
+            logits.float(), labels, weight=weight.to(logits.device), reduction="none", label_smoothing=label_smoothing
+        )
+        # Trainer treats a compute_loss_func loss as already normalised over the accumulated batch: divide the
+        # sum by the number of examples in it (the balanced weights average 1 over the training rows)
+        if num_items_in_batch is None:
+            return losses.mean()
+        return losses.sum() / num_items_in_batch
+
+    return loss

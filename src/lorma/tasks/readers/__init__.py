@@ -4,6 +4,7 @@
   collector, JSON records with line numbers, the csv field limit); start here to read a new format.
 - :mod:`~lorma.tasks.readers.data_to_text`: E2E, DART, WebNLG.
 - :mod:`~lorma.tasks.readers.math_problems`: GSM8K, MATH, MetaMathQA.
+- :mod:`~lorma.tasks.readers.chat`: conversations for ``--task chat`` (``messages``, or prompt / response).
 - :mod:`~lorma.tasks.readers.plain`: predictions, blank-line reference groups, sniffing a file's format.
 
 The public names of all of them are importable from this package.
