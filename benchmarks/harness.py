@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lorma.fileio import staged_directory
+from lorma.recipes.method_registry import LORMA_SIDES
 
 from .reference_orderings import apply_reference
 
@@ -150,8 +151,8 @@ def layer_workload(d: int, tokens: int) -> Workload:
 
 # ------------------------------------------------------------------ methods
 R, ALPHA = 8, 16
-# "auto": per module the smaller transform (lorma.config.cheaper_side); the same as "pre" on square layers
-SIDES = ("pre", "post", "auto")
+# LoRMA's sides; "auto": per module the smaller transform (lorma.config.cheaper_side), "pre" on square layers
+SIDES = LORMA_SIDES
 
 
 def method_names(kind: str) -> list[str]:
@@ -195,32 +196,28 @@ def shared_copy(model: nn.Module) -> nn.Module:
 
 
 def build_method(work: Workload, method: str) -> nn.Module:
-    """``work.model`` (a shared copy) with ``method`` applied; only the method's parameters train."""
+    """``work.model`` (a shared copy) with ``method`` applied; only the method's parameters train.
+
+    ``method`` is a label of :mod:`lorma.recipes.method_registry` (``lora``, ``lorma-pi-post``, ``oft``, ...), or
+    ``ref-<ordering>-<inflation>`` for the re-implementation of the authors' orderings.
+    """
     import peft
 
-    import lorma  # noqa: F401  (registers LORMA with peft)
+    from lorma.recipes.method_registry import AdapterSettings, get_method, parse_label
 
     model = shared_copy(work.model)
     targets = list(work.targets)
     if method.startswith("ref-"):
         _, ordering, inflation = method.split("-")
         return apply_reference(model, targets, R, ALPHA, inflation, ordering, work.fused_parts)
-    if method.startswith("lorma-"):
-        _, inflation, side = method.split("-")
-        fused = {k: {"num_parts": v[0], "parts": v[1]} for k, v in (work.fused_parts or {}).items()} or None
-        cfg = lorma.LormaConfig(r=R, alpha=ALPHA, inflation=inflation, side=side, target_modules=targets,
-                                fused_parts=fused)
-    elif method == "lora":
-        cfg = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=targets, fan_in_fan_out=bool(work.fused_parts))
-    elif method == "oft":
-        cfg = peft.OFTConfig(r=0, oft_block_size=32, target_modules=targets)
-    elif method == "boft":
-        cfg = peft.BOFTConfig(boft_block_size=8, boft_n_butterfly_factor=2, target_modules=targets)
-    elif method == "hra":
-        cfg = peft.HRAConfig(r=R, target_modules=targets)
-    else:
-        raise ValueError(f"unknown method {method!r}")
-    return peft.get_peft_model(model, cfg)
+    name, options = parse_label(method)
+    spec = get_method(name)
+    if spec.peft_config is None:
+        raise ValueError(f"method {method!r} is not an adapter: the benchmarks compare adapters")
+    fused = {k: {"num_parts": v[0], "parts": v[1]} for k, v in (work.fused_parts or {}).items()} or None
+    settings = AdapterSettings(r=R, alpha=ALPHA, target_modules=targets, options=options,
+                               fused_parts=fused if spec.inflation else None, fan_in_fan_out=bool(work.fused_parts))
+    return peft.get_peft_model(model, spec.peft_config(settings))
 
 
 # ------------------------------------------------------------------ measurements

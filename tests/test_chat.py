@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from lorma.recipes.config import RecipeError
-from lorma.tasks.chat import chat_segments, encode_conversation, heldout_nll, read_chat, resolve_chat_template
+from lorma.tasks.chat import heldout_nll
+from lorma.tasks.chat_template import chat_segments, encode_conversation, resolve_chat_template
+from lorma.tasks.readers.chat import read_chat
 
 LORMA = str(Path(sys.executable).parent / "lorma")
 
@@ -248,7 +250,7 @@ def test_lorma_compare_task_chat(chat_model: Path, tmp_path: Path) -> None:
 
 
 def test_chatterbot_corpus_conversations_are_real_distinct_and_alternating(tmp_path: Path) -> None:
-    from lorma.tasks.chat import chatterbot_conversations, write_chatterbot_jsonl
+    from lorma.tasks.readers.chat import chatterbot_conversations, write_chatterbot_jsonl
 
     conversations = chatterbot_conversations()
     assert len(conversations) > 800  # 899 distinct English conversations in chatterbot-corpus 1.3.3

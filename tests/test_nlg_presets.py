@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from lorma.recipes.config import build_config, load_yaml
-from lorma.tasks.data_to_text import _decoding_from_options
 from lorma.tasks.decoding import PAPER_DECODING
+from lorma.tasks.generation import decoding_from_options
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -33,7 +33,7 @@ def test_table16_presets(task: str, variant: str) -> None:
     assert t["learning_rate"] == pytest.approx(lr) and t["weight_decay"] == wd
     assert t["label_smoothing_factor"] == smoothing and t["lr_scheduler_type"] == "linear"
     assert (t["warmup_steps"], t["num_train_epochs"], t["per_device_train_batch_size"]) == (500, 5, 8)
-    decoding = _decoding_from_options(task, cfg.task_options)
+    decoding = decoding_from_options(task, cfg.task_options)
     assert (decoding.num_beams, decoding.length_penalty, decoding.no_repeat_ngram_size) == (10, length_penalty, 4)
     assert decoding == PAPER_DECODING[task].with_overrides(batch_size=decoding.batch_size)
     assert cfg.target_modules is None  # GPT-2's default: c_attn, q and v parts
@@ -55,7 +55,7 @@ def test_table17_presets(task: str, model: str, r: int, targets: set[str]) -> No
     assert t["learning_rate"] == pytest.approx(5e-4) and t["lr_scheduler_type"] == "cosine"
     assert t["warmup_steps"] == 0.1 and t["num_train_epochs"] == 2  # transformers 5: a float < 1 is a ratio
     assert t["per_device_train_batch_size"] * t["gradient_accumulation_steps"] == 64
-    decoding = _decoding_from_options(task, cfg.task_options)
+    decoding = decoding_from_options(task, cfg.task_options)
     assert decoding.num_beams == 1  # greedy
 
 

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from lorma.recipes.commands import _normalise_yaml, _scalar
 from lorma.recipes.config import DEFAULT_TRAINING, RecipeError, RunConfig, build_config, load_yaml
+from lorma.recipes.config import normalise_yaml as _normalise_yaml
+from lorma.recipes.config import parse_scalar as _scalar
 
 
 def test_flags_override_yaml_and_training_keys_are_routed(tmp_path: Path) -> None:

@@ -18,8 +18,11 @@ from lorma.recipes.demo import DEMO_SETTINGS, demo_settings, minilm_path, run_de
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_configs_demo_yaml_mirrors_the_code() -> None:
-    assert yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text()) == DEMO_SETTINGS
+def test_the_demo_settings_are_the_packaged_yaml() -> None:
+    """One statement: the settings are src/lorma/recipes/demo.yaml, declared as package data."""
+    assert yaml.safe_load((ROOT / "src" / "lorma" / "recipes" / "demo.yaml").read_text()) == DEMO_SETTINGS
+    assert '"recipes/demo.yaml"' in (ROOT / "pyproject.toml").read_text()
+    assert DEMO_SETTINGS["training"]["max_steps"] > 0 and DEMO_SETTINGS["methods"] == "lora,lorma-plus,lorma-pi"
 
 
 def test_packaged_model_and_data_are_found() -> None:

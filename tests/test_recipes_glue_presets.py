@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from lorma.cli import main
-from lorma.recipes.commands import _normalise_yaml
 from lorma.recipes.config import build_config, load_yaml
+from lorma.recipes.config import normalise_yaml as _normalise_yaml
 from test_recipes_support import make_tiny_bert
 
 GLUE = Path(__file__).resolve().parents[1] / "configs" / "glue"

@@ -210,7 +210,7 @@ def test_find_adapter_says_what_a_directory_is(tmp_path: Path) -> None:
     merged.mkdir()
     (merged / "config.json").write_text("{}")
     (merged / "model.safetensors").write_bytes(b"")
-    with pytest.raises(InputError, match="plain .* transformers model"):
+    with pytest.raises(InputError, match="plain transformers model"):
         find_adapter(merged)
 
 

@@ -17,7 +17,7 @@ import yaml
 from lorma.cli import main
 from lorma.recipes.config import DEFAULT_LEARNING_RATES, RecipeError, build_config
 from lorma.recipes.tuning import DEFAULT_GRIDS, candidate_label, grid_edges, plan_tuning, tune, tuning_rows
-from lorma.tasks import classification
+from lorma.tasks import classification_data
 from lorma.tasks.base import get_task
 from test_recipes_support import make_tiny_bert, sentiment_rows, snapshot, write_csv
 
@@ -47,14 +47,14 @@ def _cfg(data: dict[str, Path], **values: object):
 def _recorded_reads():
     """Every data file the classification task reads, in order."""
     reads: list[str] = []
-    real = classification.read_examples
+    real = classification_data.read_examples
 
     def recording(path, *args, **kwargs):
         reads.append(str(Path(path).resolve()))
         return real(path, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(classification, "read_examples", recording)
+        patch.setattr(classification_data, "read_examples", recording)  # where the task's data is read
         yield reads
 
 

@@ -28,7 +28,7 @@ SUBCOMMAND_MODULES: dict[str, str] = {
     "merge": "lorma.recipes.commands",
     "demo": "lorma.recipes.commands",
     "analyze": "lorma.analysis.cli",
-    "evaluate": "lorma.tasks.evaluate_cli",
+    "evaluate": "lorma.evaluate_cli",
     "export": "lorma.export_cli",
 }
 
@@ -45,13 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         if module_name in seen:
             continue
         seen.add(module_name)
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:  # a subcommand still being built must not break the others
-            if err.name and err.name.startswith("lorma"):
-                continue
-            raise
-        module.register(subparsers)
+        importlib.import_module(module_name).register(subparsers)
     return parser
 
 

@@ -58,9 +58,9 @@ def prepare_zero3(model: torch.nn.Module) -> int:
     """
     from deepspeed.utils import set_z3_leaf_modules
 
-    from lorma.layer import LormaLayer
-
-    classes = sorted({type(m) for m in model.modules() if isinstance(m, LormaLayer)}, key=lambda c: c.__name__)
+    # a LoRMA layer by its peft adapter names, not by class: lorma.layer imports this module (it sits below it)
+    classes = sorted({type(m) for m in model.modules() if "lorma_A" in getattr(type(m), "adapter_layer_names", ())},
+                     key=lambda c: c.__name__)
     return len(set_z3_leaf_modules(model, classes, raise_if_not_found=False)) if classes else 0
 
 

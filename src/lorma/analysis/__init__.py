@@ -7,7 +7,8 @@ Submodules (imported lazily, so that ``lorma --help`` stays fast):
 - :mod:`lorma.analysis.callback`: ``RankTrackingCallback``, the rank of I(BA) during training.
 - :mod:`lorma.analysis.deltas`: delta W per module from a live peft model or a saved adapter.
 - :mod:`lorma.analysis.runs`: reading run directories (adapter, config, loss log, rank log).
-- :mod:`lorma.analysis.report`: the per-module tables and summaries of ``lorma analyze``.
+- :mod:`lorma.analysis.report`: the measurements of ``lorma analyze`` for one run (and a reference run).
+- :mod:`lorma.analysis.report_text`: the printed tables and summaries of ``lorma analyze``.
 - :mod:`lorma.analysis.plots`: the PNG plots (matplotlib, Agg backend).
 """
 

@@ -95,10 +95,16 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and not Path(value).is_dir():
             raise LormaCLIError(f"{flag} {value}: not a local directory")
     out = Path(args.out) if args.out else run_dir / "analysis"
-    from lorma.recipes.rundir import adapter_weights_file, check_not_input, check_output_location
+    from lorma.recipes.rundir import (
+        adapter_weights_file,
+        check_not_input,
+        check_output_location,
+        compare_runs,
+        missing_adapter_reason,
+    )
 
     from .report import OUTPUT_NAMES
-    from .runs import describe_missing_adapter, read_run
+    from .runs import read_run
 
     check_output_location(out, "--out")
     existing = [name for name in OUTPUT_NAMES if (out / name).exists()]
@@ -109,27 +115,28 @@ def run(args: argparse.Namespace) -> int:
         # everything on disk is read and checked before torch and transformers are imported
         info = read_run(run_dir)
         if info.adapter_dir is None and info.loss_curve is None and info.rank_log is None:
-            runs = sorted(str(p.parent) for p in run_dir.glob("*/seed-*/config.yaml"))
+            runs = compare_runs(run_dir)
             if runs:  # a `lorma compare` output: point at its run directories
                 raise LormaCLIError(
                     f"{run_dir} is a `lorma compare` output; analyze one of its runs, e.g. "
-                    f"{', '.join(runs[:4])}" + (" ..." if len(runs) > 4 else "")
+                    f"{', '.join(map(str, runs[:4]))}" + (" ..." if len(runs) > 4 else "")
                 )
             raise LormaCLIError(
                 f"{run_dir}: nothing to analyze (no adapter_config.json, training-loss log or rank_log.jsonl; "
-                f"{describe_missing_adapter(run_dir)})"
+                f"{missing_adapter_reason(run_dir)})"
             )
         other = read_run(args.against) if args.against is not None else None
         if other is not None and info.adapter_dir is not None and other.adapter_dir is None \
                 and other.loss_curve is None:
             raise LormaCLIError(f"--against {args.against}: nothing to compare with: "
-                                f"{describe_missing_adapter(Path(args.against))}; give the reference run's "
+                                f"{missing_adapter_reason(Path(args.against))}; give the reference run's "
                                 "directory or its adapter directory")
         for run in (info, other):
             if run is not None and run.adapter_dir is not None:
                 adapter_weights_file(run.adapter_dir)
                 check_not_input(out, {"(the adapter)": run.adapter_dir}, replacing=False, flag="--out")
-        from .report import analyze, format_report
+        from .report import analyze
+        from .report_text import format_report
 
         result = analyze(
             run_dir,

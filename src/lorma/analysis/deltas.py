@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ModuleDelta", "extract_deltas", "load_adapter_model", "resolve_base_model", "read_adapter_config"]
+__all__ = ["ModuleDelta", "extract_deltas", "load_adapter_model", "resolve_base_model"]
 
 
 @dataclass
@@ -83,28 +83,20 @@ def _active(module: Any, names: list[str]) -> str | None:
     return names[0] if len(names) == 1 else None
 
 
-def read_adapter_config(adapter_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """``adapter_config.json`` of a saved peft adapter, with errors naming the file (:mod:`lorma.recipes.rundir`)."""
-    from lorma.recipes.rundir import ADAPTER_CONFIG_FILE
-    from lorma.recipes.rundir import read_adapter_config as read_checked
-
-    if not (Path(adapter_dir) / ADAPTER_CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"{adapter_dir}: not a saved peft adapter (no adapter_config.json)")
-    return read_checked(Path(adapter_dir))
-
-
 def resolve_base_model(adapter_dir: str | os.PathLike[str], base_model: str | None, hint: str | None = None) -> str:
     """The base model directory: given, else a run's config ``hint``, else the adapter's own record.
 
     Only local directories are accepted (nothing is downloaded); a missing one is an error that says
     where the path came from.
     """
+    from lorma.recipes.rundir import read_adapter_config
+
     if base_model is not None:
         source, path = "--base-model", base_model
     elif hint is not None:
         source, path = "the run's config", hint
     else:
-        recorded = read_adapter_config(adapter_dir).get("base_model_name_or_path")
+        recorded = read_adapter_config(Path(adapter_dir)).get("base_model_name_or_path")
         if not recorded:
             raise ValueError(f"{adapter_dir}: the adapter does not record its base model; pass --base-model DIR")
         source, path = f"{adapter_dir}/adapter_config.json (base_model_name_or_path)", recorded
@@ -113,76 +105,36 @@ def resolve_base_model(adapter_dir: str | os.PathLike[str], base_model: str | No
     return str(path)
 
 
-_TASK_CLASSES = {
-    "SEQ_CLS": "AutoModelForSequenceClassification",
-    "CAUSAL_LM": "AutoModelForCausalLM",
-    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
-    "TOKEN_CLS": "AutoModelForTokenClassification",
-    "QUESTION_ANS": "AutoModelForQuestionAnswering",
-    "FEATURE_EXTRACTION": "AutoModel",
-}
+def load_adapter_model(adapter_dir: str | os.PathLike[str], base_model: str) -> Any:
+    """The base model with the saved adapter loaded, float32, eval mode: rebuilt as ``lorma merge`` rebuilds it.
 
-
-def _adapter_tensors(adapter_dir: Path) -> dict[str, Any]:
-    """The saved adapter's tensors; a truncated or corrupt weights file is an error naming it."""
-    from safetensors.torch import load_file
-
-    from lorma.recipes.rundir import adapter_weights_file
-
-    path = adapter_weights_file(adapter_dir)
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    import torch
-
-    return torch.load(str(path), map_location="cpu", weights_only=True)
-
-
-def _num_labels(tensors: dict[str, Any]) -> int | None:
-    """Output size of a saved classification head (modules_to_save), so the base head matches it."""
-    for key, value in tensors.items():
-        if key.endswith(("classifier.weight", "score.weight", "classifier.out_proj.weight")) and value.dim() == 2:
-            return int(value.shape[0])
-    return None
-
-
-def load_adapter_model(adapter_dir: str | os.PathLike[str], base_model: str, adapter_name: str = "default") -> Any:
-    """The base model with the saved adapter loaded (``PeftModel.from_pretrained``), float32, eval mode.
-
-    The model class follows the adapter's ``task_type`` so that the saved keys (which include the task
-    model's prefixes, e.g. ``bert.``) find their modules; afterwards every saved tensor is checked
-    against the loaded model, because a key that matched nothing would otherwise leave that adapter at
-    its initial value and every measurement silently wrong.
+    :func:`lorma.recipes.merge.load_adapter_model` checks the adapter's files and the base model's recorded
+    shapes, and rebuilds the base model through the task recorded at training (a classification head of the
+    run's size and labels), or for an adapter trained elsewhere as the transformers class of its peft
+    ``task_type``. Afterwards every saved tensor is checked against the loaded model, because a key that matched
+    nothing would otherwise leave that adapter at its initial value and every measurement silently wrong.
     """
     import torch
-    import transformers
-    from peft import PeftModel, get_peft_model_state_dict
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
 
-    import lorma  # noqa: F401  (registers the LORMA peft type)
+    from lorma.recipes.merge import load_adapter_model as load_as_merge_does
+    from lorma.recipes.rundir import adapter_weights_file
 
     adapter_dir = Path(adapter_dir)
-    config = read_adapter_config(adapter_dir)
-    tensors = _adapter_tensors(adapter_dir)
-    class_name = _TASK_CLASSES.get(str(config.get("task_type")), "AutoModel")
-    kwargs: dict[str, Any] = {"dtype": torch.float32}
-    labels = _num_labels(tensors) if class_name == "AutoModelForSequenceClassification" else None
-    if labels is not None:
-        kwargs["num_labels"] = labels
-    # the load report lists the task head as newly initialised; the adapter's saved head (if any)
-    # replaces it below and delta W does not involve it, so the report is noise here
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    try:
-        base = getattr(transformers, class_name).from_pretrained(base_model, **kwargs)
-    finally:
-        transformers.logging.set_verbosity(verbosity)
-    model = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=adapter_name)
-    model.eval()
-    loaded = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    weights = adapter_weights_file(adapter_dir)
+    model, _ = load_as_merge_does(adapter_dir, base_model)
+    model.float().eval()
+    if weights.suffix == ".safetensors":
+        tensors = load_file(str(weights))
+    else:
+        tensors = torch.load(str(weights), map_location="cpu", weights_only=True)
+    loaded = get_peft_model_state_dict(model)
     for key, value in tensors.items():
         if key not in loaded:
             raise ValueError(
-                f"{adapter_dir}: saved tensor {key!r} matches no module of base model {base_model} loaded as "
-                f"{class_name} (is it the adapter's base model?)"
+                f"{adapter_dir}: saved tensor {key!r} matches no module of base model {base_model} "
+                f"(is it the adapter's base model?)"
             )
         if loaded[key].shape != value.shape or not torch.equal(loaded[key].float().cpu(), value.float()):
             raise ValueError(f"{adapter_dir}: saved tensor {key!r} did not load into {base_model} unchanged")

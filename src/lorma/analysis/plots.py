@@ -107,17 +107,31 @@ def plot_singular_values(
 
 
 def plot_loss_curves(
-    curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    curves: Mapping[str, Sequence[tuple[Sequence[float], Sequence[float]]]],
     path: str | os.PathLike[str],
     table: Mapping[str, Mapping[str, Any]] | None = None,
     smoothing: int | float | None = None,
+    title: str = "Training loss",
 ) -> Path:
-    """Fig. 6: smoothed training losses; the reference's minimum as a dotted line and each run's mark there."""
+    """Fig. 6: the training loss of each run (or method), ``curves[name]`` being its ``(steps, losses)`` per seed.
+
+    One seed: its (smoothed) curve. Several (``lorma compare``): each faint, and their mean in full where the
+    steps agree. With ``table`` (:func:`lorma.analysis.convergence.convergence_table`): the reference's minimum as
+    a dotted line and each run's mark where it reaches it.
+    """
     from .convergence import smooth
 
     fig, ax = _figure()
-    for name, (steps, losses) in curves.items():
-        ax.plot(steps, smooth(losses, smoothing), label=name)
+    for i, (name, seeds) in enumerate(curves.items()):
+        colour = f"C{i % 10}"
+        if len(seeds) > 1:
+            for steps, losses in seeds:
+                ax.plot(steps, smooth(losses, smoothing), color=colour, alpha=0.25, linewidth=0.8)
+        if len({len(steps) for steps, _ in seeds}) == 1:
+            mean = np.mean([smooth(losses, smoothing) for _, losses in seeds], axis=0)
+            ax.plot(seeds[0][0], mean, color=colour, linewidth=1.8, label=name)
+        elif seeds:
+            ax.plot(seeds[0][0], smooth(seeds[0][1], smoothing), color=colour, linewidth=1.8, label=name)
     if table:
         first = next(iter(table.values()))
         ax.axhline(
@@ -135,7 +149,8 @@ def plot_loss_curves(
                 )
     ax.set_xlabel("training step")
     ax.set_ylabel("training loss" + (f" (smoothing {smoothing})" if smoothing not in (None, 0, 1) else ""))
-    ax.set_title("Training loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     return _save(fig, path)
 

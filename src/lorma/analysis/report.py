@@ -1,7 +1,7 @@
 """``lorma analyze``'s work: measure one run (and optionally compare it with another), tables and plots.
 
-:func:`analyze` returns a JSON-ready dict; :func:`format_report` turns it into the printed tables. The
-measurements are those of :mod:`lorma.analysis.matrices` and :mod:`lorma.analysis.convergence`:
+:func:`analyze` returns a JSON-ready dict; :func:`lorma.analysis.report_text.format_report` turns it into the
+printed tables. The measurements are those of :mod:`lorma.analysis.matrices` and :mod:`lorma.analysis.convergence`:
 
 * per module of the run: rank of delta W (Table 15) with its singular-value summary, and for LoRMA
   layers the rank of the final I(BA);
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +23,10 @@ from lorma.fileio import atomic_write_json, atomic_write_text
 
 from .convergence import Smoothing, convergence_table, loss_auc, smooth
 from .matrices import compare_matrices, random_control, singular_values, summarise, sv_summary
+from .report_text import COMPARE_METRICS, format_report
 from .runs import RunInfo, final_ranks, read_run
 
-__all__ = ["analyze", "format_report", "OUTPUT_NAMES"]
+__all__ = ["OUTPUT_NAMES", "analyze"]
 
 OUTPUT_NAMES = (
     "analysis.json",
@@ -40,9 +40,6 @@ OUTPUT_NAMES = (
     "comparison_angle.png",
     "final_ranks.png",
 )
-
-_COMPARE_METRICS = ("frobenius_distance", "cosine", "sv_sq_diff", "eig_sq_diff", "angle_first", "angle_largest")
-
 
 def _measure_model(run: RunInfo, base_model: str | None, rtol: float | None) -> tuple[dict[str, Any], str]:
     """Deltas (numpy, for comparisons) and per-module measurements of one run's adapter."""
@@ -167,7 +164,7 @@ def analyze(
             result["comparison"] = _compare(measured["arrays"], ref["arrays"], seed)
             result["summary"]["comparison"] = {
                 series: {
-                    m: summarise({k: v[series][m] for k, v in result["comparison"].items()}) for m in _COMPARE_METRICS
+                    m: summarise({k: v[series][m] for k, v in result["comparison"].items()}) for m in COMPARE_METRICS
                 }
                 for series in ("run", "control")
             }
@@ -281,7 +278,10 @@ def _plots(
     if curves:
         written.append(
             plots.plot_loss_curves(
-                curves, out / "loss_curves.png", result.get("convergence") if other is not None else None, smoothing
+                {name: [curve] for name, curve in curves.items()},
+                out / "loss_curves.png",
+                result.get("convergence") if other is not None else None,
+                smoothing,
             )
         )
     if "comparison" in result:
@@ -298,188 +298,3 @@ def _plots(
             }
             written.append(plots.plot_module_bars(values, out / fname, metric, f"delta W: {metric}", log=log))
     return written
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value) or math.isinf(value):
-            return str(value)
-        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
-            return f"{value:.3e}"
-        return f"{value:.4g}"
-    return str(value)
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[_fmt(c) for c in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
-    return "\n".join(lines)
-
-
-def format_report(result: dict[str, Any]) -> str:
-    """The printed tables: per module, then the summary over modules."""
-    out: list[str] = [f"run: {result['run']['path']} ({result['run']['label']})"]
-    if "against" in result:
-        out.append(f"against: {result['against']['path']} ({result['against']['label']})")
-    for note in result["run"].get("notes", []):
-        out.append(f"note: {note}")
-    for note in result.get("against", {}).get("notes", []):
-        out.append(f"note (against): {note}")
-    # a reference without an adapter (e.g. a full fine-tuning run) is compared on convergence only
-    per_module_against = "modules" in result.get("against", {})
-    out.append(
-        "rank tolerance: "
-        + result["tolerance"]["rule"]
-        + (f"; given rtol = {result['tolerance']['rtol']}" if result["tolerance"]["rtol"] is not None else "")
-    )
-    if "modules" in result:
-        rows = []
-        for name, m in sorted(result["modules"].items()):
-            if "delta_rank" not in m:
-                continue
-            transform = m.get("transform") or {}
-            t_rank = ", ".join(f"{t['rank']}/{t['d']}" for t in transform.values()) or None
-            t_cond = max((t["cond"] for t in transform.values()), default=None)
-            ref = result.get("against", {}).get("modules", {}).get(name)
-            row = [
-                name,
-                m["method"]
-                + (f"-{m['inflation']}" if m.get("inflation") else "")
-                + ("-post" if m.get("side") == "post" else ""),
-                m["r"],
-                f"{m['delta_rank']}/{m['delta_size']}",
-                ref and f"{ref['delta_rank']}/{ref['delta_size']}",
-                m["delta_norm"],
-                m["delta_sv"]["sigma_max"],
-                t_rank,
-                t_cond,
-            ]
-            rows.append(row if per_module_against else row[:4] + row[5:])
-        headers = [
-            "module",
-            "method",
-            "r",
-            "rank dW",
-            "rank dW (against)",
-            "|dW|_F",
-            "s_max dW",
-            "rank I(BA)",
-            "cond I(BA)",
-        ]
-        out += [
-            "",
-            "Per module: rank of delta W = W - W0 (Table 15) and of the final I(BA)",
-            _table(headers if per_module_against else headers[:4] + headers[5:], rows),
-        ]
-    if "comparison" in result:
-        rows = []
-        for name, c in sorted(result["comparison"].items()):
-            for series in ("run", "control"):
-                v = c[series]
-                rows.append(
-                    [
-                        name if series == "run" else "",
-                        "delta W" if series == "run" else "random control",
-                        v["frobenius_distance"],
-                        v["cosine"],
-                        v["sv_sq_diff"],
-                        v["eig_sq_diff"],
-                        v["angle_first"],
-                        v["angle_largest"],
-                    ]
-                )
-        out += [
-            "",
-            f"Per module: delta W against {result['against']['label']}'s delta W (Table 9; r = the "
-            f"reference's rank; angles in radians between top-r left singular spaces)",
-            _table(
-                [
-                    "module",
-                    "matrix",
-                    "|X-Y|_F (low)",
-                    "cos (high)",
-                    "top-r sv sq diff (low)",
-                    "top-r |eig| sq diff (low)",
-                    "first angle (low)",
-                    "largest angle",
-                ],
-                rows,
-            ),
-        ]
-    if "final_ranks" in result:
-        budgets = result["final_ranks"]
-        names = sorted(set(budgets.get("run", {})) | set(budgets.get("against", {})))
-        rows = [[name, budgets.get("run", {}).get(name), budgets.get("against", {}).get(name)] for name in names]
-        rows.append(["total", sum(budgets.get("run", {}).values()) if "run" in budgets else None,
-                     sum(budgets.get("against", {}).values()) if "against" in budgets else None])
-        headers = ["module", "final rank"] + (["final rank (against)"] if "against" in budgets else [])
-        out += [
-            "",
-            "Per module: the rank the rank budget left (AdaLoRMA's final_ranks, AdaLoRA's rank_pattern)",
-            _table(headers, [row[: len(headers)] for row in rows]),
-        ]
-    if "rank_log" in result:
-        rows = [
-            [k, v["d"], v["min_rank"], v["final_rank"], v["final_step"], v["final_cond"], v["steps"]]
-            for k, v in sorted(result["rank_log"]["modules"].items())
-        ]
-        out += [
-            "",
-            "Rank of I(BA) during training (Fig. 7, from rank_log.jsonl)",
-            _table(["module", "d", "min rank", "final rank", "final step", "final cond", "records"], rows),
-        ]
-    if "convergence" in result:
-        rows = [
-            [k, v.get("auc"), v.get("auc_decrease_pct"), v.get("min_loss"), v.get("steps_to_ref_min"), v.get("speedup")]
-            for k, v in result["convergence"].items()
-        ]
-        first = next(iter(result["convergence"].values()), {})
-        ref_note = (
-            f" against {first['reference']} (its smoothed minimum {_fmt(first['reference_min_loss'])} at step "
-            f"{_fmt(first['reference_min_step'])}; AUC up to step {_fmt(first['auc_max_step'])})"
-            if "reference" in first
-            else ""
-        )
-        out += [
-            "",
-            f"Convergence (Table 5, Fig. 6; smoothing {result['smoothing']}){ref_note}",
-            _table(["run", "loss AUC", "% AUC decrease", "min loss", "step at ref min", "speedup"], rows),
-        ]
-    summary = result.get("summary", {})
-    if summary:
-        out += ["", "Summary over modules (mean [min, max])"]
-        s = summary["delta_rank"]
-        out.append(
-            f"  rank of delta W ({result['run']['label']}): {_fmt(s['mean'])} [{_fmt(s['min'])}, "
-            f"{_fmt(s['max'])}] over {s['n']} modules"
-        )
-        if "against_delta_rank" in summary:
-            s = summary["against_delta_rank"]
-            out.append(
-                f"  rank of delta W ({result['against']['label']}): {_fmt(s['mean'])} [{_fmt(s['min'])}, "
-                f"{_fmt(s['max'])}]"
-            )
-        if "comparison" in summary:
-            rows = []
-            for metric in _COMPARE_METRICS:
-                r_, c_ = summary["comparison"]["run"][metric], summary["comparison"]["control"][metric]
-                rows.append(
-                    [
-                        metric,
-                        f"{_fmt(r_['mean'])} [{_fmt(r_['min'])}, {_fmt(r_['max'])}]",
-                        f"{_fmt(c_['mean'])} [{_fmt(c_['min'])}, {_fmt(c_['max'])}]",
-                    ]
-                )
-            out.append(_table(["metric", "delta W vs reference", "random control vs reference"], rows))
-    if result.get("plots"):
-        out += ["", "plots: " + ", ".join(result["plots"])]
-    return "\n".join(out) + "\n"

@@ -13,12 +13,12 @@ absent and raises an error naming the file (and line) when it is present but mal
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorma.fileio import read_json, read_jsonl
+from lorma.fileio import read_json
+from lorma.recipes.method_registry import label_of, method_of_adapter_config
 from lorma.recipes.rundir import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_DIR,
@@ -30,11 +30,14 @@ from lorma.recipes.rundir import (
     RANK_LOG,
     RUN_INFO_FILE,
     TRAINER_STATE_FILE,
+    missing_adapter_reason,
     read_adapter_config,
+    read_loss_log,
+    read_yaml_settings,
     scan_checkpoints,
 )
 
-__all__ = ["RunInfo", "read_run", "find_adapter_dir", "read_loss_curve", "method_label", "describe_missing_adapter"]
+__all__ = ["RunInfo", "find_adapter_dir", "method_label", "read_loss_curve", "read_run"]
 
 _ADAPTER_SUBDIRS = (ADAPTER_DIR, "final", "final_adapter", "best")
 _CONFIG_NAMES = (CONFIG_FILE, "resolved_config.yaml", "run_config.yaml", "config.yml", "train_config.yaml")
@@ -81,85 +84,20 @@ def find_adapter_dir(run_dir: Path) -> Path | None:
     return others[0] if len(others) == 1 else None
 
 
-def describe_missing_adapter(run_dir: Path) -> str:
-    """Why ``run_dir`` has no adapter to measure, in words for an error message."""
-    if (run_dir / "config.json").is_file() and any(
-        (run_dir / n).is_file() for n in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
-    ):
-        return "it is a plain transformers model (a merged or base model), which has no delta W of its own"
-    if (run_dir / "model" / "config.json").is_file():
-        return "it is a run of a non-adapter method (full / bitfit / head-only)"
-    if (run_dir / CONFIG_FILE).is_file():
-        return f"the run has not finished (no {ADAPTER_DIR}/ and no complete checkpoint with an adapter)"
-    return f"no {ADAPTER_CONFIG_FILE} in it or below it"
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise ValueError(f"{where}: invalid YAML ({getattr(err, 'problem', err)})") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level")
-    return data
-
-
-def _curve_from_records(records: list[dict[str, Any]], where: str) -> tuple[list[float], list[float]] | None:
-    """Training-loss points (``step``, ``loss``) of HF-style log records; eval / summary records skipped.
-
-    Later records for a step replace earlier ones (a resumed run logs some steps again).
-    """
-    by_step: dict[float, float] = {}
-    for rec in records:
-        loss = rec.get("loss", rec.get("train_loss_step"))
-        step = rec.get("step", rec.get("global_step"))
-        if loss is None or step is None or "eval_loss" in rec or "train_runtime" in rec:
-            continue
-        try:
-            by_step[float(step)] = float(loss)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{where}: step {step!r} / loss {loss!r} is not a number") from err
-    if len(by_step) < 2:
-        return None
-    steps = sorted(by_step)
-    return steps, [by_step[s] for s in steps]
-
-
 def read_loss_curve(run_dir: Path) -> tuple[tuple[list[float], list[float]], Path] | None:
     """The per-step training loss of a run and the file it came from, or None if there is none.
 
-    Looks for a JSONL loss log, a CSV with ``step`` and ``loss`` columns, and the ``log_history`` of HF
-    Trainer's ``trainer_state.json`` (the run dir's own, else the latest checkpoint's), in that order.
+    Looks for a JSON Lines loss log, a CSV with ``step`` and ``loss`` columns, and the ``log_history`` of HF
+    Trainer's ``trainer_state.json`` (the run dir's own, else the latest checkpoint's), in that order; the
+    first with two points or more is read (by :func:`lorma.recipes.rundir.read_loss_log`).
     """
-    for name in _LOSS_JSONL_NAMES:
-        path = run_dir / name
+    candidates = [run_dir / name for name in (*_LOSS_JSONL_NAMES, *_LOSS_CSV_NAMES)]
+    candidates += [run_dir / TRAINER_STATE_FILE] + [p / TRAINER_STATE_FILE for p in _complete_checkpoints(run_dir)]
+    for path in candidates:
         if path.is_file():
-            curve = _curve_from_records(read_jsonl(path), str(path))
-            if curve is not None:
-                return curve, path
-    for name in _LOSS_CSV_NAMES:
-        path = run_dir / name
-        if path.is_file():
-            with open(path, newline="", encoding="utf-8") as fh:
-                reader = csv.DictReader(fh)
-                if reader.fieldnames is None or not {"step", "loss"} <= set(reader.fieldnames):
-                    raise ValueError(f"{path}:1: expected columns 'step' and 'loss', got {reader.fieldnames}")
-                curve = _curve_from_records(list(reader), str(path))
-            if curve is not None:
-                return curve, path
-    states = [run_dir / TRAINER_STATE_FILE] + [p / TRAINER_STATE_FILE for p in _complete_checkpoints(run_dir)]
-    for path in states:
-        if path.is_file():
-            data = read_json(path)
-            history = data.get("log_history") if isinstance(data, dict) else None
-            if isinstance(history, list):
-                curve = _curve_from_records(history, str(path))
-                if curve is not None:
-                    return curve, path
+            steps, losses = read_loss_log(path)
+            if len(steps) >= 2:
+                return (steps, losses), path
     return None
 
 
@@ -181,25 +119,20 @@ def final_ranks(adapter_config: dict[str, Any] | None) -> dict[str, int] | None:
 
 
 def method_label(adapter_config: dict[str, Any] | None, config: dict[str, Any] | None) -> str | None:
-    """``lorma-plus`` / ``lorma-pi`` / ``lorma-none`` (``-post`` when post-side) / ``lora``, or the run's method."""
+    """The run's method as :mod:`lorma.recipes.method_registry` labels it (``lorma-plus``, ``lorma-pi-post``,
+    ``lora``): from the run's config, else from the adapter's; another peft type by its own name."""
     if config and isinstance(config.get("method"), str):
-        label = config["method"]
-        if label.startswith("lorma") and config.get("side") == "post":
-            label += "-post"
-        return label
-    if not adapter_config:
+        found: tuple[str, dict[str, Any]] | None = (config["method"], {"side": config.get("side")})
+    elif adapter_config:
+        found = method_of_adapter_config(adapter_config)
+        if found is None:
+            return str(adapter_config.get("peft_type", "")).lower() or None
+    else:
         return None
-    peft_type = str(adapter_config.get("peft_type", "")).upper()
-    if peft_type == "LORMA":
-        variant = adapter_config.get("variant")
-        if variant in ("adalorma", "dylorma"):
-            label = variant
-        else:
-            label = f"{'dorma' if variant == 'dorma' else 'lorma'}-{adapter_config.get('inflation', 'plus')}"
-        return label + "-post" if adapter_config.get("side") == "post" else label
-    if peft_type == "LORA":
-        return "dora" if adapter_config.get("use_dora") else "lora"
-    return peft_type.lower() or None
+    try:
+        return label_of(*found)
+    except ValueError:  # a method (or inflation) this version does not know: its name as the run wrote it
+        return found[0]
 
 
 def read_run(run_dir: str | Path) -> RunInfo:
@@ -211,7 +144,7 @@ def read_run(run_dir: str | Path) -> RunInfo:
     adapter_dir = find_adapter_dir(path)
     adapter_config = read_adapter_config(adapter_dir) if adapter_dir else None
     config_path = next((path / n for n in _CONFIG_NAMES if (path / n).is_file()), None)
-    config = _read_yaml(config_path) if config_path else None
+    config = read_yaml_settings(config_path) if config_path else None
     hint = None
     # lorma train records the resolved base model path beside the adapter (lorma_run.json); the config's
     # ``model`` may be relative to the directory training ran from
@@ -231,7 +164,7 @@ def read_run(run_dir: str | Path) -> RunInfo:
     # ``lorma train --track-rank`` writes it under rank/; a bare RankTrackingCallback into its output_dir
     rank_log = next((p for p in (path / RANK_LOG, path / RANK_DIR / RANK_LOG) if p.is_file()), path / RANK_LOG)
     if adapter_dir is None:
-        notes.append(f"no saved adapter: {describe_missing_adapter(path)}")
+        notes.append(f"no saved adapter: {missing_adapter_reason(path)}")
     if loss is None:
         notes.append("no training-loss log found")
     label = method_label(adapter_config, config) or path.name

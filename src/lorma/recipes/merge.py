@@ -17,10 +17,16 @@ from lorma.fileio import read_json, staged_directory
 from lorma.recipes.config import RecipeError
 from lorma.recipes.rundir import RUN_INFO_FILE, check_adapter_dir, check_not_input, check_output_location, find_adapter
 
-
-def resolve_adapter_dir(path: str) -> Path:
-    """Accept the adapter directory itself or a run directory holding a finished ``adapter/`` (checked)."""
-    return find_adapter(Path(path)).path
+#: the transformers class of each peft ``task_type``: how the base model of an adapter without a lorma run record
+#: is rebuilt (its saved keys carry the task model's prefixes, e.g. ``bert.``, which a plain AutoModel lacks)
+PEFT_TASK_MODEL_CLASSES = {
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+    "FEATURE_EXTRACTION": "AutoModel",
+}
 
 
 def _base_config(base: str) -> dict[str, Any] | None:
@@ -50,10 +56,12 @@ def load_adapter_model(adapter: Path, base_model: str | None = None) -> tuple[An
     """The adapter of ``adapter`` (a peft adapter directory) on its base model (or ``base_model``), unmerged.
 
     The adapter's files and the base model's shapes (its recorded fingerprint) are checked before anything is
-    loaded; the base model is loaded with the task's head (from the run's ``lorma_run.json``). Returns the
-    ``PeftModel`` and the base model's path or name.
+    loaded; the base model is loaded with the task's head (from the run's ``lorma_run.json``), or for an adapter
+    trained elsewhere as the class of its peft ``task_type``. Returns the ``PeftModel`` and the base model's path
+    or name.
     """
-    base, run_info = _base_of(adapter, check_adapter_dir(adapter), base_model)
+    adapter_config = check_adapter_dir(adapter)
+    base, run_info = _base_of(adapter, adapter_config, base_model)
 
     from lorma.recipes.train import model_fingerprint, quiet_libraries
 
@@ -72,14 +80,14 @@ def load_adapter_model(adapter: Path, base_model: str | None = None) -> tuple[An
             raise RecipeError(f"cannot load base model '{base}': {str(err).splitlines()[0]}") from None
         _check_fingerprint(adapter, base, recorded, model_fingerprint(base_config))
     task_name = run_info.get("task")
-    cls = task_class(task_name) if task_name else None
     try:
-        if cls is not None:
-            model = cls.load_model_for_merge(base, run_info.get("model_info", {}))
-        else:
-            from transformers import AutoModel
+        if task_name:  # a lorma train run: the task rebuilds its model (head size, labels) as it was trained
+            model = task_class(task_name).load_model_for_merge(base, run_info.get("model_info", {}))
+        else:  # an adapter trained elsewhere: the transformers class of its peft task_type
+            import transformers
 
-            model = AutoModel.from_pretrained(base)
+            class_name = PEFT_TASK_MODEL_CLASSES.get(str(adapter_config.get("task_type")), "AutoModel")
+            model = getattr(transformers, class_name).from_pretrained(base)
         peft_model = PeftModel.from_pretrained(model, str(adapter))
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         raise RecipeError(f"cannot load adapter {adapter} on base model '{base}': "

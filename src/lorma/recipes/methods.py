@@ -11,33 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lorma.recipes.config import ADAPTER_METHODS, RecipeError, RunConfig
-
-LORMA_INFLATION = {"lorma-plus": "plus", "lorma-pi": "pi", "lorma-none": "none"}
-# the LoRMA variants (docs/variants.md): method -> (inflation, LormaConfig.variant)
-LORMA_VARIANTS = {
-    "dorma-plus": ("plus", "dorma"),
-    "dorma-pi": ("pi", "dorma"),
-    "adalorma": ("plus", "adalorma"),
-    "dylorma": ("plus", "dylorma"),
-}
-# methods with an AdaLoRA rank budget (they need lorma.callbacks.RankAllocationCallback in training)
-RANK_BUDGET_METHODS = ("adalorma", "adalora")
-
-
-def rank_budget(cfg: RunConfig) -> dict[str, int]:
-    """AdaLoRA's budget and schedule for ``adalorma`` / ``adalora``, the same for both: start at ``1.5 r`` per
-    module and prune to ``r`` on average (the final budget of a rank-``r`` LoRA, AdaLoRA's comparison), at full
-    budget for the first 10% of the steps, at the final one for the last 20%, reallocating every step."""
-    total = int(cfg.training_arguments().get("max_steps", -1) or -1)
-    if total <= 0:
-        raise RecipeError(f"method {cfg.method} needs --max-steps: its rank budget falls on a schedule over the steps")
-    if cfg.r < 2:
-        raise RecipeError(f"method {cfg.method} needs r >= 2 (it prunes from 1.5 r down to r), got {cfg.r}")
-    return {
-        "init_r": cfg.r + cfg.r // 2, "target_r": cfg.r, "tinit": total // 10, "tfinal": total // 5, "deltaT": 1,
-        "total_step": total,
-    }
+from lorma.recipes.config import RecipeError, RunConfig
+from lorma.recipes.method_registry import AdapterSettings, get_method
 
 # Training one float32 parameter with AdamW holds the weight, its gradient and AdamW's two moments (16 bytes),
 # and AdamW's multi-tensor update allocates a working copy of the size of the parameters (4 more).
@@ -72,15 +47,20 @@ def adapter_parameter_count(model: Any, cfg: RunConfig) -> tuple[int, int]:
     """``(parameters, modules)`` the adapter of ``cfg.method`` would add to ``model``, from the target modules'
     shapes alone (before anything is allocated): ``2 r d`` per LoRMA transform (``d = d_out`` pre, ``d_in``
     post, one transform per adapted part of a fused projection), ``r (d_in + d_out)`` for LoRA (plus the
-    ``d_out`` magnitudes of DoRA). ``(0, 0)`` for the non-adapter methods. ``side="auto"`` is resolved per
-    module as the layer will resolve it (:func:`lorma.config.cheaper_side`)."""
-    if cfg.method not in ADAPTER_METHODS:
+    ``d_out`` magnitudes of DoRA and DoRMA), at the initial ``1.5 r`` of a rank budget (AdaLoRMA, AdaLoRA).
+    ``(0, 0)`` for the non-adapter methods. ``side="auto"`` is resolved per module as the layer will resolve it
+    (:func:`lorma.config.cheaper_side`)."""
+    method = get_method(cfg.method)
+    if not method.adapter:
         return 0, 0
     from lorma.config import cheaper_side
 
     targets = cfg.target_modules or default_target_modules(model)
+    r = cfg.r + cfg.r // 2 if method.rank_budget else cfg.r
+    magnitudes = method.name == "dora" or method.variant == "dorma"
     fused: dict[str, Any] = {}
-    if cfg.method in LORMA_INFLATION and cfg.target_modules is None:
+    # the tuner adapts parts of a fused projection by the model type's default (AdaLoRMA: whole layers)
+    if method.inflation is not None and not method.rank_budget:
         from lorma import DEFAULT_FUSED_PARTS
 
         fused = DEFAULT_FUSED_PARTS.get(getattr(model.config, "model_type", ""), {})
@@ -93,16 +73,17 @@ def adapter_parameter_count(model: Any, cfg: RunConfig) -> tuple[int, int]:
         if type(module).__name__ == "Conv1D":  # transformers' Conv1D stores (d_in, d_out)
             d_out, d_in = d_in, d_out
         modules += 1
-        if cfg.method in LORMA_INFLATION:
+        if method.inflation is not None:
             spec = next((v for k, v in fused.items() if _matches(name, [k])), None)
             num_parts = spec["num_parts"] if spec is not None else 1
             side = cheaper_side(d_in, d_out, num_parts) if cfg.side == "auto" else cfg.side
             # one transform per adapted part; on the pre side, of the part's size
             transforms = len(spec["parts"]) if spec is not None else 1
             d = d_out // num_parts if side == "pre" else d_in
-            params += transforms * 2 * cfg.r * d
+            params += transforms * 2 * r * d
         else:
-            params += cfg.r * (d_in + d_out) + (d_out if cfg.method == "dora" else 0)
+            params += r * (d_in + d_out)
+        params += d_out if magnitudes else 0
     return params, modules
 
 
@@ -139,91 +120,32 @@ def check_adapter_fits(model: Any, cfg: RunConfig) -> None:
         )
 
 
-def _freeze_all_but(model: Any, keep: Any) -> None:
-    for name, param in model.named_parameters():
-        param.requires_grad_(bool(keep(name)))
-
-
-def _in_modules(name: str, modules: list[str]) -> bool:
-    return any(name.startswith(m + ".") or f".{m}." in f".{name}" for m in modules)
-
-
 def build_method_model(model: Any, cfg: RunConfig, head_modules: list[str], peft_task_type: str | None) -> Any:
-    """Wrap or freeze ``model`` for ``cfg.method``; returns the model to train (a PeftModel for adapters)."""
-    method = cfg.method
+    """Wrap or freeze ``model`` for ``cfg.method``; returns the model to train (a PeftModel for adapters).
+
+    LoRMA on a fused projection (GPT-2's ``c_attn``) adapts the parts the tuner's default names for the model type
+    (:data:`lorma.config.DEFAULT_FUSED_PARTS`): it is stated there only.
+    """
+    method = get_method(cfg.method)
     modules_to_save = cfg.modules_to_save if cfg.modules_to_save is not None else list(head_modules)
-    if method in ADAPTER_METHODS:
+    if method.peft_config is not None:
         from peft import get_peft_model
 
         targets = cfg.target_modules or default_target_modules(model)
         _check_targets(model, targets)
-        fused = None
-        if method in LORMA_INFLATION or method in LORMA_VARIANTS:
-            from lorma import DEFAULT_FUSED_PARTS, LormaConfig
-
-            inflation, variant = LORMA_VARIANTS.get(method, (LORMA_INFLATION.get(method), None))
-            if cfg.target_modules is None:
-                fused = DEFAULT_FUSED_PARTS.get(getattr(model.config, "model_type", ""))
-            options: dict[str, Any] = {}
-            r = cfg.r
-            if method == "adalorma":
-                budget = rank_budget(cfg)
-                r = budget.pop("init_r")
-                options, fused = budget, ({} if fused else None)  # AdaLoRMA adapts whole layers
-            try:
-                peft_config: Any = LormaConfig(
-                    r=r,
-                    alpha=cfg.alpha,
-                    inflation=inflation,
-                    side=cfg.side,
-                    dropout=cfg.dropout,
-                    target_modules=targets,
-                    modules_to_save=modules_to_save or None,
-                    fused_parts=fused,
-                    task_type=peft_task_type,
-                    variant=variant,
-                    **options,
-                )
-            except ValueError as err:
-                raise RecipeError(f"cannot build the {method} adapter: {err}") from None
-        elif method == "adalora":
-            from peft import AdaLoraConfig
-
-            peft_config = AdaLoraConfig(
-                lora_alpha=cfg.alpha,
-                lora_dropout=cfg.dropout,
-                target_modules=targets,
-                modules_to_save=modules_to_save or None,
-                task_type=peft_task_type,
-                **rank_budget(cfg),
-            )
-        else:
-            from peft import LoraConfig
-
-            peft_config = LoraConfig(
-                r=cfg.r,
-                lora_alpha=cfg.alpha,
-                lora_dropout=cfg.dropout,
-                target_modules=targets,
-                modules_to_save=modules_to_save or None,
-                use_dora=method == "dora",
-                task_type=peft_task_type,
-            )
+        settings = AdapterSettings(r=cfg.r, alpha=cfg.alpha, target_modules=targets, dropout=cfg.dropout,
+                                   modules_to_save=modules_to_save or None, task_type=peft_task_type,
+                                   options={"side": cfg.side} if "side" in method.options else {},
+                                   max_steps=int(cfg.training_arguments().get("max_steps", -1) or -1))
         try:
-            return get_peft_model(model, peft_config)
+            return get_peft_model(model, method.peft_config(settings))
         except ValueError as err:
-            raise RecipeError(f"cannot build the {method} adapter: {err}") from None
-    if method == "full":
-        _freeze_all_but(model, lambda name: True)
-    elif method == "bitfit":
-        # BitFit (Ben Zaken et al., 2022): biases only, plus the task head
-        _freeze_all_but(model, lambda name: name.endswith(".bias") or _in_modules(name, modules_to_save))
-    elif method == "head-only":
-        _freeze_all_but(model, lambda name: _in_modules(name, modules_to_save))
-    else:  # pragma: no cover - validated in config
-        raise RecipeError(f"unknown method '{method}'")
+            raise RecipeError(f"cannot build the {method.name} adapter: {err}") from None
+    assert method.trains is not None  # a method is an adapter or says which parameters train
+    for name, param in model.named_parameters():
+        param.requires_grad_(bool(method.trains(name, modules_to_save)))
     if not any(p.requires_grad for p in model.parameters()):
-        raise RecipeError(f"method {method} leaves no trainable parameter (head modules: {modules_to_save})")
+        raise RecipeError(f"method {method.name} leaves no trainable parameter (head modules: {modules_to_save})")
     return model
 
 

@@ -27,6 +27,7 @@ leaves nothing behind.
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 import shutil
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from lorma.errors import DataFormatError, InputError
-from lorma.fileio import AdvisoryLock, read_json, safetensors_problem, torch_file_problem
+from lorma.fileio import AdvisoryLock, read_json, read_jsonl, safetensors_problem, torch_file_problem
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
@@ -466,7 +467,8 @@ class RunTransaction:
 # --------------------------------------------------------------------------------------------------
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml_settings(path: Path) -> dict[str, Any]:
+    """A YAML mapping of settings (a run's ``config.yaml``); malformed YAML is an error naming file and line."""
     import yaml
 
     try:
@@ -483,7 +485,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 def read_run_config(run_dir: Path) -> dict[str, Any] | None:
     """The run's ``config.yaml`` (None when there is none)."""
     path = run_dir / CONFIG_FILE
-    return _read_yaml(path) if path.is_file() else None
+    return read_yaml_settings(path) if path.is_file() else None
 
 
 def _adapter_r(adapter_config: dict[str, Any]) -> Any:
@@ -521,6 +523,32 @@ class FinishedAdapter:
     run_dir: Path | None
 
 
+def compare_run_dir(compare_dir: Path, method: str, seed: int) -> Path:
+    """Where ``lorma compare`` puts the run of ``method`` with ``seed``: an ordinary run directory."""
+    return compare_dir / method / f"seed-{seed}"
+
+
+def compare_runs(compare_dir: Path) -> list[Path]:
+    """The run directories of a ``lorma compare`` output (those that wrote their config), sorted."""
+    return sorted(p.parent for p in compare_dir.glob(f"*/seed-*/{CONFIG_FILE}"))
+
+
+def missing_adapter_reason(path: Path) -> str:
+    """Why directory ``path`` holds no adapter, in words for a message (what it is instead, and what to do)."""
+    if (path / MODEL_DIR / "config.json").is_file():
+        return ("it is a run of a non-adapter method (full / bitfit / head-only): its model/ is already a plain "
+                "transformers model")
+    if (path / CONFIG_FILE).is_file():
+        scan = scan_checkpoints(path / CHECKPOINTS_DIR)
+        hint = f"; or use its last complete checkpoint, {scan.newest}" if scan.newest is not None else ""
+        return (f"the run has not finished (no {ADAPTER_DIR}/): `lorma train --resume --output-dir {path}` "
+                f"finishes it{hint}")
+    if (path / "config.json").is_file() and any((path / n).is_file() for n in (
+            "model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")):
+        return "it is a plain transformers model (a merged or base model), not a peft adapter directory"
+    return f"no {ADAPTER_CONFIG_FILE} (not a peft adapter directory)"
+
+
 def find_adapter(path: Path) -> FinishedAdapter:
     """The adapter of ``path``: an adapter directory itself, or a run directory with a finished ``adapter/``.
 
@@ -538,15 +566,47 @@ def find_adapter(path: Path) -> FinishedAdapter:
         config = check_adapter_dir(adapter)
         check_run_consistency(path, adapter, config)
         return FinishedAdapter(adapter, config, path)
-    if (path / MODEL_DIR / "config.json").is_file():
-        raise InputError(f"{path} is a run of a non-adapter method (full / bitfit / head-only): its model/ is "
-                         "already a plain transformers model")
-    if (path / CONFIG_FILE).is_file():
-        scan = scan_checkpoints(path / CHECKPOINTS_DIR)
-        hint = f"; or use its last complete checkpoint, {scan.newest}" if scan.newest is not None else ""
-        raise InputError(f"{path}: the run has not finished (no {ADAPTER_DIR}/): `lorma train --resume --output-dir "
-                         f"{path}` finishes it{hint}")
-    if (path / "config.json").is_file() and any((path / n).is_file() for n in ("model.safetensors",
-                                                                              "pytorch_model.bin")):
-        raise InputError(f"{path} is a plain (merged or base) transformers model, not a peft adapter directory")
-    raise InputError(f"{path}: no {ADAPTER_CONFIG_FILE} (not a peft adapter directory)")
+    raise InputError(f"{path}: {missing_adapter_reason(path)}")
+
+
+# --------------------------------------------------------------------------------------------------
+# The training-loss log
+# --------------------------------------------------------------------------------------------------
+
+
+def _loss_points(records: list[dict[str, Any]], where: Path) -> tuple[list[float], list[float]]:
+    """``(steps, losses)`` of the training-loss records among HF-style log records, sorted by step.
+
+    Evaluation and summary records are skipped; a later record for a step replaces an earlier one (a resumed
+    run may log some steps again).
+    """
+    by_step: dict[float, float] = {}
+    for rec in records:
+        loss = rec.get("loss", rec.get("train_loss_step"))
+        step = rec.get("step", rec.get("global_step"))
+        if loss is None or step is None or "eval_loss" in rec or "train_runtime" in rec:
+            continue
+        try:
+            by_step[float(step)] = float(loss)
+        except (TypeError, ValueError):
+            raise DataFormatError(where, None, f"step {step!r} / loss {loss!r} is not a number") from None
+    steps = sorted(by_step)
+    return steps, [by_step[s] for s in steps]
+
+
+def read_loss_log(path: Path) -> tuple[list[float], list[float]]:
+    """``(steps, losses)`` of the training loss logged in ``path``: this layout's :data:`LOSS_LOG`, another
+    tool's JSON Lines or CSV log (columns ``step`` and ``loss``), or a ``trainer_state.json`` (its
+    ``log_history``). A line torn by a kill at the end of a JSON Lines log is dropped; anything else malformed
+    is an error naming the file (and line)."""
+    if path.suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            if reader.fieldnames is None or not {"step", "loss"} <= set(reader.fieldnames):
+                raise DataFormatError(path, 1, f"expected columns 'step' and 'loss', got {reader.fieldnames}")
+            return _loss_points(list(reader), path)
+    if path.name == TRAINER_STATE_FILE:
+        state = read_json(path)
+        history = state.get("log_history") if isinstance(state, dict) else None
+        return _loss_points(history if isinstance(history, list) else [], path)
+    return _loss_points(read_jsonl(path), path)

@@ -29,11 +29,12 @@ from lorma.fileio import (
     directory_size,
     is_no_space,
     read_json,
-    read_jsonl,
     staged_directory,
     trim_jsonl,
 )
+from lorma.processes import is_main_process, world_size
 from lorma.recipes.config import ADAPTER_METHODS, RunConfig, dump_yaml
+from lorma.recipes.method_registry import get_method
 from lorma.recipes.rundir import (
     ADAPTER_DIR,
     CHECKPOINTS_DIR,
@@ -49,21 +50,12 @@ from lorma.recipes.rundir import (
     TUNING_DIR,
     RunTransaction,
     check_not_input,
+    read_loss_log,
     scan_checkpoints,
 )
 
 __all__ = ["LOSS_LOG", "RUN_FILES", "RUN_INFO_FILE", "is_main_process", "quiet_libraries", "read_loss_log",
            "run_training", "weights_digest", "world_size"]
-
-
-def world_size() -> int:
-    """Processes in this run (torchrun / accelerate set WORLD_SIZE)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_main_process() -> bool:
-    """Rank 0 (or a single process)."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def weights_digest(model: Any) -> str:
@@ -78,12 +70,6 @@ def weights_digest(model: Any) -> str:
         digest.update(name.encode())
         digest.update(tensor.float().contiguous().numpy().tobytes())
     return digest.hexdigest()
-
-
-def read_loss_log(path: str | os.PathLike) -> tuple[list[int], list[float]]:
-    """``(steps, losses)`` from a ``train_log.jsonl`` (a line torn by a kill is dropped)."""
-    records = read_jsonl(path)
-    return [int(r["step"]) for r in records], [float(r["loss"]) for r in records]
 
 
 def _loss_log_callback(path: Path) -> Any:
@@ -120,15 +106,11 @@ def _loss_log_callback(path: Path) -> Any:
 
 
 def _rank_callback(every: int, output_dir: Path, resume: bool) -> Any:
-    """issue 5's RankTrackingCallback (imported lazily: the analysis package is optional for training)."""
-    try:
-        from lorma.analysis.callback import RankTrackingCallback
-    except ImportError as err:
-        raise InputError(f"--track-rank needs lorma.analysis.callback, which cannot be imported ({err})") from None
-    try:
-        return RankTrackingCallback(every_n_steps=every, output_dir=str(output_dir), resume=resume)
-    except TypeError:  # an older signature without resume
-        return RankTrackingCallback(every_n_steps=every, output_dir=str(output_dir))
+    """The rank of every I(BA) during training (:class:`lorma.analysis.callback.RankTrackingCallback`; imported
+    here because it imports transformers)."""
+    from lorma.analysis.callback import RankTrackingCallback
+
+    return RankTrackingCallback(every_n_steps=every, output_dir=str(output_dir), resume=resume)
 
 
 def _training_arguments(cfg: RunConfig, out: Path, has_eval: bool, task: Any) -> Any:
@@ -142,7 +124,6 @@ def _training_arguments(cfg: RunConfig, out: Path, has_eval: bool, task: Any) ->
         kwargs["eval_strategy"] = "no" if by_steps else "epoch"
     if "save_strategy" not in cfg.training and not by_steps:
         kwargs["save_strategy"] = "epoch"
-    kwargs.setdefault("save_total_limit", 2)
     # Trainer hides its bars when transformers' log level is above WARN (we quiet its load-time chatter)
     kwargs.setdefault("disable_tqdm", False)
     if "report_to" in cfg.training and kwargs.get("report_to") is None:
@@ -305,15 +286,17 @@ def run_training(cfg: RunConfig, overwrite: bool = False, resume: bool = False,
     Ctrl-C and :class:`DiskFullError` for a full disk (the run can be resumed from its last complete
     checkpoint after either).
     """
-    from lorma.recipes.methods import RANK_BUDGET_METHODS, build_method_model, check_adapter_fits, count_parameters
+    from lorma.recipes.methods import build_method_model, check_adapter_fits, count_parameters
     from lorma.tasks.base import get_task
 
     main = is_main_process()
     txn = RunTransaction(cfg.output_dir, overwrite=overwrite, resume=resume, main_process=main,
                          keep=(TUNING_DIR,) if tuning else ())
     check_not_input(txn.final, run_inputs(cfg), replacing=overwrite)
-    if cfg.track_rank and not cfg.method.startswith("lorma-"):
-        raise InputError(f"--track-rank tracks the rank of LoRMA's I(BA); method {cfg.method} has none")
+    tracked = get_method(cfg.method)
+    if cfg.track_rank and (tracked.inflation is None or tracked.variant is not None):
+        raise InputError(f"--track-rank tracks the rank of LoRMA's I(BA) (methods lorma-plus, lorma-pi, lorma-none); "
+                         f"method {cfg.method} " + ("is a LoRMA variant" if tracked.variant else "has none"))
     task = get_task(cfg)
     task.check_inputs()
 
@@ -349,7 +332,7 @@ def run_training(cfg: RunConfig, overwrite: bool = False, resume: bool = False,
         callbacks = [loss_log, *task.callbacks()]
         if cfg.track_rank:
             callbacks.append(_rank_callback(cfg.track_rank, rank_log.parent, checkpoint is not None))
-        if cfg.method in RANK_BUDGET_METHODS:  # AdaLoRMA / AdaLoRA: prune to the rank budget after each step
+        if get_method(cfg.method).rank_budget:  # AdaLoRMA / AdaLoRA: prune to the rank budget after each step
             from lorma.callbacks import RankAllocationCallback
 
             callbacks.append(RankAllocationCallback())
@@ -428,7 +411,7 @@ def _train_and_save(cfg: RunConfig, txn: RunTransaction, trainer: Any, task: Any
     if is_main_process():
         steps_logged, losses = read_loss_log(out / LOSS_LOG) if (out / LOSS_LOG).exists() else ([], [])
         if len(steps_logged) >= 2:
-            from lorma.recipes.compare import loss_auc
+            from lorma.analysis.convergence import loss_auc
 
             metrics["loss_auc"] = float(loss_auc(steps_logged, losses))
         _save_model(cfg, out, model, tokenizer, task, base_fingerprint, whole)
@@ -484,7 +467,7 @@ def _save_model(cfg: RunConfig, out: Path, model: Any, tokenizer: Any, task: Any
         extra = {} if state_dict is None else {"state_dict": state_dict}
         model.save_pretrained(str(tmp), safe_serialization=True, **extra)
         tokenizer.save_pretrained(str(tmp))
-        if cfg.method.startswith("lorma-"):
+        if get_method(cfg.method).inflation is not None:  # a LoRMA adapter: say how to load it
             card = tmp / "README.md"
             atomic_write_text(card, (card.read_text(encoding="utf-8") if card.is_file() else "") + LOAD_NOTE)
         model_path = cfg.model

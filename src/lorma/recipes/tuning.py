@@ -38,11 +38,14 @@ from lorma.recipes.config import (
     RecipeError,
     RunConfig,
     method_family,
+    parse_scalar,
     validate_config,
 )
+from lorma.recipes.method_registry import get_method, method_names
 from lorma.recipes.rundir import TUNING_DIR
 
-LORMA_METHODS = ("lorma-plus", "lorma-pi", "lorma-none")
+# the methods with a LoRMA side to tune (LoRMA and its variants)
+LORMA_METHODS = tuple(name for name in method_names() if "side" in get_method(name).options)
 
 # Default candidate values per setting and method family ("adapter": LoRMA, LoRA, DoRA; "full"; "partial":
 # BitFit and head-only). The learning-rate grids bracket each family's default (config.DEFAULT_LEARNING_RATES)
@@ -107,10 +110,8 @@ def _grid_key(key: str) -> tuple[str | None, str]:
 
 def _grid_values(key: str, values: Any) -> list[Any]:
     """The candidate values of one grid entry: a list, or text ``"1e-4,3e-4"`` (numbers become numbers)."""
-    from lorma.recipes.commands import _scalar
-
     items = values.split(",") if isinstance(values, str) else values if isinstance(values, (list, tuple)) else [values]
-    parsed = [_scalar(v) if isinstance(v, str) else v for v in items if not (isinstance(v, str) and not v.strip())]
+    parsed = [parse_scalar(v) if isinstance(v, str) else v for v in items if not (isinstance(v, str) and not v.strip())]
     if not parsed:
         raise RecipeError(f"--grid {key}: no values")
     if len({json.dumps(v, default=str) for v in parsed}) != len(parsed):
@@ -249,7 +250,8 @@ def tune(cfg: RunConfig, methods: list[str], root: Path, task: Any, quiet: bool 
     """
     from tqdm.auto import tqdm
 
-    from lorma.recipes.train import is_main_process, run_training
+    from lorma.processes import is_main_process
+    from lorma.recipes.train import run_training
 
     if not getattr(task, "supports_validation", False):
         raise RecipeError(f"--tune needs a validation split; task '{task.name}' has none (classification tasks do)")
@@ -368,8 +370,9 @@ def tuning_summary(record: dict[str, Any]) -> str:
 def train_tuned(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
     """``lorma train --tune``: tune ``cfg.method`` (candidates in ``OUTPUT_DIR/tuning/``), then the final run in
     ``OUTPUT_DIR`` with the chosen values; its ``metrics.json`` keeps the tuning record under ``tuning``."""
+    from lorma.processes import is_main_process
     from lorma.recipes.rundir import RunTransaction, check_not_input
-    from lorma.recipes.train import is_main_process, run_inputs, run_training
+    from lorma.recipes.train import run_inputs, run_training
     from lorma.tasks.base import get_task
 
     # refuse what the final run would refuse (an existing run without --overwrite, ...) before any candidate

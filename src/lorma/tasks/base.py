@@ -2,7 +2,8 @@
 
 A task turns a :class:`lorma.recipes.config.RunConfig` into everything the trainer needs: the model
 (its transformers class), the datasets, the collator and the metrics. The recipes (train, compare,
-merge) are written against this interface only, so a new task works with every method and command.
+merge) are written against this interface only, so a new task works with every method and command. The
+config is handed in: nothing in ``lorma.tasks`` imports the recipes (which sit above the tasks).
 
 How to add a task (e.g. ``e2e`` generation with a causal LM):
 
@@ -11,7 +12,7 @@ How to add a task (e.g. ``e2e`` generation with a causal LM):
 2. Implement:
 
    - ``check_inputs()``: look at files and columns before anything heavy; raise
-     :class:`lorma.recipes.config.RecipeError` naming the file/line/column that is wrong.
+     :class:`lorma.errors.InputError` naming the file/line/column that is wrong.
    - ``load_model(tokenizer)``: the base model (e.g. ``AutoModelForCausalLM.from_pretrained``). Record in
      ``self.model_info`` what is needed to rebuild it for ``lorma merge`` (see :meth:`Task.model_info`).
    - ``build_datasets(tokenizer)``: ``(train_dataset, eval_dataset)``, tokenized; ``eval_dataset`` may be a
@@ -45,10 +46,10 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar
+from pathlib import Path
+from typing import Any, ClassVar
 
-if TYPE_CHECKING:
-    from lorma.recipes.config import RunConfig
+from lorma.errors import InputError
 
 _TASKS: dict[str, type[Task]] = {}
 _SCANNED = False
@@ -66,20 +67,18 @@ class Task:
     #: whether ``config.eval_on == "validation"`` is honoured (``--tune`` needs it)
     supports_validation: ClassVar[bool] = False
 
-    def __init__(self, name: str, config: RunConfig) -> None:
+    def __init__(self, name: str, config: Any) -> None:
         self.name = name
         self.config = config
         if getattr(config, "eval_on", "eval") == "validation" and not self.supports_validation:
-            from lorma.recipes.config import RecipeError
-
-            raise RecipeError(f"task '{name}' cannot evaluate on a validation split (eval_on / --tune): "
+            raise InputError(f"task '{name}' cannot evaluate on a validation split (eval_on / --tune): "
                               "it is supported by the classification tasks")
         #: facts about the built model that ``lorma merge`` needs to rebuild it (JSON-serialisable)
         self.model_info: dict[str, Any] = {}
 
     # --- must implement -------------------------------------------------------------------------------
     def check_inputs(self) -> None:
-        """Raise RecipeError naming the problem if data files, columns or labels are wrong. Cheap."""
+        """Raise InputError naming the problem if data files, columns or labels are wrong. Cheap."""
         raise NotImplementedError
 
     def load_model(self, tokenizer: Any) -> Any:
@@ -150,9 +149,7 @@ class Task:
     def loss_function(self) -> Callable[..., Any] | None:
         """A loss for Trainer's ``compute_loss_func``, or None for the model's own loss."""
         if getattr(self.config, "class_weights", None) is not None:
-            from lorma.recipes.config import RecipeError
-
-            raise RecipeError(f"--class-weights applies to classification; task '{self.name}' has no classes")
+            raise InputError(f"--class-weights applies to classification; task '{self.name}' has no classes")
         return None
 
     @classmethod
@@ -184,13 +181,12 @@ def _scan_task_modules() -> None:
     if _SCANNED:
         return
     _SCANNED = True
-    import lorma.tasks as package
-
-    for info in pkgutil.iter_modules(package.__path__):
-        if info.name in ("base",) or info.name.endswith("_cli"):
+    package = __name__.rpartition(".")[0]  # lorma.tasks, whose folder is this module's
+    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
+        if info.name == "base":
             continue
         try:
-            importlib.import_module(f"{package.__name__}.{info.name}")
+            importlib.import_module(f"{package}.{info.name}")
         except Exception as err:  # one broken task module must not take the other tasks down
             _BROKEN[info.name] = f"{type(err).__name__}: {err}"
 
@@ -202,17 +198,15 @@ def task_names() -> list[str]:
 
 
 def task_class(name: str) -> type[Task]:
-    """The Task class registered under ``name``; RecipeError listing the known names otherwise."""
-    from lorma.recipes.config import RecipeError
-
+    """The Task class registered under ``name``; InputError listing the known names otherwise."""
     if name not in _TASKS:
         _scan_task_modules()
     if name not in _TASKS:
         broken = "".join(f"; module lorma.tasks.{m} failed to import ({why})" for m, why in _BROKEN.items())
-        raise RecipeError(f"unknown task '{name}'; known tasks: {', '.join(sorted(_TASKS))}{broken}")
+        raise InputError(f"unknown task '{name}'; known tasks: {', '.join(sorted(_TASKS))}{broken}")
     return _TASKS[name]
 
 
-def get_task(config: RunConfig) -> Task:
+def get_task(config: Any) -> Task:
     """The Task object for ``config.task``."""
     return task_class(config.task)(config.task, config)

@@ -1,23 +1,9 @@
 """Chat / instruction tuning of a causal LM (``lorma train --task chat``): the model's own chat template, loss on
 the assistant's tokens only.
 
-Data (``--train-file``, optional ``--eval-file``; JSON Lines, a JSON list, or one object per line):
-
-* ``{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}``: a conversation of any
-  length; every assistant turn is a target;
-* ``{"prompt": "...", "response": "..."}`` (column names from ``task_options.prompt_column`` /
-  ``response_column``, optional ``system``): one user turn and one assistant turn.
-
-Masks: the conversation is rendered with the chat template turn by turn. For each assistant turn the prefix
-up to it is rendered with ``add_generation_prompt=True`` and the prefix including it without; the assistant's
-part is the difference (its text and the template's end-of-turn marker, so the model learns to stop). Each part
-is tokenized on its own (``add_special_tokens=False``, as ``apply_chat_template`` tokenizes), so that the tokens
-before an assistant turn are exactly those generation later sees. Labels are the ids on assistant parts and
--100 elsewhere: the system prompt, user turns and the template's role headers never count. A template whose
-rendering of a longer conversation does not extend the rendering of a shorter one (some templates drop earlier
-reasoning) cannot be masked this way and is refused with the record's line. trl's ``assistant_only_loss`` needs
-``{% generation %}`` markers in the template, which most published templates (SmolLM2's among them) lack; this
-way works with any template that renders conversations prefix by prefix.
+Data (``--train-file``, optional ``--eval-file``): conversations, read by :mod:`lorma.tasks.readers.chat`
+(``messages`` records, or prompt / response columns). Masks: :mod:`lorma.tasks.chat_template` renders each
+conversation with the model's chat template and labels the assistant turns only (every one of them).
 
 Evaluation, in ``metrics.json``: ``eval_loss_before_training`` / ``eval_perplexity_before_training`` (the model
 at step 0, computed when training starts) and ``eval_loss`` / ``eval_perplexity`` (after training). The loss is
@@ -33,154 +19,30 @@ row of concatenated conversations with per-conversation position ids, transforme
 (default 4; 0 for none), ``max_new_tokens`` (default 64), ``skip_bad``, ``gguf_file``. Length grouping is
 Trainer's own ``--training-arg group_by_length=true``.
 
-Real data offline: :func:`chatterbot_conversations` reads the English part of the ``chatterbot-corpus`` package
-(PyPI; BSD): ~900 distinct conversations after removing duplicates, 80 of them multi-turn. ``python -m
-lorma.tasks.chat DIR`` writes it as ``DIR/train.jsonl`` and ``DIR/test.jsonl``.
+``python -m lorma.tasks.chat DIR`` writes the chatterbot-corpus conversations (PyPI; BSD) as ``DIR/train.jsonl``
+and ``DIR/test.jsonl`` (:func:`lorma.tasks.readers.chat.write_chatterbot_jsonl`).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lorma.tasks.base import register_task
-from lorma.tasks.data_to_text import CausalLMGenerationTask
+from lorma.tasks.chat_template import encode_conversation, render_conversation, resolve_chat_template
 from lorma.tasks.decoding import DecodingConfig
-from lorma.tasks.readers import DataFormatError, ReadResult, _BadLine, _Collector, _iter_records, _read_text
+from lorma.tasks.generation import CausalLMGenerationTask
+from lorma.tasks.readers.chat import ChatExample, read_chat, write_chatterbot_jsonl
+from lorma.tasks.readers.records import DataFormatError, ReadResult
 
-__all__ = [
-    "BEFORE_TRAINING_FILE",
-    "ChatExample",
-    "ChatTask",
-    "SAMPLES_FILE",
-    "chatterbot_conversations",
-    "encode_conversation",
-    "heldout_nll",
-    "read_chat",
-    "resolve_chat_template",
-]
+__all__ = ["BEFORE_TRAINING_FILE", "SAMPLES_FILE", "ChatTask", "heldout_nll"]
 
-ROLES = ("system", "user", "assistant")
 #: where the step-0 evaluation is kept, in the run directory (read back on --resume)
 BEFORE_TRAINING_FILE = "eval_before_training.json"
 #: generated replies to held-out conversations, in the run directory
 SAMPLES_FILE = "chat_samples.jsonl"
-
-
-@dataclass(frozen=True)
-class ChatExample:
-    """One conversation: ``messages`` as ``{"role", "content"}`` dicts, and the file and line it starts on."""
-
-    messages: tuple[dict[str, str], ...]
-    line: int
-    path: str = ""
-
-
-def _messages_problem(messages: Any) -> str | None:
-    """What is wrong with a ``messages`` list, or None."""
-    if not isinstance(messages, list) or not messages:
-        return "'messages' must be a non-empty list of {'role', 'content'} objects"
-    for k, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-            return f"message {k} must be an object with a string 'content'"
-        if message.get("role") not in ROLES:
-            return f"message {k} has role {message.get('role')!r}; expected one of {', '.join(ROLES)}"
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
-        return "the conversation has no non-empty assistant turn to train on"
-    return None
-
-
-def read_chat(path: str | Path, skip_bad: bool = False, prompt_column: str = "prompt",
-              response_column: str = "response", system_column: str = "system") -> ReadResult[ChatExample]:
-    """Conversations from ``messages`` records or prompt/response records (see the module docstring)."""
-    p, text = _read_text(path)
-    col: _Collector[ChatExample] = _Collector(p, skip_bad)
-    for record, line in _iter_records(text, p):
-        if isinstance(record, _BadLine):
-            col.bad(line, record.problem)
-            continue
-        if not isinstance(record, dict):
-            col.bad(line, f"expected a JSON object, found {type(record).__name__}")
-            continue
-        if "messages" in record:
-            messages = record["messages"]
-        elif isinstance(record.get(prompt_column), str) and isinstance(record.get(response_column), str):
-            messages = [{"role": "user", "content": record[prompt_column]},
-                        {"role": "assistant", "content": record[response_column]}]
-            if isinstance(record.get(system_column), str) and record[system_column].strip():
-                messages.insert(0, {"role": "system", "content": record[system_column]})
-        else:
-            col.bad(line, f"a chat record needs 'messages', or string fields {prompt_column!r} and "
-                          f"{response_column!r}")
-            continue
-        problem = _messages_problem(messages)
-        if problem:
-            col.bad(line, problem)
-            continue
-        clean = tuple({"role": m["role"], "content": m["content"]} for m in messages)
-        col.result.items.append(ChatExample(clean, line, str(p)))
-    return col.result
-
-
-def resolve_chat_template(tokenizer: Any, given: str | None, model: str | None) -> None:
-    """Set ``tokenizer.chat_template`` from ``given`` (a file or the template text) or keep the model's own;
-    a one-line error when there is neither."""
-    from lorma.recipes.config import RecipeError
-
-    if given:
-        candidate = Path(given)
-        if "{" not in given and not candidate.is_file():
-            raise RecipeError(f"task_options.chat_template: no such file {given}")
-        tokenizer.chat_template = candidate.read_text(encoding="utf-8") if "{" not in given else given
-    if not getattr(tokenizer, "chat_template", None):
-        raise RecipeError(f"model {model} has no chat template; give one with --task-option chat_template=FILE "
-                          "(a Jinja file, e.g. the template of the model family it was trained from)")
-
-
-def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-
-
-def chat_segments(tokenizer: Any, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
-    """The rendered conversation cut into ``(text, is_assistant_part)`` pieces, in order (see the module
-    docstring); ValueError when the template does not render prefix by prefix."""
-    segments: list[tuple[str, bool]] = []
-    done = ""
-    for k, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = _render(tokenizer, messages[:k], True) if k else ""
-        with_turn = _render(tokenizer, messages[: k + 1], False)
-        if not before.startswith(done) or not with_turn.startswith(before):
-            raise ValueError("the chat template's rendering of a conversation does not extend the rendering of "
-                             f"its first {k} message(s); loss masks cannot be cut at assistant turn {k}")
-        if before != done:
-            segments.append((before[len(done):], False))
-        segments.append((with_turn[len(before):], True))
-        done = with_turn
-    full = _render(tokenizer, messages, False)
-    if not full.startswith(done):
-        raise ValueError("the chat template renders the whole conversation differently from its prefixes")
-    if full != done:
-        segments.append((full[len(done):], False))
-    return segments
-
-
-def encode_conversation(tokenizer: Any, messages: list[dict[str, str]], max_length: int) -> dict[str, list[int]]:
-    """``input_ids``, ``attention_mask`` and ``labels`` (ids on assistant parts, -100 elsewhere) of one
-    conversation, cut at ``max_length`` tokens."""
-    ids: list[int] = []
-    labels: list[int] = []
-    for text, is_assistant in chat_segments(tokenizer, messages):
-        part = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-        ids.extend(part)
-        labels.extend(part if is_assistant else [-100] * len(part))
-    ids, labels = ids[:max_length], labels[:max_length]
-    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 
 def heldout_nll(model: Any, dataset: Any, collator: Any, batch_size: int, description: str) -> dict[str, float]:
@@ -191,7 +53,7 @@ def heldout_nll(model: Any, dataset: Any, collator: Any, batch_size: int, descri
     import torch.nn.functional as F
     from tqdm.auto import tqdm
 
-    from lorma.recipes.train import is_main_process
+    from lorma.processes import is_main_process
 
     was_training = model.training
     model.eval()
@@ -220,54 +82,12 @@ def heldout_nll(model: Any, dataset: Any, collator: Any, batch_size: int, descri
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": float(count)}
 
 
-def chatterbot_conversations(language: str = "english") -> list[list[dict[str, str]]]:
-    """The conversations of the ``chatterbot-corpus`` package (``pip install --no-deps chatterbot-corpus``),
-    duplicates removed, turns alternating user / assistant (an unanswered last turn is dropped)."""
-    import importlib.util
-
-    import yaml
-
-    spec = importlib.util.find_spec("chatterbot_corpus")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("chatterbot-corpus is not installed: pip install --no-deps chatterbot-corpus")
-    folder = Path(next(iter(spec.submodule_search_locations))) / "data" / language
-    files = sorted(folder.glob("*.yml"))
-    if not files:
-        raise FileNotFoundError(f"no chatterbot-corpus files in {folder}")
-    seen: set[tuple[str, ...]] = set()
-    conversations: list[list[dict[str, str]]] = []
-    for file in files:
-        for turns in yaml.safe_load(file.read_text(encoding="utf-8")).get("conversations", []):
-            texts = tuple(str(t).strip() for t in turns)
-            texts = texts[: len(texts) // 2 * 2]
-            if not texts or not all(texts) or texts in seen:
-                continue
-            seen.add(texts)
-            conversations.append([{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(texts)])
-    return conversations
-
-
-def write_chatterbot_jsonl(folder: str | Path, test_fraction: float = 0.1, seed: int = 0) -> tuple[Path, Path]:
-    """``train.jsonl`` and ``test.jsonl`` of :func:`chatterbot_conversations` in ``folder`` (a seeded split)."""
-    from lorma.fileio import atomic_write_text
-
-    conversations = chatterbot_conversations()
-    random.Random(seed).shuffle(conversations)
-    n_test = max(1, round(len(conversations) * test_fraction))
-    out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = out / "train.jsonl", out / "test.jsonl"
-    for path, part in zip(paths, (conversations[n_test:], conversations[:n_test])):
-        atomic_write_text(path, "".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in part))
-    return paths
-
-
 def _before_training_callback(task: ChatTask) -> Any:
     """A TrainerCallback evaluating the held-out set at step 0 (on a resumed run: read back from the run)."""
     from transformers import TrainerCallback
 
     from lorma.fileio import atomic_write_json, read_json
-    from lorma.recipes.train import is_main_process
+    from lorma.processes import is_main_process
 
     class BeforeTraining(TrainerCallback):
         def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
@@ -337,27 +157,17 @@ class ChatTask(CausalLMGenerationTask):
         self.held_out = held_out
         return train, held_out
 
-    def _tokenize(self, tokenizer: Any, pairs: list[Any]) -> Any:
-        from lorma.tasks.data_to_text import _Pairs
+    def training_examples(self, items: list[ChatExample]) -> list[ChatExample]:
+        return items  # a conversation is one row, every assistant turn a target
 
-        cols = _Pairs([], [], [])
-        for example in pairs:
-            try:
-                enc = encode_conversation(tokenizer, list(example.messages), self.config.max_seq_length)
-            except ValueError as err:
-                raise self._error(f"{example.path}:{example.line}: {err}") from None
-            if not any(label != -100 for label in enc["labels"]):
-                continue  # every assistant token was cut by max_seq_length: nothing to learn from it
-            cols.input_ids.append(enc["input_ids"])
-            cols.attention_mask.append(enc["attention_mask"])
-            cols.labels.append(enc["labels"])
-        if not cols.input_ids:
-            raise self._error(f"no conversation keeps an assistant token within max_seq_length="
-                              f"{self.config.max_seq_length}")
-        return cols
-
-    def training_pairs(self, items: list[ChatExample]) -> list[ChatExample]:
-        return items  # conversations are tokenized whole by _tokenize
+    def encode_example(self, tokenizer: Any, example: ChatExample) -> dict[str, list[int]] | None:
+        try:
+            enc = encode_conversation(tokenizer, list(example.messages), self.config.max_seq_length)
+        except ValueError as err:
+            raise self._error(f"{example.path}:{example.line}: {err}") from None
+        if not any(label != -100 for label in enc["labels"]):
+            return None  # every assistant token was cut by max_seq_length: nothing to learn from it
+        return enc
 
     def data_collator(self, tokenizer: Any) -> Any:
         if self.options.get("packing"):
@@ -392,7 +202,7 @@ class ChatTask(CausalLMGenerationTask):
                         ) -> dict[str, float]:
         """Greedy replies to the last assistant turn of each held-out conversation, written as JSON lines."""
         from lorma.fileio import atomic_write_text
-        from lorma.recipes.train import is_main_process, world_size
+        from lorma.processes import is_main_process, world_size
         from lorma.tasks.decoding import generate_texts, merged_copy
 
         contexts, references = [], []
@@ -401,7 +211,7 @@ class ChatTask(CausalLMGenerationTask):
             last = max(k for k, m in enumerate(messages) if m["role"] == "assistant")
             contexts.append(messages[:last])
             references.append(messages[last]["content"])
-        prompts = [_render(tokenizer, c, True) for c in contexts]
+        prompts = [render_conversation(tokenizer, c, True) for c in contexts]
         # a sharded model stays as it is (every rank decodes the same greedy steps); one process merges a copy
         decoder = model if world_size() > 1 else merged_copy(model)
         replies = generate_texts(decoder, tokenizer, prompts, self.decoding(), progress=is_main_process(),

@@ -4,329 +4,47 @@ Data comes as a GLUE task folder (``train.tsv`` / ``dev.tsv`` with that task's o
 JSONL files with text, optional text-pair and label columns, or a saved HF dataset (``load_from_disk``).
 The 8 GLUE tasks are known by name, with the paper's metrics; other data gets accuracy and macro-F1
 (or Pearson / Spearman for regression). Everything about the files is checked before the model loads.
+
+The parts: :mod:`~lorma.tasks.glue` (the GLUE table), :mod:`~lorma.tasks.classification_data` (where the data comes
+from), :mod:`~lorma.tasks.readers.tabular` (CSV / TSV / JSONL), :mod:`~lorma.tasks.classification_labels` and
+:mod:`~lorma.tasks.classification_metrics`; this module is the task.
 """
 
 from __future__ import annotations
 
-import csv
-import functools
-import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lorma.recipes.config import RecipeError
+from lorma.errors import InputError
 from lorma.tasks.base import Task, register_task
-from lorma.tasks.readers import allow_large_csv_fields
+from lorma.tasks.classification_data import read_classification_data
+from lorma.tasks.classification_labels import check_labels, fit_model_labels, label_key, labels_of
+from lorma.tasks.classification_metrics import (
+    batched_metric,
+    classification_metrics,
+    collapse_facts,
+    weighted_cross_entropy,
+)
+from lorma.tasks.glue import GLUE_ALIASES, GLUE_TASKS, GlueSpec
+from lorma.tasks.readers.tabular import Examples, read_examples
 
-# A label set that looks like scores rather than classes: any fractional value, or more distinct integers than
-# this. Training a classifier on it is rarely meant; the user says which with --problem-type.
-MAX_INTEGER_CLASSES_UNASKED = 20
-
-
-@dataclass(frozen=True)
-class GlueSpec:
-    """Where a GLUE task's columns are in its TSV files, its labels and its metrics."""
-
-    text: str | int
-    pair: str | int | None
-    label: str | int
-    labels: tuple[str, ...] | None  # None: regression
-    metrics: tuple[str, ...]
-    has_header: bool = True
-    dev_files: dict[str, str] = field(default_factory=lambda: {"": "dev.tsv"})
-    # columns of the HF ``glue`` dataset (for saved HF datasets)
-    hf_columns: tuple[str, str | None] = ("sentence", None)
-    hf_eval_splits: dict[str, str] = field(default_factory=lambda: {"": "validation"})
-
-
-# Label orders follow the HF ``glue`` datasets, so that integer labels of a saved HF dataset mean the same.
-GLUE_TASKS: dict[str, GlueSpec] = {
-    # CoLA's TSVs have no header: source, label, original label, sentence
-    "cola": GlueSpec(3, None, 1, ("0", "1"), ("matthews_correlation",), has_header=False),
-    "sst2": GlueSpec("sentence", None, "label", ("0", "1"), ("accuracy",)),
-    "mrpc": GlueSpec("#1 String", "#2 String", "Quality", ("0", "1"), ("f1", "accuracy"),
-                     hf_columns=("sentence1", "sentence2")),
-    "qqp": GlueSpec("question1", "question2", "is_duplicate", ("0", "1"), ("f1", "accuracy"),
-                    hf_columns=("question1", "question2")),
-    "stsb": GlueSpec("sentence1", "sentence2", "score", None, ("pearson", "spearmanr"),
-                     hf_columns=("sentence1", "sentence2")),
-    "mnli": GlueSpec("sentence1", "sentence2", "gold_label", ("entailment", "neutral", "contradiction"),
-                     ("accuracy",), dev_files={"matched": "dev_matched.tsv", "mismatched": "dev_mismatched.tsv"},
-                     hf_columns=("premise", "hypothesis"),
-                     hf_eval_splits={"matched": "validation_matched", "mismatched": "validation_mismatched"}),
-    "qnli": GlueSpec("question", "sentence", "label", ("entailment", "not_entailment"), ("accuracy",),
-                     hf_columns=("question", "sentence")),
-    "rte": GlueSpec("sentence1", "sentence2", "label", ("entailment", "not_entailment"), ("accuracy",),
-                    hf_columns=("sentence1", "sentence2")),
-}
-GLUE_ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "mnli-m": "mnli"}
+# read_examples, classification_metrics, batched_metric and the GLUE table are re-exported: they were defined here
+# first, and tests and the verdicts import them from here
+__all__ = [
+    "GLUE_ALIASES",
+    "GLUE_TASKS",
+    "ClassificationTask",
+    "Examples",
+    "GlueSpec",
+    "batched_metric",
+    "classification_metrics",
+    "read_examples",
+]
 
 HEAD_NAMES = ("pre_classifier", "classifier", "score", "classification_head")
-
-
-@dataclass
-class Examples:
-    """Raw examples of one split: texts, optional pair texts, raw labels, and where each came from."""
-
-    source: str
-    texts: list[str] = field(default_factory=list)
-    pairs: list[str] | None = None
-    labels: list[Any] = field(default_factory=list)
-    lines: list[int] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-    def subset(self, index: list[int] | np.ndarray) -> Examples:
-        """The examples at ``index``, in that order."""
-        return Examples(
-            self.source,
-            [self.texts[i] for i in index],
-            None if self.pairs is None else [self.pairs[i] for i in index],
-            [self.labels[i] for i in index],
-            [self.lines[i] for i in index],
-        )
-
-
-def _missing_column(path: Path, column: str | int, header: list[str]) -> RecipeError:
-    if isinstance(column, int):
-        return RecipeError(f"{path}: has no column number {column} (rows have {len(header)} columns)")
-    return RecipeError(f"{path}: no column '{column}' (columns: {', '.join(header) or 'none'})")
-
-
-def _read_rows(
-    path: Path, columns: list[str | int], encoding: str, delimiter: str, has_header: bool, quoting: int
-) -> tuple[list[list[str]], list[int]]:
-    """Rows of a delimited file, restricted to ``columns`` (names or indices); errors name file and line."""
-    rows: list[list[str]] = []
-    lines: list[int] = []
-    allow_large_csv_fields()
-    start = 1  # the line a record starts on (a quoted field may span lines; reader.line_num is where it ends)
-    try:
-        with open(path, encoding=encoding, newline="") as fh:
-            reader = csv.reader(fh, delimiter=delimiter, quoting=quoting)
-            header: list[str] = []
-            if has_header:
-                header = next(reader, [])
-                start = reader.line_num + 1
-                if not header:
-                    raise RecipeError(f"{path}: empty file (expected a header line)")
-            index: list[int] = []
-            for column in columns:
-                if isinstance(column, int):
-                    index.append(column)
-                elif column in header:
-                    index.append(header.index(column))
-                else:
-                    raise _missing_column(path, column, header)
-            need = max(index) + 1
-            separator = "a comma" if delimiter == "," else "a tab"
-            for row in reader:
-                line, start = start, reader.line_num + 1
-                if not row or (len(row) == 1 and not row[0].strip()):
-                    continue
-                if header and len(row) != len(header):
-                    # more fields than the header: most often a text with an unquoted separator, which would
-                    # shift the label column; fewer: a truncated row. Either way the columns are not trustworthy.
-                    hint = (f" (a text containing {separator} must be in double quotes)"
-                            if len(row) > len(header) else "")
-                    raise RecipeError(f"{path}:{line}: row has {len(row)} fields, the header has {len(header)}{hint}")
-                if len(row) < need:
-                    raise RecipeError(f"{path}:{line}: row has {len(row)} fields, expected at least {need}")
-                rows.append([row[i] for i in index])
-                lines.append(line)
-    except UnicodeDecodeError as err:
-        raise RecipeError(f"{path}: not valid {encoding} text ({err.reason} at byte {err.start}); "
-                          "set --file-encoding") from None
-    except csv.Error as err:
-        raise RecipeError(f"{path}:{start}: malformed CSV ({err})") from None
-    return rows, lines
-
-
-def _read_jsonl(path: Path, columns: list[str], encoding: str) -> tuple[list[list[Any]], list[int]]:
-    """Rows of a JSONL file restricted to ``columns``; errors name file, line and key."""
-    rows: list[list[Any]] = []
-    lines: list[int] = []
-    try:
-        with open(path, encoding=encoding) as fh:
-            for number, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise RecipeError(f"{path}:{number}: invalid JSON ({err.msg})") from None
-                if not isinstance(record, dict):
-                    raise RecipeError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-                for column in columns:
-                    if column not in record:
-                        keys = ", ".join(record) or "none"
-                        raise RecipeError(f"{path}:{number}: no key '{column}' (keys: {keys})")
-                rows.append([record[c] for c in columns])
-                lines.append(number)
-    except UnicodeDecodeError as err:
-        raise RecipeError(f"{path}: not valid {encoding} text ({err.reason}); set --file-encoding") from None
-    return rows, lines
-
-
-def read_examples(
-    path: str | Path,
-    text: str | int,
-    pair: str | int | None,
-    label: str | int,
-    encoding: str = "utf-8",
-    has_header: bool = True,
-    glue_tsv: bool = False,
-) -> Examples:
-    """Read one data file (CSV, TSV, JSONL) into :class:`Examples`, checking columns and empty cells."""
-    p = Path(path)
-    if not p.is_file():
-        raise RecipeError(f"data file not found: {p}")
-    columns: list[str | int] = [text] + ([pair] if pair is not None else []) + [label]
-    suffix = p.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        rows, lines = _read_jsonl(p, [str(c) for c in columns], encoding)
-    elif suffix in (".csv", ".tsv", ".txt"):
-        delimiter = "," if suffix == ".csv" else "\t"
-        # GLUE's TSVs contain unbalanced quotes: they must be read without quote handling.
-        quoting = csv.QUOTE_NONE if glue_tsv else csv.QUOTE_MINIMAL
-        rows, lines = _read_rows(p, columns, encoding, delimiter, has_header, quoting)
-    else:
-        raise RecipeError(f"{p}: unknown data file type '{suffix}' (expected .csv, .tsv, .jsonl)")
-    if not rows:
-        raise RecipeError(f"{p}: no data rows")
-    out = Examples(str(p), pairs=[] if pair is not None else None)
-    names = ["text", "text pair", "label"] if pair is not None else ["text", "label"]
-    for row, line in zip(rows, lines):
-        for value, what, column in zip(row, names, columns):
-            if value is None or (isinstance(value, str) and not value.strip()):
-                raise RecipeError(f"{p}:{line}: empty {what} (column '{column}')")
-        out.texts.append(str(row[0]))
-        if out.pairs is not None:
-            out.pairs.append(str(row[1]))
-        out.labels.append(row[-1])
-        out.lines.append(line)
-    return out
-
-
-def _label_key(value: Any) -> str:
-    """Labels compare as strings, so 1 (JSON), "1" (CSV) and 1.0 mean the same class."""
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value).strip()
-
-
-def _sorted_labels(values: set[str]) -> list[str]:
-    """Labels in a stable order: numerically when all are integers, else alphabetically."""
-    try:
-        return sorted(values, key=int)
-    except ValueError:
-        return sorted(values)
-
-
-def _refuse_score_like_labels(source: str, labels: list[str]) -> None:
-    """Numeric labels with fractions, or too many distinct integers, look like regression targets: ask."""
-    try:
-        numbers = [float(label) for label in labels]
-    except ValueError:
-        return
-    fractional = [label for label, x in zip(labels, numbers) if not x.is_integer()]
-    if fractional or len(labels) > MAX_INTEGER_CLASSES_UNASKED:
-        shown = ", ".join((fractional or labels)[:4])
-        raise RecipeError(
-            f"{source}: the labels look like scores ({len(labels)} distinct numbers, e.g. {shown}): give "
-            "--problem-type regression to predict the number, or --problem-type classification to make each "
-            "value a class"
-        )
-
-
-def _is_default_label_names(id2label: dict[int, str]) -> bool:
-    return all(str(name) == f"LABEL_{int(i)}" for i, name in id2label.items())
-
-
-def classification_metrics(names: tuple[str, ...], predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """The named metrics, via scikit-learn / scipy."""
-    from scipy.stats import pearsonr, spearmanr
-    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, mean_squared_error
-
-    out: dict[str, float] = {}
-    for name in names:
-        if name == "accuracy":
-            out[name] = float(accuracy_score(labels, predictions))
-        elif name == "f1":
-            out[name] = float(f1_score(labels, predictions, zero_division=0))
-        elif name == "macro_f1":
-            out[name] = float(f1_score(labels, predictions, average="macro", zero_division=0))
-        elif name == "matthews_correlation":
-            out[name] = float(matthews_corrcoef(labels, predictions))
-        elif name in ("pearson", "spearmanr"):
-            # a constant prediction has no correlation: report nan rather than a warning and a guess
-            if np.ptp(predictions) == 0 or np.ptp(labels) == 0:
-                out[name] = math.nan
-            else:
-                stat = pearsonr if name == "pearson" else spearmanr
-                out[name] = float(stat(predictions, labels)[0])
-        elif name == "mse":
-            out[name] = float(mean_squared_error(labels, predictions))
-        else:  # pragma: no cover - names come from this module
-            raise ValueError(f"unknown metric {name}")
-    return out
-
-
-def batched_metric(name: str, predictions: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Metric ``name`` of every row of ``predictions`` / ``labels`` (arrays of shape ``(..., n)``) at once.
-
-    Written by hand because the bootstrap of ``lorma compare``'s verdicts scores thousands of resamples of the
-    eval set, and scikit-learn scores one at a time (about a millisecond each, with its input checks). Each
-    formula gives what :func:`classification_metrics` gives on one row (tests/test_verdicts.py checks them
-    against scikit-learn and scipy): macro-F1 averages over the classes present in the row's labels or
-    predictions, and an undefined F1 or Matthews correlation is 0, as scikit-learn's ``zero_division=0``.
-    """
-    predictions = np.asarray(predictions)
-    labels = np.asarray(labels)
-    if name == "accuracy":
-        return (predictions == labels).mean(axis=-1)
-    if name == "mse":
-        return ((predictions.astype(float) - labels) ** 2).mean(axis=-1)
-    if name in ("pearson", "spearmanr"):
-        if name == "spearmanr":
-            from scipy.stats import rankdata
-
-            predictions, labels = rankdata(predictions, axis=-1), rankdata(labels, axis=-1)
-        x = predictions - predictions.mean(axis=-1, keepdims=True)
-        y = labels - labels.mean(axis=-1, keepdims=True)
-        denominator = np.sqrt((x * x).sum(axis=-1) * (y * y).sum(axis=-1))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(denominator > 0, (x * y).sum(axis=-1) / denominator, np.nan)
-    if name not in ("macro_f1", "f1", "matthews_correlation"):
-        raise ValueError(f"no batched form of metric '{name}'")
-    classes = np.union1d(np.unique(predictions), np.unique(labels))
-    predicted = predictions[..., None] == classes  # (..., n, K)
-    true = labels[..., None] == classes
-    tp = (predicted & true).sum(axis=-2).astype(float)  # (..., K)
-    predicted_count = predicted.sum(axis=-2).astype(float)
-    true_count = true.sum(axis=-2).astype(float)
-    if name == "matthews_correlation":
-        total = float(predictions.shape[-1])
-        covariance = tp.sum(axis=-1) * total - (predicted_count * true_count).sum(axis=-1)
-        spread_predicted = total**2 - (predicted_count**2).sum(axis=-1)
-        spread_true = total**2 - (true_count**2).sum(axis=-1)
-        denominator = np.sqrt(spread_predicted * spread_true)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(denominator > 0, covariance / denominator, 0.0)
-    f1_denominator = predicted_count + true_count  # 2 tp + fp + fn
-    with np.errstate(invalid="ignore", divide="ignore"):
-        f1 = np.where(f1_denominator > 0, 2 * tp / f1_denominator, 0.0)
-    if name == "f1":  # binary, positive class 1 (scikit-learn's default pos_label)
-        positive = np.flatnonzero(classes == 1)
-        return f1[..., positive[0]] if positive.size else np.zeros(predictions.shape[:-1])
-    present = f1_denominator > 0
-    return f1.sum(axis=-1) / present.sum(axis=-1)
 
 
 @register_task("classification", *GLUE_TASKS)
@@ -355,147 +73,23 @@ class ClassificationTask(Task):
             return self.config.problem_type == "regression"
         return self.glue is not None and self.glue.labels is None
 
-    def _columns(self) -> tuple[str | int, str | int | None, str | int]:
-        cfg = self.config
-        if self.glue is not None and cfg.data is not None and cfg.train_file is None and self._data_is_glue_folder():
-            default = (self.glue.text, self.glue.pair, self.glue.label)
-        elif self.glue is not None:
-            default = (self.glue.hf_columns[0], self.glue.hf_columns[1], "label")
-        else:
-            default = ("text", None, "label")
-        return (
-            cfg.text_column if cfg.text_column is not None else default[0],
-            cfg.text_pair_column if cfg.text_pair_column is not None else default[1],
-            cfg.label_column if cfg.label_column is not None else default[2],
-        )
-
-    def _data_is_glue_folder(self) -> bool:
-        return self.config.data is not None and (Path(self.config.data) / "train.tsv").is_file()
-
-    def _read(self) -> tuple[Examples, dict[str, Callable[[], Examples]]]:
-        """The training examples, and a reader per eval set: the eval data is read only when asked for, so
-        that a run that evaluates on a validation split (``eval_on: validation``) never reads it."""
-        cfg = self.config
-        text, pair, label = self._columns()
-        if cfg.train_file is not None:
-            train = read_examples(cfg.train_file, text, pair, label, cfg.file_encoding)
-            if cfg.eval_file is None:
-                return train, {}
-            eval_file = cfg.eval_file
-            return train, {"": lambda: read_examples(eval_file, text, pair, label, cfg.file_encoding)}
-        if cfg.data is None:
-            raise RecipeError(
-                "no training data: give --train-file (CSV/TSV/JSONL) or --data (GLUE folder / HF dataset)"
-            )
-        folder = Path(cfg.data)
-        if not folder.exists():
-            raise RecipeError(f"data directory not found: {folder}")
-        if self._data_is_glue_folder():
-            glue = self.glue
-            has_header = glue.has_header if glue is not None else True
-            train = read_examples(folder / "train.tsv", text, pair, label, cfg.file_encoding, has_header, True)
-            dev_files = glue.dev_files if glue is not None else {"": "dev.tsv"}
-            evals: dict[str, Callable[[], Examples]] = {}
-            for key, name in dev_files.items():
-                if not (folder / name).is_file():
-                    raise RecipeError(f"{folder}: no {name} (the {self.name} dev set)")
-                evals[key] = functools.partial(read_examples, folder / name, text, pair, label, cfg.file_encoding,
-                                               has_header, True)
-            return train, evals
-        if (folder / "dataset_dict.json").is_file() or (folder / "dataset_info.json").is_file():
-            return self._read_hf(folder, text, pair, label)
-        raise RecipeError(
-            f"{folder}: neither a GLUE task folder (train.tsv) nor a saved HF dataset (dataset_dict.json)"
-        )
-
-    def _read_hf(
-        self, folder: Path, text: str | int, pair: str | int | None, label: str | int
-    ) -> tuple[Examples, dict[str, Callable[[], Examples]]]:
-        from datasets import Dataset, DatasetDict, load_from_disk
-
-        try:
-            loaded = load_from_disk(str(folder))
-        except Exception as err:  # datasets raises several types for a broken folder
-            raise RecipeError(f"{folder}: cannot load the saved HF dataset ({err})") from None
-        if isinstance(loaded, Dataset):
-            loaded = DatasetDict({"train": loaded})
-        if "train" not in loaded:
-            raise RecipeError(f"{folder}: the saved dataset has no 'train' split (splits: {', '.join(loaded)})")
-        if self.glue is not None and all(s in loaded for s in self.glue.hf_eval_splits.values()):
-            eval_splits = dict(self.glue.hf_eval_splits)
-        else:
-            found = [s for s in ("validation", "dev", "eval", "test") if s in loaded]
-            eval_splits = {"": found[0]} if found else {}
-
-        def convert(split: str) -> Examples:
-            ds = loaded[split]
-            where = f"{folder} split '{split}'"
-            columns = [text] + ([pair] if pair is not None else []) + [label]
-            for column in columns:
-                if column not in ds.column_names:
-                    raise RecipeError(f"{where}: no column '{column}' (columns: {', '.join(ds.column_names)})")
-            feature = ds.features[label]
-            names = getattr(feature, "names", None)
-            raw = ds[label]
-            labels = [names[v] if names is not None and isinstance(v, int) and v >= 0 else v for v in raw]
-            if names is None and self.glue is not None and self.glue.labels is not None:
-                labels = [self.glue.labels[v] if isinstance(v, int) and 0 <= v < len(self.glue.labels) else v
-                          for v in labels]
-            out = Examples(where, [str(t) for t in ds[text]], None if pair is None else [str(t) for t in ds[pair]],
-                           labels, list(range(len(ds))))
-            # GLUE test splits carry label -1: unusable for training or evaluation
-            for i, value in enumerate(raw):
-                if value is None or (isinstance(value, int) and value < 0):
-                    raise RecipeError(f"{where}: row {i} has no label ({value!r})")
-            return out
-
-        return convert("train"), {key: functools.partial(convert, split) for key, split in eval_splits.items()}
-
-    def _labels_of(self, train: Examples) -> list[str] | None:
-        if self.regression:
-            return None
-        if self.glue is not None and self.glue.labels is not None:
-            return list(self.glue.labels)
-        labels = _sorted_labels({_label_key(v) for v in train.labels})
-        if self.config.problem_type is None:
-            _refuse_score_like_labels(train.source, labels)
-        return labels
-
-    def _check_labels(self, examples: Examples) -> None:
-        if self.label_names is None:
-            for value, line in zip(examples.labels, examples.lines):
-                try:
-                    number = float(value)
-                except (TypeError, ValueError):
-                    number = math.nan
-                if not math.isfinite(number):
-                    raise RecipeError(f"{examples.source}:{line}: regression label {value!r} is not a finite number")
-            return
-        known = set(self.label_names)
-        for value, line in zip(examples.labels, examples.lines):
-            if _label_key(value) not in known:
-                raise RecipeError(
-                    f"{examples.source}:{line}: label {value!r} is not one of the task's labels "
-                    f"({', '.join(self.label_names)})"
-                )
-
     def check_inputs(self) -> None:
         """Read and check all data (files, columns, labels) and the model's label set, before any training."""
         cfg = self.config
         if cfg.model is None:
-            raise RecipeError("no model: give --model (a local directory or a hub name)")
+            raise InputError("no model: give --model (a local directory or a hub name)")
         if cfg.eval_file is not None and cfg.train_file is None:
-            raise RecipeError("--eval-file needs --train-file")
-        train, eval_readers = self._read()
+            raise InputError("--eval-file needs --train-file")
+        train, eval_readers = read_classification_data(self.config, self.name, self.glue)
         on_validation = cfg.eval_on == "validation"
         evals = {} if on_validation else {key: read() for key, read in eval_readers.items()}
-        self.label_names = self._labels_of(train)
-        self._check_labels(train)
+        self.label_names = labels_of(train, self.regression, self.glue, cfg.problem_type)
+        check_labels(train, self.label_names)
         for examples in evals.values():
-            self._check_labels(examples)
+            check_labels(examples, self.label_names)
         if self.label_names is not None and len(self.label_names) < 2:
-            raise RecipeError(f"{train.source}: only one label ({self.label_names[0]}): nothing to classify")
-        self._check_model_labels()
+            raise InputError(f"{train.source}: only one label ({self.label_names[0]}): nothing to classify")
+        self.label_names = fit_model_labels(cfg.model, self.label_names)
         rng = np.random.default_rng(cfg.split_seed)
         if not eval_readers:
             train, held_out = self._split(train, rng, cfg.eval_split)
@@ -523,62 +117,19 @@ class ClassificationTask(Task):
         index = np.arange(len(train))
         stratify = None
         if self.label_names is not None:
-            keys = [_label_key(v) for v in train.labels]
+            keys = [label_key(v) for v in train.labels]
             counts = {k: keys.count(k) for k in set(keys)}
             n_held = math.ceil(fraction * len(train))
             if min(counts.values()) >= 2 and len(counts) <= min(n_held, len(train) - n_held):
                 stratify = keys
         if len(train) < 4:
-            raise RecipeError(
+            raise InputError(
                 f"{train.source}: {len(train)} rows are too few to hold out an eval or validation set; "
                 "give --eval-file or more data"
             )
         fit, held = train_test_split(index, test_size=fraction, stratify=stratify,
                                      random_state=int(rng.integers(2**31 - 1)))
         return train.subset(np.sort(fit)), train.subset(np.sort(held))
-
-    def _model_id2label(self) -> dict[int, str]:
-        """The model's ``id2label``: from a local ``config.json`` as plain JSON (no transformers import, so that
-        bad data is reported at once), else through transformers' ``AutoConfig`` (hub names)."""
-        local = Path(self.config.model) / "config.json"
-        if local.is_file():
-            from lorma.fileio import read_json
-
-            raw = read_json(local)
-            raw = raw.get("id2label") if isinstance(raw, dict) else None
-        elif Path(self.config.model).is_dir():
-            raise RecipeError(f"cannot load model '{self.config.model}': no config.json in that directory")
-        else:
-            from transformers import AutoConfig
-
-            try:
-                raw = getattr(AutoConfig.from_pretrained(self.config.model), "id2label", None)
-            except (OSError, ValueError) as err:
-                first_line = str(err).strip().splitlines()[0]
-                raise RecipeError(f"cannot load the model config of '{self.config.model}': {first_line}") from None
-        try:
-            return {int(k): str(v) for k, v in (raw or {}).items()}
-        except (AttributeError, TypeError, ValueError):
-            raise RecipeError(f"model '{self.config.model}': its config's id2label is not a mapping of ids to "
-                              "labels") from None
-
-    def _check_model_labels(self) -> None:
-        """The data's labels must fit the model's labels when the model already has a trained head."""
-        id2label = self._model_id2label()
-        if not id2label or _is_default_label_names(id2label):
-            return
-        if self.label_names is None:
-            if len(id2label) != 1:
-                raise RecipeError(f"model '{self.config.model}' has {len(id2label)} labels "
-                                  f"({', '.join(id2label.values())}); a regression task needs 1")
-            return
-        if set(id2label.values()) != set(self.label_names):
-            raise RecipeError(
-                f"the data's labels ({', '.join(self.label_names)}) do not fit the labels of model "
-                f"'{self.config.model}' ({', '.join(id2label[i] for i in sorted(id2label))})"
-            )
-        # keep the model's own order so that its trained head keeps meaning the same classes
-        self.label_names = [id2label[i] for i in sorted(id2label)]
 
     # --- model --------------------------------------------------------------------------------------
     def _model_kwargs(self) -> dict[str, Any]:
@@ -603,7 +154,7 @@ class ClassificationTask(Task):
                 self.config.model, output_loading_info=True, **kwargs
             )
         except (OSError, ValueError) as err:
-            raise RecipeError(f"cannot load model '{self.config.model}': {str(err).splitlines()[0]}") from None
+            raise InputError(f"cannot load model '{self.config.model}': {str(err).splitlines()[0]}") from None
         if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
             model.config.pad_token_id = tokenizer.pad_token_id
         self._head = self._find_head(model, info.get("missing_keys", []))
@@ -633,7 +184,7 @@ class ClassificationTask(Task):
         if not names:
             names = {n for n in HEAD_NAMES if hasattr(model, n)}
         if not names:
-            raise RecipeError(f"cannot find the classification head of {type(model).__name__}; "
+            raise InputError(f"cannot find the classification head of {type(model).__name__}; "
                               "name it with --modules-to-save")
         return sorted(names)
 
@@ -663,7 +214,7 @@ class ClassificationTask(Task):
         shown = "; ".join(f"{key} is {tuple(theirs)} there but {tuple(ours)} here"
                           for key, theirs, ours in sorted(info.get("mismatched_keys", []), reverse=True)[:3])
         what = f"{len(labels)} labels ({', '.join(labels)})" if labels is not None else "a regression head"
-        raise RecipeError(f"base model '{model_path}' has a task head of another size than the adapter's, made for "
+        raise InputError(f"base model '{model_path}' has a task head of another size than the adapter's, made for "
                           f"{what} ({shown}); merge into the base model the adapter was trained on")
 
     # --- datasets -----------------------------------------------------------------------------------
@@ -674,7 +225,7 @@ class ClassificationTask(Task):
             labels: list[Any] = [float(v) for v in examples.labels]
         else:
             index = {name: i for i, name in enumerate(self.label_names)}
-            labels = [index[_label_key(v)] for v in examples.labels]
+            labels = [index[label_key(v)] for v in examples.labels]
         columns: dict[str, list[Any]] = {"text": examples.texts, "labels": labels}
         if examples.pairs is not None:
             columns["text_pair"] = examples.pairs
@@ -754,52 +305,19 @@ class ClassificationTask(Task):
         return {key: {"predictions": predictions.tolist(), "labels": labels.tolist()}
                 for key, (predictions, labels) in self._eval_outputs.items()}
 
-    def collapse_report(self) -> dict[str, Any] | None:
-        """Whether the final evaluation collapsed: one class for every input (or a macro-F1 no better than always
-        predicting the training data's majority class); for regression, (nearly) one value for every input.
+    def _train_ids(self) -> np.ndarray:
+        """The training rows' class ids (classification only)."""
+        assert self.label_names is not None and self._train is not None
+        index = {name: i for i, name in enumerate(self.label_names)}
+        return np.array([index[label_key(v)] for v in self._train.labels])
 
-        Returns ``None`` before an evaluation. Per eval set: the predicted class counts, macro-F1 against the
-        majority baseline's, the majority class and its share of the training rows (the facts the advice in
-        :mod:`lorma.recipes.collapse` is built from).
-        """
+    def collapse_report(self) -> dict[str, Any] | None:
+        """Whether the final evaluation collapsed (:func:`~lorma.tasks.classification_metrics.collapse_facts`);
+        ``None`` before an evaluation."""
         if not self._eval_outputs or self._train is None:
             return None
-        if self.label_names is None:
-            sets: dict[str, Any] = {}
-            for key, (predictions, labels) in self._eval_outputs.items():
-                spread, label_spread = float(np.std(predictions)), float(np.std(labels))
-                # "constant": the predictions vary by less than 1% of the labels' spread
-                sets[key or "eval"] = {"rows": int(labels.size), "prediction_std": spread, "label_std": label_spread,
-                                       "constant": bool(spread <= 0.01 * label_spread)}
-            constant = any(info["constant"] for info in sets.values())
-            return {"problem_type": "regression", "predicts_constant": constant, "collapsed": constant, "sets": sets}
-        index = {name: i for i, name in enumerate(self.label_names)}
-        train_ids = np.array([index[_label_key(v)] for v in self._train.labels])
-        train_counts = np.bincount(train_ids, minlength=len(self.label_names))
-        majority = int(train_counts.argmax())
-        sets = {}
-        for key, (predictions, labels) in self._eval_outputs.items():
-            predicted = np.bincount(predictions.astype(int), minlength=len(self.label_names))
-            macro_f1 = classification_metrics(("macro_f1",), predictions, labels)["macro_f1"]
-            majority_f1 = classification_metrics(("macro_f1",), np.full_like(labels, majority), labels)["macro_f1"]
-            sets[key or "eval"] = {
-                "rows": int(labels.size),
-                "predicted_classes": {self.label_names[i]: int(c) for i, c in enumerate(predicted) if c},
-                "single_class": bool(np.count_nonzero(predicted) == 1),
-                "macro_f1": macro_f1,
-                "majority_macro_f1": majority_f1,
-                "no_better_than_majority": bool(macro_f1 <= majority_f1 + 1e-12),
-            }
-        single = any(info["single_class"] for info in sets.values())
-        return {
-            "problem_type": "classification",
-            "predicts_single_class": single,
-            "collapsed": single or any(info["no_better_than_majority"] for info in sets.values()),
-            "majority_class": self.label_names[majority],
-            "majority_share": float(train_counts[majority] / train_counts.sum()),
-            "classes": len(self.label_names),
-            "sets": sets,
-        }
+        train_ids = self._train_ids() if self.label_names is not None else None
+        return collapse_facts(self.label_names, train_ids, self._eval_outputs)
 
     def loss_function(self) -> Callable[..., Any] | None:
         """With ``class_weights: balanced``, a cross-entropy that weighs class c by n / (K n_c) on this run's
@@ -808,45 +326,28 @@ class ClassificationTask(Task):
         if self.config.class_weights is None:
             return None
         if self.label_names is None:
-            raise RecipeError("--class-weights applies to classification; this task is regression")
+            raise InputError("--class-weights applies to classification; this task is regression")
         if self._train is None:
             self.check_inputs()
-        assert self._train is not None
-        import torch
         from sklearn.utils.class_weight import compute_class_weight
 
-        index = {name: i for i, name in enumerate(self.label_names)}
-        train_ids = np.array([index[_label_key(v)] for v in self._train.labels])
+        train_ids = self._train_ids()
         present = np.unique(train_ids)
         weights = np.ones(len(self.label_names))  # a class without training rows is never a target
         weights[present] = compute_class_weight("balanced", classes=present, y=train_ids)
         self.class_weights = {name: float(w) for name, w in zip(self.label_names, weights)}
-        weight = torch.tensor(weights, dtype=torch.float32)
         smoothing = float(self.config.training.get("label_smoothing_factor", 0.0) or 0.0)
-
-        def weighted_cross_entropy(outputs: Any, labels: Any, num_items_in_batch: Any = None) -> Any:
-            logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-            losses = torch.nn.functional.cross_entropy(
-                logits.float(), labels, weight=weight.to(logits.device), reduction="none", label_smoothing=smoothing
-            )
-            # Trainer treats a compute_loss_func loss as already normalised over the accumulated batch: divide the
-            # sum by the number of examples in it (the balanced weights average 1 over the training rows)
-            if num_items_in_batch is None:
-                return losses.mean()
-            return losses.sum() / num_items_in_batch
-
-        return weighted_cross_entropy
+        return weighted_cross_entropy(weights, smoothing)
 
     def baseline_metrics(self) -> dict[str, float] | None:
         """Always predicting the training data's most frequent label, scored on the eval data."""
         if self.label_names is None or self._train is None or self._eval is None:
             return None
         index = {name: i for i, name in enumerate(self.label_names)}
-        train_ids = np.array([index[_label_key(v)] for v in self._train.labels])
-        majority = int(np.bincount(train_ids, minlength=len(self.label_names)).argmax())
+        majority = int(np.bincount(self._train_ids(), minlength=len(self.label_names)).argmax())
         out: dict[str, float] = {}
         for key, examples in self._eval.items():
-            ids = np.array([index[_label_key(v)] for v in examples.labels])
+            ids = np.array([index[label_key(v)] for v in examples.labels])
             prefix = f"eval_{key}_" if key else "eval_"
             scores = classification_metrics(self.metric_names, np.full_like(ids, majority), ids)
             out.update({prefix + k: v for k, v in scores.items()})

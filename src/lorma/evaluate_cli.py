@@ -102,7 +102,7 @@ def evaluate_files(
     For data-to-text tasks, what the scorer needs (Java for the official one) is checked before the files
     are read.
     """
-    from lorma.tasks.math_reasoning import score_math
+    from lorma.tasks.math_answers import score_math
     from lorma.tasks.nlg_metrics import check_scoring_setup, score_data_to_text
     from lorma.tasks.readers import read_predictions
 
@@ -119,14 +119,14 @@ def evaluate_files(
 
 def run(args: argparse.Namespace) -> int:
     """The ``evaluate`` command: print the scores (and write them with ``--output``)."""
-    from lorma.cli import LormaCLIError
+    from lorma.errors import InputError
     from lorma.tasks.nlg_java import JavaUnavailableError, OfficialScorerError
     from lorma.tasks.nlg_metrics import MetricDataError, WordNetUnavailableError, scorer_label
     from lorma.tasks.readers import DataFormatError
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
     if args.task in ("gsm8k", "math") and metrics:
-        raise LormaCLIError(f"--metrics does not apply to {args.task} (its score is accuracy)")
+        raise InputError(f"--metrics does not apply to {args.task} (its score is accuracy)")
     out_path = Path(args.output) if args.output else None
     if out_path is not None:
         from lorma.recipes.rundir import check_not_input
@@ -134,14 +134,14 @@ def run(args: argparse.Namespace) -> int:
         check_not_input(out_path, {"--predictions": args.predictions, "--references": args.references},
                         replacing=False, flag="--output")
     if out_path is not None and out_path.exists() and not args.overwrite:
-        raise LormaCLIError(f"{out_path} already exists (pass --overwrite to replace it)")
+        raise InputError(f"{out_path} already exists (pass --overwrite to replace it)")
     label = None if args.task in ("gsm8k", "math") else scorer_label(args.task, args.scorer)
     try:
         scores, note = evaluate_files(args.task, args.predictions, args.references, metrics, args.skip_bad,
                                       args.scorer)
     except (DataFormatError, MetricDataError, WordNetUnavailableError, JavaUnavailableError, OfficialScorerError,
             ValueError) as err:
-        raise LormaCLIError(str(err)) from None
+        raise InputError(str(err)) from None
     if note:
         print(note)
     if label:

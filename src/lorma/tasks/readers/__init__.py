@@ -1,0 +1,46 @@
+"""Readers of the tasks' data files, one module per family, with file-and-line errors and ``skip_bad``.
+
+- :mod:`~lorma.tasks.readers.records`: what every reader shares (:class:`ReadResult`, the ``skip_bad``
+  collector, JSON records with line numbers, the csv field limit); start here to read a new format.
+- :mod:`~lorma.tasks.readers.data_to_text`: E2E, DART, WebNLG.
+- :mod:`~lorma.tasks.readers.math_problems`: GSM8K, MATH, MetaMathQA.
+- :mod:`~lorma.tasks.readers.chat`: conversations for ``--task chat`` (``messages``, or prompt / response).
+- :mod:`~lorma.tasks.readers.plain`: predictions, blank-line reference groups, sniffing a file's format.
+
+The public names of all of them are importable from this package.
+"""
+
+from lorma.tasks.math_answers import boxed_answer, gsm8k_answer
+from lorma.tasks.readers.data_to_text import (
+    DataToTextExample,
+    linearize_triples,
+    read_dart,
+    read_data_to_text,
+    read_e2e,
+    read_webnlg,
+)
+from lorma.tasks.readers.math_problems import MathExample, read_gsm8k, read_math, read_math_eval, read_metamathqa
+from lorma.tasks.readers.plain import read_predictions, read_reference_groups, sniff_format
+from lorma.tasks.readers.records import DataFormatError, ReadResult, allow_large_csv_fields
+
+__all__ = [
+    "DataFormatError",
+    "DataToTextExample",
+    "MathExample",
+    "ReadResult",
+    "allow_large_csv_fields",
+    "boxed_answer",
+    "gsm8k_answer",
+    "linearize_triples",
+    "read_dart",
+    "read_data_to_text",
+    "read_e2e",
+    "read_gsm8k",
+    "read_math",
+    "read_math_eval",
+    "read_metamathqa",
+    "read_predictions",
+    "read_reference_groups",
+    "read_webnlg",
+    "sniff_format",
+]
