@@ -73,6 +73,9 @@ class Inflation:
     exact_lora_export: ClassVar[bool] = False
     #: ``add_weighted_adapter`` combination types that stay exact in this inflation (``combine``)
     combination_types: ClassVar[tuple[str, ...]] = ()
+    #: ``I(M) = I + s M``: the product is an additive update of the identity, so its rank is the product's and
+    #: cutting rank-one terms of it (AdaLoRMA's pruning, DyLoRMA's truncation) keeps the identity at zero
+    identity_plus_low_rank: ClassVar[bool] = False
 
     def __init__(
         self, max_dense_bytes: int | None = DEFAULT_MAX_DENSE_BYTES, fft_chunk_bytes: int = DEFAULT_FFT_CHUNK_BYTES

@@ -36,6 +36,7 @@ class PlusInflation(Inflation):
 
     name = "plus"
     exact_lora_export = True
+    identity_plus_low_rank = True
     combination_types = ("linear", "product")
 
     def initialize(self, A: torch.Tensor, B: torch.Tensor, scaling: float) -> None:

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..inflations.base import get_inflation
 from .base import AdaptedLayer, LormaVariant, PairSlice
 
 # peft's AdaLoRA initialisation of P and Q
@@ -44,7 +45,7 @@ SVD_INIT_STD = 0.02
 def check_config(config: Any) -> None:
     """AdaLoRMA's ``LormaConfig`` fields, checked before any module is built (``ValueError`` naming the field)."""
     where = "LormaConfig (variant='adalorma')"
-    if config.inflation != "plus":
+    if not get_inflation(config.inflation).identity_plus_low_rank:
         raise ValueError(
             f"{where}: AdaLoRMA needs inflation='plus', got {config.inflation!r}: its SVD form I + s P diag(lambda) Q "
             "is an additive low-rank update of I, and the pi inflation rotates the rows of the product, so lambda "
@@ -84,7 +85,7 @@ class AdaLormaVariant(LormaVariant):
     def init(self, layer: AdaptedLayer, adapter: str, init_weights: bool) -> None:
         """``P``, ``Q`` from ``N(0, 0.02^2)``, ``lambda = 0`` (``init_weights=False``: ``lambda`` random too)."""
         where = f"module {layer.module_name!r}"
-        if self.inflation.name != "plus":
+        if not self.inflation.identity_plus_low_rank:
             raise ValueError(f"{where}: AdaLoRMA needs the plus inflation (an SVD form), got {self.inflation.name!r}")
         if layer.fused[adapter] is not None:
             raise ValueError(

@@ -24,13 +24,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..inflations.base import get_inflation
 from .base import AdaptedLayer, LormaVariant, PairSlice
 
 
 def check_config(config: Any) -> None:
     """DyLoRMA's ``LormaConfig`` fields, checked before any module is built (``ValueError`` naming the field)."""
     where = "LormaConfig (variant='dylorma')"
-    if config.inflation != "plus":
+    if not get_inflation(config.inflation).identity_plus_low_rank:
         raise ValueError(
             f"{where}: DyLoRMA needs inflation='plus', got {config.inflation!r}: a truncated {config.inflation} "
             "transform with DyLoRA's alpha / b scaling is not the identity at init"
@@ -61,7 +62,7 @@ class DyLormaVariant(LormaVariant):
         self.inference_rank = config.inference_rank
 
     def init(self, layer: AdaptedLayer, adapter: str, init_weights: bool) -> None:
-        if self.inflation.name != "plus":
+        if not self.inflation.identity_plus_low_rank:
             raise ValueError(
                 f"module {layer.module_name!r}: DyLoRMA needs the plus inflation, got {self.inflation.name!r}"
             )
