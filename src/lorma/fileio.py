@@ -177,12 +177,12 @@ def append_jsonl(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
         raise
 
 
-def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The records of a JSON Lines log. A malformed *last* line (torn by a kill) is dropped; any other is an
-    error naming the file and line."""
+def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, record)`` for each record of a JSON Lines log, so that a reader checking the records' fields
+    can name the line. A malformed *last* line (torn by a kill) is dropped; any other is an error naming the file
+    and line."""
     p = Path(path)
     lines = p.read_text(encoding="utf-8").splitlines()
-    records: list[dict[str, Any]] = []
     last = max((i for i, line in enumerate(lines, start=1) if line.strip()), default=0)
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -191,12 +191,16 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
             record = json.loads(line)
         except json.JSONDecodeError as err:
             if number == last:
-                break
+                return
             raise DataFormatError(p, number, f"not a JSON line ({err.msg})") from None
         if not isinstance(record, dict):
             raise DataFormatError(p, number, f"expected a JSON object, got {type(record).__name__}")
-        records.append(record)
-    return records
+        yield number, record
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of a JSON Lines log (:func:`iter_jsonl`)."""
+    return [record for _, record in iter_jsonl(path)]
 
 
 def trim_jsonl(path: str | os.PathLike[str], keep: Callable[[dict[str, Any]], bool]) -> int:

@@ -18,7 +18,6 @@ which :func:`read_rank_log` skips).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -26,7 +25,8 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from lorma.fileio import dumps_json, strict_json
+from lorma.errors import DataFormatError
+from lorma.fileio import dumps_json, iter_jsonl, strict_json
 from lorma.recipes.rundir import RANK_LOG
 
 from .matrices import sv_summary
@@ -164,21 +164,11 @@ def read_rank_log(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     A run resumed from a checkpoint logs some steps again: for each (step, module, part, adapter) the
     last record wins, and the result is sorted by step.
     """
-    path = Path(path)
-    lines = path.read_text(encoding="utf-8").splitlines()
     records: list[dict[str, Any]] = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as err:
-            if number == len(lines):
-                break
-            raise ValueError(f"{path}:{number}: not a JSON line ({err.msg})") from err
+    for number, rec in iter_jsonl(path):
         missing = [k for k in ("step", "module", "rank") if k not in rec]
         if missing:
-            raise ValueError(f"{path}:{number}: record lacks {', '.join(missing)}")
+            raise DataFormatError(path, number, f"record lacks {', '.join(missing)}")
         for key in ("sigma_max", "sigma_min", "cond", "tol", "rtol", "sigma_median"):
             if isinstance(rec.get(key), str):
                 rec[key] = float(rec[key])
