@@ -32,6 +32,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 
+from ..class_registry import ClassRegistry
 from ..functional import (
     Pair,
     Side,
@@ -190,28 +191,18 @@ class Inflation:
 
 
 # ---------------------------------------------------------------------------------------------- the registry
-_INFLATIONS: dict[str, type[Inflation]] = {}
+_REGISTRY: ClassRegistry[Inflation] = ClassRegistry(Inflation, "inflation")
+_INFLATIONS = _REGISTRY.classes  # name -> class
 
 
 def register_inflation(cls: type[Inflation]) -> type[Inflation]:
     """Make ``LormaConfig(inflation=cls.name)`` use ``cls`` (a class decorator); names are unique."""
-    if not (isinstance(cls, type) and issubclass(cls, Inflation)):
-        raise TypeError(f"register_inflation takes an Inflation subclass, got {cls!r}")
-    if not cls.name or not isinstance(cls.name, str):
-        raise ValueError(f"{cls.__name__} has no name: set the class attribute `name`")
-    known = _INFLATIONS.get(cls.name)
-    # the same class defined again (a module re-imported or reloaded) replaces itself; another class may not
-    if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
-        raise ValueError(
-            f"an inflation named {cls.name!r} is already registered ({known.__module__}.{known.__qualname__})"
-        )
-    _INFLATIONS[cls.name] = cls
-    return cls
+    return _REGISTRY.register(cls)
 
 
 def inflation_names() -> tuple[str, ...]:
     """The registered inflations' names, in registration order."""
-    return tuple(_INFLATIONS)
+    return _REGISTRY.names()
 
 
 def get_inflation(name: str) -> type[Inflation]:

@@ -9,33 +9,24 @@ docs/variants.md describes and measures them, docs/extending.md shows how a vari
 
 from __future__ import annotations
 
+from ..class_registry import ClassRegistry
 from .adalorma import AdaLormaVariant
 from .base import AdaptedLayer, LormaVariant
 from .dorma import DormaVariant
 from .dylorma import DyLormaVariant
 
-_VARIANTS: dict[str, type[LormaVariant]] = {}
+_REGISTRY: ClassRegistry[LormaVariant] = ClassRegistry(LormaVariant, "variant")
+_VARIANTS = _REGISTRY.classes  # name -> class
 
 
 def register_variant(cls: type[LormaVariant]) -> type[LormaVariant]:
     """Make ``LormaConfig(variant=cls.name)`` use ``cls`` (a class decorator); names are unique."""
-    if not (isinstance(cls, type) and issubclass(cls, LormaVariant)) or cls is LormaVariant:
-        raise TypeError(f"register_variant takes a LormaVariant subclass, got {cls!r}")
-    if not cls.name or not isinstance(cls.name, str):
-        raise ValueError(f"{cls.__name__} has no name: set the class attribute `name`")
-    known = _VARIANTS.get(cls.name)
-    # the same class defined again (a module re-imported or reloaded) replaces itself; another class may not
-    if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
-        raise ValueError(
-            f"a variant named {cls.name!r} is already registered ({known.__module__}.{known.__qualname__})"
-        )
-    _VARIANTS[cls.name] = cls
-    return cls
+    return _REGISTRY.register(cls)
 
 
 def variant_names() -> tuple[str, ...]:
     """The registered variants' names, in registration order."""
-    return tuple(_VARIANTS)
+    return _REGISTRY.names()
 
 
 def get_variant(name: str | None) -> type[LormaVariant]:
