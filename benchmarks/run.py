@@ -151,6 +151,10 @@ def make_plan(args: argparse.Namespace) -> Plan:
         overrides["layer_dims"] = tuple(args.layer_dims)
     if args.layer_tokens is not None:
         overrides["layer_tokens"] = args.layer_tokens
+    if args.smollm2_shape is not None:
+        if min(args.smollm2_shape) < 1:
+            raise SystemExit(f"--smollm2-shape: batch and sequence length must be >= 1, got {args.smollm2_shape}")
+        overrides["smollm2_shape"] = tuple(args.smollm2_shape)
     plan = replace(plan, **overrides)
     if plan.min_rounds < 2 or plan.max_rounds < plan.min_rounds or plan.memory_rounds < 1:
         raise SystemExit("need 2 <= --min-rounds <= --max-rounds and --memory-rounds >= 1 (one round has no interval)")
@@ -637,6 +641,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--memory-rounds", type=int, default=None, help="rounds of peak-memory measurement")
     parser.add_argument("--layer-dims", type=int, nargs="+", default=None, help="d of the single-layer sweep")
     parser.add_argument("--layer-tokens", type=int, default=None, help="tokens of the single-layer sweep")
+    parser.add_argument("--smollm2-shape", type=int, nargs=2, default=None, metavar=("BATCH", "SEQ"),
+                        help="SmolLM2's batch: sequences and tokens per sequence (default 2 64); the cost of pi's "
+                             "dense transforms against LoRA's step falls as tokens grow (BENCHMARKS.md)")
     parser.add_argument("--skip", nargs="*", default=[], help=f"sections to skip, of {' '.join(SECTIONS)}")
     return parser.parse_args(argv)
 

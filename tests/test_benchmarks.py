@@ -383,6 +383,10 @@ def test_quick_mode_is_one_model_with_fewer_rounds(tmp_path) -> None:
         R.make_plan(R.parse_args(["--skip", "smolm2"]))
     with pytest.raises(SystemExit, match="min-rounds"):
         R.make_plan(R.parse_args(["--min-rounds", "1"]))
+    assert quick.smollm2_shape == (2, 64)
+    assert R.make_plan(R.parse_args(["--quick", "--smollm2-shape", "4", "512"])).smollm2_shape == (4, 512)
+    with pytest.raises(SystemExit, match="smollm2-shape"):
+        R.make_plan(R.parse_args(["--smollm2-shape", "0", "64"]))
     makefile = (Path(__file__).parents[1] / "Makefile").read_text()
     assert re.search(r"^bench-quick:.*\n\t.*-m benchmarks\.run --quick$", makefile, re.M)
     assert re.search(r"^bench:.*\n\t.*-m benchmarks\.run$", makefile, re.M)
