@@ -151,6 +151,7 @@ def layer_workload(d: int, tokens: int) -> Workload:
 
 # ------------------------------------------------------------------ methods
 R, ALPHA = 8, 16
+NOMINAL_STEPS = 1000
 # LoRMA's sides; "auto": per module the smaller transform (lorma.config.cheaper_side), "pre" on square layers
 SIDES = LORMA_SIDES
 
@@ -215,8 +216,10 @@ def build_method(work: Workload, method: str) -> nn.Module:
     if spec.peft_config is None:
         raise ValueError(f"method {method!r} is not an adapter: the benchmarks compare adapters")
     fused = {k: {"num_parts": v[0], "parts": v[1]} for k, v in (work.fused_parts or {}).items()} or None
+    # a rank budget (AdaLoRMA, AdaLoRA) needs a schedule to be built; a step's cost does not depend on it
     settings = AdapterSettings(r=R, alpha=ALPHA, target_modules=targets, options=options,
-                               fused_parts=fused if spec.inflation else None, fan_in_fan_out=bool(work.fused_parts))
+                               fused_parts=fused if spec.inflation else None, fan_in_fan_out=bool(work.fused_parts),
+                               max_steps=NOMINAL_STEPS)
     return peft.get_peft_model(model, spec.peft_config(settings))
 
 

@@ -6,7 +6,8 @@ Cases: ``plus`` (pre side) and ``pi`` (post side) with the decoder layers wrappe
 ``pi-per-linear``: pre-side pi with every adapted ``nn.Linear`` wrapped on its own, so that the frozen weight is
 sharded whenever LoRMA reads it outside the linear's forward (the pi weight fold), as under DeepSpeed ZeRO-3.
 ``zero3-plus`` / ``zero3-pi``: DeepSpeed ZeRO-3 on its CPU accelerator (gloo), every parameter partitioned
-(persistence threshold 0), LoRMA layers marked as ZeRO-3 leaf modules by :func:`lorma.sharding.prepare_zero3`.
+(persistence threshold 0), nothing marked: DeepSpeed gathers ``A``, ``B`` and a base weight read outside its own
+module's forward as external parameters (see :mod:`lorma.sharding`).
 """
 
 from __future__ import annotations
@@ -68,9 +69,6 @@ def run_case(case: str, out: Path, rank: int, world: int) -> None:
     if world > 1 and spec["wrap"] == "zero3":
         import deepspeed
 
-        from lorma.sharding import prepare_zero3
-
-        prepare_zero3(model)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config={
             "train_micro_batch_size_per_gpu": rows, "gradient_accumulation_steps": 1, "train_batch_size": BATCH,

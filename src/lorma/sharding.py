@@ -3,13 +3,18 @@
 ZeRO-3 keeps only this rank's partition of a parameter (its ``.data`` is empty) except around the forward (and
 backward) of the module that owns it, where DeepSpeed's hooks gather it. A LoRMA layer holds ``A`` and ``B`` in
 ``ParameterDict`` children whose forward never runs, and reads the frozen ``base_layer.weight`` outside the base
-layer's own forward (the pi / none weight fold, the fused post-side correction, merging). So the LoRMA layers are
-marked as ZeRO-3 leaf modules (:func:`prepare_zero3`: the whole layer is gathered around its own forward), the
-reads go through :func:`full_weight`, and merging into a sharded weight is refused (:func:`refuse_sharded_write`:
-merge the saved adapter in one process). FSDP2 (``fully_shard``) unshards every parameter of a wrapped block for
-that block's forward, so with the decoder layers wrapped (``configs/distributed/fsdp.yaml``) the forward reads
-plain tensors; a base layer wrapped on its own, or a parameter outside a forward (saving, a digest), is a
-``DTensor`` that :func:`full_weight` / :func:`full_tensor` gather. Every gather is a collective: all ranks call
+layer's own forward (the pi / none weight fold, the fused post-side correction). DeepSpeed covers both: its
+parameter dictionaries notice a parameter read during another module's forward and gather it as an *external*
+parameter of that module (``register_external_parameter``), for the forward and again for the backward. Nothing
+is marked. (Marking the LoRMA layers as ZeRO-3 *leaf* modules, ``set_z3_leaf_modules``, was tried and made
+training fail on size-0 tensors, for peft's LoRA layers as much as for LoRMA's: DeepSpeed 0.19.8, CPU.) Reads
+outside any forward (saving, a digest) go through :func:`full_weight` / :func:`full_tensor`, and merging into a
+sharded weight is refused (:func:`refuse_sharded_write`: merge the saved adapter in one process).
+
+FSDP2 (``fully_shard``) unshards every parameter of a wrapped block for that block's forward, so with the decoder
+layers wrapped (``configs/distributed/fsdp.yaml``) the forward reads plain tensors; a base layer wrapped on its
+own, or a parameter outside a forward (saving, a digest), is a ``DTensor`` that :func:`full_weight` /
+:func:`full_tensor` gather. Every gather is a collective: all ranks call
 these functions in the same order.
 
 Nothing here imports DeepSpeed unless a parameter is a DeepSpeed one, so the module is free to import.
@@ -21,7 +26,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["full_tensor", "full_weight", "is_sharded", "model_is_sharded", "prepare_zero3", "refuse_sharded_write",
+__all__ = ["full_tensor", "full_weight", "is_sharded", "model_is_sharded", "refuse_sharded_write",
            "trainable_state_dict"]
 
 
@@ -47,23 +52,6 @@ def model_is_sharded(model: torch.nn.Module) -> bool:
     return any(is_sharded(p) for p in model.parameters())
 
 
-def prepare_zero3(model: torch.nn.Module) -> int:
-    """Mark every LoRMA layer as a ZeRO-3 *leaf* module (DeepSpeed's ``set_z3_leaf_modules``); returns how many.
-
-    ZeRO-3 gathers a module's own parameters around its forward. A LoRMA layer keeps ``A`` and ``B`` in
-    ``ParameterDict`` children whose forward never runs, and reads the base weight outside the base layer's
-    forward (the pi / none weight fold, the fused post-side correction); as a leaf, the whole layer (base weight,
-    bias, ``A``, ``B``) is gathered around the LoRMA layer's forward and again for its backward. Call it before
-    ``deepspeed.initialize`` (HF Trainer calls that in ``train``); harmless without DeepSpeed ZeRO-3.
-    """
-    from deepspeed.utils import set_z3_leaf_modules
-
-    # a LoRMA layer by its peft adapter names, not by class: lorma.layer imports this module (it sits below it)
-    classes = sorted({type(m) for m in model.modules() if "lorma_A" in getattr(type(m), "adapter_layer_names", ())},
-                     key=lambda c: c.__name__)
-    return len(set_z3_leaf_modules(model, classes, raise_if_not_found=False)) if classes else 0
-
-
 def full_tensor(param: torch.Tensor) -> torch.Tensor:
     """The whole value of ``param``, detached (a copy when it had to be gathered; collective then)."""
     if _is_dtensor(param):
@@ -80,7 +68,7 @@ def full_weight(weight: torch.Tensor) -> torch.Tensor:
     """A frozen weight to compute with, whole.
 
     A plain weight, one FSDP2 has unsharded for the block's forward, or a ZeRO-3 weight DeepSpeed has gathered
-    (a LoRMA layer marked by :func:`prepare_zero3`, inside its forward or backward) is returned as it is, so that
+    (read inside a forward or backward: DeepSpeed fetches it as an external parameter) is returned as it is, so
     autograd keeps the parameter itself. An FSDP2 ``DTensor`` (a base layer wrapped on its own) is gathered with
     ``full_tensor``, a differentiable collective; a partitioned ZeRO-3 weight outside a forward is gathered and
     copied.

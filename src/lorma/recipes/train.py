@@ -311,10 +311,6 @@ def run_training(cfg: RunConfig, overwrite: bool = False, resume: bool = False,
         base_fingerprint = model_fingerprint(base.config)
         check_adapter_fits(base, cfg)
         model = build_method_model(base, cfg, task.head_module_names(base), task.peft_task_type)
-        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":  # accelerate launch, DeepSpeed
-            from lorma.sharding import prepare_zero3
-
-            prepare_zero3(model)  # LoRMA layers gathered whole around their forward under ZeRO-3
         trainable, total = count_parameters(model)
         train_ds, eval_ds = task.build_datasets(tokenizer)
         args = _training_arguments(cfg, txn.work, eval_ds is not None, task)
