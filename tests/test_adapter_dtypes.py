@@ -158,3 +158,27 @@ def test_half_adapters_on_gpt2_fused_c_attn(tiny_gpt2) -> None:
     with torch.no_grad():
         out = layer(x)
     assert (out.double() - expected).abs().max().item() <= 30 * EPS[torch.bfloat16] * expected.abs().max().item()
+
+
+@pytest.mark.parametrize("inflation", ["pi", "none"])
+def test_training_step_under_cpu_bf16_autocast(inflation: str) -> None:
+    """Trainer's ``bf16=True`` on a CPU (Accelerate's mixed precision) runs forward and backward under autocast.
+    The dense transform's recomputing backward gets a bf16 gradient and rebuilds ``M`` in float32: the step must
+    run and give the gradients of the plain (saved-``M``) graph under the same autocast, to bf16's precision."""
+    from lorma.functional import apply_dense_recomputed
+
+    torch.manual_seed(0)
+    d, r, n = 24, 4, 10
+    A = (0.3 * torch.randn(r, d)).requires_grad_()
+    B = (0.3 * torch.randn(d, r)).requires_grad_()
+    h = torch.randn(n, d, requires_grad=True)
+    build = {"pi": lambda a, b: torch.eye(d) + 0.5 * (b @ a).roll(1, dims=1), "none": lambda a, b: b @ a}[inflation]
+    grads = []
+    for recompute in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = apply_dense_recomputed(h, A, B, build) if recompute else torch.nn.functional.linear(h, build(A, B))
+        assert y.dtype == torch.bfloat16
+        grads.append(torch.autograd.grad(y.float().square().sum(), (h, A, B)))
+    for got, want, x in zip(grads[0], grads[1], (h, A, B)):
+        assert got.dtype == x.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)

@@ -262,12 +262,15 @@ class _DenseRecomputed(torch.autograd.Function):
         with torch.enable_grad():
             A_, B_ = A.detach().requires_grad_(A.requires_grad), B.detach().requires_grad_(B.requires_grad)
             M = ctx.build(A_, B_)
-        grad_h = grad_out @ M.detach() if ctx.needs_input_grad[0] else None
+        # Under autocast the forward's F.linear ran in the autocast dtype (bf16 / fp16), so grad_out has that dtype,
+        # while M is rebuilt here, where autocast is off, in the adapter's float32: the products below take
+        # grad_out's dtype, as autocast's own linear backward would, and each gradient leaves in its input's dtype
+        grad_h = (grad_out @ M.detach().to(grad_out.dtype)).to(h.dtype) if ctx.needs_input_grad[0] else None
         grad_A = grad_B = None
         wanted = [t for t, need in ((A_, ctx.needs_input_grad[1]), (B_, ctx.needs_input_grad[2])) if need]
         if wanted:
             g2 = grad_out.reshape(-1, grad_out.shape[-1])
-            grad_M = g2.T @ h.reshape(-1, h.shape[-1]).to(g2.dtype)  # dL/dM of y = h M^T
+            grad_M = (g2.T @ h.reshape(-1, h.shape[-1]).to(g2.dtype)).to(M.dtype)  # dL/dM of y = h M^T
             grads = torch.autograd.grad(M, wanted, grad_M)
             it = iter(grads)
             grad_A = next(it) if ctx.needs_input_grad[1] else None

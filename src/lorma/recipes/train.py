@@ -135,6 +135,8 @@ def _training_arguments(cfg: RunConfig, out: Path, has_eval: bool, task: Any) ->
             kwargs["report_to"] = ["tensorboard"]
         except ImportError:
             kwargs["report_to"] = "none"
+    if not task.loss_divides_by_item_count:  # a mean loss: no x N processes rescaling (tasks.base.Task)
+        kwargs.setdefault("average_tokens_across_devices", False)
     if task.metric_for_best_model and "metric_for_best_model" not in cfg.training:
         kwargs["metric_for_best_model"] = task.metric_for_best_model
         kwargs["greater_is_better"] = task.greater_is_better
@@ -143,7 +145,8 @@ def _training_arguments(cfg: RunConfig, out: Path, has_eval: bool, task: Any) ->
     if not torch.cuda.is_available():
         if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
             raise InputError("accelerate enables FSDP on GPUs only: on this CPU-only machine the FSDP config would "
-                             "silently run DDP; launch with configs/distributed/ddp.yaml --cpu instead")
+                             "silently run DDP; launch with configs/distributed/ddp.yaml instead (without --cpu, "
+                             "which makes accelerate start a single process)")
         kwargs.setdefault("dataloader_pin_memory", False)  # pinning needs an accelerator; avoids a warning
         if world_size() > 1:
             # accelerate treats a CPU-only multi-process run as distributed only when told it is on the CPU

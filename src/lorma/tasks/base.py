@@ -66,6 +66,12 @@ class Task:
     greater_is_better: ClassVar[bool] = True
     #: whether ``config.eval_on == "validation"`` is honoured (``--tune`` needs it)
     supports_validation: ClassVar[bool] = False
+    #: whether the model's own loss divides by Trainer's ``num_items_in_batch`` (a causal LM's does). Trainer
+    #: (transformers 5) passes that count to any model whose forward takes ``**kwargs`` and multiplies the loss by
+    #: the number of processes, expecting a sum over the global count; a loss that is a plain mean (sequence
+    #: classification) then comes out N times too large under N processes, in training (N times the step) and
+    #: in eval_loss. Tasks whose loss is a mean set this False, and training turns that averaging off.
+    loss_divides_by_item_count: ClassVar[bool] = True
 
     def __init__(self, name: str, config: Any) -> None:
         self.name = name

@@ -52,6 +52,7 @@ class ClassificationTask(Task):
     """GLUE-style sequence classification / regression with ``AutoModelForSequenceClassification``."""
 
     peft_task_type = "SEQ_CLS"
+    loss_divides_by_item_count = False  # BERT-style heads average their cross-entropy (see Task)
     supports_validation = True
 
     def __init__(self, name: str, config: Any) -> None:
