@@ -36,3 +36,17 @@ def test_two_processes_train_one_model(tmp_path: Path) -> None:
     # the initial weights were the same on both ranks too, and the run really moved them
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4]
+    # the losses are those of one process training on the same global batch (2 x 4 = 8), not N times them:
+    # transformers 5 rescales a loss by the number of processes, which a mean loss must opt out of
+    # (tasks.base.Task.loss_divides_by_item_count); dropout draws differ, so equal within a tolerance
+    one = tmp_path / "one"
+    single = cmd[cmd.index("train") - 1 :]
+    single[single.index("--output-dir") + 1] = str(one)
+    single[single.index("--per-device-train-batch-size") + 1] = "8"
+    result = subprocess.run(single, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    alone = json.loads((one / "metrics.json").read_text())
+    assert alone["world_size"] == 1
+    assert metrics["eval"]["eval_loss"] == pytest.approx(alone["eval"]["eval_loss"], rel=0.15)
+    first_alone = json.loads((one / "train_log.jsonl").read_text().splitlines()[0])["loss"]
+    assert log[0]["loss"] == pytest.approx(first_alone, rel=0.15)
