@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorma.tasks.readers.records import BadLine, Collector, ReadResult, iter_records, read_text
+from lorma.tasks.readers.records import Collector, ReadResult, iter_objects, read_text
 
 __all__ = ["ROLES", "ChatExample", "chatterbot_conversations", "read_chat", "write_chatterbot_jsonl"]
 
@@ -53,13 +53,7 @@ def read_chat(path: str | Path, skip_bad: bool = False, prompt_column: str = "pr
     """Conversations from ``messages`` records or prompt/response records (see the module docstring)."""
     p, text = read_text(path)
     col: Collector[ChatExample] = Collector(p, skip_bad)
-    for record, line in iter_records(text, p):
-        if isinstance(record, BadLine):
-            col.bad(line, record.problem)
-            continue
-        if not isinstance(record, dict):
-            col.bad(line, f"expected a JSON object, found {type(record).__name__}")
-            continue
+    for record, line in iter_objects(text, p, col):
         if "messages" in record:
             messages = record["messages"]
         elif isinstance(record.get(prompt_column), str) and isinstance(record.get(response_column), str):

@@ -15,13 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorma.tasks.readers.records import (
-    BadLine,
     Collector,
     DataFormatError,
     LineIndex,
     ReadResult,
     allow_large_csv_fields,
-    iter_records,
+    iter_objects,
     object_member_array,
     read_text,
 )
@@ -137,13 +136,7 @@ def read_dart(path: str | Path, skip_bad: bool = False) -> ReadResult[DataToText
     """Read DART: a JSON list of records with ``tripleset`` and ``annotations``."""
     p, text = read_text(path)
     col: Collector[DataToTextExample] = Collector(p, skip_bad)
-    for record, line in iter_records(text, p):
-        if isinstance(record, BadLine):
-            col.bad(line, record.problem)
-            continue
-        if not isinstance(record, dict):
-            col.bad(line, f"expected a JSON object, found {type(record).__name__}")
-            continue
+    for record, line in iter_objects(text, p, col):
         tripleset = record.get("tripleset")
         if not isinstance(tripleset, list) or not tripleset:
             col.bad(line, "'tripleset' must be a non-empty list of [subject, predicate, object]")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorma.tasks.math_answers import boxed_answer, gsm8k_answer
-from lorma.tasks.readers.records import BadLine, Collector, ReadResult, iter_records, read_text, str_field
+from lorma.tasks.readers.records import Collector, ReadResult, iter_objects, read_text, str_field
 
 __all__ = ["MathExample", "read_gsm8k", "read_math", "read_math_eval", "read_metamathqa"]
 
@@ -32,13 +32,7 @@ def read_gsm8k(path: str | Path, skip_bad: bool = False) -> ReadResult[MathExamp
     """Read GSM8K JSONL (``question``, ``answer`` with the final answer after ``####``)."""
     p, text = read_text(path)
     col: Collector[MathExample] = Collector(p, skip_bad)
-    for record, line in iter_records(text, p):
-        if isinstance(record, BadLine):
-            col.bad(line, record.problem)
-            continue
-        if not isinstance(record, dict):
-            col.bad(line, f"expected a JSON object, found {type(record).__name__}")
-            continue
+    for record, line in iter_objects(text, p, col):
         question, answer = str_field(record, "question"), str_field(record, "answer")
         if not question or answer is None:
             col.bad(line, "a GSM8K record needs string fields 'question' and 'answer'")
@@ -55,13 +49,7 @@ def read_math(path: str | Path, skip_bad: bool = False) -> ReadResult[MathExampl
     """Read MATH records (``problem``, ``solution`` with ``\\boxed{}``; an ``answer`` field wins)."""
     p, text = read_text(path)
     col: Collector[MathExample] = Collector(p, skip_bad)
-    for record, line in iter_records(text, p):
-        if isinstance(record, BadLine):
-            col.bad(line, record.problem)
-            continue
-        if not isinstance(record, dict):
-            col.bad(line, f"expected a JSON object, found {type(record).__name__}")
-            continue
+    for record, line in iter_objects(text, p, col):
         problem, solution = str_field(record, "problem"), str_field(record, "solution")
         if not problem or solution is None:
             col.bad(line, "a MATH record needs string fields 'problem' and 'solution'")
@@ -92,13 +80,7 @@ def read_metamathqa(path: str | Path, skip_bad: bool = False) -> ReadResult[Math
     """
     p, text = read_text(path)
     col: Collector[MathExample] = Collector(p, skip_bad)
-    for record, line in iter_records(text, p):
-        if isinstance(record, BadLine):
-            col.bad(line, record.problem)
-            continue
-        if not isinstance(record, dict):
-            col.bad(line, f"expected a JSON object, found {type(record).__name__}")
-            continue
+    for record, line in iter_objects(text, p, col):
         query, response = str_field(record, "query"), str_field(record, "response")
         if not query or not response:
             col.bad(line, "a MetaMathQA record needs non-empty string fields 'query' and 'response'")

@@ -31,6 +31,7 @@ __all__ = [
     "LineIndex",
     "ReadResult",
     "allow_large_csv_fields",
+    "iter_objects",
     "iter_records",
     "object_member_array",
     "read_text",
@@ -209,6 +210,18 @@ def iter_records(text: str, path: Path) -> Iterator[tuple[Any, int]]:
             yield json.loads(raw), number
         except json.JSONDecodeError as err:
             yield BadLine(f"invalid JSON ({err.msg}, column {err.colno})"), number
+
+
+def iter_objects(text: str, path: Path, col: Collector[Any]) -> Iterator[tuple[dict[str, Any], int]]:
+    """Yield (record, line) for the JSON objects of :func:`iter_records`; a line that did not parse, or a value
+    that is not an object, goes to ``col`` as a bad line (an error, or skipped with ``skip_bad``)."""
+    for record, line in iter_records(text, path):
+        if isinstance(record, BadLine):
+            col.bad(line, record.problem)
+        elif not isinstance(record, dict):
+            col.bad(line, f"expected a JSON object, found {type(record).__name__}")
+        else:
+            yield record, line
 
 
 @dataclass(frozen=True)
