@@ -499,3 +499,16 @@ def test_auto_side_is_measured_only_where_it_differs_from_pre(tiny_llama) -> Non
     assert H.with_auto_side(core, all_linear) == [*core, "lorma-plus-auto", "lorma-pi-auto"]  # gate / up expand
     assert H.with_auto_side(core, qv) == core  # q 32 -> 32, v 32 -> 16: auto is pre
     assert H.with_auto_side(["lora"], all_linear) == ["lora"]
+
+
+@pytest.mark.parametrize("method", ["dora", "dorma-plus", "dorma-pi", "dylorma", "adalora", "adalorma"])
+def test_the_variants_build_and_step_in_the_harness(method: str) -> None:
+    """benchmarks/variants.py's methods: built from the registry (a rank budget on a nominal schedule), only the
+    adapter trains, and one AdamW step changes it."""
+    work = H.layer_workload(16, 8)
+    model = H.build_method(work, method)
+    trained = H.trainable(model)
+    assert trained and all("proj" in n for n, p in model.named_parameters() if p.requires_grad)
+    before = [p.detach().clone() for p in trained]
+    H.make_step(work, model)()
+    assert any(not torch.equal(b, p) for b, p in zip(before, trained))
