@@ -1,13 +1,14 @@
-"""Run by tests/test_distributed_fsdp.py: train LoRMA adapters on a tiny Llama for a few steps, either in one
+"""Run by tests/test_distributed_sharded.py: train LoRMA adapters on a tiny Llama for a few steps, either in one
 process on the whole batch or under ``torch.distributed.run`` with FSDP2 ``fully_shard`` (gloo, CPU), each rank
 on its half of the batch; save each adapter as a peft adapter and the final logits.
 
 Cases: ``plus`` (pre side) and ``pi`` (post side) with the decoder layers wrapped (the configs' auto-wrap), and
 ``pi-per-linear``: pre-side pi with every adapted ``nn.Linear`` wrapped on its own, so that the frozen weight is
 sharded whenever LoRMA reads it outside the linear's forward (the pi weight fold), as under DeepSpeed ZeRO-3.
-``zero3-plus`` / ``zero3-pi``: DeepSpeed ZeRO-3 on its CPU accelerator (gloo), every parameter partitioned
-(persistence threshold 0), nothing marked: DeepSpeed gathers ``A``, ``B`` and a base weight read outside its own
-module's forward as external parameters (see :mod:`lorma.sharding`).
+``zero3-plus`` / ``zero3-pi`` / ``zero3-none`` / ``zero3-pi-fft`` (pi's bounded FFT path): DeepSpeed ZeRO-3 on
+its CPU accelerator (gloo), every parameter partitioned (persistence threshold 0), nothing marked: DeepSpeed
+gathers ``A``, ``B`` and a base weight read outside its own module's forward as external parameters (see
+:mod:`lorma.sharding`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ CASES = {
     "pi-per-linear": {"inflation": "pi", "side": "pre", "wrap": "linear"},
     "zero3-plus": {"inflation": "plus", "side": "post", "wrap": "zero3"},
     "zero3-pi": {"inflation": "pi", "side": "pre", "wrap": "zero3"},
+    "zero3-none": {"inflation": "none", "side": "post", "wrap": "zero3"},
+    # max_dense_bytes below one 16 x 16 transform: pi takes its bounded FFT path on every module
+    "zero3-pi-fft": {"inflation": "pi", "side": "pre", "wrap": "zero3", "max_dense_bytes": 512},
 }
 FSDP_CASES = [c for c, spec in CASES.items() if spec["wrap"] != "zero3"]
 ZERO3_CASES = [c for c, spec in CASES.items() if spec["wrap"] == "zero3"]
@@ -59,8 +63,10 @@ def run_case(case: str, out: Path, rank: int, world: int) -> None:
 
     spec = CASES[case]
     torch.manual_seed(0)
-    model = get_peft_model(tiny_llama(), LormaConfig(r=4, alpha=8, inflation=spec["inflation"], side=spec["side"],
-                                                     target_modules=TARGETS))
+    bounds = {"max_dense_bytes": spec["max_dense_bytes"]} if "max_dense_bytes" in spec else {}
+    config = LormaConfig(r=4, alpha=8, inflation=spec["inflation"], side=spec["side"], target_modules=TARGETS,
+                         **bounds)
+    model = get_peft_model(tiny_llama(), config)
     torch.manual_seed(0)
     ids = batch()
     rows = ids.shape[0] // world
