@@ -296,10 +296,10 @@ def run_training(cfg: RunConfig, overwrite: bool = False, resume: bool = False,
     txn = RunTransaction(cfg.output_dir, overwrite=overwrite, resume=resume, main_process=main,
                          keep=(TUNING_DIR,) if tuning else ())
     check_not_input(txn.final, run_inputs(cfg), replacing=overwrite)
-    tracked = get_method(cfg.method)
-    if cfg.track_rank and (tracked.inflation is None or tracked.variant is not None):
+    method = get_method(cfg.method)
+    if cfg.track_rank and (method.inflation is None or method.variant is not None):
         raise InputError(f"--track-rank tracks the rank of LoRMA's I(BA) (methods lorma-plus, lorma-pi, lorma-none); "
-                         f"method {cfg.method} " + ("is a LoRMA variant" if tracked.variant else "has none"))
+                         f"method {cfg.method} " + ("is a LoRMA variant" if method.variant else "has none"))
     task = get_task(cfg)
     task.check_inputs()
 
@@ -331,7 +331,7 @@ def run_training(cfg: RunConfig, overwrite: bool = False, resume: bool = False,
         callbacks = [loss_log, *task.callbacks()]
         if cfg.track_rank:
             callbacks.append(_rank_callback(cfg.track_rank, rank_log.parent, checkpoint is not None))
-        if get_method(cfg.method).rank_budget:  # AdaLoRMA / AdaLoRA: prune to the rank budget after each step
+        if method.rank_budget:  # AdaLoRMA / AdaLoRA: prune to the rank budget after each step
             from lorma.callbacks import RankAllocationCallback
 
             callbacks.append(RankAllocationCallback())
