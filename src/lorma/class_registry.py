@@ -44,3 +44,15 @@ class ClassRegistry(Generic[T]):
     def names(self) -> tuple[str, ...]:
         """The registered names, in registration order."""
         return tuple(self.classes)
+
+    def get(self, name: str, *, also: str = "") -> type[T]:
+        """The class registered under ``name``; a ``ValueError`` naming the known ones otherwise (``also``: what
+        the caller accepts besides a name, said first in the list, e.g. ``"None"``)."""
+        try:
+            return self.classes[name]
+        except (KeyError, TypeError):
+            expected = f"{also} or one of" if also else "one of"
+            raise ValueError(
+                f"unknown {self.noun} {name!r}; expected {expected} {self.names()} (a custom {self.noun} must be "
+                f"registered with lorma.{self.noun}s.register_{self.noun} before it is used or loaded)"
+            ) from None

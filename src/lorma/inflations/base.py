@@ -207,10 +207,4 @@ def inflation_names() -> tuple[str, ...]:
 
 def get_inflation(name: str) -> type[Inflation]:
     """The class registered under ``name``; a ``ValueError`` naming the known ones otherwise."""
-    try:
-        return _INFLATIONS[name]
-    except (KeyError, TypeError):
-        raise ValueError(
-            f"unknown inflation {name!r}; expected one of {inflation_names()} (a custom inflation must be "
-            "registered with lorma.inflations.register_inflation before it is used or loaded)"
-        ) from None
+    return _REGISTRY.get(name)

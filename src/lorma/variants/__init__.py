@@ -33,13 +33,7 @@ def get_variant(name: str | None) -> type[LormaVariant]:
     """The class for ``LormaConfig(variant=name)``: plain :class:`LormaVariant` for ``None``."""
     if name is None:
         return LormaVariant
-    try:
-        return _VARIANTS[name]
-    except (KeyError, TypeError):
-        raise ValueError(
-            f"unknown variant {name!r}; expected None or one of {variant_names()} (a custom variant must be "
-            "registered with lorma.variants.register_variant before it is used or loaded)"
-        ) from None
+    return _REGISTRY.get(name, also="None")
 
 
 # the built-in variants, registered here at the package face (as the inflations are)
