@@ -123,6 +123,7 @@ class Plan:
     layer_dims: tuple[int, ...] = (256, 512, 1024, 2048, 4096)
     layer_tokens: int = 512
     threads: int | None = None  # None: every CPU this process may use
+    methods: frozenset[str] | None = None  # None: each table's own list; else LoRA and these (--methods)
     quick: bool = False
 
 
@@ -155,6 +156,13 @@ def make_plan(args: argparse.Namespace) -> Plan:
         if min(args.smollm2_shape) < 1:
             raise SystemExit(f"--smollm2-shape: batch and sequence length must be >= 1, got {args.smollm2_shape}")
         overrides["smollm2_shape"] = tuple(args.smollm2_shape)
+    if args.methods:
+        known = {m for kind in ("full", "layer") for m in H.method_names(kind)}
+        known |= {f"lorma-{i}-auto" for i in ("plus", "pi")}
+        unknown = sorted(set(args.methods) - known)
+        if unknown:
+            raise SystemExit(f"--methods: unknown method(s) {unknown}; known: {sorted(known)}")
+        overrides["methods"] = frozenset(args.methods)
     plan = replace(plan, **overrides)
     if plan.min_rounds < 2 or plan.max_rounds < plan.min_rounds or plan.memory_rounds < 1:
         raise SystemExit("need 2 <= --min-rounds <= --max-rounds and --memory-rounds >= 1 (one round has no interval)")
@@ -586,9 +594,17 @@ def build_sessions(plan: Plan, cache_dir: Path, device: torch.device) -> list[tu
     """The sets of rounds of this plan, in order, as (section, builder) so that each model is loaded only when
     its turn comes (and freed after)."""
 
-    def single(work: H.Workload, kind: str) -> Session:
+    def session(title: str, works: list[H.Workload], methods: dict[str, list[str]]) -> Session:
+        if plan.methods is not None:  # --methods: LoRA (every ratio's reference) and the listed ones
+            methods = {w: [m for m in ms if m == "lora" or m in plan.methods] for w, ms in methods.items()}
+            kept = [w for w in works if len(methods[w.name]) > 1]
+            works = kept or works[:1]  # a table of LoRA alone has no ratio; keep one so the set still runs
+        return Session(title, works, {w.name: methods[w.name] for w in works})
+
+    def single(work: H.Workload, kind: str, title: str | None = None, drop_refs: bool = False) -> Session:
         work.batch = move_to(work.model, work.batch, device)
-        return Session(work.name, [work], {work.name: H.method_names(kind)})
+        methods = [m for m in H.method_names(kind) if not (drop_refs and m.startswith("ref-"))]
+        return session(title or work.name, [work], {work.name: methods})
 
     out: list[tuple[str, Callable[[], Session]]] = []
     if "minilm" in plan.sections:
@@ -600,7 +616,7 @@ def build_sessions(plan: Plan, cache_dir: Path, device: torch.device) -> list[tu
             for w in works:
                 w.batch = batch  # one batch object: the superset check needs the same input
             b, s = plan.smollm2_shape
-            return Session(f"SmolLM2-135M, {b} x {s} tokens (q_proj, v_proj and all linear, one set of rounds)",
+            return session(f"SmolLM2-135M, {b} x {s} tokens (q_proj, v_proj and all linear, one set of rounds)",
                            works, {w.name: H.with_auto_side(H.method_names(plan.smollm2_methods), w) for w in works})
 
         out.append(("smollm2", smollm2))
@@ -609,12 +625,9 @@ def build_sessions(plan: Plan, cache_dir: Path, device: torch.device) -> list[tu
     if "layers" in plan.sections:
         for d in plan.layer_dims:
             def layer(d: int = d) -> Session:
-                session = single(H.layer_workload(d, plan.layer_tokens), "layer")
-                if d >= 4096:  # the reference orderings build d x d_in products every step: minutes each on a CPU
-                    name = session.works[0].name
-                    session.methods[name] = [m for m in session.methods[name] if not m.startswith("ref-")]
-                session.title = f"Linear {d} x {d}"
-                return session
+                # the reference orderings build d x d_in products every step: minutes each on a CPU at d = 4096
+                return single(H.layer_workload(d, plan.layer_tokens), "layer", title=f"Linear {d} x {d}",
+                              drop_refs=d >= 4096)
 
             out.append(("layers", layer))
     return out
@@ -644,6 +657,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--smollm2-shape", type=int, nargs=2, default=None, metavar=("BATCH", "SEQ"),
                         help="SmolLM2's batch: sequences and tokens per sequence (default 2 64); the cost of pi's "
                              "dense transforms against LoRA's step falls as tokens grow (BENCHMARKS.md)")
+    parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                        help="measure only LoRA and these in every table (e.g. lorma-plus-auto lorma-pi-auto); "
+                        "a table left with LoRA alone is dropped")
     parser.add_argument("--skip", nargs="*", default=[], help=f"sections to skip, of {' '.join(SECTIONS)}")
     return parser.parse_args(argv)
 

@@ -392,6 +392,25 @@ def test_quick_mode_is_one_model_with_fewer_rounds(tmp_path) -> None:
     assert re.search(r"^bench:.*\n\t.*-m benchmarks\.run$", makefile, re.M)
 
 
+def test_methods_option_keeps_lora_and_the_listed_methods(tmp_path) -> None:
+    only_layers = ["--skip", "minilm", "smollm2", "gpt2", "inference", "quant", "compile", "--layer-dims", "16",
+                   "4096", "--layer-tokens", "2"]
+    plan = R.make_plan(R.parse_args([*only_layers, "--methods", "lorma-pi-pre", "ref-table11-pi"]))
+    assert plan.methods == {"lorma-pi-pre", "ref-table11-pi"}
+    sessions = [build() for _, build in R.build_sessions(plan, tmp_path, torch.device("cpu"))]
+    assert [s.methods[s.works[0].name] for s in sessions] == [["lora", "lorma-pi-pre", "ref-table11-pi"],
+                                                                ["lora", "lorma-pi-pre"]]  # no refs at d = 4096
+    assert [s.title for s in sessions] == ["Linear 16 x 16", "Linear 4096 x 4096"]
+    default = R.make_plan(R.parse_args(only_layers))
+    assert default.methods is None
+    small, big = [b() for _, b in R.build_sessions(default, tmp_path, torch.device("cpu"))]
+    assert small.methods[small.works[0].name] == H.method_names("layer")
+    # the sanity pairs are decided on the methods measured: at d = 4096 none names a dropped reference ordering
+    assert big.sanity and all(key[1] in big.methods[key[0]] for pair in big.sanity for key in (pair.more, pair.less))
+    with pytest.raises(SystemExit, match=r"--methods: unknown method\(s\) \['lorma-times-pre'\]"):
+        R.make_plan(R.parse_args(["--methods", "lorma-times-pre"]))
+
+
 def test_a_failed_sanity_check_fails_the_run_after_writing_the_report(tmp_path, monkeypatch) -> None:
     def inverted_session(session: R.Session, plan, device, log) -> R.Session:
         work = session.works[0]
