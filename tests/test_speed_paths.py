@@ -219,3 +219,79 @@ def test_dense_recomputed_is_exact_and_saves_no_square_matrix(inflation: str) ->
     assert max(saved["recomputed"]) < d * d  # only h, A and B are kept
     with torch.no_grad():  # no graph: a plain matmul
         assert rel_err(LF.apply_dense_recomputed(h, A, B, build), h @ build(A, B).T) < 1e-15
+
+
+def _step_flops(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], int]:
+    """Output, gradients of the adapter's parameters, and the multiply-adds of one forward + backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    params = [p for p in layer.parameters() if p.requires_grad]
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = layer(x)
+        grads = torch.autograd.grad(out.square().sum(), params)
+    return out, grads, counter.get_total_flops() // 2
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_plus_post_costs_what_lora_costs_where_the_input_needs_no_gradient(conv1d: bool) -> None:
+    """A lone LoRMA+ adapter on the post side, input without gradient (a layer alone, a model's first layer):
+    ``W0 x + b + s (W0 B)(A x)``, the formula's values and gradients, and no backward pass of the frozen matmul
+    (LoRA skips ``W0^T g`` there; transforming the input first would need it)."""
+    from transformers.pytorch_utils import Conv1D
+
+    d_in, d_out, r, n = 48, 80, 4, 64
+    torch.manual_seed(0)
+    base = Conv1D(d_out, d_in) if conv1d else nn.Linear(d_in, d_out)
+    layer = get_peft_model(nn.Sequential(base), LormaConfig(r=r, alpha=2 * r, inflation="plus", side="post",
+                                                            target_modules=["0"], init_weights=False,
+                                                            fan_in_fan_out=conv1d)).base_model.model[0]
+    x = torch.randn(2, n // 2, d_in)
+    W0 = layer.weight_linear().detach().double()
+    b = layer.get_base_layer().bias.detach().double()
+    A, B = layer.lorma_A["default"], layer.lorma_B["default"]
+    M = reference_inflation(A.detach(), B.detach(), "plus", layer.scaling["default"])
+    expected = x.double() @ (W0 @ M).T + b
+    Ad, Bd = A.detach().double().requires_grad_(), B.detach().double().requires_grad_()
+    dense = x.double() @ (W0 @ reference_inflation(Ad, Bd, "plus", layer.scaling["default"])).T + b
+    want = torch.autograd.grad(dense.square().sum(), (Ad, Bd))
+
+    out, grads, macs = _step_flops(layer, x)
+    assert rel_err(out, expected) < 1e-5
+    for got, ref in zip(grads, want):
+        assert rel_err(got, ref) < 1e-5
+    frozen = n * d_in * d_out
+    # the frozen forward once, the rank-r paths and U = s W0 B with its gradient; never a second n d_in d_out
+    assert macs <= frozen + 4 * n * r * (d_in + d_out) + 2 * r * d_in * d_out
+    # an input that needs a gradient takes the input-side form (W0^T g is paid by every method there): same values
+    xg = x.clone().requires_grad_()
+    assert rel_err(layer(xg), expected) < 1e-5
+
+
+def test_plus_post_on_fused_parts_never_runs_the_frozen_matmul_over_a_delta(tiny_gpt2) -> None:
+    """Post-side LoRMA+ on GPT-2's fused c_attn (q and v parts): each part adds ``s (W0_p B)(A x)``, rank-r work,
+    instead of a pass of the part's frozen rows over the input's delta (forward and backward)."""
+    model = get_peft_model(tiny_gpt2, LormaConfig(r=2, alpha=4, inflation="plus", side="post", init_weights=False,
+                                                  target_modules=["c_attn"], fan_in_fan_out=True,
+                                                  fused_parts={"c_attn": {"num_parts": 3, "parts": [0, 2]}}))
+    layer = model.base_model.model.transformer.h[0].attn.c_attn
+    d_in, d = layer.in_features, layer.out_features // 3
+    n = 24
+    x = torch.randn(2, n // 2, d_in)
+    W0 = layer.weight_linear().detach().double()
+    b = layer.get_base_layer().bias.detach().double()
+    s = layer.scaling["default"]
+    A, B = layer.lorma_A["default"], layer.lorma_B["default"]
+    Ad, Bd = A.detach().double().requires_grad_(), B.detach().double().requires_grad_()
+    parts = [W0[:d] @ reference_inflation(Ad[0], Bd[0], "plus", s), W0[d:2 * d],
+             W0[2 * d:] @ reference_inflation(Ad[1], Bd[1], "plus", s)]
+    dense = x.double() @ torch.cat(parts).T + b
+    want = torch.autograd.grad(dense.square().sum(), (Ad, Bd))
+
+    out, grads, macs = _step_flops(layer, x)
+    assert rel_err(out, dense) < 1e-5
+    for got, ref in zip(grads, want):
+        assert rel_err(got, ref) < 1e-5
+    frozen = n * d_in * 3 * d
+    # one frozen forward; each of the 2 parts: rank-r paths and U = s W0_p B with its gradient
+    assert macs <= frozen + 2 * (4 * n * 2 * (d_in + d) + 2 * 2 * d_in * d)

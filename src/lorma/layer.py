@@ -299,9 +299,12 @@ class LormaLayer(BaseTunerLayer):
         if not active:
             return self.base_layer(x, *args, **kwargs)
         if len(active) == 1 and not args and not kwargs:
-            folded = self.lorma_variant[active[0]].folded_forward(self, active[0], x)
-            if folded is not None:
-                return folded
+            variant = self.lorma_variant[active[0]]
+            whole = variant.folded_forward(self, active[0], x)
+            if whole is None:
+                whole = variant.low_rank_post_forward(self, active[0], x)
+            if whole is not None:
+                return whole
 
         post = [a for a in active if self.side[a] == "post"]
         fused_post = [a for a in post if self.fused[a] is not None]

@@ -133,9 +133,59 @@ class LormaVariant:
         size = layer.out_features // layer.fused[adapter][0]
         chunks = list(result.split(size, dim=-1))
         for rows, A, B in self.pairs(layer, adapter):
-            part, dx = rows.start // size, self._delta(layer, adapter, xc, A, B, None)
-            chunks[part] = chunks[part] + F.linear(dx.to(weight.dtype), weight[rows]).to(result.dtype)
+            part = rows.start // size
+            chunks[part] = chunks[part] + self._post_output_delta(layer, adapter, xc, A, B, weight[rows]).to(
+                result.dtype
+            )
         return torch.cat(chunks, dim=-1)
+
+    def _post_output_delta(
+        self, layer: AdaptedLayer, adapter: str, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+        weight: torch.Tensor,
+    ) -> torch.Tensor:
+        """``W (I(BA) - I) drop(x)``: what a post-side transform adds to the output of the base rows ``weight``.
+
+        When the inflation's update is exactly low rank (:meth:`Inflation.lora_factors` gives ``W (I(BA) - I) =
+        U V``; LoRMA+: ``U = s W B``, ``V = A``), it is ``(x V^T) U^T``: ``n r (d_in + d_out)`` multiply-adds plus
+        ``r d_in d_out`` for ``U``, whatever the token count ``n``. Otherwise the input's delta goes through the
+        frozen rows: ``n d_in d_out`` in the forward and again in the backward.
+        """
+        source = layer.lorma_dropout[adapter](x) if self._dropout_active(layer, adapter) else x
+        s = self.scaling(layer, adapter)
+        factors = self.inflation.lora_factors(weight.to(A.dtype), A, B, s, "post")
+        if factors is not None:
+            u, v = factors
+            return F.linear(F.linear(source, v), u)
+        return F.linear(self.inflation.apply_delta(source, A, B, s).to(weight.dtype), weight)
+
+    def low_rank_post_forward(self, layer: AdaptedLayer, adapter: str, x: torch.Tensor) -> torch.Tensor | None:
+        """The layer's output as ``W0 x + b + (x V^T) U^T`` for a lone post-side adapter whose update is exactly
+        low rank, when that is cheaper than transforming the input; ``None`` to run :meth:`before_base`.
+
+        Where the input needs no gradient (the first adapted layer of a model, a layer alone), LoRA's backward
+        skips ``W0^T g``; transforming the input first (``W0 I(BA) x``) would need it to reach ``A`` and ``B``:
+        ``n d_in d_out`` more multiply-adds, against ``2 r d_in d_out`` for building ``U = s W0 B`` and its
+        gradient here. So: training, input without gradient, ``n > 2r``, and plain LoRMA's forward (a variant
+        that overrides the forward hooks keeps its own).
+        """
+        A = layer.lorma_A[adapter]
+        if layer.side[adapter] != "post" or layer.fused[adapter] is not None or not self._plain_forward():
+            return None
+        if x.requires_grad or not (torch.is_grad_enabled() and A.requires_grad):
+            return None
+        if not layer.base_weight.readable_in_forward or x.numel() // max(layer.in_features, 1) <= 2 * A.shape[0]:
+            return None
+        if self.inflation.lora_factors.__func__ is Inflation.lora_factors:  # no exact low-rank form: skip the call
+            return None
+        [(_, A, B)] = self.pairs(layer, adapter)
+        result = layer.get_base_layer()(x)
+        xc = layer._cast_input_dtype(x, A.dtype)
+        return result + self._post_output_delta(layer, adapter, xc, A, B, layer.weight_linear()).to(result.dtype)
+
+    def _plain_forward(self) -> bool:
+        """Whether this variant applies plain LoRMA's forward (does not override its hooks)."""
+        hooks = ("before_base", "after_base", "_delta", "_apply", "_post_output_delta")
+        return all(getattr(type(self), h) is getattr(LormaVariant, h) for h in hooks)
 
     def folded_forward(self, layer: AdaptedLayer, adapter: str, x: torch.Tensor) -> torch.Tensor | None:
         """The whole layer's output through the merged weight ``W + delta_weight(W)``, built this step, when the
