@@ -14,7 +14,8 @@ What this class does (plain LoRMA) and which method to override for what:
   truncates them here, and everything below follows).
 - :meth:`before_base` / :meth:`after_base`: the forward around the one base-layer call, on activations: the post
   side transforms the input, the pre side the output (without the bias). :meth:`folded_forward` replaces both
-  (and the base call) when folding a dense transform into the weight costs fewer flops.
+  (and the base call) when folding a dense transform into the weight costs fewer flops, and
+  :meth:`low_rank_post_forward` when a post-side update is exactly low rank and the input needs no gradient.
 - :meth:`transform`, :meth:`delta_weight`, :meth:`unmerges_exactly`, :meth:`unmerge`: merging and unmerging; the
   layer keeps a copy of the weight whenever :meth:`unmerges_exactly` is ``False``.
 
