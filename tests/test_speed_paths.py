@@ -295,3 +295,15 @@ def test_plus_post_on_fused_parts_never_runs_the_frozen_matmul_over_a_delta(tiny
     frozen = n * d_in * 3 * d
     # one frozen forward; each of the 2 parts: rank-r paths and U = s W0_p B with its gradient
     assert macs <= frozen + 2 * (4 * n * 2 * (d_in + d) + 2 * 2 * d_in * d)
+
+
+@pytest.mark.parametrize("layout", ["linear", "conv1d", "rows"])
+def test_weight_times_thin_equals_matmul_with_gradients(layout: str) -> None:
+    """The hand-written W @ B (thin operand on the left in both passes): matmul's values and both gradients."""
+    g = torch.Generator().manual_seed(0)
+    full = torch.randn(40, 30, dtype=torch.float64, generator=g)
+    W = {"linear": full, "conv1d": full.t().contiguous().t(), "rows": full[10:25]}[layout].requires_grad_()
+    B = torch.randn(30, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(LF.weight_times_thin, (W, B))
+    out = LF.weight_times_thin(W, B)
+    assert torch.allclose(out, W @ B)

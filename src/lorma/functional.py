@@ -16,7 +16,7 @@ inflation objects of :mod:`lorma.inflations`: nothing here dispatches on an infl
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -196,6 +196,34 @@ def plus_condition_estimate(A: torch.Tensor, B: torch.Tensor, scaling: float) ->
 Pair = tuple[torch.Tensor, torch.Tensor]
 
 
+class _WeightTimesThin(torch.autograd.Function):
+    """``W B`` for a weight ``W`` (``d_out x d_in``) and a thin ``B`` (``d_in x r``), both passes written with the
+    thin operand on the left: ``(B^T W^T)^T`` and ``dB = (G^T W)^T``.
+
+    Hand-written because autograd's matmul backward computes ``dB = W^T G``, a ``d x d`` by ``d x r`` GEMM, and the
+    CPU GEMM kernels run that shape several times slower than the same product as ``r x d`` by ``d x d``: measured
+    on this project's CPU, 1 thread, d = 1024, r = 8, forward + backward 8.3-10.2 ms against 1.2-2.0 ms, for a
+    Linear weight, a Conv1D (transposed) weight and a fused part's rows alike.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, weight: torch.Tensor, thin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight, thin)
+        return (thin.t() @ weight.t()).t()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        weight, thin = ctx.saved_tensors
+        grad_weight = grad @ thin.t() if ctx.needs_input_grad[0] else None
+        grad_thin = (grad.t() @ weight).t() if ctx.needs_input_grad[1] else None
+        return grad_weight, grad_thin
+
+
+def weight_times_thin(weight: torch.Tensor, thin: torch.Tensor) -> torch.Tensor:
+    """``weight @ thin`` (``thin``: few columns), with gradients, computed in the orientation CPU GEMMs run fast."""
+    return _WeightTimesThin.apply(weight, thin)
+
+
 def plus_weight_update(A: torch.Tensor, B: torch.Tensor, scaling: float, weight: torch.Tensor, side: Side) -> Pair:
     """LoRA factors ``(U, V)`` with ``U V = W - W0`` exactly, for ``W = (I + sBA) W0`` or ``W0 (I + sBA)``.
 
@@ -206,7 +234,7 @@ def plus_weight_update(A: torch.Tensor, B: torch.Tensor, scaling: float, weight:
     if side == "pre":
         return scaling * B, A @ weight
     if side == "post":
-        return scaling * (weight @ B), A
+        return scaling * weight_times_thin(weight, B), A
     raise ValueError(f"unknown side {side!r}; expected one of {SIDES}")
 
 
