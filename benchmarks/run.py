@@ -616,8 +616,12 @@ def build_sessions(plan: Plan, cache_dir: Path, device: torch.device) -> list[tu
             for w in works:
                 w.batch = batch  # one batch object: the superset check needs the same input
             b, s = plan.smollm2_shape
-            return session(f"SmolLM2-135M, {b} x {s} tokens (q_proj, v_proj and all linear, one set of rounds)",
-                           works, {w.name: H.with_auto_side(H.method_names(plan.smollm2_methods), w) for w in works})
+            out = session("", works, {w.name: H.with_auto_side(H.method_names(plan.smollm2_methods), w) for w in works})
+            targets = " and ".join("all linear" if w.targets == H.LLAMA_ALL_LINEAR else ", ".join(w.targets)
+                                   for w in out.works)
+            kind = ", one set of rounds" if len(out.works) > 1 else ""
+            out.title = f"SmolLM2-135M, {b} x {s} tokens ({targets}{kind})"
+            return out
 
         out.append(("smollm2", smollm2))
     if "gpt2" in plan.sections:
