@@ -50,8 +50,9 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
-# The full benchmark (BENCHMARKS.md; an hour or more on 2 cores: run it on a quiet machine). bench-quick is the
-# development run (SmolLM2-135M only, fewer rounds, a few minutes; runs/bench-quick/BENCHMARKS.md).
+# The full benchmark (runs/bench/BENCHMARKS.md, the source of BENCHMARKS.md's tables; an hour or more on 2 cores:
+# run it on a quiet machine). bench-quick is the development run (SmolLM2-135M only, fewer rounds, a few minutes;
+# runs/bench-quick/BENCHMARKS.md).
 # On a GPU: scripts/gpu_bench.sh.
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.run

@@ -642,7 +642,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="development run: SmolLM2-135M, LoRA and LoRMA plus / pi, fewer rounds (a few minutes)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="report path (default BENCHMARKS.md; with --quick, runs/bench-quick/BENCHMARKS.md)")
+                        help="report path (default runs/bench/BENCHMARKS.md; with --quick, "
+                        "runs/bench-quick/BENCHMARKS.md; the repository's BENCHMARKS.md is put together from such "
+                        "reports by hand, so a run never overwrites it)")
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "lorma-bench",
                         help="where the plain fp32 copy of SmolLM2 is kept (made once)")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
@@ -668,12 +670,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def report_path(args: argparse.Namespace, plan: Plan) -> Path:
+    """``--out``, else under the git-ignored ``runs/``: a run never overwrites the repository's BENCHMARKS.md."""
+    return args.out or Path("runs/bench-quick/BENCHMARKS.md" if plan.quick else "runs/bench/BENCHMARKS.md")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     plan = make_plan(args)
     device = select_device(args.device)
     threads = pin_threads(args.threads or plan.threads or available_cpus())
-    out = args.out or (Path("runs/bench-quick/BENCHMARKS.md") if plan.quick else Path("BENCHMARKS.md"))
+    out = report_path(args, plan)
     out.parent.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
 

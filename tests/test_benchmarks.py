@@ -387,6 +387,13 @@ def test_quick_mode_is_one_model_with_fewer_rounds(tmp_path) -> None:
     assert R.make_plan(R.parse_args(["--quick", "--smollm2-shape", "4", "512"])).smollm2_shape == (4, 512)
     with pytest.raises(SystemExit, match="smollm2-shape"):
         R.make_plan(R.parse_args(["--smollm2-shape", "0", "64"]))
+    # neither run writes the repository's BENCHMARKS.md (put together by hand from the reports under runs/)
+    for argv in ([], ["--quick"]):
+        args = R.parse_args(argv)
+        path = R.report_path(args, R.make_plan(args))
+        assert path.parts[0] == "runs" and path.name == "BENCHMARKS.md"
+    args = R.parse_args(["--out", "x.md"])
+    assert R.report_path(args, R.make_plan(args)) == Path("x.md")
     makefile = (Path(__file__).parents[1] / "Makefile").read_text()
     assert re.search(r"^bench-quick:.*\n\t.*-m benchmarks\.run --quick$", makefile, re.M)
     assert re.search(r"^bench:.*\n\t.*-m benchmarks\.run$", makefile, re.M)
