@@ -173,6 +173,12 @@ def method_names(kind: str) -> list[str]:
     raise ValueError(kind)
 
 
+def known_method_names() -> set[str]:
+    """Every method a table can measure: each kind's list and the auto side (``--methods`` checks against it)."""
+    names = {m for kind in ("full", "layer") for m in method_names(kind)}
+    return names | {f"lorma-{i}-auto" for i in ("plus", "pi")}
+
+
 def with_auto_side(methods: list[str], work: Workload) -> list[str]:
     """``methods`` plus ``lorma-{plus,pi}-auto`` where the workload has a module whose auto side is not pre (an
     expanding layer, d_out > d_in: an LLM's gate / up); elsewhere auto is pre and would be measured twice."""

@@ -157,8 +157,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
             raise SystemExit(f"--smollm2-shape: batch and sequence length must be >= 1, got {args.smollm2_shape}")
         overrides["smollm2_shape"] = tuple(args.smollm2_shape)
     if args.methods:
-        known = {m for kind in ("full", "layer") for m in H.method_names(kind)}
-        known |= {f"lorma-{i}-auto" for i in ("plus", "pi")}
+        known = H.known_method_names()
         unknown = sorted(set(args.methods) - known)
         if unknown:
             raise SystemExit(f"--methods: unknown method(s) {unknown}; known: {sorted(known)}")
