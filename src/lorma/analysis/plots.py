@@ -15,7 +15,7 @@ import numpy as np
 
 from lorma.fileio import atomic_path
 
-__all__ = ["plot_rank_over_steps", "plot_singular_values", "plot_loss_curves", "plot_module_bars"]
+__all__ = ["plot_rank_over_steps", "plot_singular_values", "plot_loss_curves", "plot_module_bars", "plot_lr_range"]
 
 
 def _figure(width: float = 8.0, height: float = 4.5) -> tuple[Any, Any]:
@@ -179,4 +179,21 @@ def plot_module_bars(
     ax.set_title(title)
     if len(series) > 1:
         ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def plot_lr_range(record: Mapping[str, Any], path: str | os.PathLike[str], title: str = "") -> Path:
+    """The learning-rate range test: loss per step against the rate (log scale), smoothed, and the chosen rate."""
+    fig, ax = _figure(7.0, 4.2)
+    rates = np.asarray(record["rates"], dtype=float)
+    ax.plot(rates, np.asarray(record["losses"], dtype=float), ".", color="0.6", label="step loss")
+    ax.plot(rates, np.asarray(record["smoothed"], dtype=float), "-", color="C0", label="smoothed")
+    if np.isfinite(record.get("lowest_at", np.nan)):
+        ax.axvline(record["lowest_at"], color="C3", ls=":", label=f"lowest at {record['lowest_at']:.2g}")
+    ax.axvline(record["chosen"], color="C2", ls="--", label=f"chosen {record['chosen']:.2g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training loss")
+    ax.set_title(title or "learning-rate range test")
+    ax.legend(loc="best", fontsize=8)
     return _save(fig, path)

@@ -18,8 +18,6 @@ from lorma.fileio import atomic_write_json
 from lorma.recipes.config import RunConfig
 
 EVAL_PREDICTIONS = "eval_predictions.json"
-# A majority class this much above an even share (1 / classes) counts as imbalance worth class weights.
-IMBALANCE_MARGIN = 0.1
 
 
 def outcome_fields(task: Any) -> dict[str, Any]:
@@ -37,6 +35,8 @@ def outcome_fields(task: Any) -> dict[str, Any]:
         fields["collapse"] = report
     if getattr(task, "class_weights", None):
         fields["class_weights"] = task.class_weights
+        if getattr(task, "class_weights_reason", None):
+            fields["class_weights_reason"] = task.class_weights_reason
     return fields
 
 
@@ -76,8 +76,9 @@ def describe_collapse(metrics: dict[str, Any]) -> str | None:
 
 def is_imbalanced(report: dict[str, Any]) -> bool:
     """Whether the training data's majority class clearly exceeds an even share."""
-    classes = report.get("classes") or 0
-    return bool(classes) and report.get("majority_share", 0.0) > 1.0 / classes + IMBALANCE_MARGIN
+    from lorma.tasks.classification_metrics import is_imbalanced as skewed
+
+    return skewed(report.get("majority_share", 0.0), report.get("classes") or 0)
 
 
 def next_command(argv: list[str] | None, cfg: RunConfig, reports: list[dict[str, Any]]) -> str:

@@ -34,6 +34,14 @@ METHOD_FAMILIES: dict[str, tuple[str, ...]] = {
 }
 # The default peak learning rate of each family (checked on two packaged datasets: docs/main-job.md).
 DEFAULT_LEARNING_RATES: dict[str, float] = {"adapter": 1e-3, "full": 5e-5, "partial": 3e-3}
+# The default learning rate of a new task head (classifier) trained beside the method's parameters: "same" trains
+# it at the run's learning rate (lorma.recipes.learning_rates says why a head may want its own).
+DEFAULT_HEAD_LEARNING_RATES: dict[str, float | str] = {"adapter": "same", "full": "same", "partial": "same"}
+# The default class weighting of the classification loss: "auto" is "balanced" when the training labels are skewed
+# (lorma.tasks.classification_metrics.is_imbalanced), none otherwise; "none" never; "balanced" always.
+DEFAULT_CLASS_WEIGHTS = "none"
+CLASS_WEIGHTS = ("auto", "balanced", "none")
+AUTO = "auto"  # --learning-rate auto: a learning-rate range test (lorma.recipes.learning_rates)
 
 # Training defaults: the learning rate comes from DEFAULT_LEARNING_RATES (TrainingArguments' own 5e-5 is a
 # full fine-tuning value and leaves adapters barely moving); logging every step gives the per-step loss log.
@@ -102,7 +110,13 @@ class RunConfig:
     class_weights: str | None = field(
         default=None,
         metadata={"help": "'balanced': weight the classification loss by n / (classes x count of the class), so "
-                  "that a rare class counts as much as a common one (off by default)."},
+                  "that a rare class counts as much as a common one; 'auto': balanced when the training labels "
+                  "are skewed; 'none' (default: see the defaults table)."},
+    )
+    head_learning_rate: str | None = field(
+        default=None,
+        metadata={"help": "Learning rate of the new task head (classifier): a number, or 'same' (the run's "
+                  "learning rate); default: see the defaults table. Scaled with --learning-rate auto."},
     )
     eval_on: str = field(
         default="eval",
@@ -131,12 +145,36 @@ class RunConfig:
     )
 
     def training_arguments(self) -> dict[str, Any]:
-        """The TrainingArguments keyword arguments: defaults (the method's learning rate), then ``training``."""
+        """The TrainingArguments keyword arguments: defaults (the method's learning rate), then ``training``.
+
+        With ``learning_rate: auto`` the family's default stands in (the range test's sweep is centred on it, and
+        the run replaces it with the rate the test chose)."""
         merged = dict(DEFAULT_TRAINING)
         merged["learning_rate"] = DEFAULT_LEARNING_RATES[method_family(self.method)]
         merged.update(self.training)
+        if self.learning_rate_auto:
+            merged["learning_rate"] = DEFAULT_LEARNING_RATES[method_family(self.method)]
         merged["seed"] = self.seed
         return merged
+
+    @property
+    def learning_rate_auto(self) -> bool:
+        """Whether the learning rate is chosen by a range test (``--learning-rate auto``)."""
+        return self.training.get("learning_rate") == AUTO
+
+    def head_rate(self, learning_rate: float) -> float | None:
+        """The head's learning rate for a run whose body trains at ``learning_rate``; None when it is the same."""
+        value = self.head_learning_rate
+        if value is None:
+            value = DEFAULT_HEAD_LEARNING_RATES[method_family(self.method)]
+        if isinstance(value, str) and value == "same":
+            return None
+        rate = float(value)
+        return None if rate == learning_rate else rate
+
+    def class_weighting(self) -> str:
+        """``"auto"``, ``"balanced"`` or ``"none"``: the setting, or the default when not given."""
+        return self.class_weights if self.class_weights is not None else DEFAULT_CLASS_WEIGHTS
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict (for the resolved ``config.yaml``)."""
@@ -332,8 +370,16 @@ def validate_config(cfg: RunConfig) -> None:
         raise RecipeError(f"max_seq_length must be positive, got {cfg.max_seq_length}")
     if cfg.problem_type not in (None, "classification", "regression"):
         raise RecipeError(f"problem_type must be 'classification' or 'regression', got '{cfg.problem_type}'")
-    if cfg.class_weights not in (None, "balanced"):
-        raise RecipeError(f"class_weights must be 'balanced' (or not given), got '{cfg.class_weights}'")
+    if cfg.class_weights not in (None, *CLASS_WEIGHTS):
+        raise RecipeError(f"class_weights must be one of {', '.join(CLASS_WEIGHTS)}, got '{cfg.class_weights}'")
+    if cfg.head_learning_rate is not None and cfg.head_learning_rate != "same":
+        try:
+            head = float(cfg.head_learning_rate)
+        except ValueError:
+            head = math.nan
+        if not math.isfinite(head) or head <= 0:
+            raise RecipeError(f"head_learning_rate must be a positive finite number or 'same', got "
+                              f"'{cfg.head_learning_rate}'")
     if cfg.eval_on not in ("eval", "validation"):
         raise RecipeError(f"eval_on must be 'eval' or 'validation', got '{cfg.eval_on}'")
     if not 0.0 < cfg.validation_split < 1.0:
@@ -372,7 +418,7 @@ _TRAINING_BOUNDS: dict[str, tuple[str, float, bool, float | None]] = {
 def validate_training(training: dict[str, Any]) -> None:
     """Errors for TrainingArguments values that are not numbers, not finite, or out of range."""
     for name, (kind, low, low_ok, high) in _TRAINING_BOUNDS.items():
-        if name not in training or training[name] is None:
+        if name not in training or training[name] is None or (name == "learning_rate" and training[name] == AUTO):
             continue
         value = training[name]
         if isinstance(value, bool) or not isinstance(value, (int, float)):

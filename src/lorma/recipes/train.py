@@ -289,6 +289,7 @@ def run_training(cfg: RunConfig, overwrite: bool = False, resume: bool = False,
     Ctrl-C and :class:`DiskFullError` for a full disk (the run can be resumed from its last complete
     checkpoint after either).
     """
+    from lorma.recipes.learning_rates import head_rate_trainer
     from lorma.recipes.methods import build_method_model, check_adapter_fits, count_parameters
     from lorma.tasks.base import get_task
 
@@ -306,17 +307,19 @@ def run_training(cfg: RunConfig, overwrite: bool = False, resume: bool = False,
     with txn:  # the lock: a second writer is refused from here; an error before txn.started() undoes it all
         quiet_libraries()
         import torch
-        from transformers import Trainer, set_seed
+        from transformers import set_seed
 
         set_seed(cfg.seed)
         tokenizer = task.load_tokenizer()
         base = task.load_model(tokenizer)
         base_fingerprint = model_fingerprint(base.config)
         check_adapter_fits(base, cfg)
-        model = build_method_model(base, cfg, task.head_module_names(base), task.peft_task_type)
+        head_modules = task.head_module_names(base)
+        model = build_method_model(base, cfg, head_modules, task.peft_task_type)
         trainable, total = count_parameters(model)
         train_ds, eval_ds = task.build_datasets(tokenizer)
         args = _training_arguments(cfg, txn.work, eval_ds is not None, task)
+        loss_function = task.loss_function()
         checkpoint = txn.resume_from
         out = txn.work
         rank_log = out / RANK_DIR / RANK_LOG
@@ -324,9 +327,26 @@ def run_training(cfg: RunConfig, overwrite: bool = False, resume: bool = False,
         if main:
             txn.prepare()
             resolved = cfg.to_dict()
+            resolved["class_weights"] = cfg.class_weighting()
             resolved["training"] = {k: v for k, v in cfg.training_arguments().items() if k != "seed"}
+            if cfg.learning_rate_auto:
+                resolved["training"]["learning_rate"] = "auto"
             atomic_write_text(out / CONFIG_FILE, dump_yaml(resolved))
             _trim_logs(out, checkpoint, rank_log)
+            if getattr(task, "class_weights_reason", None):
+                print(f"lorma: {task.class_weights_reason}", flush=True)
+        modules_to_save = cfg.modules_to_save if cfg.modules_to_save is not None else head_modules
+        trainer_kwargs = {
+            "train_dataset": train_ds,
+            "eval_dataset": eval_ds,
+            "data_collator": task.data_collator(tokenizer),
+            "processing_class": tokenizer,
+            "compute_metrics": task.compute_metrics if task.has_compute_metrics() else None,
+            "compute_loss_func": loss_function,
+        }
+        rates = _learning_rates(cfg, args, model, modules_to_save, trainer_kwargs, out, checkpoint is not None, main)
+        args.learning_rate = rates["learning_rate"]
+        trainer_cls = head_rate_trainer(modules_to_save, rates.get("head_learning_rate"))
         loss_log = _loss_log_callback(out / LOSS_LOG)
         callbacks = [loss_log, *task.callbacks()]
         if cfg.track_rank:
@@ -335,22 +355,12 @@ def run_training(cfg: RunConfig, overwrite: bool = False, resume: bool = False,
             from lorma.callbacks import RankAllocationCallback
 
             callbacks.append(RankAllocationCallback())
-        trainer = Trainer(
-            model=model,
-            args=args,
-            train_dataset=train_ds,
-            eval_dataset=eval_ds,
-            data_collator=task.data_collator(tokenizer),
-            processing_class=tokenizer,
-            compute_metrics=task.compute_metrics if task.has_compute_metrics() else None,
-            compute_loss_func=task.loss_function(),
-            callbacks=callbacks,
-        )
+        trainer = trainer_cls(model=model, args=args, callbacks=callbacks, **trainer_kwargs)
         _quiet_progress(trainer)
         txn.started()
         try:
             metrics = _train_and_save(cfg, txn, trainer, task, model, tokenizer, eval_ds, loss_log, checkpoint,
-                                      trainable, total, base_fingerprint, tuning)
+                                      trainable, total, base_fingerprint, tuning, rates)
         except BaseException as err:  # only Ctrl-C and a failed write become messages; the rest re-raise
             _close_progress_bars(trainer)  # so that what follows starts on a line of its own
             if isinstance(err, KeyboardInterrupt):
@@ -365,9 +375,47 @@ def run_training(cfg: RunConfig, overwrite: bool = False, resume: bool = False,
     return metrics
 
 
+def _learning_rates(cfg: RunConfig, args: Any, model: Any, head_modules: list[str], trainer_kwargs: dict[str, Any],
+                    out: Path, resuming: bool, main: bool) -> dict[str, Any]:
+    """The run's learning rates: ``learning_rate`` (the body's), ``head_learning_rate`` (None: the same), and with
+    ``--learning-rate auto`` the range test (``range_test``: its curve; the test's record is written to
+    ``lr_range.json`` and plotted in ``lr_range.png``; a resumed run reads the record instead of testing again)."""
+    from lorma.recipes.learning_rates import LR_RANGE_FILE, LR_RANGE_PLOT, run_range_test
+
+    base = float(args.learning_rate)
+    head = cfg.head_rate(base)
+    rates: dict[str, Any] = {"learning_rate": base, "head_learning_rate": head}
+    if not cfg.learning_rate_auto:
+        return rates
+    record_path = out / LR_RANGE_FILE
+    if resuming and record_path.is_file():
+        record = read_json(record_path)
+    else:
+        if main:
+            print(f"lorma: learning-rate range test ({cfg.method}): sweeping from the family default "
+                  f"{base:g} x 1e-2 to x 1e3", flush=True)
+        test = run_range_test(model, args, base, trainer_kwargs, head_modules, head)
+        record = test.to_dict()
+        record["head_ratio"] = None if head is None else head / base
+        if main:
+            atomic_write_json(record_path, record)
+            from lorma.analysis.plots import plot_lr_range
+
+            plot_lr_range(record, out / LR_RANGE_PLOT, title=f"{cfg.method}, seed {cfg.seed}")
+            print(f"lorma: learning rate {record['chosen']:.3g} (a tenth of {record['lowest_at']:.3g}, where the "
+                  f"smoothed loss was lowest; {record['stopped']}); curve: {out / LR_RANGE_PLOT}", flush=True)
+    chosen = float(record["chosen"])
+    rates["learning_rate"] = chosen
+    if head is not None:
+        rates["head_learning_rate"] = head * chosen / base
+    rates["range_test"] = record
+    return rates
+
+
 def _train_and_save(cfg: RunConfig, txn: RunTransaction, trainer: Any, task: Any, model: Any, tokenizer: Any,
                     eval_ds: Any, loss_log: Any, checkpoint: Path | None, trainable: int, total: int,
-                    base_fingerprint: dict[str, Any], tuning: dict[str, Any] | None = None) -> dict[str, Any]:
+                    base_fingerprint: dict[str, Any], tuning: dict[str, Any] | None = None,
+                    rates: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train (from ``checkpoint`` if given), evaluate, save the model and ``metrics.json`` (main process)."""
     from lorma.recipes.collapse import EVAL_PREDICTIONS, describe_collapse, outcome_fields, save_eval_predictions
 
@@ -398,6 +446,11 @@ def _train_and_save(cfg: RunConfig, txn: RunTransaction, trainer: Any, task: Any
         "weights_sha256": digest,
         "resumed": txn.resume,
     }
+    if rates is not None:
+        metrics["learning_rate"] = {"body": rates["learning_rate"],
+                                    "head": rates["head_learning_rate"] or rates["learning_rate"]}
+        if "range_test" in rates:
+            metrics["lr_range_test"] = rates["range_test"]
     if hasattr(task, "data_summary"):
         metrics["data"] = task.data_summary()
     metrics.update(outcome_fields(task))  # main metric, collapse flags, class weights

@@ -221,8 +221,48 @@ def _score(value: Any, greater_is_better: bool) -> float:
 
 
 def choose(candidates: list[dict[str, Any]], greater_is_better: bool) -> int:
-    """Index of the best candidate by ``score``; ties go to the first in grid order."""
-    return max(range(len(candidates)), key=lambda i: (_score(candidates[i]["score"], greater_is_better), -i))
+    """Index of the best candidate by ``score`` among those that did not collapse (a collapsed run learned the
+    label prior: its score says nothing of the setting, however it ranks); ties go to the first in grid order.
+    When every candidate collapsed, the best of them all."""
+    return max(range(len(candidates)), key=lambda i: (not candidates[i].get("collapsed"),
+                                                      _score(candidates[i]["score"], greater_is_better), -i))
+
+
+# When every candidate of a method collapsed, the grid of each numeric setting is widened once by one value beyond
+# each end (at the grid's own spacing: the ratio of its two end values for a geometric grid, else their step).
+WIDEN_ROUNDS = 1
+
+
+def widened_values(values: list[Any]) -> list[Any]:
+    """One new value beyond each end of a numeric grid (none for a grid of fewer than 2 numbers, or text).
+
+    Geometric (all positive: learning rates, ranks): the smallest / r and the largest * r with r the mean ratio of
+    neighbours; otherwise the mean step. Integer grids stay integers (and positive ones at least 1)."""
+    numbers = sorted(v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool))
+    if len(numbers) < 2 or len(numbers) != len(values):
+        return []
+    low, high = numbers[0], numbers[-1]
+    if low > 0:
+        ratio = (high / low) ** (1.0 / (len(numbers) - 1))
+        new = [low / ratio, high * ratio]
+    else:
+        step = (high - low) / (len(numbers) - 1)
+        new = [low - step, high + step]
+    if all(isinstance(v, int) for v in numbers):
+        new = [max(1, round(v)) if low > 0 else round(v) for v in new]
+    else:
+        new = [float(f"{v:.3g}") for v in new]
+    return [v for v in dict.fromkeys(new) if v not in values]
+
+
+def widened_candidates(grid: dict[str, list[Any]], tried: list[dict[str, Any]]) -> tuple[dict[str, list[Any]],
+                                                                                          list[dict[str, Any]]]:
+    """The widened grid and its candidates not tried yet (grid order), for a method whose candidates all
+    collapsed: one more value at each end of every numeric setting."""
+    wider = {name: sorted({*values, *widened_values(values)}, key=lambda v: (str(type(v)), v))
+             if widened_values(values) else list(values) for name, values in grid.items()}
+    combos = [dict(zip(wider, combo)) for combo in itertools.product(*wider.values())]
+    return wider, [c for c in combos if c not in tried]
 
 
 def _cache_key(cfg: RunConfig) -> dict[str, Any]:
@@ -251,7 +291,6 @@ def tune(cfg: RunConfig, methods: list[str], root: Path, task: Any, quiet: bool 
     from tqdm.auto import tqdm
 
     from lorma.processes import is_main_process
-    from lorma.recipes.train import run_training
 
     if not getattr(task, "supports_validation", False):
         raise RecipeError(f"--tune needs a validation split; task '{task.name}' has none (classification tasks do)")
@@ -270,6 +309,7 @@ def tune(cfg: RunConfig, methods: list[str], root: Path, task: Any, quiet: bool 
     }
     jobs = [(m, values) for m in methods for values in plan[m]["candidates"] if len(plan[m]["candidates"]) > 1]
     bar = tqdm(total=len(jobs), desc="tune: candidates", unit="run", disable=quiet or not is_main_process())
+    root = Path(root)
     for method in methods:
         candidates = plan[method]["candidates"]
         info: dict[str, Any] = {"grid": plan[method]["grid"], "candidates": [], "chosen": {}}
@@ -279,39 +319,84 @@ def tune(cfg: RunConfig, methods: list[str], root: Path, task: Any, quiet: bool 
             info["note"] = "no setting to tune applies to this method" if not candidates else "one candidate"
             continue
         for values in candidates:
-            run_dir = root / method / candidate_label(values)
-            run_cfg = dataclasses.replace(apply_values(cfg, values), method=method, eval_on="validation",
-                                          tune=None, grid={}, output_dir=str(run_dir))
-            key = _cache_key(run_cfg)
+            info["candidates"].append(_run_candidate(cfg, method, values, root, main_metric))
             bar.set_postfix_str(f"{method} {candidate_label(values)}")
-            cached = _cached(run_dir, key)
-            if cached is not None:
-                result = cached["result"]
-            else:
-                metrics = run_training(run_cfg, overwrite=True)
-                result = {
-                    "validation": {k: v for k, v in metrics["eval"].items()
-                                   if not k.endswith(("_runtime", "_per_second", "epoch"))},
-                    "collapsed": metrics.get("collapsed"),
-                    "validation_rows": (metrics.get("data") or {}).get("eval_rows", {}).get("eval"),
-                    "train_rows": (metrics.get("data") or {}).get("train_rows"),
-                }
-                if is_main_process():
-                    atomic_write_json(run_dir / CANDIDATE_FILE, {"key": key, "result": result})
-            info["candidates"].append({
-                "values": values,
-                "score": result["validation"].get(main_metric),
-                **result,
-                "run_dir": str(run_dir),
-                "cached": cached is not None,
-            })
             bar.update(1)
+        for _ in range(WIDEN_ROUNDS):
+            if not all(c.get("collapsed") for c in info["candidates"]):
+                break
+            wider, extra = widened_candidates(info["grid"], [c["values"] for c in info["candidates"]])
+            if not extra:
+                break
+            info["widened"] = {"reason": "every candidate collapsed", "grid": wider,
+                               "added": [candidate_label(v) for v in extra]}
+            info["grid"] = wider
+            bar.total += len(extra)
+            for values in extra:
+                info["candidates"].append(_run_candidate(cfg, method, values, root, main_metric))
+                bar.set_postfix_str(f"{method} {candidate_label(values)} (widened)")
+                bar.update(1)
         best = choose(info["candidates"], greater)
         info["chosen"] = dict(info["candidates"][best]["values"])
         info["all_collapsed"] = all(c.get("collapsed") for c in info["candidates"])
         info["at_grid_edge"] = grid_edges(info["grid"], info["chosen"])
+        info["separation"] = separation(info["candidates"], best, record["main_metric"], greater)
     bar.close()
     return record
+
+
+def _run_candidate(cfg: RunConfig, method: str, values: dict[str, Any], root: Path,
+                   main_metric: str) -> dict[str, Any]:
+    """Train one candidate on the validation split (or read it back from its ``candidate.json``)."""
+    from lorma.processes import is_main_process
+    from lorma.recipes.train import run_training
+
+    run_dir = root / method / candidate_label(values)
+    run_cfg = dataclasses.replace(apply_values(cfg, values), method=method, eval_on="validation",
+                                  tune=None, grid={}, output_dir=str(run_dir))
+    key = _cache_key(run_cfg)
+    cached = _cached(run_dir, key)
+    if cached is not None:
+        result = cached["result"]
+    else:
+        metrics = run_training(run_cfg, overwrite=True)
+        result = {
+            "validation": {k: v for k, v in metrics["eval"].items()
+                           if not k.endswith(("_runtime", "_per_second", "epoch"))},
+            "collapsed": metrics.get("collapsed"),
+            "validation_rows": (metrics.get("data") or {}).get("eval_rows", {}).get("eval"),
+            "train_rows": (metrics.get("data") or {}).get("train_rows"),
+        }
+        if is_main_process():
+            atomic_write_json(run_dir / CANDIDATE_FILE, {"key": key, "result": result})
+    return {"values": values, "score": result["validation"].get(main_metric), **result, "run_dir": str(run_dir),
+            "cached": cached is not None}
+
+
+def separation(candidates: list[dict[str, Any]], best: int, main_metric: str,
+               greater_is_better: bool = True) -> dict[str, Any] | None:
+    """Can the validation split tell the chosen candidate from the runner-up? A paired bootstrap over the
+    validation examples (:func:`lorma.recipes.verdicts.bootstrap_interval`, the verdicts' own) of the difference
+    in the main metric between the chosen candidate and the next best that did not collapse. ``None`` without a
+    runner-up or saved predictions."""
+    from lorma.recipes.verdicts import bootstrap_interval, read_eval_predictions
+
+    order = sorted(range(len(candidates)), key=lambda i: -_score(candidates[i]["score"], greater_is_better))
+    ranked = [i for i in order if i != best and not candidates[i].get("collapsed")]
+    if not ranked or candidates[best].get("collapsed"):
+        return None
+    runner = ranked[0]
+    ours, theirs = read_eval_predictions(candidates[best]["run_dir"]), read_eval_predictions(
+        candidates[runner]["run_dir"])
+    if not ours or not theirs or "eval" not in ours or "eval" not in theirs:
+        return None
+    metric = main_metric.removeprefix("eval_")
+    interval = bootstrap_interval(metric, [ours["eval"]["predictions"]], [theirs["eval"]["predictions"]],
+                                  ours["eval"]["labels"])
+    if interval is None:
+        return None
+    return {"runner_up": candidate_label(candidates[runner]["values"]), **interval,
+            "tells_apart": bool(interval["low"] > 0 or interval["high"] < 0)}
 
 
 def grid_edges(grid: dict[str, list[Any]], chosen: dict[str, Any]) -> list[str]:
@@ -348,8 +433,16 @@ def tuning_rows(record: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 
 def _choice_notes(info: dict[str, Any]) -> list[str]:
-    notes = ["every candidate collapsed: change the grid or the steps"] if info.get("all_collapsed") else []
+    notes = []
+    if info.get("widened"):
+        notes.append(f"every candidate of the grid collapsed: widened by {', '.join(info['widened']['added'])}")
+    if info.get("all_collapsed"):
+        notes.append("every candidate collapsed: change the grid or the steps")
     notes += [f"{edge}: a wider grid may do better" for edge in info.get("at_grid_edge", [])]
+    sep = info.get("separation")
+    if sep and not sep["tells_apart"]:
+        notes.append(f"the {sep['examples']} validation rows cannot tell it from {sep['runner_up']}: difference "
+                     f"{sep['difference']:+.3f}, 95% interval [{sep['low']:+.3f}, {sep['high']:+.3f}]")
     return notes
 
 

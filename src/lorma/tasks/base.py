@@ -154,7 +154,7 @@ class Task:
 
     def loss_function(self) -> Callable[..., Any] | None:
         """A loss for Trainer's ``compute_loss_func``, or None for the model's own loss."""
-        if getattr(self.config, "class_weights", None) is not None:
+        if getattr(self.config, "class_weights", None) not in (None, "none", "auto"):
             raise InputError(f"--class-weights applies to classification; task '{self.name}' has no classes")
         return None
 

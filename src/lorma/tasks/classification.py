@@ -26,6 +26,7 @@ from lorma.tasks.classification_metrics import (
     batched_metric,
     classification_metrics,
     collapse_facts,
+    is_imbalanced,
     weighted_cross_entropy,
 )
 from lorma.tasks.glue import GLUE_ALIASES, GLUE_TASKS, GlueSpec
@@ -321,10 +322,16 @@ class ClassificationTask(Task):
         return collapse_facts(self.label_names, train_ids, self._eval_outputs)
 
     def loss_function(self) -> Callable[..., Any] | None:
-        """With ``class_weights: balanced``, a cross-entropy that weighs class c by n / (K n_c) on this run's
-        training rows (scikit-learn's "balanced" weights), so that the rare classes count as much as the common
-        one; ``None`` (the model's own loss) otherwise."""
-        if self.config.class_weights is None:
+        """With balanced class weights, a cross-entropy that weighs class c by n / (K n_c) on this run's training
+        rows (scikit-learn's "balanced" weights), so that the rare classes count as much as the common one;
+        ``None`` (the model's own loss) otherwise.
+
+        ``class_weights: auto`` balances when the training labels are skewed
+        (:func:`~lorma.tasks.classification_metrics.is_imbalanced`) and says why in ``class_weights_reason``."""
+        setting = self.config.class_weighting() if hasattr(self.config, "class_weighting") else (
+            self.config.class_weights or "none")
+        self.class_weights_reason = None
+        if setting == "none" or (setting == "auto" and self.label_names is None):
             return None
         if self.label_names is None:
             raise InputError("--class-weights applies to classification; this task is regression")
@@ -333,6 +340,14 @@ class ClassificationTask(Task):
         from sklearn.utils.class_weight import compute_class_weight
 
         train_ids = self._train_ids()
+        counts = np.bincount(train_ids, minlength=len(self.label_names))
+        share, majority = float(counts.max() / counts.sum()), self.label_names[int(counts.argmax())]
+        if setting == "auto":
+            if not is_imbalanced(share, len(self.label_names)):
+                return None
+            self.class_weights_reason = (f"class weights balanced because the labels are skewed: '{majority}' is "
+                                         f"{share:.0%} of the {counts.sum()} training rows (--class-weights none "
+                                         "turns this off)")
         present = np.unique(train_ids)
         weights = np.ones(len(self.label_names))  # a class without training rows is never a target
         weights[present] = compute_class_weight("balanced", classes=present, y=train_ids)

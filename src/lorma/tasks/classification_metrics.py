@@ -139,6 +139,16 @@ def collapse_facts(label_names: list[str] | None, train_ids: np.ndarray | None,
     }
 
 
+# A majority class this much above an even share (1 / classes) counts as skewed: enough for --class-weights auto
+# to balance the loss, and for the collapse advice to name the imbalance.
+IMBALANCE_MARGIN = 0.1
+
+
+def is_imbalanced(majority_share: float, classes: int) -> bool:
+    """Whether a majority class of ``majority_share`` among ``classes`` clearly exceeds an even share."""
+    return classes > 0 and majority_share > 1.0 / classes + IMBALANCE_MARGIN
+
+
 def weighted_cross_entropy(class_weights: np.ndarray, label_smoothing: float = 0.0) -> Callable[..., Any]:
     """A ``compute_loss_func`` for HF Trainer: cross-entropy with a weight per class."""
     import torch
