@@ -149,7 +149,7 @@ def test_next_command_after_tuning_asks_for_more_steps() -> None:
 
 
 def test_class_weights_need_classes(tmp_path: Path) -> None:
-    with pytest.raises(RecipeError, match="class_weights must be 'balanced'"):
+    with pytest.raises(RecipeError, match="class_weights must be one of auto, balanced, none"):
         build_config({"class_weights": "inverse"}, {})
     rows = [(f"text {i}", f"{i / 10:.1f}") for i in range(20)]
     train = write_csv(tmp_path / "r.csv", ["text", "label"], rows)

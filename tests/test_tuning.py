@@ -280,3 +280,26 @@ def test_a_choice_at_the_edge_of_the_grid_is_flagged() -> None:
     assert rows[0][-1] == ("<- chosen (learning_rate=0.0001 is the smallest value of its grid: a wider grid may "
                            "do better)")
     assert rows[1][-1] == rows[2][-1] == ""
+
+
+def test_a_default_grid_whose_candidates_all_collapse_is_widened_once(data: dict[str, Path], tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """3 steps of a tiny model learn nothing whatever the rate: the default grid gets one value beyond each end,
+    once (stated in the record and the table); a grid given with --grid is kept as given."""
+    from lorma.recipes import tuning
+
+    monkeypatch.setitem(tuning.DEFAULT_GRIDS, "learning_rate", {**DEFAULT_GRIDS["learning_rate"],
+                                                                "adapter": (1e-3, 1e-2)})
+    cfg = _cfg(data, tune=["learning_rate"])
+    task = get_task(cfg)
+    task.check_inputs()
+    record = tune(cfg, ["lora"], tmp_path / "tuning", task, quiet=True)
+    info = record["methods"]["lora"]
+    assert [c["values"]["learning_rate"] for c in info["candidates"]] == pytest.approx([1e-3, 1e-2, 1e-4, 1e-1])
+    assert all(c["collapsed"] for c in info["candidates"])  # else this test shows nothing
+    assert info["widened"]["added"] == ["learning_rate=0.0001", "learning_rate=0.1"]
+    assert info["grid"]["learning_rate"] == pytest.approx([1e-4, 1e-3, 1e-2, 1e-1]) and info["all_collapsed"]
+    _, rows = tuning_rows(record)
+    assert sum("widened by learning_rate=0.0001, learning_rate=0.1" in row[-1] for row in rows) == 1
+    given = tune(_cfg(data, grid={"learning_rate": [1e-3, 1e-2]}), ["lora"], tmp_path / "given", task, quiet=True)
+    assert len(given["methods"]["lora"]["candidates"]) == 2 and "widened" not in given["methods"]["lora"]

@@ -198,7 +198,9 @@ def plan_tuning(cfg: RunConfig, methods: list[str]) -> dict[str, dict[str, Any]]
         candidates = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())] if grid else []
         for values in candidates:
             apply_values(dataclasses.replace(cfg, method=method), values)
-        plan[method] = {"grid": grid, "candidates": candidates}
+        keys = {_grid_key(k) for k in cfg.grid}
+        given = {name for name in grid if {(method, name), (method_family(method), name), (None, name)} & keys}
+        plan[method] = {"grid": grid, "candidates": candidates, "given": sorted(given)}
     return plan
 
 
@@ -228,8 +230,9 @@ def choose(candidates: list[dict[str, Any]], greater_is_better: bool) -> int:
                                                       _score(candidates[i]["score"], greater_is_better), -i))
 
 
-# When every candidate of a method collapsed, the grid of each numeric setting is widened once by one value beyond
-# each end (at the grid's own spacing: the ratio of its two end values for a geometric grid, else their step).
+# When every candidate of a method collapsed, the default grid of each numeric setting is widened once by one value
+# beyond each end (at the grid's own spacing: the mean ratio of neighbours for a geometric grid, else the mean step).
+# A grid given with --grid is the user's choice and is kept as it is.
 WIDEN_ROUNDS = 1
 
 
@@ -255,12 +258,13 @@ def widened_values(values: list[Any]) -> list[Any]:
     return [v for v in dict.fromkeys(new) if v not in values]
 
 
-def widened_candidates(grid: dict[str, list[Any]], tried: list[dict[str, Any]]) -> tuple[dict[str, list[Any]],
-                                                                                          list[dict[str, Any]]]:
+def widened_candidates(grid: dict[str, list[Any]], tried: list[dict[str, Any]],
+                       keep: list[str] | tuple[str, ...] = ()) -> tuple[dict[str, list[Any]], list[dict[str, Any]]]:
     """The widened grid and its candidates not tried yet (grid order), for a method whose candidates all
-    collapsed: one more value at each end of every numeric setting."""
+    collapsed: one more value at each end of every numeric setting, except those in ``keep`` (grids the user
+    gave with ``--grid``: taken as given)."""
     wider = {name: sorted({*values, *widened_values(values)}, key=lambda v: (str(type(v)), v))
-             if widened_values(values) else list(values) for name, values in grid.items()}
+             if name not in keep and widened_values(values) else list(values) for name, values in grid.items()}
     combos = [dict(zip(wider, combo)) for combo in itertools.product(*wider.values())]
     return wider, [c for c in combos if c not in tried]
 
@@ -325,7 +329,8 @@ def tune(cfg: RunConfig, methods: list[str], root: Path, task: Any, quiet: bool 
         for _ in range(WIDEN_ROUNDS):
             if not all(c.get("collapsed") for c in info["candidates"]):
                 break
-            wider, extra = widened_candidates(info["grid"], [c["values"] for c in info["candidates"]])
+            wider, extra = widened_candidates(info["grid"], [c["values"] for c in info["candidates"]],
+                                              keep=plan[method]["given"])
             if not extra:
                 break
             info["widened"] = {"reason": "every candidate collapsed", "grid": wider,
