@@ -178,3 +178,23 @@ def test_widening_adds_one_value_beyond_each_end_at_the_grids_spacing() -> None:
                                      [{"learning_rate": 1e-3, "class_weights": None}])
     assert grid["learning_rate"] == pytest.approx([1e-4, 1e-3, 1e-2, 1e-1])
     assert {"learning_rate": 1e-3, "class_weights": None} not in extra and len(extra) == 7
+
+
+def test_compare_runs_one_range_test_per_method_and_the_other_seeds_reuse_its_rate(
+        setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cmp"
+    assert main(["compare", "--model", str(setup["model"]), "--train-file", str(setup["data"]), "--methods",
+                 "lora", "--seeds", "2", "--max-steps", "2", "--learning-rate", "auto", "--head-learning-rate",
+                 "3e-3", "--per-device-train-batch-size", "8", "--report-to", "none", "--save-strategy", "no",
+                 "--output-dir", str(out)]) == 0
+    first, second = (json.loads((out / "lora" / f"seed-{s}" / "metrics.json").read_text()) for s in (42, 43))
+    assert (out / "lora" / "seed-42" / "lr_range.json").is_file()
+    assert not (out / "lora" / "seed-43" / "lr_range.json").exists() and "lr_range_test" not in second
+    assert second["learning_rate"] == first["learning_rate"]
+    # the head keeps its ratio to the body (3e-3 : 1e-3, the family default the sweep is centred on)
+    assert first["learning_rate"]["head"] == pytest.approx(3 * first["learning_rate"]["body"])
+    results = json.loads((out / "results.json").read_text())
+    assert results["learning_rate_auto"]["lora"]["from"] == "the range test of seed 42"
+    printed = capsys.readouterr().out
+    assert "Learning rates: chosen per method by a learning-rate range test" in printed
+    assert f"{first['learning_rate']['body']:.2g}, head {first['learning_rate']['head']:.2g}" in printed

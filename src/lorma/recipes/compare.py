@@ -114,6 +114,10 @@ def results_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         header.append("collapsed")
     if weights:
         header.append("class weights")
+    rates = results.get("learning_rates") or {}
+    show_rates = any(rates.values())
+    if show_rates:
+        header.append("learning rate")
     header += ["trainable params", "loss AUC", "s/step"]
     rows = []
     for method, info in results["methods"].items():
@@ -128,15 +132,41 @@ def results_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             row.append(f"{len(collapsed)}/{len(info['seeds'])}" + (" !" if collapsed else ""))
         if weights:
             row.append(weights)
+        if show_rates:
+            row.append(rate_label(rates.get(method)))
         row += [f"{info['trainable_params']:,}", _fmt(info["loss_auc"], 2), _fmt(info["seconds_per_step"], 3)]
         rows.append(row)
     baseline = results.get("baseline")
     if baseline:
         row = ["majority baseline"] + (["-"] if tuning else [])
         row += [f"{baseline[k]:.4f}" if k in baseline and baseline[k] is not None else "-" for k in metric_cols]
-        row += (["-"] if show_collapse else []) + (["-"] if weights else []) + ["0", "-", "-"]
+        row += (["-"] if show_collapse else []) + (["-"] if weights else []) + (["-"] if show_rates else [])
+        row += ["0", "-", "-"]
         rows.append(row)
     return header, rows
+
+
+def rate_label(rate: dict[str, Any] | None) -> str:
+    """``1e-03`` or ``1e-03, head 1e-02``: a run's learning rates."""
+    if not rate:
+        return "-"
+    body, head = rate.get("body"), rate.get("head")
+    return f"{body:.2g}" + (f", head {head:.2g}" if head is not None and head != body else "")
+
+
+def recipe_lines(results: dict[str, Any]) -> list[str]:
+    """How the learning rates and the class weights were set (one line each, when it needs saying)."""
+    lines = []
+    auto = results.get("learning_rate_auto")
+    if auto:
+        lines.append("Learning rates: chosen per method by a learning-rate range test on the training data ("
+                     + "; ".join(f"{m}: {info['from']}" for m, info in auto.items())
+                     + "; its curve is lr_range.png in that run's directory).")
+    if results.get("class_weights"):
+        reason = results.get("class_weights_reason")
+        lines.append(f"Loss: cross-entropy with {results['class_weights']} class weights (n / (classes x count))"
+                     + (f": {reason}." if reason else "."))
+    return lines
 
 
 def format_table(header: list[str], rows: list[list[str]]) -> str:
@@ -195,8 +225,7 @@ def format_markdown(results: dict[str, Any]) -> str:
     ]
     if (results.get("data") or {}).get("scorer"):
         lines.append(f"Scores computed by the {results['data']['scorer']}.")
-    if results.get("class_weights"):
-        lines.append(f"Loss: cross-entropy with {results['class_weights']} class weights (n / (classes x count)).")
+    lines += recipe_lines(results)
     if main_metric_line(results):
         lines.append(main_metric_line(results))
     collapsed = collapse_lines(results)
@@ -260,11 +289,18 @@ def run_compare(
     run_dirs: dict[str, list[str]] = {m: [] for m in methods}
     curves: dict[str, list[tuple[list[int], list[float]]]] = {m: [] for m in methods}
     plan = [(m, cfg.seed + i) for m in methods for i in range(seeds)]
+    rates: dict[str, dict[str, Any]] = {}  # --learning-rate auto: per method, the first seed's range test
     for method, seed in tqdm(plan, desc="compare: runs", unit="run", disable=quiet or not is_main_process()):
         run_dir = compare_run_dir(out, method, seed)
         method_cfg = final_config(cfg, tuning["methods"][method]["chosen"]) if tuning else cfg
         run_cfg = dataclasses.replace(method_cfg, method=method, seed=seed, output_dir=str(run_dir))
+        if run_cfg.learning_rate_auto and method in rates:  # one range test per method: the other seeds reuse it
+            body, head = rates[method]["body"], rates[method]["head"]
+            run_cfg = dataclasses.replace(run_cfg, training={**run_cfg.training, "learning_rate": body},
+                                          head_learning_rate="same" if head == body else str(head))
         metrics = run_training(run_cfg, overwrite=overwrite)
+        if run_cfg.learning_rate_auto and method not in rates:
+            rates[method] = {**metrics["learning_rate"], "from": f"the range test of seed {seed}"}
         runs[method].append(metrics)
         run_dirs[method].append(str(run_dir))
         if (run_dir / LOSS_LOG).exists():
@@ -277,7 +313,10 @@ def run_compare(
         "seeds": [cfg.seed + i for i in range(seeds)],
         "main_metric": main_metric,
         "main_metric_reason": task.main_metric_reason(),
-        "class_weights": cfg.class_weights,
+        "class_weights": "balanced" if first.get("class_weights") else None,
+        "class_weights_reason": first.get("class_weights_reason"),
+        "learning_rates": {m: runs[m][0].get("learning_rate") for m in methods},
+        "learning_rate_auto": rates or None,
         "methods": aggregate(runs, run_dirs),
         "baseline": first.get("baseline"),
         "data": first.get("data"),
@@ -316,8 +355,8 @@ def print_results(results: dict[str, Any], output_dir: str | None, cfg: Any = No
         print(f"scorer: {results['data']['scorer']}")
     if main_metric_line(results):
         print(main_metric_line(results))
-    if results.get("class_weights"):
-        print(f"Loss: cross-entropy with {results['class_weights']} class weights.")
+    for line in recipe_lines(results):
+        print(line)
     for line in collapse_lines(results):
         print(f"COLLAPSED: {line}")
     verdicts = results.get("verdicts") or []
