@@ -198,3 +198,28 @@ def test_compare_runs_one_range_test_per_method_and_the_other_seeds_reuse_its_ra
     printed = capsys.readouterr().out
     assert "Learning rates: chosen per method by a learning-rate range test" in printed
     assert f"{first['learning_rate']['body']:.2g}, head {first['learning_rate']['head']:.2g}" in printed
+
+
+# --- the budget ----------------------------------------------------------------------------------------------------
+
+def test_default_epochs_give_small_data_enough_steps() -> None:
+    from lorma.recipes.config import MAX_DEFAULT_EPOCHS, MIN_DEFAULT_STEPS, default_epochs
+
+    assert default_epochs(1000, 3.0) == 3.0  # large data: the usual 3 epochs
+    assert default_epochs(MIN_DEFAULT_STEPS // 4, 3.0) == 4.0
+    assert default_epochs(7, 3.0) == MAX_DEFAULT_EPOCHS  # tiny data: bounded
+
+
+def test_a_run_without_a_budget_trains_more_epochs_on_small_data(setup: dict[str, Path], tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from lorma.recipes import config
+
+    monkeypatch.setattr(config, "MIN_DEFAULT_STEPS", 40)
+    metrics = _train(setup, tmp_path / "epochs", "--method", "lora", "--eval-strategy", "no")
+    rows = metrics["data"]["train_rows"]  # 60 rows less the 10% held out
+    per_epoch = math.ceil(rows / 8)
+    assert metrics["budget"]["steps_per_epoch"] == per_epoch
+    assert metrics["budget"]["epochs"] == math.ceil(40 / per_epoch) > 3
+    assert metrics["global_step"] == metrics["budget"]["epochs"] * per_epoch
+    given = _train(setup, tmp_path / "given", "--method", "lora", "--num-train-epochs", "1", "--eval-strategy", "no")
+    assert "budget" not in given and given["global_step"] == per_epoch

@@ -20,8 +20,8 @@ TRAINING_FLAGS: dict[str, tuple[str, bool]] = {
     # name: (help, is a boolean switch)
     "max_steps": ("Stop after this many optimizer steps (overrides --num-train-epochs).", False),
     "num_train_epochs": ("Number of passes over the training data.", False),
-    "learning_rate": ("Peak learning rate of AdamW (default per method family: adapters (LoRMA, LoRA, DoRA) 1e-3, "
-                      "full 5e-5, BitFit / head-only 3e-3).", False),
+    "learning_rate": ("Peak learning rate of AdamW, or 'auto': a learning-rate range test on the training data "
+                      "(default per method family: the table below).", False),
     "per_device_train_batch_size": ("Training batch size per process.", False),
     "per_device_eval_batch_size": ("Evaluation batch size per process.", False),
     "gradient_accumulation_steps": ("Batches accumulated per optimizer step.", False),
@@ -243,16 +243,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def _wrapped(text: str) -> str:
+    """A description wrapped as argparse would (the parsers whose epilog is a table print text as it is)."""
+    import textwrap
+
+    return textwrap.fill(text, 100)
+
+
 def register(subparsers: Any) -> None:
     """Add the train, compare, merge and demo subcommands."""
+    from lorma.recipes.config import defaults_table
+
     fmt = argparse.HelpFormatter
     train = subparsers.add_parser(
-        "train", help="Fine-tune one model with one method.", formatter_class=fmt,
-        description="Fine-tune a model with LoRMA or a baseline method through HF Trainer. The output "
+        "train", help="Fine-tune one model with one method.", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=defaults_table(),
+        description=_wrapped("Fine-tune a model with LoRMA or a baseline method through HF Trainer. The output "
                     "directory receives the adapter (safetensors), config.yaml, metrics.json, train_log.jsonl "
                     "(per-step loss), eval_predictions.json and checkpoints/. With --tune, the settings are first "
                     "chosen on a validation split of the training data (OUTPUT_DIR/tuning/). Works under "
-                    "torchrun / accelerate launch.",
+                    "torchrun / accelerate launch."),
     )
     add_run_options(train)
     train.add_argument("--resume", action="store_true",
@@ -263,14 +273,14 @@ def register(subparsers: Any) -> None:
 
     compare = subparsers.add_parser(
         "compare", help="Train several methods and seeds on one task; print and save a results table.",
-        formatter_class=fmt,
-        description="Runs OUTPUT_DIR/<method>/seed-<seed>/ for each method and seed, then writes results.md, "
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=defaults_table(),
+        description=_wrapped("Runs OUTPUT_DIR/<method>/seed-<seed>/ for each method and seed, then writes results.md, "
                     "results.json and loss_curves.png in OUTPUT_DIR and prints the table (metrics mean ± std, "
                     "trainable parameters, training-loss AUC, seconds per step, majority baseline, collapsed "
                     "runs) and, for each method against the first, the difference in the main metric with 95% "
                     "intervals over seeds and over eval examples. With --tune, each method's settings are first "
                     "chosen on a validation split of the training data (OUTPUT_DIR/tuning/); the eval data is "
-                    "never read for that. For a fair comparison: --tune learning_rate --seeds 3.",
+                    "never read for that. For a fair comparison: --tune learning_rate --seeds 3."),
     )
     add_run_options(compare)
     compare.add_argument("--methods", default="lora,lorma-plus,lorma-pi",

@@ -42,6 +42,39 @@ DEFAULT_HEAD_LEARNING_RATES: dict[str, float | str] = {"adapter": "same", "full"
 DEFAULT_CLASS_WEIGHTS = "none"
 CLASS_WEIGHTS = ("auto", "balanced", "none")
 AUTO = "auto"  # --learning-rate auto: a learning-rate range test (lorma.recipes.learning_rates)
+# The training budget when the user gives neither --max-steps nor --num-train-epochs: DEFAULT_TRAINING's epochs, but
+# at least MIN_DEFAULT_STEPS optimizer steps on small data (more epochs, at most MAX_DEFAULT_EPOCHS).
+MIN_DEFAULT_STEPS = 300
+MAX_DEFAULT_EPOCHS = 20
+
+
+def default_epochs(steps_per_epoch: int, base_epochs: float) -> float:
+    """The default number of epochs for data of ``steps_per_epoch`` optimizer steps: ``base_epochs``, or enough
+    epochs for :data:`MIN_DEFAULT_STEPS` steps when that is more (at most :data:`MAX_DEFAULT_EPOCHS`)."""
+    needed = math.ceil(MIN_DEFAULT_STEPS / max(steps_per_epoch, 1))
+    return float(max(base_epochs, min(needed, MAX_DEFAULT_EPOCHS)))
+
+
+def defaults_table() -> str:
+    """The recipe's defaults, one row per method family (for ``--help`` and the docs)."""
+    families = {"adapter": "LoRMA, its variants, LoRA, DoRA, AdaLoRA", "full": "full", "partial": "bitfit, head-only"}
+    rows = [("family", "methods", "learning rate", "head rate", "class weights")]
+    for family, methods in families.items():
+        head = DEFAULT_HEAD_LEARNING_RATES[family]
+        rows.append((family, methods, f"{DEFAULT_LEARNING_RATES[family]:g}",
+                     head if isinstance(head, str) else f"{head:g}", DEFAULT_CLASS_WEIGHTS))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    budget = (f"Budget when neither --max-steps nor --num-train-epochs is given: "
+              f"{DEFAULT_TRAINING['num_train_epochs']:g} epochs, or more on small data so that there are at least "
+              f"{MIN_DEFAULT_STEPS} optimizer steps (at most {MAX_DEFAULT_EPOCHS} epochs). Batch "
+              f"{DEFAULT_TRAINING['per_device_train_batch_size']}, warm-up {DEFAULT_TRAINING['warmup_steps']:g} "
+              "of the steps, linear decay. --learning-rate auto: a range test per run (per method in compare) "
+              "scales both rates. class weights auto: balanced when the majority class exceeds an even share by "
+              "10 points.")
+    import textwrap
+
+    return "\n".join(["recipe defaults per method family:", *lines, "", textwrap.fill(budget, 100)])
 
 # Training defaults: the learning rate comes from DEFAULT_LEARNING_RATES (TrainingArguments' own 5e-5 is a
 # full fine-tuning value and leaves adapters barely moving); logging every step gives the per-step loss log.

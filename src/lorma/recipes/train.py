@@ -344,6 +344,9 @@ def run_training(cfg: RunConfig, overwrite: bool = False, resume: bool = False,
             "compute_metrics": task.compute_metrics if task.has_compute_metrics() else None,
             "compute_loss_func": loss_function,
         }
+        budget = _default_budget(cfg, args, len(train_ds))
+        if budget and main:
+            print(f"lorma: {budget['reason']}", flush=True)
         rates = _learning_rates(cfg, args, model, modules_to_save, trainer_kwargs, out, checkpoint is not None, main)
         args.learning_rate = rates["learning_rate"]
         trainer_cls = head_rate_trainer(modules_to_save, rates.get("head_learning_rate"))
@@ -360,7 +363,7 @@ def run_training(cfg: RunConfig, overwrite: bool = False, resume: bool = False,
         txn.started()
         try:
             metrics = _train_and_save(cfg, txn, trainer, task, model, tokenizer, eval_ds, loss_log, checkpoint,
-                                      trainable, total, base_fingerprint, tuning, rates)
+                                      trainable, total, base_fingerprint, tuning, rates, budget)
         except BaseException as err:  # only Ctrl-C and a failed write become messages; the rest re-raise
             _close_progress_bars(trainer)  # so that what follows starts on a line of its own
             if isinstance(err, KeyboardInterrupt):
@@ -373,6 +376,26 @@ def run_training(cfg: RunConfig, overwrite: bool = False, resume: bool = False,
             torch.distributed.barrier()
         txn.commit()
     return metrics
+
+
+def _default_budget(cfg: RunConfig, args: Any, train_rows: int) -> dict[str, Any] | None:
+    """With neither ``max_steps`` nor ``num_train_epochs`` given, small data gets more epochs
+    (:func:`lorma.recipes.config.default_epochs`): sets ``args.num_train_epochs`` and says why; None otherwise."""
+    from lorma.recipes.config import DEFAULT_TRAINING, default_epochs
+
+    if "max_steps" in cfg.training or "num_train_epochs" in cfg.training:
+        return None
+    batch = args.per_device_train_batch_size * max(world_size(), 1)
+    steps_per_epoch = math.ceil(math.ceil(train_rows / batch) / max(args.gradient_accumulation_steps, 1))
+    base = float(DEFAULT_TRAINING["num_train_epochs"])
+    epochs = default_epochs(steps_per_epoch, base)
+    if epochs == base:
+        return None
+    args.num_train_epochs = epochs
+    return {"epochs": epochs, "steps_per_epoch": steps_per_epoch,
+            "reason": f"{train_rows} training rows make {steps_per_epoch} steps per epoch: training {epochs:g} "
+                      f"epochs ({int(epochs) * steps_per_epoch} steps) instead of {base:g}, so that small data gets "
+                      "enough steps (--num-train-epochs or --max-steps to choose)"}
 
 
 def _learning_rates(cfg: RunConfig, args: Any, model: Any, head_modules: list[str], trainer_kwargs: dict[str, Any],
@@ -415,7 +438,7 @@ def _learning_rates(cfg: RunConfig, args: Any, model: Any, head_modules: list[st
 def _train_and_save(cfg: RunConfig, txn: RunTransaction, trainer: Any, task: Any, model: Any, tokenizer: Any,
                     eval_ds: Any, loss_log: Any, checkpoint: Path | None, trainable: int, total: int,
                     base_fingerprint: dict[str, Any], tuning: dict[str, Any] | None = None,
-                    rates: dict[str, Any] | None = None) -> dict[str, Any]:
+                    rates: dict[str, Any] | None = None, budget: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train (from ``checkpoint`` if given), evaluate, save the model and ``metrics.json`` (main process)."""
     from lorma.recipes.collapse import EVAL_PREDICTIONS, describe_collapse, outcome_fields, save_eval_predictions
 
@@ -451,6 +474,8 @@ def _train_and_save(cfg: RunConfig, txn: RunTransaction, trainer: Any, task: Any
                                     "head": rates["head_learning_rate"] or rates["learning_rate"]}
         if "range_test" in rates:
             metrics["lr_range_test"] = rates["range_test"]
+    if budget is not None:
+        metrics["budget"] = budget
     if hasattr(task, "data_summary"):
         metrics["data"] = task.data_summary()
     metrics.update(outcome_fields(task))  # main metric, collapse flags, class weights
