@@ -251,6 +251,7 @@ def tune(cfg: RunConfig, methods: list[str], root: Path, task: Any, quiet: bool 
     from tqdm.auto import tqdm
 
     from lorma.processes import is_main_process
+    from lorma.recipes.fingerprints import inputs_unchanged
     from lorma.recipes.train import run_training
 
     if not getattr(task, "supports_validation", False):
@@ -284,7 +285,7 @@ def tune(cfg: RunConfig, methods: list[str], root: Path, task: Any, quiet: bool 
                                           tune=None, grid={}, output_dir=str(run_dir))
             key = _cache_key(run_cfg)
             bar.set_postfix_str(f"{method} {candidate_label(values)}")
-            cached = _cached(run_dir, key)
+            cached = _cached(run_dir, key) if inputs_unchanged(run_dir, run_cfg) else None  # same settings, same data
             if cached is not None:
                 result = cached["result"]
             else:
@@ -367,10 +368,12 @@ def tuning_summary(record: dict[str, Any]) -> str:
             "scored on the eval data (never read while tuning).")
 
 
-def train_tuned(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
+def train_tuned(cfg: RunConfig, overwrite: bool = False, resume: bool = False,
+                allow_changed_inputs: bool = False) -> dict[str, Any]:
     """``lorma train --tune``: tune ``cfg.method`` (candidates in ``OUTPUT_DIR/tuning/``), then the final run in
     ``OUTPUT_DIR`` with the chosen values; its ``metrics.json`` keeps the tuning record under ``tuning``."""
     from lorma.processes import is_main_process
+    from lorma.recipes.fingerprints import check_run_inputs
     from lorma.recipes.rundir import RunTransaction, check_not_input
     from lorma.recipes.train import run_inputs, run_training
     from lorma.tasks.base import get_task
@@ -380,6 +383,8 @@ def train_tuned(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -
     check_not_input(plan.final, run_inputs(cfg), replacing=overwrite)
     task = get_task(cfg)
     task.check_inputs()
+    # changed inputs are refused before any candidate trains; the final run records an allowed change
+    check_run_inputs(cfg, plan.work, resume, plan.resume_from, allow_changed_inputs, tell=lambda message: None)
     record = tune(cfg, [cfg.method], plan.final / TUNING_DIR, task)
     return run_training(final_config(cfg, record["methods"][cfg.method]["chosen"]), overwrite=overwrite,
-                        resume=resume, tuning=record)
+                        resume=resume, tuning=record, allow_changed_inputs=allow_changed_inputs)
