@@ -236,8 +236,9 @@ def check_run_inputs(cfg: Any, work: Path, resume: bool, resume_from: Path | Non
         fresh["history"] = [{"event": "inputs not recorded before", "resumed_from_step": step, "time": _now()}]
         return RunInputs(fresh)
     changes, notes = compare_inputs(recorded["inputs"], current)
-    for note in notes:
-        tell(f"note: {note}")
+    if not changes or allow_changed:  # a refusal is one line: the notes only accompany a run that goes on
+        for note in notes:
+            tell(f"note: {note}")
     if not changes:
         return RunInputs(recorded)
     shown = "; ".join(changes[:_SHOWN_CHANGES])
