@@ -33,6 +33,7 @@ from lorma.fileio import (
     trim_jsonl,
 )
 from lorma.processes import is_main_process, world_size
+from lorma.quiet import silence_known_noise
 from lorma.recipes.config import ADAPTER_METHODS, RunConfig, dump_yaml
 from lorma.recipes.fingerprints import check_run_inputs, input_changes
 from lorma.recipes.method_registry import get_method
@@ -226,6 +227,7 @@ def quiet_libraries() -> None:
     import warnings
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    silence_known_noise()  # bitsandbytes' notice when Trainer's import brings in peft (lorma.quiet)
     # a deprecation inside transformers/peft, raised once per model, says nothing to a user of lorma
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     from transformers.utils import logging as hf_logging
