@@ -130,6 +130,16 @@ def test_comparison_content_decides(tmp_path: Path) -> None:
     changes, _ = compare_inputs(before, {"model": before["model"]})
     assert changes == [f"data folder the directory {folder} is no longer given"]
 
+    # one file: the same content from another path is the same input; other content is named by its new path
+    (tmp_path / "a.csv").write_text("text,label\nx,1\n")
+    shutil.copy2(tmp_path / "a.csv", tmp_path / "b.csv")  # with its modification time
+    a, b = ({"train_file": input_fingerprint("train_file", str(tmp_path / n))} for n in ("a.csv", "b.csv"))
+    assert compare_inputs(a, b) == ([], [f"training file is now read from {tmp_path / 'b.csv'} (was "
+                                         f"{tmp_path / 'a.csv'}), with the same content"])
+    (tmp_path / "b.csv").write_text("text,label\nx,0\n")
+    b = {"train_file": input_fingerprint("train_file", str(tmp_path / "b.csv"))}
+    assert compare_inputs(a, b)[0] == [f"training file {tmp_path / 'b.csv'}: content changed (same size, 15 bytes)"]
+
 
 # --------------------------------------------------------------------------------------------------
 # --resume

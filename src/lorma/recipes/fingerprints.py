@@ -55,6 +55,8 @@ MODEL_FILE_PATTERNS = (
 )
 #: files of a data folder that are not input: the cache files the datasets library writes beside a saved dataset
 DATA_FOLDER_SKIPPED = ("cache-*.arrow",)
+#: bytes read at a time while hashing (hashlib.file_digest is Python 3.11+)
+_CHUNK = 1 << 20
 #: how many changes the refusal lists before "and N more"
 _SHOWN_CHANGES = 5
 
@@ -68,15 +70,19 @@ Fingerprints = dict[str, dict[str, Any]]
 
 def file_fingerprint(path: Path) -> dict[str, Any]:
     """Size, modification time and SHA-256 (streamed: a file of any size in constant memory) of ``path``."""
+    digest = hashlib.sha256()
+    buffer = bytearray(_CHUNK)
+    view = memoryview(buffer)
     try:
-        with open(path, "rb") as fh:
+        with open(path, "rb", buffering=0) as fh:
             stat = os.fstat(fh.fileno())
-            digest = hashlib.file_digest(fh, "sha256").hexdigest()
+            while read := fh.readinto(buffer):
+                digest.update(view[:read])
     except OSError as err:
         raise InputError(f"{path}: cannot read it to fingerprint the run's inputs ({err.strerror or err})") from None
     modified = datetime.fromtimestamp(stat.st_mtime_ns / 1e9, tz=timezone.utc)
     return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-            "modified": modified.isoformat(timespec="microseconds"), "sha256": digest}
+            "modified": modified.isoformat(timespec="microseconds"), "sha256": digest.hexdigest()}
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
@@ -138,6 +144,13 @@ def _shown_file(entry: Mapping[str, Any], name: str) -> str:
     return str(entry.get("path")) if entry.get("kind") == "file" else str(Path(str(entry.get("path"))) / name)
 
 
+def _files(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """The file fingerprints of an input by name inside it; a single file's under ``""`` (so that the same content
+    read from another path compares equal)."""
+    files = entry.get("files") or {}
+    return {"": next(iter(files.values()))} if entry.get("kind") == "file" and files else dict(files)
+
+
 def compare_inputs(recorded: Fingerprints, current: Fingerprints) -> tuple[list[str], list[str]]:
     """``(changes, notes)`` between the recorded and the current fingerprints, in words naming each file.
 
@@ -163,7 +176,7 @@ def compare_inputs(recorded: Fingerprints, current: Fingerprints) -> tuple[list[
             continue
         if old.get("kind") in ("hub", "missing"):
             continue
-        old_files, new_files = old.get("files") or {}, new.get("files") or {}
+        old_files, new_files = _files(old), _files(new)
         before = len(changes)
         for name in sorted(set(old_files) | set(new_files)):
             a, b = old_files.get(name), new_files.get(name)
