@@ -18,6 +18,7 @@ import sys
 
 from lorma.errors import InputError as LormaCLIError  # the name subcommands raise bad input by
 from lorma.errors import LormaError, RunInterrupted
+from lorma.quiet import silence_known_noise
 
 __all__ = ["LormaCLIError", "SUBCOMMAND_MODULES", "build_parser", "main"]
 
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one ``lorma`` command; returns its exit code."""
+    silence_known_noise()  # before any command imports the libraries that print it
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the command as typed (for "try next" advice)

@@ -166,10 +166,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from lorma.recipes.train import run_training
     from lorma.recipes.tuning import train_tuned, wants_tuning
 
+    allow = args.allow_changed_inputs
+    if allow and not args.resume:
+        raise InputError("--allow-changed-inputs applies to --resume only (a new run records its inputs)")
     if wants_tuning(cfg):
-        metrics = train_tuned(cfg, overwrite=args.overwrite, resume=args.resume)
+        metrics = train_tuned(cfg, overwrite=args.overwrite, resume=args.resume, allow_changed_inputs=allow)
     else:
-        metrics = run_training(cfg, overwrite=args.overwrite, resume=args.resume)
+        metrics = run_training(cfg, overwrite=args.overwrite, resume=args.resume, allow_changed_inputs=allow)
     if is_main_process():
         if metrics.get("tuning"):
             from lorma.recipes.compare import print_tuning
@@ -268,6 +271,9 @@ def register(subparsers: Any) -> None:
     train.add_argument("--resume", action="store_true",
                        help="Continue from the last checkpoint in --output-dir (its config.yaml is reused when "
                             "no CONFIG is given).")
+    train.add_argument("--allow-changed-inputs", action="store_true",
+                       help="With --resume: continue even if the model or data files changed since the run started "
+                            "(refused otherwise; the change is recorded in inputs.json and metrics.json).")
     train.add_argument("--overwrite", action="store_true", help="Replace an existing run in --output-dir.")
     train.set_defaults(func=cmd_train)
 

@@ -2,6 +2,8 @@
 
 ``OUTPUT_DIR/``
     ``config.yaml``       the resolved settings (``--resume`` reads them back)
+    ``inputs.json``       fingerprints of the model and data read (``--resume`` refuses changed ones:
+                          :mod:`lorma.recipes.fingerprints`)
     ``train_log.jsonl``   one line per logged step: ``{"step", "epoch", "loss", "learning_rate"}``
     ``checkpoints/``      Trainer checkpoints ``checkpoint-<step>/``
     ``rank/``             ``rank_log.jsonl`` with ``--track-rank``
@@ -41,6 +43,7 @@ from lorma.errors import DataFormatError, InputError
 from lorma.fileio import AdvisoryLock, read_json, read_jsonl, safetensors_problem, torch_file_problem
 
 CONFIG_FILE = "config.yaml"
+INPUTS_FILE = "inputs.json"
 METRICS_FILE = "metrics.json"
 LOSS_LOG = "train_log.jsonl"
 CHECKPOINTS_DIR = "checkpoints"

@@ -33,7 +33,9 @@ from lorma.fileio import (
     trim_jsonl,
 )
 from lorma.processes import is_main_process, world_size
+from lorma.quiet import silence_known_noise
 from lorma.recipes.config import ADAPTER_METHODS, RunConfig, dump_yaml
+from lorma.recipes.fingerprints import check_run_inputs, input_changes
 from lorma.recipes.method_registry import get_method
 from lorma.recipes.rundir import (
     ADAPTER_DIR,
@@ -50,6 +52,7 @@ from lorma.recipes.rundir import (
     TUNING_DIR,
     RunTransaction,
     check_not_input,
+    notify,
     read_loss_log,
     scan_checkpoints,
 )
@@ -224,6 +227,7 @@ def quiet_libraries() -> None:
     import warnings
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    silence_known_noise()  # bitsandbytes' notice when Trainer's import brings in peft (lorma.quiet)
     # a deprecation inside transformers/peft, raised once per model, says nothing to a user of lorma
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     from transformers.utils import logging as hf_logging
@@ -279,11 +283,13 @@ def _trim_logs(work: Path, checkpoint: Path | None, rank_log: Path) -> None:
 
 
 def run_training(cfg: RunConfig, overwrite: bool = False, resume: bool = False,
-                 tuning: dict[str, Any] | None = None) -> dict[str, Any]:
+                 tuning: dict[str, Any] | None = None, allow_changed_inputs: bool = False) -> dict[str, Any]:
     """Train one run as configured; returns the metrics written to ``metrics.json``.
 
     ``tuning``: the ``--tune`` record that chose this run's settings (:mod:`lorma.recipes.tuning`): kept in
     ``metrics.json``, and its candidates (``OUTPUT_DIR/tuning/``) survive ``--overwrite``.
+    ``allow_changed_inputs``: resume even if the model or data changed since the run started (recorded);
+    without it that is refused (:mod:`lorma.recipes.fingerprints`).
 
     Raises :class:`~lorma.errors.InputError` for bad input (nothing written), :class:`RunInterrupted` on
     Ctrl-C and :class:`DiskFullError` for a full disk (the run can be resumed from its last complete
@@ -303,6 +309,8 @@ def run_training(cfg: RunConfig, overwrite: bool = False, resume: bool = False,
                          f"method {cfg.method} " + ("is a LoRMA variant" if method.variant else "has none"))
     task = get_task(cfg)
     task.check_inputs()
+    inputs = check_run_inputs(cfg, txn.work, resume, txn.resume_from, allow_changed_inputs,
+                              notify if main else lambda message: None)  # before the run is touched
 
     with txn:  # the lock: a second writer is refused from here; an error before txn.started() undoes it all
         quiet_libraries()
@@ -331,6 +339,7 @@ def run_training(cfg: RunConfig, overwrite: bool = False, resume: bool = False,
             resolved["training"] = {k: v for k, v in cfg.training_arguments().items() if k != "seed"}
             if cfg.learning_rate_auto:
                 resolved["training"]["learning_rate"] = "auto"
+            inputs.write(out)  # before config.yaml: a run with a config always has its inputs recorded
             atomic_write_text(out / CONFIG_FILE, dump_yaml(resolved))
             _trim_logs(out, checkpoint, rank_log)
             if getattr(task, "class_weights_reason", None):
@@ -481,6 +490,7 @@ def _train_and_save(cfg: RunConfig, txn: RunTransaction, trainer: Any, task: Any
     metrics.update(outcome_fields(task))  # main metric, collapse flags, class weights
     if tuning:
         metrics["tuning"] = tuning
+    metrics.update(input_changes(out))  # resumes on changed inputs (allowed) or on unrecorded ones
     # a sharded model (FSDP2, ZeRO-3) is gathered on every rank (collective) and saved whole by the main process
     from lorma.sharding import model_is_sharded, trainable_state_dict
 

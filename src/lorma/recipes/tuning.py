@@ -354,13 +354,14 @@ def _run_candidate(cfg: RunConfig, method: str, values: dict[str, Any], root: Pa
                    main_metric: str) -> dict[str, Any]:
     """Train one candidate on the validation split (or read it back from its ``candidate.json``)."""
     from lorma.processes import is_main_process
+    from lorma.recipes.fingerprints import inputs_unchanged
     from lorma.recipes.train import run_training
 
     run_dir = root / method / candidate_label(values)
     run_cfg = dataclasses.replace(apply_values(cfg, values), method=method, eval_on="validation",
                                   tune=None, grid={}, output_dir=str(run_dir))
     key = _cache_key(run_cfg)
-    cached = _cached(run_dir, key)
+    cached = _cached(run_dir, key) if inputs_unchanged(run_dir, run_cfg) else None  # same settings, same data
     if cached is not None:
         result = cached["result"]
     else:
@@ -465,10 +466,12 @@ def tuning_summary(record: dict[str, Any]) -> str:
             "scored on the eval data (never read while tuning).")
 
 
-def train_tuned(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
+def train_tuned(cfg: RunConfig, overwrite: bool = False, resume: bool = False,
+                allow_changed_inputs: bool = False) -> dict[str, Any]:
     """``lorma train --tune``: tune ``cfg.method`` (candidates in ``OUTPUT_DIR/tuning/``), then the final run in
     ``OUTPUT_DIR`` with the chosen values; its ``metrics.json`` keeps the tuning record under ``tuning``."""
     from lorma.processes import is_main_process
+    from lorma.recipes.fingerprints import check_run_inputs
     from lorma.recipes.rundir import RunTransaction, check_not_input
     from lorma.recipes.train import run_inputs, run_training
     from lorma.tasks.base import get_task
@@ -478,6 +481,8 @@ def train_tuned(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -
     check_not_input(plan.final, run_inputs(cfg), replacing=overwrite)
     task = get_task(cfg)
     task.check_inputs()
+    # changed inputs are refused before any candidate trains; the final run records an allowed change
+    check_run_inputs(cfg, plan.work, resume, plan.resume_from, allow_changed_inputs, tell=lambda message: None)
     record = tune(cfg, [cfg.method], plan.final / TUNING_DIR, task)
     return run_training(final_config(cfg, record["methods"][cfg.method]["chosen"]), overwrite=overwrite,
-                        resume=resume, tuning=record)
+                        resume=resume, tuning=record, allow_changed_inputs=allow_changed_inputs)
