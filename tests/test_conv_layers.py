@@ -277,3 +277,11 @@ def test_save_and_load_in_a_fresh_process(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok")
+
+
+def test_lora_export_refuses_convolutions_naming_the_module() -> None:
+    from lorma.export import ExportError, lora_export
+
+    model = get_peft_model(Wrap(nn.Conv2d(3, 4, 3)), LormaConfig(target_modules=["conv"], r=2))
+    with pytest.raises(ExportError, match=r"module 'conv' is a Conv2d: lorma export writes LoRA adapters for Linear"):
+        lora_export(model)
