@@ -285,3 +285,20 @@ def test_lora_export_refuses_convolutions_naming_the_module() -> None:
     model = get_peft_model(Wrap(nn.Conv2d(3, 4, 3)), LormaConfig(target_modules=["conv"], r=2))
     with pytest.raises(ExportError, match=r"module 'conv' is a Conv2d: lorma export writes LoRA adapters for Linear"):
         lora_export(model)
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_add_weighted_adapter_product_is_the_composition_on_a_convolution(side: str) -> None:
+    """LoRMA+'s exact "product" combination: one adapter equal to activating both, on either channel axis."""
+    model, layer = adapted(nn.Conv2d(3, 5, 3, padding=1), side=side, inflation="plus")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.add_adapter("b", LormaConfig(target_modules=["conv"], r=2, side=side, init_weights=False))
+    model.double()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    model.base_model.set_adapter(["default", "b"])
+    both = model(x).detach()
+    model.base_model.add_weighted_adapter(["default", "b"], [1.0, 1.0], "ab", combination_type="product")
+    model.base_model.set_adapter("ab")
+    assert layer.lorma_A["ab"].shape == (4, 5 if side == "pre" else 3)
+    assert rel_err(model(x), both) < 1e-10
