@@ -85,32 +85,34 @@ def tie_output_layers(model: nn.Module, adapter_name: str, replace: Callable[...
     return tied
 
 
-def shared_weight_holders(model: nn.Module, layer: LormaLayer) -> list[str]:
-    """Modules other than ``layer``'s base that hold its weight and that merging it would change unasked: not the
-    :class:`TiedLinear` layers that follow it."""
-    base = layer.get_base_layer()
-    weight = _weight_of(base)
-    if weight is None:
-        return []
-    followers = {
-        id(m.get_base_layer()) for m in model.modules() if isinstance(m, TiedLinear) and m.source is layer
-    }
-    return [
-        _wrapper_name(name)
-        for name, module in _holders(model, weight)
-        if module is not base and id(module) not in followers
-    ]
-
-
 def shared_layers(model: nn.Module, adapter_name: str | None = None) -> dict[str, list[str]]:
-    """Adapted layers (with adapter ``adapter_name``, or any) whose weight other modules hold: name -> holders."""
+    """Adapted layers (with adapter ``adapter_name``, or any) whose weight is held by other modules that merging it
+    would change unasked (not the :class:`TiedLinear` layers that follow it): name -> those modules' names.
+
+    One pass over the model's modules, whatever the number of adapted layers."""
+    holders: dict[int, list[tuple[str, nn.Module]]] = {}
+    followers: set[tuple[int, int]] = set()  # (id of the followed layer, id of the follower's base layer)
+    for name, module in model.named_modules(remove_duplicate=False):
+        weight = _weight_of(module)
+        if weight is not None:
+            holders.setdefault(id(weight), []).append((name, module))
+        if isinstance(module, TiedLinear):
+            followers.add((id(module.source), id(module.get_base_layer())))
     found: dict[str, list[str]] = {}
     for name, layer in model.named_modules():
         if not isinstance(layer, LormaLayer) or not layer.lorma_A:
             continue
         if adapter_name is not None and adapter_name not in layer.lorma_A:
             continue
-        others = shared_weight_holders(model, layer)
+        base = layer.get_base_layer()
+        weight = _weight_of(base)
+        if weight is None:
+            continue
+        others = [
+            _wrapper_name(holder_name)
+            for holder_name, holder in holders[id(weight)]
+            if holder is not base and (id(layer), id(holder)) not in followers
+        ]
         if others:
             found[name] = others
     return found
