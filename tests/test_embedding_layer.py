@@ -315,3 +315,31 @@ def test_deleting_the_adapter_unties_the_output_layer() -> None:
     assert sorted(head.tied_adapters) == ["default", "other"]
     model.base_model.delete_adapter("default")
     assert sorted(head.tied_adapters) == ["other"]
+
+
+def test_tied_adapter_loads_with_low_cpu_mem_usage_and_deep_copies(tmp_path: Path) -> None:
+    """The tie is rebuilt when peft injects from the checkpoint's keys (low_cpu_mem_usage), and a deep copy's output
+    layer follows the copy's embedding, not the original's."""
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    base_state = tiny_tied_llama().state_dict()
+
+    def fresh() -> nn.Module:
+        model = tiny_tied_llama()
+        model.load_state_dict(base_state)
+        return model
+
+    model = quiet_peft_model(fresh(), LormaConfig(target_modules=["embed_tokens"], r=2, init_weights=False,
+                                                  ensure_weight_tying=True))
+    ids = torch.randint(0, 120, (2, 5))
+    expected = model(ids).logits.detach()
+    model.save_pretrained(tmp_path, save_embedding_layers=False)
+    loaded = PeftModel.from_pretrained(fresh(), tmp_path, low_cpu_mem_usage=True)
+    assert isinstance(loaded.base_model.model.lm_head, TiedLinear)
+    assert torch.allclose(loaded(ids).logits, expected, atol=1e-6)
+    clone = copy.deepcopy(model)
+    assert clone.base_model.model.lm_head.source is clone.base_model.model.model.embed_tokens
+    with torch.no_grad():
+        model.base_model.model.model.embed_tokens.lorma_B["default"].zero_()  # changes the original only
+    assert torch.allclose(clone(ids).logits, expected, atol=1e-6)
