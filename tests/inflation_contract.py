@@ -1,11 +1,12 @@
 """What every registered inflation must satisfy, whoever wrote it: its optional methods agree with its transform.
 
 An inflation writes ``initialize`` and ``transform`` and may override the rest (``apply_delta``, ``strategy``,
-``delta_weight``, ``unmerge``, ``lora_factors``, ``check_size``) for speed or memory. Each override must compute
-what the dense transform says, and the layer must give the dense formula whichever strategy the inflation picks
-and whatever its memory bound. :func:`check_inflation_contract` checks that for one registered name; it runs on
-the built-ins (tests/test_inflations.py) and on the docs' worked example (tests/test_extending_docs.py). That the
-built-ins' transforms are the paper's is checked separately, against an independent formula.
+``delta_weight``, ``unmerge``, ``lora_factors``, ``check_size``, ``transpose_swaps_factors``) for speed or
+memory. Each override must compute what the dense transform says, and the layer must give the dense formula
+whichever strategy the inflation picks and whatever its memory bound. :func:`check_inflation_contract` checks
+that for one registered name; it runs on the built-ins (tests/test_inflations.py) and on the docs' worked
+example (tests/test_extending_docs.py). That the built-ins' transforms are the paper's is checked separately,
+against an independent formula.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ def check_methods_against_transform(name: str) -> None:
     h, shift = torch.randn(5, d, dtype=torch.float64), torch.randn(d, dtype=torch.float64)
     assert _rel_err(inflation.apply_delta(h, A, B, s), h @ (M - eye).T) < 1e-10
     assert _rel_err(inflation.apply_delta(h, A, B, s, shift), (h - shift) @ (M - eye).T) < 1e-10
+    # the transpose, for a layer tied to an adapted one (an embedding's output layer): h -> I(BA)^T h
+    assert inflation.transposed_fits(d)
+    assert _rel_err(inflation.apply_transposed_delta(h, A, B, s), h @ (M - eye)) < 1e-10, f"{name}: transpose"
     for side, W in (("pre", torch.randn(d, d_other, dtype=torch.float64)),
                     ("post", torch.randn(d_other, d, dtype=torch.float64))):
         expected = (M - eye) @ W if side == "pre" else W @ (M - eye)

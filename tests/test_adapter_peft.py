@@ -268,8 +268,8 @@ def test_bad_config_values(kwargs: dict, message: str) -> None:
 def test_bad_targets(tiny_bert, tiny_gpt2) -> None:
     with pytest.raises(ValueError, match="not_a_module"):
         get_peft_model(tiny_bert, LormaConfig(target_modules=["not_a_module"]))
-    with pytest.raises(ValueError, match=r"word_embeddings.*Embedding"):
-        get_peft_model(copy.deepcopy(tiny_bert), LormaConfig(target_modules=["word_embeddings"]))
+    with pytest.raises(ValueError, match=r"embeddings.LayerNorm' is a LayerNorm: LoRMA adapts"):
+        get_peft_model(copy.deepcopy(tiny_bert), LormaConfig(target_modules=["embeddings.LayerNorm"]))
     weights_before = {n: p.clone() for n, p in tiny_gpt2.named_parameters()}
     with pytest.raises(ValueError, match=r"c_attn.*96.*5 equal fused parts"):
         get_peft_model(tiny_gpt2, LormaConfig(target_modules=["c_attn"],

@@ -88,6 +88,11 @@ class LormaConfig(PeftConfig):
         min_rank / inference_rank: DyLoRMA (``variant="dylorma"``): each training forward uses the first ``b``
             ranks, ``b`` drawn uniformly from ``[min_rank, r]``; outside training ``inference_rank`` ranks
             (``None``: all ``r``).
+        ensure_weight_tying: peft's option for LoRA: an ``nn.Linear`` that shares the weight of an adapted
+            ``nn.Embedding`` (tied word embeddings) is adapted through the tie, with the embedding's transform
+            transposed, so the merged model keeps one tied weight and computes what the unmerged one does. Found by
+            the weight's identity, whatever the modules are named; ``False``: merging such a layer is refused
+            (docs/conv-and-embeddings.md).
     """
 
     r: int = field(default=8, metadata={"help": "Rank of A (r x d) and B (d x r)."})
@@ -151,6 +156,10 @@ class LormaConfig(PeftConfig):
     min_rank: int = field(default=1, metadata={"help": "DyLoRMA: smallest rank a training step draws."})
     inference_rank: int | None = field(
         default=None, metadata={"help": "DyLoRMA: ranks used outside training (None: all r)."}
+    )
+    ensure_weight_tying: bool = field(
+        default=False,
+        metadata={"help": "Adapt the output layer tied to an adapted embedding through the tie (peft's option)."},
     )
 
     def __post_init__(self) -> None:

@@ -452,6 +452,14 @@ def lora_export(
     ]
     if not layers:
         raise ExportError(f"adapter {adapter_name!r} adapts no module of this model")
+    other = [(key, type(m.get_base_layer()).__name__) for key, m in layers
+             if not isinstance(m.get_base_layer(), (torch.nn.Linear, Conv1D))]
+    if other:
+        raise ExportError(
+            f"module {other[0][0]!r} is a {other[0][1]}: lorma export writes LoRA adapters for Linear / Conv1D layers "
+            "only (LoRMA's convolution and embedding layers are not exported); merge the adapter instead "
+            "(lorma merge, or merge_and_unload)"
+        )
     if any(m.merged for _, m in layers):
         raise ExportError("the adapter is merged into the base weights (W0 is not available): unmerge it first")
     others = {}  # what peft saves beside LoRMA's tensors, under its key names

@@ -115,13 +115,21 @@ class LormaLayer(BaseTunerLayer):
             fan_in_fan_out = True
         elif hasattr(base, "in_features") and hasattr(base, "out_features"):
             self.in_features, self.out_features = base.in_features, base.out_features
+        elif (sizes := self.transform_sizes_of(base)) is not None:
+            self.in_features, self.out_features = sizes
         else:
             raise ValueError(
-                f"module {module_name!r}: LoRMA adapts nn.Linear and transformers Conv1D layers, "
-                f"got {type(base).__name__}"
+                f"module {module_name!r}: LoRMA adapts nn.Linear, transformers Conv1D, nn.Conv1d/2d/3d and "
+                f"nn.Embedding layers, got {type(base).__name__}"
             )
         self.fan_in_fan_out = fan_in_fan_out
         self.base_weight = FloatWeight(fan_in_fan_out)
+
+    def transform_sizes_of(self, base: nn.Module) -> tuple[int, int] | None:
+        """``(d_in, d_out)``, the sizes of the post- and pre-side transforms, for a base layer that is neither an
+        ``nn.Linear`` nor a ``Conv1D``; ``None`` if this class does not adapt it. Overridden by the convolution and
+        embedding layers (:mod:`lorma.conv_layer`, :mod:`lorma.embedding_layer`)."""
+        return None
 
     # ------------------------------------------------------------------ construction
     def update_layer(

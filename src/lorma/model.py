@@ -18,8 +18,11 @@ from peft.utils.other import ModulesToSaveWrapper, _freeze_adapter, get_pattern_
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from . import tying
 from .bnb import QuantLinear, keep_autograd_path, quantized_kind
 from .config import DEFAULT_FUSED_PARTS, DEFAULT_TARGET_MODULES, LormaConfig
+from .conv_layer import CONV_TYPES, Conv
+from .embedding_layer import Embedding, TiedLinear
 from .functional import Pair
 from .inflations import get_inflation, inflation_names
 from .layer import Linear, LormaLayer
@@ -41,7 +44,9 @@ class LormaModel(BaseTuner):
     """Low-Rank Multiplicative Adaptation of a transformers (or any torch) model.
 
     Use it through peft: ``get_peft_model(model, LormaConfig(...))``. Each target ``nn.Linear`` / ``Conv1D``
-    becomes a :class:`lorma.layer.Linear` computing ``I(BA) W0 x + b`` (pre) or ``W0 I(BA) x + b`` (post).
+    becomes a :class:`lorma.layer.Linear` computing ``I(BA) W0 x + b`` (pre) or ``W0 I(BA) x + b`` (post); an
+    ``nn.Conv1d/2d/3d`` a :class:`lorma.conv_layer.Conv` (the transform on the output or input channels), an
+    ``nn.Embedding`` a :class:`lorma.embedding_layer.Embedding` (on the embedding dimension).
     """
 
     prefix: str = "lorma_"
@@ -67,6 +72,10 @@ class LormaModel(BaseTuner):
     ) -> None:
         if current_key is None:
             raise ValueError("current_key must not be None")
+        if lorma_config.ensure_weight_tying and not isinstance(target, (Embedding, nn.Embedding)):
+            embeddings = tying.tied_embedding_names(self.model, target)
+            if any(self._check_target_module_exists(lorma_config, name) for name in embeddings):
+                return  # adapted through the tie to that embedding (inject_adapter), as peft ties LoRA's
         r_key = get_pattern_key(lorma_config.rank_pattern.keys(), current_key)
         alpha_key = get_pattern_key(lorma_config.alpha_pattern.keys(), current_key)
         fused = lorma_config.fused_spec_for(current_key)
@@ -100,6 +109,10 @@ class LormaModel(BaseTuner):
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if quantized_kind(base) is not None:  # bitsandbytes Linear4bit / Linear8bitLt (subclasses of nn.Linear)
             return QuantLinear(target, adapter_name, module_name=module_name, **kwargs)
+        if isinstance(base, CONV_TYPES):
+            return Conv(target, adapter_name, module_name=module_name, **kwargs)
+        if isinstance(base, nn.Embedding):
+            return Embedding(target, adapter_name, module_name=module_name, **kwargs)
         fan_in_fan_out = lorma_config.fan_in_fan_out
         if isinstance(base, Conv1D):  # stores its weight (d_in, d_out): unambiguous, no warning needed
             fan_in_fan_out = True
@@ -112,10 +125,40 @@ class LormaModel(BaseTuner):
                 fan_in_fan_out = lorma_config.fan_in_fan_out = False
         else:
             raise ValueError(
-                f"module {module_name!r} is a {type(base).__name__}: LoRMA adapts torch.nn.Linear and "
-                "transformers Conv1D layers only; remove it from target_modules"
+                f"module {module_name!r} is a {type(base).__name__}: LoRMA adapts torch.nn.Linear, transformers "
+                "Conv1D, torch.nn.Conv1d/2d/3d and torch.nn.Embedding layers only; remove it from target_modules"
             )
         return Linear(target, adapter_name, module_name=module_name, fan_in_fan_out=fan_in_fan_out, **kwargs)
+
+    # ------------------------------------------------------------------ tied weights (lorma.tying)
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        """peft's injection, then the weight ties: with ``ensure_weight_tying`` the output layers sharing an adapted
+        embedding's weight follow its transform (:func:`lorma.tying.tie_output_layers`); without it, a warning
+        for each adapted layer whose weight another module holds (merging it will be refused)."""
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        config = self.peft_config[adapter_name]
+        if config.ensure_weight_tying:
+            if not tying.tie_output_layers(model, adapter_name, self._replace_module):
+                warnings.warn(
+                    f"LoRMA adapter {adapter_name!r}: ensure_weight_tying=True, but no adapted embedding shares its "
+                    "weight with another module",
+                    stacklevel=2,
+                )
+        else:
+            tying.warn_shared(model, adapter_name)
+
+    def _check_tied_modules(self, model: nn.Module, peft_config: LormaConfig) -> None:
+        """Nothing here: peft's check goes by module names; LoRMA's by the weight's identity (``inject_adapter``)."""
+
+    def _check_merge_allowed(self) -> None:
+        """Refuse to merge a layer whose weight another module holds and does not follow (tied weights)."""
+        tying.refuse_shared_merges(self.model)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        for module in self.model.modules():
+            if isinstance(module, TiedLinear):
+                module.tied_adapters.pop(adapter_name, None)
 
     # ------------------------------------------------------------------ variants that act per model step
     @contextmanager
@@ -449,6 +492,14 @@ def _resolve_side(config: LormaConfig, target: nn.Module, module_name: str, fuse
         d_in, d_out = base.weight.shape
     elif isinstance(base, nn.Linear):
         d_in, d_out = base.in_features, base.out_features
+    elif isinstance(base, CONV_TYPES):  # the transforms act on the channels
+        d_in, d_out = base.in_channels, base.out_channels
+    elif isinstance(base, nn.Embedding):  # adapted on the embedding dimension only: "auto" is the pre side
+        key = get_pattern_key(config.side_pattern.keys(), module_name)
+        side = config.side_pattern.get(key, "pre" if config.side == "auto" else config.side)
+        if config.side == "auto":
+            config.side_pattern.setdefault(re.escape(module_name), side)
+        return side
     else:  # _create_new_module refuses it with a clear error
         return config.side
     side = config.side_for(module_name, int(d_in), int(d_out), fused[0] if fused is not None else 1)

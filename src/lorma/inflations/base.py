@@ -77,6 +77,10 @@ class Inflation:
     #: ``I(M) = I + s M``: the product is an additive update of the identity, so its rank is the product's and
     #: cutting rank-one terms of it (AdaLoRMA's pruning, DyLoRMA's truncation) keeps the identity at zero
     identity_plus_low_rank: ClassVar[bool] = False
+    #: ``I(BA)^T = I(A^T B^T)``: the transpose is this inflation's own transform of the swapped, transposed factors,
+    #: so :meth:`apply_transposed_delta` keeps the inflation's activation form (``plus``, ``none``; not ``pi``, whose
+    #: row rotation does not commute with the transpose)
+    transpose_swaps_factors: ClassVar[bool] = False
 
     def __init__(
         self, max_dense_bytes: int | None = DEFAULT_MAX_DENSE_BYTES, fft_chunk_bytes: int = DEFAULT_FFT_CHUNK_BYTES
@@ -148,6 +152,34 @@ class Inflation:
             return self.transform(a, b, scaling)
 
         return apply_dense_recomputed(source, A, B, build) - source
+
+    def transposed_fits(self, d: int) -> bool:
+        """Whether :meth:`apply_transposed_delta` can act on ``d``-sized activations within :attr:`max_dense_bytes`."""
+        return self.transpose_swaps_factors or self.dense_fits(d)
+
+    def apply_transposed_delta(
+        self, h: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float
+    ) -> torch.Tensor:
+        """``(I(BA)^T - I) h`` on activations ``h`` (``(..., d)``): the transpose of the transform.
+
+        A layer whose weight is tied to an adapted one needs it: when an embedding's rows become ``I(BA) E0[i]``,
+        the output layer sharing ``E0`` computes ``E0 I(BA)^T h`` (docs/conv-and-embeddings.md). With
+        :attr:`transpose_swaps_factors` it is :meth:`apply_delta` of ``(B^T, A^T)``; otherwise the dense transpose
+        is built (and rebuilt in the backward, :func:`lorma.functional.apply_dense_recomputed`).
+        """
+        if self.transpose_swaps_factors:
+            return self.apply_delta(h, B.mT, A.mT, scaling)
+        d = h.shape[-1]
+        if not self.dense_fits(d):
+            raise ValueError(
+                f"the {self.name!r} inflation has no form of its transpose that stays under max_dense_bytes="
+                f"{self.max_dense_bytes} at d = {d}; raise LormaConfig.max_dense_bytes (None lifts the bound)"
+            )
+
+        def build(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return self.transform(a, b, scaling).mT
+
+        return apply_dense_recomputed(h, A, B, build) - h
 
     # ------------------------------------------------------------------ merge / unmerge
     def delta_weight(
