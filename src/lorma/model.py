@@ -23,6 +23,7 @@ from .config import DEFAULT_FUSED_PARTS, DEFAULT_TARGET_MODULES, LormaConfig
 from .functional import Pair
 from .inflations import get_inflation, inflation_names
 from .layer import Linear, LormaLayer
+from .mixed_batch import install_adapter_names
 from .variants.adalorma import RankBudget, orthogonality_penalty
 from .variants.dylorma import sample_rank
 
@@ -121,7 +122,17 @@ class LormaModel(BaseTuner):
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
         """Per forward of the whole model (peft's ``PeftModel`` enters this around every forward and generate):
-        DyLoRMA draws, in training, one rank for all its layers."""
+        DyLoRMA draws, in training, one rank for all its layers; ``adapter_names=[...]`` (one adapter per row,
+        :mod:`lorma.mixed_batch`) is checked and handed to every adapted layer for the call."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None:
+            handles = install_adapter_names(self.model, LormaLayer, self.peft_config, adapter_names, args, kwargs)
+            try:
+                yield
+            finally:
+                for handle in handles:
+                    handle.remove()
+            return
         if self.model.training:
             for adapter in self.active_adapters:
                 config = self.peft_config.get(adapter)
