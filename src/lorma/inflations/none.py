@@ -19,6 +19,7 @@ class NoneInflation(Inflation):
     """``s BA`` (no inflation)."""
 
     name = "none"
+    scaled_product_only = True  # (sB)A
 
     def initialize(self, A: torch.Tensor, B: torch.Tensor, scaling: float) -> None:
         """The projection onto ``B``'s columns: ``s B pinv(B) / s`` (rank ``r``; the identity is out of reach)."""

@@ -37,6 +37,7 @@ class PlusInflation(Inflation):
     name = "plus"
     exact_lora_export = True
     identity_plus_low_rank = True
+    scaled_product_only = True  # I + (sB)A
     combination_types = ("linear", "product")
 
     def initialize(self, A: torch.Tensor, B: torch.Tensor, scaling: float) -> None:
