@@ -86,8 +86,10 @@ def _plan(
         raise ValueError(f"{where}: the new adapter is a {type(config).__name__}, not a LoRMA adapter")
     inner = _base_model(model)
     loaded_config = _loaded_config(model, adapter_name)
+    # by their path in the model, which is what the saved keys hold (for nested expert-parameter wrappers it is
+    # not their module_name: lorma.experts)
     layers = {
-        m.module_name: m for m in inner.modules() if isinstance(m, LormaLayer) and adapter_name in m.lorma_A
+        path: m for path, m in inner.named_modules() if isinstance(m, LormaLayer) and adapter_name in m.lorma_A
     }
     if not layers:
         raise ValueError(f"{where}: no LoRMA layer of this model holds an adapter of that name")

@@ -183,6 +183,13 @@ def install_adapter_names(
                 f"{where}: adapter {name!r} is a {variant!r} adapter, which cannot serve mixed batches (its output "
                 "depends on the whole weight it transforms); activate it alone instead"
             )
+        # layers that see something else than the batch's rows (MoE experts see routed tokens: lorma.experts)
+        refused = [m for m in layers if name in m.lorma_A and not getattr(m, "mixed_batch", True)]
+        if refused:
+            raise ValueError(
+                f"{where}: adapter {name!r} adapts {refused[0].module_name!r}, which does not see the batch's rows "
+                "(expert parameters see routed tokens); activate it alone instead"
+            )
 
     beams = kwargs.get("num_beams")
     if beams is None and kwargs.get("generation_config") is not None:
