@@ -269,6 +269,37 @@ def test_unknown_parameter_and_mixed_targets_are_refused() -> None:
         model.add_adapter("other", LormaConfig(target_parameters=["experts.down_proj"]))
 
 
+@pytest.mark.parametrize(
+    ("settings", "match"),
+    [
+        ({"target_parameters": ["input_layernorm.weight"]}, r"has shape \(16,\) .* adapts 2-D or 3-D"),
+        ({"target_parameters": ["q_proj.weight"], "target_modules": ["q_proj"]}, "target it one way only"),
+    ],
+)
+def test_parameters_that_cannot_be_adapted_are_refused(settings, match) -> None:
+    model = tiny_mixtral()
+    with pytest.raises(ValueError, match=match):
+        get_peft_model(model, LormaConfig(**settings))
+
+
+def test_a_2d_parameter_is_one_transform() -> None:
+    """The router's (E, H) weight, applied as F.linear: a 2-D parameter gets one (A, B) pair, like a Linear."""
+    base = tiny_mixtral()
+    model = get_peft_model(copy.deepcopy(base), LormaConfig(r=2, alpha=4, inflation="pi", side="post",
+                                                            target_parameters=["mlp.gate.weight"],
+                                                            init_weights=False)).double()
+    layer = model.base_model.model.model.layers[0].mlp.gate
+    assert isinstance(layer, LormaExperts) and layer.lorma_A["default"].shape == (2, 16)
+    reference = copy.deepcopy(base).double()
+    weights = {}
+    for i in range(2):
+        wrapper = model.base_model.model.model.layers[i].mlp.gate
+        m = reference_inflation(wrapper.lorma_A["default"].detach(), wrapper.lorma_B["default"].detach(), "pi", 2.0)
+        weights[f"model.layers.{i}.mlp.gate.weight"] = reference.get_parameter(f"model.layers.{i}.mlp.gate.weight") @ m
+    expected = functional_call(reference, weights, (), {"input_ids": IDS}).logits
+    torch.testing.assert_close(model(input_ids=IDS).logits, expected, rtol=1e-10, atol=1e-10)
+
+
 def test_mixed_batches_and_weighted_adapters_refuse_expert_adapters() -> None:
     model = _adapted(tiny_mixtral(), "plus", "pre").eval()
     with pytest.raises(ValueError, match="expert parameters see routed tokens"):
@@ -291,3 +322,10 @@ def test_bfloat16_experts_with_adapters_in_float32_or_bfloat16() -> None:
         assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
         out.float().square().mean().backward()
         assert all(layer.lorma_B["default"].grad is not None for layer in _wrappers(model).values())
+
+
+def test_lora_export_refuses_expert_adapters() -> None:
+    from lorma.export import ExportError, lora_export
+
+    with pytest.raises(ExportError, match="adapts expert parameters"):
+        lora_export(get_peft_model(tiny_mixtral(), LormaConfig(target_parameters=TARGETS)), "default")

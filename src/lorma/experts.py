@@ -324,6 +324,13 @@ def inject_parameters(
                     f"LoRMA target_parameters: {owner}.{pname} belongs to {owner!r}, which target_modules adapts "
                     "already; target it one way only"
                 )
+            param = getattr(module, pname)
+            shape = tuple(getattr(param, "ds_shape", param.shape))
+            if len(shape) not in (2, 3) or not param.dtype.is_floating_point:
+                raise ValueError(
+                    f"LoRMA target_parameters: {owner}.{pname} has shape {shape} and dtype {param.dtype}; LoRMA "
+                    "adapts 2-D or 3-D (num_experts, ., .) float parameters"
+                )
             found.setdefault(owner, []).append(pname)
     keys = [f"{owner}.{p}" for owner, names in found.items() for p in names]
     unmatched = [t for t in targets if not any(_matches(key, [t]) for key in keys)]
