@@ -182,6 +182,10 @@ def test_adapters_switch_and_disable() -> None:
                                rtol=1e-10, atol=1e-10)
     with model.disable_adapter():
         torch.testing.assert_close(model(input_ids=IDS).logits, copy.deepcopy(base).double()(input_ids=IDS).logits)
+    model.set_adapter("default")
+    model.delete_adapter("other")
+    assert all(list(layer.lorma_A) == ["default"] for layer in _wrappers(model).values())
+    torch.testing.assert_close(model(input_ids=IDS).logits, first)
 
 
 def test_save_and_load_in_a_fresh_process(tmp_path: Path) -> None:
@@ -329,3 +333,26 @@ def test_lora_export_refuses_expert_adapters() -> None:
 
     with pytest.raises(ExportError, match="adapts expert parameters"):
         lora_export(get_peft_model(tiny_mixtral(), LormaConfig(target_parameters=TARGETS)), "default")
+
+
+def test_mixed_batch_of_adapters_that_leave_the_experts_alone() -> None:
+    """An expert adapter may be loaded (even active) while a mixed batch names only other adapters: the experts
+    then run as the base model's for every row, as each row alone with its adapter active gives."""
+    base = tiny_mixtral()
+    torch.manual_seed(6)
+    model = get_peft_model(copy.deepcopy(base), LormaConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                            init_weights=False), "attn")
+    model.add_adapter("moe", LormaConfig(r=2, target_parameters=TARGETS, init_weights=False))
+    model.set_adapter("moe")
+    model.eval()
+    names = ["attn", "__base__"]
+    mixed = model(input_ids=IDS, adapter_names=names).logits
+    for row, name in enumerate(names):
+        if name == "__base__":
+            with model.disable_adapter():
+                alone = model(input_ids=IDS[row : row + 1]).logits
+        else:
+            model.set_adapter(name)
+            alone = model(input_ids=IDS[row : row + 1]).logits
+        torch.testing.assert_close(mixed[row : row + 1], alone, rtol=1e-5, atol=1e-6)
+    assert (mixed[0] - mixed.new_tensor(base(input_ids=IDS[:1]).logits[0])).abs().max() > 1e-4
