@@ -25,6 +25,8 @@ _EXPORTS: dict[str, str] = {
     "LormaLayer": "lorma.layer",
     "LormaModel": "lorma.model",
     "functional": "lorma.functional",
+    "hotswap_adapter": "lorma.hotswap",
+    "hotswap_adapter_from_state_dict": "lorma.hotswap",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -34,6 +36,8 @@ if TYPE_CHECKING:
     from .config import DEFAULT_FUSED_PARTS as DEFAULT_FUSED_PARTS
     from .config import DEFAULT_TARGET_MODULES as DEFAULT_TARGET_MODULES
     from .config import LormaConfig as LormaConfig
+    from .hotswap import hotswap_adapter as hotswap_adapter
+    from .hotswap import hotswap_adapter_from_state_dict as hotswap_adapter_from_state_dict
     from .layer import LormaLayer as LormaLayer
     from .model import LormaModel as LormaModel
 

@@ -60,6 +60,12 @@ class LormaConfig(PeftConfig):
             With ``side="auto"`` lorma fills it with every adapted module's resolved side.
         dropout: dropout on the adapter path only; the frozen path ``W0 x`` never sees it.
         target_modules / exclude_modules / layers_to_transform / layers_pattern: as in peft's LoRA.
+        target_parameters: parameters adapted directly, as peft's LoRA ``target_parameters`` (peft >= 0.17): names
+            or dotted suffixes of 2-D or 3-D ``nn.Parameter``s, such as the fused expert weights of a transformers
+            MoE block (``"mlp.experts.gate_up_proj"``, shape ``(num_experts, ., .)``). Each expert ``e`` gets its
+            own ``A_e``, ``B_e`` and weight ``I(B_e A_e) W0_e`` (pre) or ``W0_e I(B_e A_e)`` (post), folded once
+            per forward (docs/moe.md). Plain LoRMA only (no variant), no dropout; ``rank_pattern``,
+            ``alpha_pattern`` and ``side_pattern`` keys match the full parameter name.
         init_weights: ``True`` for the paper's identity initialisation; ``False`` for random ``A`` and
             ``B`` (tests).
         rank_pattern / alpha_pattern: per-module ``r`` and ``alpha`` (regex on the module name's end).
@@ -108,6 +114,13 @@ class LormaConfig(PeftConfig):
     )
     exclude_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Module names (or suffixes, or one regex) never to adapt."}
+    )
+    target_parameters: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Names (or dotted suffixes) of 2-D / 3-D nn.Parameters to adapt directly, per expert for a 3-D "
+            "(num_experts, ., .) MoE weight, e.g. ['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']."
+        },
     )
     init_weights: bool = field(
         default=True, metadata={"help": "Identity initialisation (the paper's); False: random A and B."}
@@ -212,6 +225,22 @@ class LormaConfig(PeftConfig):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, (list, tuple)):
             self.exclude_modules = set(self.exclude_modules)
+        if self.target_parameters is not None:
+            if isinstance(self.target_parameters, str) or not all(isinstance(t, str) for t in self.target_parameters):
+                raise ValueError(
+                    f"LormaConfig: target_parameters must be a list of parameter names, got {self.target_parameters!r}"
+                )
+            self.target_parameters = list(self.target_parameters)
+            if self.target_parameters and self.variant is not None:
+                raise ValueError(
+                    f"LormaConfig: target_parameters adapts weights with plain LoRMA only; variant={self.variant!r} "
+                    "is not supported there"
+                )
+            if self.target_parameters and float(self.dropout) > 0.0:
+                raise ValueError(
+                    "LormaConfig: target_parameters adapts a weight, folded before the module runs, where dropout on "
+                    f"the adapter's inputs cannot act; use dropout=0.0 (got {self.dropout!r})"
+                )
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("LormaConfig: layers_to_transform cannot be used when target_modules is a str")
 

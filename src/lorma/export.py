@@ -444,6 +444,11 @@ def lora_export(
     inflation = getattr(config, "inflation", None)
     if inflation is None:
         raise ExportError(f"adapter {adapter_name!r} is a {config.peft_type} adapter, not a LoRMA one")
+    if getattr(config, "target_parameters", None):
+        raise ExportError(
+            f"adapter {adapter_name!r} adapts expert parameters (target_parameters), which lorma export does not "
+            "write as LoRA; merge it (lorma merge) to serve it"
+        )
     variant = getattr(config, "variant", None)
     check_options(adapter_name, inflation, rank, max_error, variant)
 

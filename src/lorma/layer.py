@@ -24,6 +24,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .functional import SIDES
 from .inflations import DEFAULT_FFT_CHUNK_BYTES, DEFAULT_MAX_DENSE_BYTES, get_inflation
+from .mixed_batch import mixed_batch_forward
 from .sharding import full_weight, refuse_sharded_write
 from .variants import LormaVariant, get_variant
 
@@ -297,10 +298,14 @@ class LormaLayer(BaseTunerLayer):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # one adapter per row of the batch (peft's keyword; lorma.mixed_batch)
+        adapter_names = kwargs.pop("adapter_names", None)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return mixed_batch_forward(self, x, adapter_names, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         active = [a for a in self.active_adapters if a in self.lorma_A]

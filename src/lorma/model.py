@@ -23,9 +23,11 @@ from .bnb import QuantLinear, keep_autograd_path, quantized_kind
 from .config import DEFAULT_FUSED_PARTS, DEFAULT_TARGET_MODULES, LormaConfig
 from .conv_layer import CONV_TYPES, Conv
 from .embedding_layer import Embedding, TiedLinear
+from .experts import LormaExperts, inject_parameters
 from .functional import Pair
 from .inflations import get_inflation, inflation_names
 from .layer import Linear, LormaLayer
+from .mixed_batch import install_adapter_names
 from .variants.adalorma import RankBudget, orthogonality_penalty
 from .variants.dylorma import sample_rank
 
@@ -55,7 +57,12 @@ class LormaModel(BaseTuner):
 
     def _prepare_adapter_config(self, peft_config: LormaConfig, model_config: dict) -> LormaConfig:
         model_type = model_config.get("model_type")
-        peft_config = super()._prepare_adapter_config(peft_config, model_config)
+        if peft_config.target_modules is None and peft_config.target_parameters:
+            # parameters alone are a valid target (peft's LoRA: the model type's default modules join them if any)
+            if model_type in self.target_module_mapping:
+                peft_config.target_modules = set(self.target_module_mapping[model_type])
+        else:
+            peft_config = super()._prepare_adapter_config(peft_config, model_config)
         if peft_config.fused_parts is None and model_type in DEFAULT_FUSED_PARTS:
             peft_config.fused_parts = {k: dict(v) for k, v in DEFAULT_FUSED_PARTS[model_type].items()}
         return peft_config
@@ -130,13 +137,30 @@ class LormaModel(BaseTuner):
             )
         return Linear(target, adapter_name, module_name=module_name, fan_in_fan_out=fan_in_fan_out, **kwargs)
 
-    # ------------------------------------------------------------------ tied weights (lorma.tying)
+    # ------------------------------------------------------------------ injection: parameters, tied weights
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
-        """peft's injection, then the weight ties: with ``ensure_weight_tying`` the output layers sharing an adapted
-        embedding's weight follow its transform (:func:`lorma.tying.tie_output_layers`); without it, a warning
-        for each adapted layer whose weight another module holds (merging it will be refused)."""
-        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        """peft's injection, then the weight ties.
+
+        With ``target_parameters``, peft's check of ``rank_pattern`` / ``alpha_pattern`` keys (which looks at
+        targeted modules only, and so flags keys meant for parameters) is made against both. With
+        ``ensure_weight_tying`` the output layers sharing an adapted embedding's weight follow its transform
+        (:func:`lorma.tying.tie_output_layers`); without it, a warning for each adapted layer whose weight another
+        module holds (merging it will be refused)."""
         config = self.peft_config[adapter_name]
+        if not getattr(config, "target_parameters", None):
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        else:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", r"The following (rank|alpha)_pattern keys did not match",
+                                        RuntimeWarning)
+                super().inject_adapter(model, adapter_name, *args, **kwargs)
+            targeted = [*self.targeted_module_names, *self.targeted_parameter_names]
+            for attr in ("rank_pattern", "alpha_pattern", "side_pattern"):
+                patterns = getattr(config, attr)
+                unmatched = [key for key in patterns if not any(get_pattern_key([key], n) == key for n in targeted)]
+                if unmatched:
+                    warnings.warn(f"LoRMA {attr} keys {unmatched} match no targeted module or parameter",
+                                  RuntimeWarning, stacklevel=2)
         if config.ensure_weight_tying:
             if not tying.tie_output_layers(model, adapter_name, self._replace_module):
                 warnings.warn(
@@ -160,11 +184,34 @@ class LormaModel(BaseTuner):
             if isinstance(module, TiedLinear):
                 module.tied_adapters.pop(adapter_name, None)
 
+    def _inject_parameters(
+        self, peft_config: LormaConfig, model: nn.Module, adapter_name: str, low_cpu_mem_usage: bool
+    ) -> list[str]:
+        """``target_parameters``: LoRMA on 2-D / 3-D parameters such as MoE expert weights (:mod:`lorma.experts`),
+        in place of peft's LoRA-only ``ParamWrapper`` machinery."""
+        return inject_parameters(model, peft_config, adapter_name, self.peft_config, self.active_adapters)
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        if isinstance(child, LormaExperts):  # unloading: the module that held the parameters has no .weight to hand
+            setattr(parent, child_name, new_module)
+            return
+        super()._replace_module(parent, child_name, new_module, child)
+
     # ------------------------------------------------------------------ variants that act per model step
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
         """Per forward of the whole model (peft's ``PeftModel`` enters this around every forward and generate):
-        DyLoRMA draws, in training, one rank for all its layers."""
+        DyLoRMA draws, in training, one rank for all its layers; ``adapter_names=[...]`` (one adapter per row,
+        :mod:`lorma.mixed_batch`) is checked and handed to every adapted layer for the call."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None:
+            handles = install_adapter_names(self.model, LormaLayer, self.peft_config, adapter_names, args, kwargs)
+            try:
+                yield
+            finally:
+                for handle in handles:
+                    handle.remove()
+            return
         if self.model.training:
             for adapter in self.active_adapters:
                 config = self.peft_config.get(adapter)
@@ -293,7 +340,9 @@ class LormaModel(BaseTuner):
         for module in self.model.modules():
             if not isinstance(module, LormaLayer) or adapter_name not in module.lorma_A:
                 continue
-            base_dtype = getattr(getattr(module.get_base_layer(), "weight", None), "dtype", None)
+            base = module.get_base_layer()
+            weight = module.get_param() if isinstance(module, LormaExperts) else getattr(base, "weight", None)
+            base_dtype = getattr(weight, "dtype", None)
             if base_dtype not in (torch.float16, torch.bfloat16):
                 continue
             for params in (getattr(module, name) for name in module.adapter_layer_names):
@@ -441,6 +490,10 @@ class LormaModel(BaseTuner):
         missing = [name for name in adapters if name not in self.peft_config]
         if missing:
             raise ValueError(f"{where}: no adapter named {missing} (have {sorted(self.peft_config)})")
+        on_parameters = [name for name in adapters if getattr(self.peft_config[name], "target_parameters", None)]
+        if on_parameters:
+            raise ValueError(f"{where}: adapters {on_parameters} adapt target_parameters (expert weights), which "
+                             "add_weighted_adapter does not combine (as peft's LoRA)")
         if len(set(adapters)) != len(adapters):
             raise ValueError(f"{where}: an adapter is named twice")
         if adapter_name in self.peft_config:

@@ -81,6 +81,10 @@ class Inflation:
     #: so :meth:`apply_transposed_delta` keeps the inflation's activation form (``plus``, ``none``; not ``pi``, whose
     #: row rotation does not commute with the transpose)
     transpose_swaps_factors: ClassVar[bool] = False
+    #: ``I(BA)`` depends on ``A``, ``B`` and ``s`` only through the product ``s B A``: an adapter ``(A', B', s')`` is
+    #: then the same transform as ``([A'; 0], [B' s'/s, 0], s)`` at any larger rank and scaling ``s``, which is how
+    #: :mod:`lorma.hotswap` puts an adapter of another rank or alpha into the tensors already loaded
+    scaled_product_only: ClassVar[bool] = False
 
     def __init__(
         self, max_dense_bytes: int | None = DEFAULT_MAX_DENSE_BYTES, fft_chunk_bytes: int = DEFAULT_FFT_CHUNK_BYTES

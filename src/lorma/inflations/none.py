@@ -20,6 +20,7 @@ class NoneInflation(Inflation):
 
     name = "none"
     transpose_swaps_factors = True
+    scaled_product_only = True  # (sB)A
 
     def initialize(self, A: torch.Tensor, B: torch.Tensor, scaling: float) -> None:
         """The projection onto ``B``'s columns: ``s B pinv(B) / s`` (rank ``r``; the identity is out of reach)."""

@@ -21,6 +21,7 @@ class PiInflation(Inflation):
     """``s pi(BA)`` (LoRMA_pi)."""
 
     name = "pi"
+    scaled_product_only = True  # pi((sB)A): pi is linear
 
     def initialize(self, A: torch.Tensor, B: torch.Tensor, scaling: float) -> None:
         """``BA`` = ones in column 0 (times ``1/s``), so ``pi`` moves row ``i``'s one onto the diagonal: ``I``.

@@ -38,6 +38,7 @@ class PlusInflation(Inflation):
     exact_lora_export = True
     identity_plus_low_rank = True
     transpose_swaps_factors = True
+    scaled_product_only = True  # I + (sB)A
     combination_types = ("linear", "product")
 
     def initialize(self, A: torch.Tensor, B: torch.Tensor, scaling: float) -> None:

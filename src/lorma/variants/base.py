@@ -73,6 +73,9 @@ class LormaVariant:
 
     #: the name ``LormaConfig(variant=...)`` takes; empty for plain LoRMA
     name: ClassVar[str] = ""
+    #: whether one adapter's rows of a mixed-adapter batch (:mod:`lorma.mixed_batch`) can be computed by
+    #: :meth:`before_base` / :meth:`after_base` on those rows alone, as running them alone would
+    mixed_batch: ClassVar[bool] = True
 
     def __init__(self, inflation: Inflation) -> None:
         self.inflation = inflation

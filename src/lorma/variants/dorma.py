@@ -44,6 +44,8 @@ class DormaVariant(LormaVariant):
     """Weight-decomposed LoRMA: ``W = diag(m / ||I(BA) W0||_r) I(BA) W0`` (pre) or with ``W0 I(BA)`` (post)."""
 
     name = "dorma"
+    # its after_base refuses other active adapters on the layer; a mixed batch is refused like peft's DoRA
+    mixed_batch = False
 
     def init(self, layer: AdaptedLayer, adapter: str, init_weights: bool) -> None:
         """Plain LoRMA's ``A`` and ``B``, and ``m = ||W0||_r`` (``init_weights=False``: ``m`` scaled at random by
