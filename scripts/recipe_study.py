@@ -15,6 +15,7 @@ collapsed, and macro-F1 (mean and a 95% t interval over seeds) against the major
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -81,6 +82,14 @@ def train_all(args: argparse.Namespace) -> None:
                     cfg = run_config(dataset, recipe, method, seed, out, out / "data")
                     if (Path(cfg.output_dir) / "metrics.json").is_file():
                         continue
+                    if cfg.learning_rate_auto and seed > 0:  # as lorma compare: the first seed's range test
+                        first = Path(cfg.output_dir).parent / "seed-0" / "metrics.json"
+                        if not first.is_file():
+                            continue  # the first seed has not run yet (it comes first in a full study)
+                        rates = json.loads(first.read_text())["learning_rate"]
+                        cfg = dataclasses.replace(
+                            cfg, training={**cfg.training, "learning_rate": rates["body"]},
+                            head_learning_rate="same" if rates["head"] == rates["body"] else str(rates["head"]))
                     started = time.time()
                     metrics = run_training(cfg, overwrite=True)
                     print(json.dumps({"dataset": dataset, "recipe": recipe, "method": method, "seed": seed,

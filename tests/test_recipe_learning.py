@@ -130,7 +130,8 @@ def test_learning_rate_auto_runs_the_test_restores_the_model_and_trains_as_with_
     assert record["rates"][0] == pytest.approx(1e-3 * RANGE_TEST_LOW)
     # the run after the test is the run with that rate given by hand: same weights, bit for bit
     given = _train(setup, tmp_path / "given", "--method", "lorma-plus", "--max-steps", "4", "--learning-rate",
-                   repr(record["chosen"]), "--class-weights", "none")
+                   repr(record["chosen"]), "--head-learning-rate", repr(auto["learning_rate"]["head"]),
+                   "--class-weights", "none")
     assert given["weights_sha256"] == auto["weights_sha256"]
     config = (tmp_path / "auto" / "config.yaml").read_text()
     assert "learning_rate: auto" in config  # --resume tests again only without lr_range.json

@@ -263,7 +263,15 @@ def test_default_learning_rate_per_method_family_and_help(capsys: pytest.Capture
         assert "Default grids: learning_rate: adapter " + ",".join(f"{v:g}" for v in DEFAULT_GRIDS[
             "learning_rate"]["adapter"]) in text
         assert "--grid [METHOD:]KEY=V1,V2,..." in text and "--class-weights" in text
-        assert "adapters (LoRMA, LoRA, DoRA) 1e-3, full 5e-5" in text
+        # the defaults table, one row per family, read from the same dicts the runs use
+        from lorma.recipes.config import DEFAULT_CLASS_WEIGHTS, DEFAULT_HEAD_LEARNING_RATES
+
+        for family, methods in (("adapter", "LoRMA, its variants, LoRA, DoRA, AdaLoRA"), ("full", "full"),
+                                ("partial", "bitfit, head-only")):
+            head = DEFAULT_HEAD_LEARNING_RATES[family]
+            row = f"{family} {methods} {DEFAULT_LEARNING_RATES[family]:g} " \
+                  f"{head if isinstance(head, str) else format(head, 'g')} {DEFAULT_CLASS_WEIGHTS}"
+            assert row in text
 
 
 def test_a_choice_at_the_edge_of_the_grid_is_flagged() -> None:

