@@ -71,6 +71,7 @@ def run_config(dataset: str, recipe: str, method: str, seed: int, out: Path, dat
 
 
 def train_all(args: argparse.Namespace) -> None:
+    from lorma.errors import InputError
     from lorma.recipes.train import run_training
 
     out = Path(args.out)
@@ -91,7 +92,12 @@ def train_all(args: argparse.Namespace) -> None:
                             cfg, training={**cfg.training, "learning_rate": rates["body"]},
                             head_learning_rate="same" if rates["head"] == rates["body"] else str(rates["head"]))
                     started = time.time()
-                    metrics = run_training(cfg, overwrite=True)
+                    try:
+                        metrics = run_training(cfg, overwrite=True)
+                    except InputError as err:  # another study process is training this run: leave it to it
+                        if "is in use by" not in str(err):
+                            raise
+                        continue
                     print(json.dumps({"dataset": dataset, "recipe": recipe, "method": method, "seed": seed,
                                       "macro_f1": metrics["eval"].get("eval_macro_f1"),
                                       "collapsed": metrics.get("collapsed"),

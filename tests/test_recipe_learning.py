@@ -224,3 +224,29 @@ def test_a_run_without_a_budget_trains_more_epochs_on_small_data(setup: dict[str
     assert metrics["global_step"] == metrics["budget"]["epochs"] * per_epoch
     given = _train(setup, tmp_path / "given", "--method", "lora", "--num-train-epochs", "1", "--eval-strategy", "no")
     assert "budget" not in given and given["global_step"] == per_epoch
+
+
+def test_separation_says_when_the_validation_rows_cannot_tell_the_choice_from_the_runner_up(tmp_path: Path) -> None:
+    from lorma.fileio import atomic_write_json
+    from lorma.recipes.tuning import separation
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 120)
+
+    def candidate(name: str, accuracy: float, score: float, collapsed: bool = False) -> dict:
+        right = rng.random(120) < accuracy
+        predictions = np.where(right, labels, (labels + 1) % 3)
+        folder = tmp_path / name
+        folder.mkdir()
+        atomic_write_json(folder / "eval_predictions.json",
+                          {"": {"predictions": predictions.tolist(), "labels": labels.tolist()}})
+        return {"values": {"learning_rate": float(name)}, "score": score, "collapsed": collapsed,
+                "run_dir": str(folder)}
+
+    close = [candidate("0.001", 0.62, 0.60), candidate("0.003", 0.60, 0.58), candidate("0.01", 0.9, 0.9, True)]
+    result = separation(close, 0, "eval_macro_f1")
+    assert result["runner_up"] == "learning_rate=0.003"  # the collapsed one is no runner-up, whatever its score
+    assert result["examples"] == 120 and result["low"] < 0 < result["high"] and not result["tells_apart"]
+    far = [candidate("0.03", 0.95, 0.95), candidate("0.0003", 0.35, 0.3)]
+    assert separation(far, 0, "eval_macro_f1")["tells_apart"]
+    assert separation(far[:1], 0, "eval_macro_f1") is None  # no runner-up

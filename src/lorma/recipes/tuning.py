@@ -385,6 +385,8 @@ def separation(candidates: list[dict[str, Any]], best: int, main_metric: str,
     validation examples (:func:`lorma.recipes.verdicts.bootstrap_interval`, the verdicts' own) of the difference
     in the main metric between the chosen candidate and the next best that did not collapse. ``None`` without a
     runner-up or saved predictions."""
+    import numpy as np
+
     from lorma.recipes.verdicts import bootstrap_interval, read_eval_predictions
 
     order = sorted(range(len(candidates)), key=lambda i: -_score(candidates[i]["score"], greater_is_better))
@@ -394,11 +396,13 @@ def separation(candidates: list[dict[str, Any]], best: int, main_metric: str,
     runner = ranked[0]
     ours, theirs = read_eval_predictions(candidates[best]["run_dir"]), read_eval_predictions(
         candidates[runner]["run_dir"])
-    if not ours or not theirs or "eval" not in ours or "eval" not in theirs:
+    if not ours or not theirs or len(ours) != 1 or ours.keys() != theirs.keys():  # one validation set: key ""
+        return None
+    (mine,), (other,) = ours.values(), theirs.values()
+    if not np.array_equal(mine["labels"], other["labels"]):
         return None
     metric = main_metric.removeprefix("eval_")
-    interval = bootstrap_interval(metric, [ours["eval"]["predictions"]], [theirs["eval"]["predictions"]],
-                                  ours["eval"]["labels"])
+    interval = bootstrap_interval(metric, [mine["predictions"]], [other["predictions"]], mine["labels"])
     if interval is None:
         return None
     return {"runner_up": candidate_label(candidates[runner]["values"]), **interval,
