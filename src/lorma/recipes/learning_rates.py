@@ -36,7 +36,8 @@ RANGE_TEST_LOW = 1e-2
 RANGE_TEST_HIGH = 1e3
 RANGE_TEST_STEPS = 60
 DIVERGED = 4.0
-SMOOTHING = 0.8  # exponential moving average of the step losses (bias-corrected); few steps, so a short memory
+SMOOTHING = 0.6  # exponential moving average of the losses (bias-corrected); few steps, so a short memory
+UNSTABLE = 1.3  # a loss this many times above the lowest so far ends the part of the curve a rate is chosen from
 # The loss recorded after each step is that of one fixed batch of this many training rows: the next training batch's
 # loss would mostly measure which examples it holds (on small, skewed data a weighted batch of 16 varies by +-30%).
 PROBE_ROWS = 64
@@ -148,8 +149,15 @@ def choose_rate(rates: list[float], losses: list[float], floor: float) -> tuple[
 
 
 def usable_length(losses: list[float]) -> int:
-    """How many losses come before the first non-finite one."""
-    return next((i for i, v in enumerate(losses) if not math.isfinite(v)), len(losses))
+    """How many losses come before the curve turns unstable: the first non-finite loss, or the first that rises
+    :data:`UNSTABLE` times above the lowest before it. Past that point the losses jump about (a rate too large
+    for the weights); a centred average would carry those jumps back onto the minimum and hide it."""
+    lowest = math.inf
+    for i, value in enumerate(losses):
+        if not math.isfinite(value) or (i >= 3 and value > UNSTABLE * lowest):
+            return i
+        lowest = min(lowest, value)
+    return len(losses)
 
 
 def probe_batch(dataset: Any, collator: Any, rows: int = PROBE_ROWS) -> dict[str, Any]:
