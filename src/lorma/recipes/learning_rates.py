@@ -11,9 +11,9 @@ same decay).
 finder" of fastai): from the run's initial weights, train a few dozen steps while the learning rate grows
 exponentially from far below to far above the family's default, record after each step the loss of one fixed
 batch of training rows (:data:`PROBE_ROWS`), stop once the loss has clearly diverged, and take the rate an order
-of magnitude below the one at which the smoothed loss was lowest (the loss still falls fast there, and there is
-room before divergence). Then the weights, the optimizer
-and the random state are put back, so that the run trains exactly as it would with that rate given by hand.
+of magnitude below the one at which the smoothed loss was lowest before the curve turned unstable (the loss
+still falls fast there, and there is room before divergence). Then the weights, the optimizer and the random
+state are put back, so that the run trains exactly as it would with that rate given by hand.
 The head's rate is scaled by the same factor as the body's (the test sweeps one multiplier of every group).
 
 Written here: transformers and peft have no range test (fastai's needs fastai's Learner, torch-lr-finder its
