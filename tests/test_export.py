@@ -323,5 +323,8 @@ def test_real_smollm2_export_in_a_process_without_lorma(smollm2_plain: Path, tmp
     del model, base
     spec = {"model_class": "AutoModelForCausalLM", "base": str(smollm2_plain), "adapters": exports}
     for got, want in zip(plain_peft_logits(tmp_path, spec, inputs), expected):
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+        # LoRA's x W0^T + (x A^T) B^T and LoRMA's activation form round float32 differently, over 30 layers: on a
+        # CPU with other GEMM kernels (AVX512-BF16 machines) single logits of ~10 differ by up to 1.5e-4; the error
+        # of the whole tensor is what the export promises
+        torch.testing.assert_close(got, want, atol=5e-4, rtol=1e-5)
         assert rel_err(got, want) < 1e-5
