@@ -7,7 +7,8 @@ and grids learn.
   to ``OUT_DIR/bbc.csv`` first (title and body, one row per article).
 - ``tweets-imbalanced``: the issue's situation rebuilt from the tweets: 600 training and 380 test rows, 65% of
   them negative, 20% neutral, 15% positive (``lorma.tasks.packaged_data``'s ``tweets-imbalanced``); run it
-  with ``--no-tune -- --learning-rate 4e-4`` (the old shared default) to see collapse detection, and without to see tuning.
+  with ``--no-tune -- --learning-rate 4e-4`` (the old shared default) to see collapse detection, and without to
+  see tuning.
 
 Everything is offline. Usage::
 
