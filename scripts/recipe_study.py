@@ -138,6 +138,28 @@ def report(args: argparse.Namespace) -> None:
               f"{sum(acc) / len(acc):.3f} | {base:.3f} | {','.join(rates)} |")
 
 
+def pivot(args: argparse.Namespace) -> None:
+    """One row per dataset and method, one column per recipe of ``--recipes``: macro-F1 mean (and its 95% t
+    interval with 2 seeds or more), collapsed runs / runs."""
+    out = Path(args.out)
+    print("| data | method | majority | " + " | ".join(args.recipes) + " |")
+    print("|---|---|---|" + "---|" * len(args.recipes))
+    for dataset in args.datasets:
+        for method in args.methods:
+            cells, base = [], math.nan
+            for recipe in args.recipes:
+                runs = [json.loads(p.read_text()) for p in sorted((out / dataset / recipe / method).glob(
+                    "seed-*/metrics.json"))]
+                if not runs:
+                    cells.append("-")
+                    continue
+                base = (runs[0].get("baseline") or {}).get("eval_macro_f1", base)
+                f1 = [float(m["eval"]["eval_macro_f1"]) for m in runs]
+                collapsed = sum(bool(m.get("collapsed")) for m in runs)
+                cells.append(f"{_interval(f1)}, {collapsed}/{len(runs)} collapsed")
+            print(f"| {dataset} | {method} | {base:.3f} | " + " | ".join(cells) + " |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out")
@@ -145,9 +167,12 @@ def main() -> int:
     parser.add_argument("--recipes", type=lambda s: s.split(","), default=["old", "new"])
     parser.add_argument("--methods", type=lambda s: s.split(","), default=["lora", "lorma-plus", "lorma-pi"])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--report", action="store_true")
+    parser.add_argument("--report", action="store_true", help="every dataset, recipe and method found in OUT")
+    parser.add_argument("--pivot", action="store_true", help="--datasets x --methods, one column per --recipes")
     args = parser.parse_args()
-    if args.report:
+    if args.pivot:
+        pivot(args)
+    elif args.report:
         report(args)
     else:
         train_all(args)
