@@ -289,9 +289,10 @@ def register(subparsers: Any) -> None:
                     "never read for that. For a fair comparison: --tune learning_rate --seeds 3."),
     )
     add_run_options(compare)
+    from lorma.recipes.method_registry import method_names
+
     compare.add_argument("--methods", default="lora,lorma-plus,lorma-pi",
-                         help="Comma-separated methods: lorma-plus, lorma-pi, lorma-none, dorma-plus, dorma-pi, "
-                              "adalorma, dylorma, lora, dora, adalora, full, bitfit, head-only "
+                         help=f"Comma-separated methods: {', '.join(method_names())} "
                               "[default: lora,lorma-plus,lorma-pi].")
     compare.add_argument("--seeds", type=int, default=3,
                          help="Number of seeds per method (seed, seed+1, ...) [default: 3].")
