@@ -39,8 +39,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .config import LormaConfig
-from .functional import SIDES
-from .inflations import DEFAULT_FFT_CHUNK_BYTES, DEFAULT_MAX_DENSE_BYTES, get_inflation
+from .inflations import DEFAULT_FFT_CHUNK_BYTES, DEFAULT_MAX_DENSE_BYTES
 from .layer import LormaLayer
 from .sharding import refuse_sharded_write
 from .variants import LormaVariant
@@ -126,35 +125,13 @@ class LormaExperts(nn.Module, LormaLayer):
     ) -> None:
         """Add (or replace) the adapter ``adapter_name``: ``A`` ``(E, r, d)``, ``B`` ``(E, d, r)``."""
         where = f"parameter {self.module_name!r}"
-        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-            raise ValueError(f"{where}: r must be a positive integer, got {r!r}")
-        try:
-            inflation_cls = get_inflation(inflation)
-        except ValueError as err:
-            raise ValueError(f"{where}: {err}") from None
-        if side not in SIDES:
-            raise ValueError(f"{where}: unknown side {side!r}; expected one of {SIDES}")
-        d = self.out_features if side == "pre" else self.in_features
-        inflation_obj = inflation_cls(max_dense_bytes=max_dense_bytes, fft_chunk_bytes=fft_chunk_bytes)
-        inflation_obj.check_size(d, where)
-        if r > d:
-            warnings.warn(
-                f"LoRMA {where}: r={r} is larger than the transform size d={d} ({side} side): over-parameterized, "
-                "not wrong",
-                stacklevel=3,
-            )
-        self.r[adapter_name] = r
-        self.alpha[adapter_name] = float(alpha)
-        self.scaling[adapter_name] = float(alpha) / r
-        self.inflation[adapter_name] = inflation
-        self.side[adapter_name] = side
-        self.fused[adapter_name] = None
-        self.lorma_dropout[adapter_name] = nn.Identity()
-        self.lorma_variant[adapter_name] = LormaVariant(inflation_obj)
-        lead = (self.num_experts,) if self.num_experts is not None else ()
-        self.lorma_A[adapter_name] = nn.Parameter(torch.empty(*lead, r, d, dtype=torch.float32))
-        self.lorma_B[adapter_name] = nn.Parameter(torch.empty(*lead, d, r, dtype=torch.float32))
-        self.lorma_variant[adapter_name].init(self, adapter_name, init_weights)  # expert by expert
+        inflation_cls, _ = self._checked_classes(where, r, inflation, None, side)
+        self._add_adapter(adapter_name, where, r=r, alpha=alpha, inflation=inflation, side=side,
+                          d=self.out_features if side == "pre" else self.in_features, fused=None, dropout=0.0,
+                          lead=(self.num_experts,) if self.num_experts is not None else (),
+                          init_weights=init_weights,  # the variant initialises expert by expert
+                          variant=LormaVariant(inflation_cls(max_dense_bytes=max_dense_bytes,
+                                                             fft_chunk_bytes=fft_chunk_bytes)))
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 

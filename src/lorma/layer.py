@@ -150,14 +150,7 @@ class LormaLayer(BaseTunerLayer):
     ) -> None:
         """Add (or replace) the adapter ``adapter_name`` on this layer."""
         where = f"module {self.module_name!r}"
-        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-            raise ValueError(f"{where}: r must be a positive integer, got {r!r}")
-        try:
-            inflation_cls, variant_cls = get_inflation(inflation), get_variant(variant)
-        except ValueError as err:
-            raise ValueError(f"{where}: {err}") from None
-        if side not in SIDES:
-            raise ValueError(f"{where}: unknown side {side!r}; expected one of {SIDES}")
+        inflation_cls, variant_cls = self._checked_classes(where, r, inflation, variant, side)
         if fused is not None:
             num_parts, parts = fused
             if self.out_features % num_parts != 0:
@@ -169,16 +162,40 @@ class LormaLayer(BaseTunerLayer):
             if side == "post" and not isinstance(self.get_base_layer(), (nn.Linear, Conv1D)):
                 raise ValueError(f"{where}: post-side fused parts need a plain Linear/Conv1D base layer")
             fused = (int(num_parts), sorted(int(p) for p in parts))
-        d = self.transform_size_for(side, fused)
-        inflation_obj = inflation_cls(max_dense_bytes=max_dense_bytes, fft_chunk_bytes=fft_chunk_bytes)
-        inflation_obj.check_size(d, where)
+        self._add_adapter(adapter_name, where, r=r, alpha=alpha, inflation=inflation, side=side,
+                          d=self.transform_size_for(side, fused), fused=fused, dropout=dropout,
+                          lead=(len(fused[1]),) if fused is not None else (), init_weights=init_weights,
+                          variant=variant_cls(inflation_cls(max_dense_bytes=max_dense_bytes,
+                                                            fft_chunk_bytes=fft_chunk_bytes)))
+        self._move_adapter_to_device_of_base_layer(adapter_name, self._base_device())
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    @staticmethod
+    def _checked_classes(where: str, r: Any, inflation: str, variant: str | None, side: str) -> tuple[type, type]:
+        """The inflation and variant classes of an adapter about to be added, after checking ``r`` and ``side``
+        (errors name ``where``: the module or parameter)."""
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise ValueError(f"{where}: r must be a positive integer, got {r!r}")
+        try:
+            inflation_cls, variant_cls = get_inflation(inflation), get_variant(variant)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+        if side not in SIDES:
+            raise ValueError(f"{where}: unknown side {side!r}; expected one of {SIDES}")
+        return inflation_cls, variant_cls
+
+    def _add_adapter(self, adapter_name: str, where: str, *, r: int, alpha: float, inflation: str, side: str, d: int,
+                     fused: tuple[int, list[int]] | None, dropout: float, lead: tuple[int, ...], init_weights: bool,
+                     variant: Any) -> None:
+        """Record a checked adapter and create its factors ``A`` ``(*lead, r, d)`` and ``B`` ``(*lead, d, r)``
+        (``lead``: one transform per fused part, or per expert), initialised by its ``variant``."""
+        variant.inflation.check_size(d, where)
         if r > d:
             warnings.warn(
                 f"LoRMA {where}: r={r} is larger than the transform size d={d} ({side} side): "
                 "over-parameterized, not wrong",
-                stacklevel=3,
+                stacklevel=4,
             )
-
         self.r[adapter_name] = r
         self.alpha[adapter_name] = float(alpha)
         self.scaling[adapter_name] = float(alpha) / r
@@ -186,17 +203,13 @@ class LormaLayer(BaseTunerLayer):
         self.side[adapter_name] = side
         self.fused[adapter_name] = fused
         self.lorma_dropout[adapter_name] = nn.Dropout(p=dropout) if dropout > 0.0 else nn.Identity()
-        self.lorma_variant[adapter_name] = variant_cls(inflation_obj)
-
+        self.lorma_variant[adapter_name] = variant
         # created in float32 on the CPU whatever the base dtype, so that the identity initialisation is computed
         # exactly; peft's autocast_adapter_dtype=False then rounds them once to a half-precision base's dtype
         # (LormaModel._cast_adapter_dtype), the default keeps float32
-        lead = (len(fused[1]),) if fused is not None else ()
         self.lorma_A[adapter_name] = nn.Parameter(torch.empty(*lead, r, d, dtype=torch.float32))
         self.lorma_B[adapter_name] = nn.Parameter(torch.empty(*lead, d, r, dtype=torch.float32))
-        self.lorma_variant[adapter_name].init(self, adapter_name, init_weights)
-        self._move_adapter_to_device_of_base_layer(adapter_name, self._base_device())
-        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+        variant.init(self, adapter_name, init_weights)
 
     def adapter_parameters(self, name: str) -> nn.ParameterDict:
         """The per-adapter parameter dict ``name`` (``"lorma_..."``), created on first use, for a variant's tensors.
