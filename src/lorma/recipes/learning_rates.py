@@ -141,10 +141,21 @@ def choose_rate(rates: list[float], losses: list[float], floor: float) -> tuple[
     The curve ends at its first non-finite loss (a diverged step: nothing after it counts, and it must not pull
     the centred average). With no finite loss at all, ``floor``.
     """
+    return rate_from_curve(rates, smoothed_curve(losses), floor)
+
+
+def smoothed_curve(losses: list[float]) -> list[float]:
+    """The centred average of the losses up to where the curve turns unstable (:func:`usable_length`); NaN after."""
     usable = usable_length(losses)
-    if usable == 0:
+    return smooth_centred(losses[:usable]) + [math.nan] * (len(losses) - usable)
+
+
+def rate_from_curve(rates: list[float], smoothed: list[float], floor: float) -> tuple[float, float]:
+    """``(chosen, lowest_at)`` from a :func:`smoothed_curve`: a tenth of the rate at its lowest point, not below
+    ``floor``; ``(floor, NaN)`` when it has no finite point."""
+    if not any(math.isfinite(v) for v in smoothed):
         return floor, math.nan
-    best = int(np.argmin(smooth_centred(losses[:usable])))
+    best = int(np.nanargmin(smoothed))
     return max(rates[best] / 10.0, floor), rates[best]
 
 
@@ -216,15 +227,15 @@ def run_range_test(model: Any, args: Any, base_rate: float, trainer_kwargs: dict
             loss = probe_loss(model, probe, loss_function)
             result.rates.append(rates[state.global_step - 1])
             result.losses.append(loss)
-            finite = [v for v in result.losses if math.isfinite(v)]
-            if not math.isfinite(loss) or (len(finite) > 5 and smooth(finite)[-1] > DIVERGED * min(smooth(finite))):
+            averaged = smooth([v for v in result.losses if math.isfinite(v)])
+            if not math.isfinite(loss) or (len(averaged) > 5 and averaged[-1] > DIVERGED * min(averaged)):
                 result.stopped = f"the loss diverged at learning rate {result.rates[-1]:.3g}"
                 control.should_training_stop = True
 
     sweep_args = dataclasses.replace(
         args, max_steps=steps, learning_rate=rates[0], warmup_steps=0, lr_scheduler_type="constant",
         eval_strategy="no", save_strategy="no", logging_steps=1, report_to=[], disable_tqdm=True,
-        output_dir=args.output_dir, load_best_model_at_end=False,
+        load_best_model_at_end=False,
     )
     kwargs = {k: v for k, v in trainer_kwargs.items() if k not in ("eval_dataset", "compute_metrics", "callbacks")}
     trainer_cls = head_rate_trainer(head_modules, None if head_rate is None else head_rate * rates[0] / base_rate)
@@ -248,7 +259,6 @@ def run_range_test(model: Any, args: Any, base_rate: float, trainer_kwargs: dict
         torch.random.set_rng_state(states[2])
     if not result.stopped:
         result.stopped = f"the sweep reached its last rate, {rates[-1]:.3g}"
-    usable = usable_length(result.losses)
-    result.smoothed = smooth_centred(result.losses[:usable]) + [math.nan] * (len(result.losses) - usable)
-    result.chosen, result.lowest_at = choose_rate(result.rates, result.losses, floor=rates[0])
+    result.smoothed = smoothed_curve(result.losses)
+    result.chosen, result.lowest_at = rate_from_curve(result.rates, result.smoothed, floor=rates[0])
     return result
