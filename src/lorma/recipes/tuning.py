@@ -263,8 +263,10 @@ def widened_candidates(grid: dict[str, list[Any]], tried: list[dict[str, Any]],
     """The widened grid and its candidates not tried yet (grid order), for a method whose candidates all
     collapsed: one more value at each end of every numeric setting, except those in ``keep`` (grids the user
     gave with ``--grid``: taken as given)."""
-    wider = {name: sorted({*values, *widened_values(values)}, key=lambda v: (str(type(v)), v))
-             if name not in keep and widened_values(values) else list(values) for name, values in grid.items()}
+    wider = {}
+    for name, values in grid.items():
+        added = [] if name in keep else widened_values(values)
+        wider[name] = sorted({*values, *added}, key=lambda v: (str(type(v)), v)) if added else list(values)
     combos = [dict(zip(wider, combo)) for combo in itertools.product(*wider.values())]
     return wider, [c for c in combos if c not in tried]
 

@@ -328,8 +328,7 @@ class ClassificationTask(Task):
 
         ``class_weights: auto`` balances when the training labels are skewed
         (:func:`~lorma.tasks.classification_metrics.is_imbalanced`) and says why in ``class_weights_reason``."""
-        setting = self.config.class_weighting() if hasattr(self.config, "class_weighting") else (
-            self.config.class_weights or "none")
+        setting = self.config.class_weighting()
         self.class_weights_reason = None
         if setting == "none" or (setting == "auto" and self.label_names is None):
             return None
