@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lorma.fileio import staged_directory
-from lorma.recipes.method_registry import LORMA_SIDES
+from lorma.runs.method_registry import LORMA_SIDES
 
 from .reference_orderings import apply_reference
 
@@ -160,7 +160,10 @@ def method_names(kind: str) -> list[str]:
     """The methods of one table: ``full`` (every peer), ``lorma`` (LoRA, OFT, HRA and LoRMA), ``layer``, ``core``
     (LoRA and LoRMA plus / pi, pre side: the quick run). The ``auto`` side is added by :func:`with_auto_side`
     where it differs from ``pre``."""
-    lorma = [f"lorma-{i}-{s}" for i in ("plus", "pi", "none") for s in ("pre", "post")]
+    from lorma.inflations import inflation_names
+
+    # every inflation (a new one is measured with no edit here); the authors' orderings exist for plus and pi only
+    lorma = [f"lorma-{i}-{s}" for i in inflation_names() for s in ("pre", "post")]
     refs = [f"ref-{o}-{i}" for o in ("table11", "released") for i in ("plus", "pi")]
     if kind == "full":
         return ["lora", "oft", "boft", "hra", *lorma, *refs]
@@ -205,12 +208,12 @@ def shared_copy(model: nn.Module) -> nn.Module:
 def build_method(work: Workload, method: str) -> nn.Module:
     """``work.model`` (a shared copy) with ``method`` applied; only the method's parameters train.
 
-    ``method`` is a label of :mod:`lorma.recipes.method_registry` (``lora``, ``lorma-pi-post``, ``oft``, ...), or
+    ``method`` is a label of :mod:`lorma.runs.method_registry` (``lora``, ``lorma-pi-post``, ``oft``, ...), or
     ``ref-<ordering>-<inflation>`` for the re-implementation of the authors' orderings.
     """
     import peft
 
-    from lorma.recipes.method_registry import AdapterSettings, get_method, parse_label
+    from lorma.runs.method_registry import AdapterSettings, get_method, parse_label
 
     model = shared_copy(work.model)
     targets = list(work.targets)

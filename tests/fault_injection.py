@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 PRELOAD = ["torch", "transformers", "peft", "safetensors.torch", "datasets", "sklearn.model_selection",
-           "lorma", "lorma.recipes.train", "lorma.recipes.commands", "lorma.tasks.classification", "lorma.model"]
+           "lorma", "lorma.recipes.train", "lorma.commands.run_options", "lorma.tasks.classification", "lorma.model"]
 
 
 def context() -> Any:

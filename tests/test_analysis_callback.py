@@ -16,8 +16,8 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
 
 from lorma import LormaConfig
-from lorma.analysis.callback import RANK_LOG_NAME, RankTrackingCallback, read_rank_log
 from lorma.layer import LormaLayer
+from lorma.runs.rank_log import RANK_LOG_NAME, RankTrackingCallback, read_rank_log
 
 
 class _Data(torch.utils.data.Dataset):

@@ -5,13 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lorma.analysis.convergence import (
-    auc_decrease_pct,
-    convergence_table,
-    loss_auc,
-    smooth,
-    steps_to_reach,
-)
+from lorma.analysis.convergence import auc_decrease_pct, convergence_table, steps_to_reach
+from lorma.runs.loss_curve import loss_auc, smooth
 
 
 def test_auc_is_the_hand_computed_trapezoid() -> None:

@@ -89,7 +89,7 @@ def test_no_adapter_is_an_error() -> None:
 
 
 def test_rank_records_of_a_fused_layer_are_per_part() -> None:
-    from lorma.analysis.callback import rank_records
+    from lorma.runs.rank_log import rank_records
 
     model = peft.get_peft_model(
         _gpt2(),

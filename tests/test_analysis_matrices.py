@@ -8,13 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from lorma.analysis.matrices import (
-    compare_matrices,
-    numerical_rank,
-    random_control,
-    summarise,
-    sv_summary,
-)
+from lorma.analysis.matrices import compare_matrices, random_control, summarise
+from lorma.runs.spectrum import numerical_rank, sv_summary
 
 
 def _rank_k(m: int, n: int, k: int, seed: int = 0) -> np.ndarray:

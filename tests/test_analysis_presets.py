@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from lorma.analysis.callback import read_rank_log
 from lorma.cli import main
 from lorma.recipes.compare import parse_methods
 from lorma.recipes.config import build_config, load_yaml
+from lorma.runs.rank_log import read_rank_log
 
 ABLATIONS = Path(__file__).resolve().parents[1] / "configs" / "ablations"
 

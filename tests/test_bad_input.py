@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from lorma.cli import main
-from lorma.recipes.config import RecipeError, build_config
+from lorma.errors import InputError
+from lorma.recipes.config import build_config
 from test_recipes_support import make_tiny_bert, sentiment_rows, write_csv
 
 
@@ -106,11 +107,11 @@ def test_a_cell_over_128_kb_is_read_and_a_broken_row_names_its_line(tmp_path: Pa
     assert examples.texts[0] == long_text and examples.lines == [2, 3]
     unclosed = tmp_path / "unclosed.csv"  # an unclosed quote swallows the rest of the file into one field
     unclosed.write_text('text,label\nfine,pos\n"unclosed,neg\nmore,pos\n')
-    with pytest.raises(RecipeError, match=r"unclosed\.csv:3: row has 1 fields, the header has 2"):
+    with pytest.raises(InputError, match=r"unclosed\.csv:3: row has 1 fields, the header has 2"):
         read_examples(unclosed, "text", None, "label")
     multi = tmp_path / "multi.csv"
     multi.write_text('text,label\n"two\nlines",pos\nhello, world,neg\n')
-    with pytest.raises(RecipeError, match=r"multi\.csv:4: row has 3 fields"):  # the line the row starts on
+    with pytest.raises(InputError, match=r"multi\.csv:4: row has 3 fields"):  # the line the row starts on
         read_examples(multi, "text", None, "label")
 
 
@@ -129,7 +130,7 @@ def test_common_training_arguments_are_real_fields() -> None:
     from lorma.recipes.config import COMMON_TRAINING_ARGUMENTS, training_argument_names
 
     assert training_argument_names() >= COMMON_TRAINING_ARGUMENTS
-    with pytest.raises(RecipeError, match="unknown key 'learnign_rate'"):
+    with pytest.raises(InputError, match="unknown key 'learnign_rate'"):
         build_config({"learnign_rate": 1e-3}, {})
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorma.recipes.config import RecipeError
+from lorma.errors import InputError
 from lorma.tasks.chat import heldout_nll
 from lorma.tasks.chat_template import chat_segments, encode_conversation, resolve_chat_template
 from lorma.tasks.readers.chat import read_chat
@@ -134,7 +134,7 @@ def test_model_without_chat_template_is_a_clear_error(tmp_path: Path) -> None:
 
     model = make_tiny_chat_model(tmp_path / "plain", template=None)
     tokenizer = AutoTokenizer.from_pretrained(model)
-    with pytest.raises(RecipeError, match="has no chat template; give one with --task-option chat_template"):
+    with pytest.raises(InputError, match="has no chat template; give one with --task-option chat_template"):
         resolve_chat_template(tokenizer, None, str(model))
     template_file = tmp_path / "chatml.jinja"
     template_file.write_text(CHATML, encoding="utf-8")

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from lorma.cli import main
+from lorma.errors import InputError
 from lorma.recipes.collapse import describe_collapse, next_command
-from lorma.recipes.config import RecipeError, build_config
+from lorma.recipes.config import build_config
 from lorma.tasks.base import get_task
 from test_recipes_support import make_tiny_bert, sentiment_rows, write_csv
 
@@ -149,7 +150,7 @@ def test_next_command_after_tuning_asks_for_more_steps() -> None:
 
 
 def test_class_weights_need_classes(tmp_path: Path) -> None:
-    with pytest.raises(RecipeError, match="class_weights must be one of auto, balanced, none"):
+    with pytest.raises(InputError, match="class_weights must be one of auto, balanced, none"):
         build_config({"class_weights": "inverse"}, {})
     rows = [(f"text {i}", f"{i / 10:.1f}") for i in range(20)]
     train = write_csv(tmp_path / "r.csv", ["text", "label"], rows)
@@ -157,5 +158,5 @@ def test_class_weights_need_classes(tmp_path: Path) -> None:
     task = get_task(build_config({"model": str(model), "train_file": str(train), "problem_type": "regression",
                                   "class_weights": "balanced"}, {}))
     task.check_inputs()
-    with pytest.raises(RecipeError, match="--class-weights applies to classification"):
+    with pytest.raises(InputError, match="--class-weights applies to classification"):
         task.loss_function()

@@ -31,6 +31,8 @@ from safetensors.torch import load_file, save_file
 
 from lorma import LormaConfig
 from lorma.cli import main
+from lorma.commands.export import MODULES_TO_SAVE_CHOICES as CLI_MODULES_TO_SAVE
+from lorma.commands.export import SERVING_CHOICES
 from lorma.export import (
     EXPORT_REPORT_FILE,
     MODULES_TO_SAVE_CHOICES,
@@ -40,8 +42,6 @@ from lorma.export import (
     ExportError,
     lora_export,
 )
-from lorma.export_cli import MODULES_TO_SAVE_CHOICES as CLI_MODULES_TO_SAVE
-from lorma.export_cli import SERVING_CHOICES
 from test_adapter_formula import rel_err
 from test_export import IDS, adapted_layers, dense_update, far_from_identity
 from test_recipes_support import snapshot

@@ -220,3 +220,37 @@ def test_a_variant_with_its_own_merge_keeps_a_copy_and_has_no_exact_factors(doc_
     variant = layer.lorma_variant["default"]
     assert not variant.unmerges_exactly(layer, "default")
     assert variant.lora_factors(layer, "default", base[0].weight.detach()) is None
+
+
+def test_a_built_in_inflation_is_one_file_that_reaches_lorma_train(tmp_path: Path) -> None:
+    """The doc's inflation saved as ``exp.py`` in the inflations' folder (here: a folder added to the package's
+    ``__path__``, in a fresh process, so the source tree is not touched) is offered as ``lorma-exp`` by ``lorma
+    compare --help`` and trained by ``lorma train``, with no other file edited."""
+    import json
+    import subprocess
+
+    from test_recipes_support import make_tiny_bert, sentiment_rows, write_csv
+
+    folder = tmp_path / "more_inflations"
+    folder.mkdir()
+    (folder / "exp.py").write_text(doc_blocks()["exp_inflation"], encoding="utf-8")
+    model = make_tiny_bert(tmp_path / "model")
+    data = write_csv(tmp_path / "data.csv", ["text", "label"], sentiment_rows(40))
+    out = tmp_path / "run"
+    script = f"""
+import contextlib, io, sys
+import lorma.inflations
+lorma.inflations.__path__.append({str(folder)!r})
+from lorma.cli import main
+helped = io.StringIO()
+with contextlib.redirect_stdout(helped), contextlib.suppress(SystemExit):
+    main(["compare", "--help"])
+assert "lorma-exp" in helped.getvalue(), helped.getvalue()
+sys.exit(main(["train", "--model", {str(model)!r}, "--train-file", {str(data)!r}, "--output-dir", {str(out)!r},
+               "--method", "lorma-exp", "--max-steps", "2", "--per-device-train-batch-size", "8"]))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter["inflation"] == "exp" and adapter["peft_type"] == "LORMA"
+    assert json.loads((out / "metrics.json").read_text())["method"] == "lorma-exp"

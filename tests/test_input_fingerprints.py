@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from lorma.cli import main
-from lorma.recipes.fingerprints import compare_inputs, file_fingerprint, fingerprint_inputs, input_fingerprint
+from lorma.runs.fingerprints import compare_inputs, file_fingerprint, fingerprint_inputs, input_fingerprint
 from test_recipes_support import make_tiny_bert, sentiment_rows, snapshot, write_csv
 
 

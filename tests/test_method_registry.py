@@ -1,11 +1,11 @@
-"""``lorma.recipes.method_registry``: one registry of methods, one naming scheme (name + options; labels append
+"""``lorma.runs.method_registry``: one registry of methods, one naming scheme (name + options; labels append
 LoRMA's side), read back by :func:`parse_label`."""
 
 from __future__ import annotations
 
 import pytest
 
-from lorma.recipes import method_registry as registry
+from lorma.runs import method_registry as registry
 
 
 def test_names_and_kinds() -> None:
@@ -102,3 +102,12 @@ def test_a_saved_lorma_adapter_config_names_its_method(name: str) -> None:
                                         max_steps=50)
     saved = registry.get_method(name).peft_config(settings).to_dict()
     assert registry.method_of_adapter_config(saved) == (name, {"side": "post"})
+
+
+def test_every_inflation_is_a_lorma_method_in_the_inflations_order() -> None:
+    """lorma-<x> for each inflation, found without torch, in the order the inflation registry lists them."""
+    from lorma.inflations import base, inflation_names
+
+    assert registry.PAPER_INFLATIONS == base._REGISTRY.first
+    lorma = [n for n in registry.method_names() if registry.get_method(n).inflation and not registry.get_method(n).variant]
+    assert lorma == [f"lorma-{x}" for x in inflation_names()]

@@ -148,7 +148,8 @@ def test_evaluate_prints_and_saves_the_official_label(tmp_path, capsys) -> None:
 
 
 def test_training_without_java_stops_before_any_work_unless_approximate(tmp_path, monkeypatch) -> None:
-    from lorma.recipes.config import RecipeError, build_config
+    from lorma.errors import InputError
+    from lorma.recipes.config import build_config
     from lorma.tasks.base import get_task
 
     train = tmp_path / "train.txt"
@@ -160,14 +161,14 @@ def test_training_without_java_stops_before_any_work_unless_approximate(tmp_path
             "task": "e2e", "model": "unused-before-the-check", "train_file": str(train), "task_options": options,
         }))
 
-    with pytest.raises(RecipeError, match="scorer=official: .*no `java` on PATH.*default-jre-headless"):
+    with pytest.raises(InputError, match="scorer=official: .*no `java` on PATH.*default-jre-headless"):
         task({}).check_inputs()
-    with pytest.raises(RecipeError, match="unknown scorer 'exact'"):
+    with pytest.raises(InputError, match="unknown scorer 'exact'"):
         task({"scorer": "exact"}).check_inputs()
     approximate = task({"scorer": "approximate", "generate": True})
     try:
         approximate.check_inputs()
-    except RecipeError as err:  # only the approximate METEOR's WordNet may be missing
+    except InputError as err:  # only the approximate METEOR's WordNet may be missing
         assert "WordNet" in str(err)
     else:
         assert "not comparable" in approximate.data_summary()["scorer"]
@@ -175,7 +176,7 @@ def test_training_without_java_stops_before_any_work_unless_approximate(tmp_path
 
 
 def test_compare_and_train_summaries_name_the_scorer() -> None:
-    from lorma.recipes.commands import format_run_summary
+    from lorma.commands.train import format_run_summary
     from lorma.recipes.compare import format_markdown
 
     stat = {"mean": 60.5, "std": 0.0, "n": 1}

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lorma.recipes.config import RecipeError, build_config
+from lorma.errors import InputError
+from lorma.recipes.config import build_config
 from lorma.tasks import task_class, task_names
 from lorma.tasks.base import get_task
 from lorma.tasks.classification import ClassificationTask, classification_metrics
@@ -34,7 +35,7 @@ def test_glue_names_and_classification_are_registered() -> None:
     for name in ("classification", "cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte"):
         assert name in names
         assert task_class(name) is ClassificationTask
-    with pytest.raises(RecipeError, match="unknown task 'nosuch'"):
+    with pytest.raises(InputError, match="unknown task 'nosuch'"):
         task_class("nosuch")
 
 
@@ -177,7 +178,7 @@ def test_bad_files_name_file_line_and_column(
 ) -> None:
     write_csv(tmp_path / "d.csv", header, rows)
     task = _task(train_file=str(tmp_path / "d.csv"), model=tiny_model, **kwargs)
-    with pytest.raises(RecipeError, match=message):
+    with pytest.raises(InputError, match=message):
         task.check_inputs()
 
 
@@ -185,21 +186,21 @@ def test_eval_label_not_in_train_labels(tmp_path: Path, tiny_model: str) -> None
     write_csv(tmp_path / "t.csv", ["text", "label"], [("a", "x"), ("b", "y")] * 3)
     write_csv(tmp_path / "e.csv", ["text", "label"], [("a", "x"), ("c", "z")])
     task = _task(train_file=str(tmp_path / "t.csv"), eval_file=str(tmp_path / "e.csv"), model=tiny_model)
-    with pytest.raises(RecipeError, match=r"e\.csv:3: label 'z' is not one of the task's labels \(x, y\)"):
+    with pytest.raises(InputError, match=r"e\.csv:3: label 'z' is not one of the task's labels \(x, y\)"):
         task.check_inputs()
 
 
 def test_glue_label_outside_the_task_labels(tmp_path: Path, tiny_model: str) -> None:
     _write_tsv(tmp_path / "train.tsv", ["sentence\tlabel", "a\t0", "b\t1", "c\t2"])
     _write_tsv(tmp_path / "dev.tsv", ["sentence\tlabel", "a\t0"])
-    with pytest.raises(RecipeError, match=r"train\.tsv:4: label '2' is not one of the task's labels \(0, 1\)"):
+    with pytest.raises(InputError, match=r"train\.tsv:4: label '2' is not one of the task's labels \(0, 1\)"):
         _task(task="sst2", data=str(tmp_path), model=tiny_model).check_inputs()
 
 
 def test_labels_that_do_not_fit_the_models_labels(tmp_path: Path) -> None:
     model = make_tiny_bert(tmp_path / "m", id2label={0: "negative", 1: "positive"})
     write_csv(tmp_path / "t.csv", ["text", "label"], [("a", "sad"), ("b", "happy")] * 3)
-    with pytest.raises(RecipeError, match=r"data's labels \(happy, sad\) do not fit the labels of model"):
+    with pytest.raises(InputError, match=r"data's labels \(happy, sad\) do not fit the labels of model"):
         _task(train_file=str(tmp_path / "t.csv"), model=str(model)).check_inputs()
     # the same labels in another order: accepted, in the model's order
     write_csv(tmp_path / "ok.csv", ["text", "label"], [("a", "positive"), ("b", "negative")] * 3)
@@ -209,17 +210,17 @@ def test_labels_that_do_not_fit_the_models_labels(tmp_path: Path) -> None:
 
 
 def test_missing_inputs(tmp_path: Path, tiny_model: str) -> None:
-    with pytest.raises(RecipeError, match="data file not found"):
+    with pytest.raises(InputError, match="data file not found"):
         _task(train_file=str(tmp_path / "nope.csv"), model=tiny_model).check_inputs()
-    with pytest.raises(RecipeError, match="data directory not found"):
+    with pytest.raises(InputError, match="data directory not found"):
         _task(data=str(tmp_path / "nodir"), model=tiny_model).check_inputs()
     (tmp_path / "empty").mkdir()
-    with pytest.raises(RecipeError, match="neither a GLUE task folder"):
+    with pytest.raises(InputError, match="neither a GLUE task folder"):
         _task(data=str(tmp_path / "empty"), model=tiny_model).check_inputs()
-    with pytest.raises(RecipeError, match="no training data"):
+    with pytest.raises(InputError, match="no training data"):
         _task(model=tiny_model).check_inputs()
-    with pytest.raises(RecipeError, match="no model"):
+    with pytest.raises(InputError, match="no model"):
         _task(train_file="x.csv").check_inputs()
     _write_tsv(tmp_path / "train.tsv", ["sentence\tlabel", "a\t0"])
-    with pytest.raises(RecipeError, match="no dev.tsv"):
+    with pytest.raises(InputError, match="no dev.tsv"):
         _task(task="sst2", data=str(tmp_path), model=tiny_model).check_inputs()

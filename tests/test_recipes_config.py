@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from lorma.recipes.config import DEFAULT_TRAINING, RecipeError, RunConfig, build_config, load_yaml
+from lorma.errors import InputError
+from lorma.recipes.config import DEFAULT_TRAINING, RunConfig, build_config, load_yaml
 from lorma.recipes.config import normalise_yaml as _normalise_yaml
 from lorma.recipes.config import parse_scalar as _scalar
 
@@ -41,22 +42,22 @@ def test_yaml_numbers_written_without_a_dot_are_numbers() -> None:
 
 
 def test_unknown_key_names_the_key_and_the_file(tmp_path: Path) -> None:
-    with pytest.raises(RecipeError, match=r"c\.yaml: unknown key 'learnig_rate'"):
+    with pytest.raises(InputError, match=r"c\.yaml: unknown key 'learnig_rate'"):
         build_config({"learnig_rate": 1}, {}, "c.yaml")
-    with pytest.raises(RecipeError, match=r"training\.bogus is not a field"):
+    with pytest.raises(InputError, match=r"training\.bogus is not a field"):
         build_config({"training": {"bogus": 1}}, {}, "c.yaml")
 
 
 def test_wrong_types_and_values_are_errors() -> None:
-    with pytest.raises(RecipeError, match="'r' must be of type int"):
+    with pytest.raises(InputError, match="'r' must be of type int"):
         build_config({"r": "eight"}, {})
-    with pytest.raises(RecipeError, match="'r' must be of type int"):
+    with pytest.raises(InputError, match="'r' must be of type int"):
         build_config({"r": 2.5}, {})
-    with pytest.raises(RecipeError, match="unknown method 'lorma-plux'"):
+    with pytest.raises(InputError, match="unknown method 'lorma-plux'"):
         build_config({"method": "lorma-plux"}, {})
-    with pytest.raises(RecipeError, match="unknown side"):
+    with pytest.raises(InputError, match="unknown side"):
         build_config({"side": "middle"}, {})
-    with pytest.raises(RecipeError, match="eval_split"):
+    with pytest.raises(InputError, match="eval_split"):
         build_config({"eval_split": 1.5}, {})
 
 
@@ -68,13 +69,13 @@ def test_lists_from_flags_and_yaml() -> None:
 def test_yaml_errors_name_file_and_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: a\nr: [1,\n")
-    with pytest.raises(RecipeError, match=r"bad\.yaml: line \d+"):
+    with pytest.raises(InputError, match=r"bad\.yaml: line \d+"):
         load_yaml(bad)
-    with pytest.raises(RecipeError, match="config file not found"):
+    with pytest.raises(InputError, match="config file not found"):
         load_yaml(tmp_path / "missing.yaml")
     listy = tmp_path / "list.yaml"
     listy.write_text("- a\n- b\n")
-    with pytest.raises(RecipeError, match="must be a mapping"):
+    with pytest.raises(InputError, match="must be a mapping"):
         load_yaml(listy)
 
 

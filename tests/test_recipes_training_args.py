@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from lorma.recipes.commands import _key_values
+from lorma.commands.run_options import _key_values
 from lorma.recipes.config import build_config
 from lorma.recipes.train import _best_eval, _training_arguments
 

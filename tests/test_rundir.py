@@ -1,4 +1,4 @@
-"""``lorma.recipes.rundir``: which checkpoints are complete, where a command may write, the transaction's states
+"""``lorma.runs.layout``: which checkpoints are complete, where a command may write, the transaction's states
 (refusals before anything is written, clean-up of what an early error created, an interrupted swap finished or
 undone), and the adapter checks that name the broken file."""
 
@@ -11,16 +11,9 @@ from pathlib import Path
 import pytest
 
 from lorma.errors import DataFormatError, InputError
-from lorma.recipes.rundir import (
-    RunTransaction,
-    check_adapter_dir,
-    check_not_input,
-    check_output_location,
-    checkpoint_problem,
-    find_adapter,
-    recover_interrupted_swap,
-    scan_checkpoints,
-)
+from lorma.runs.layout import check_adapter_dir, checkpoint_problem, find_adapter, scan_checkpoints
+from lorma.runs.paths import check_not_input, check_output_location
+from lorma.runs.transaction import RunTransaction, recover_interrupted_swap
 
 
 def _checkpoint(folder: Path, step: int) -> Path:

@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from lorma.cli import main
-from lorma.recipes.config import DEFAULT_LEARNING_RATES, RecipeError, build_config
+from lorma.errors import InputError
+from lorma.recipes.config import DEFAULT_LEARNING_RATES, build_config
 from lorma.recipes.tuning import DEFAULT_GRIDS, candidate_label, grid_edges, plan_tuning, tune, tuning_rows
 from lorma.tasks import classification_data
 from lorma.tasks.base import get_task
@@ -110,7 +111,7 @@ def test_tuning_loop_never_reads_the_eval_file(data: dict[str, Path], tmp_path: 
     # the final runs do need it: the same settings without eval_on=validation fail on the missing file
     from lorma.recipes.train import run_training
 
-    with pytest.raises(RecipeError, match="data file not found"):
+    with pytest.raises(InputError, match="data file not found"):
         run_training(dataclasses.replace(cfg, grid={}, output_dir=str(tmp_path / "final")))
 
 
@@ -243,7 +244,7 @@ def test_bad_tuning_requests_fail_before_any_work(data: dict[str, Path], tmp_pat
         assert main([*base, *extra]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
-    with pytest.raises(RecipeError, match="validation_split must be in"):
+    with pytest.raises(InputError, match="validation_split must be in"):
         build_config({"validation_split": 1.0}, {})
     # r applies to adapters only: full fine-tuning gets no candidates for it, and trains nothing while tuning
     plan = plan_tuning(_cfg(data, tune=["r"]), ["lora", "full"])

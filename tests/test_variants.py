@@ -439,7 +439,8 @@ def test_methods_build_the_variants(method: str, variant: str, inflation: str) -
 def test_adalora_baseline_and_the_budget_methods_need_max_steps() -> None:
     from peft.tuners.adalora import AdaLoraModel
 
-    from lorma.recipes.config import RecipeError, build_config
+    from lorma.errors import InputError
+    from lorma.recipes.config import build_config
     from lorma.recipes.methods import build_method_model
 
     cfg = build_config({"method": "adalora", "r": 4, "max_steps": 50}, {})
@@ -447,7 +448,7 @@ def test_adalora_baseline_and_the_budget_methods_need_max_steps() -> None:
     assert isinstance(model.base_model, AdaLoraModel)
     assert (model.peft_config["default"].init_r, model.peft_config["default"].target_r) == (6, 4)
     for method in ("adalora", "adalorma"):
-        with pytest.raises(RecipeError, match=f"method {method} needs --max-steps"):
+        with pytest.raises(InputError, match=f"method {method} needs --max-steps"):
             build_method_model(_classifier(), build_config({"method": method}, {}), ["classifier"], "SEQ_CLS")
 
 

@@ -1,9 +1,9 @@
 """The `lorma` command: a thin shell over the library.
 
-Each subcommand lives in its own module, which exposes ``register(subparsers)`` (adds its parser and
-sets ``func`` on it) so that this file stays a table and importing the CLI stays cheap: a module is
-imported only when listed here, and heavy imports (torch, transformers) happen inside each ``func``, after
-its input has been checked.
+Each subcommand lives in its own module of :mod:`lorma.commands` (listed in ``lorma.commands.COMMANDS``), which
+exposes ``register(subparsers)`` (adds its parser and sets ``func`` on it), so that this file stays short and
+importing the CLI stays cheap: heavy imports (torch, transformers) happen inside each ``func``, after its input has
+been checked.
 
 Errors: a :class:`lorma.errors.LormaError` is printed as one line (``lorma COMMAND: error: ...``) with its exit
 code (2 for bad input); Ctrl-C ends with a line saying where the command stopped (exit code 130), never a
@@ -13,25 +13,13 @@ traceback.
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
-from lorma.errors import InputError as LormaCLIError  # the name subcommands raise bad input by
+from lorma.commands import COMMANDS, command_module
 from lorma.errors import LormaError, RunInterrupted
 from lorma.quiet import silence_known_noise
 
-__all__ = ["LormaCLIError", "SUBCOMMAND_MODULES", "build_parser", "main"]
-
-# name -> module that defines ``register(subparsers)``
-SUBCOMMAND_MODULES: dict[str, str] = {
-    "train": "lorma.recipes.commands",
-    "compare": "lorma.recipes.commands",
-    "merge": "lorma.recipes.commands",
-    "demo": "lorma.recipes.commands",
-    "analyze": "lorma.analysis.cli",
-    "evaluate": "lorma.evaluate_cli",
-    "export": "lorma.export_cli",
-}
+__all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,12 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
-    seen: set[str] = set()
-    for module_name in SUBCOMMAND_MODULES.values():
-        if module_name in seen:
-            continue
-        seen.add(module_name)
-        importlib.import_module(module_name).register(subparsers)
+    for name in COMMANDS:
+        command_module(name).register(subparsers)
     return parser
 
 

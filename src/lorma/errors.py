@@ -34,6 +34,11 @@ class DataFormatError(InputError, ValueError):
         super().__init__(f"{where}: {problem}")
 
 
+class UnknownNameError(InputError, ValueError):
+    """A name that no registry knows (an inflation, a variant, a method, a task); the message lists the known ones.
+    A ``ValueError`` too, as a bad argument of a library call (``LormaConfig(inflation="x")``) always was."""
+
+
 class RunLockedError(InputError):
     """Another live process is writing the run directory (its pid and host are in the message)."""
 

@@ -6,13 +6,14 @@ the same logger (and of the library) still shows, so a real warning is never hid
 installed before the library is imported: :func:`logging.getLogger` creates the logger the library's module
 will later fetch by the same name.
 
-Installed by :func:`lorma.cli.main` for every command (and by :func:`lorma.recipes.train.quiet_libraries` for
+Installed by :func:`lorma.cli.main` for every command (and by :func:`quiet_libraries` for
 callers of the library's training function). Progress bars (tqdm) are not logging and are not touched here.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 
@@ -58,3 +59,23 @@ def silence_known_noise() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, DropKnownNoise) for f in logger.filters):
             logger.addFilter(DropKnownNoise(prefixes))
+
+
+def quiet_libraries() -> None:
+    """Keep transformers' load-time chatter out of the summary (warnings that matter still show).
+
+    Called once the input has been checked: it imports transformers and datasets.
+    """
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    silence_known_noise()  # bitsandbytes' notice when Trainer's import brings in peft (lorma.quiet)
+    # a deprecation inside transformers/peft, raised once per model, says nothing to a user of lorma
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # the weight-loading bars; Trainer's own bars stay (disable_tqdm=False)
+    import datasets
+
+    datasets.disable_progress_bars()

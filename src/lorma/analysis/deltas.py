@@ -36,8 +36,7 @@ def extract_deltas(model: Any, adapter: str | None = None) -> dict[str, ModuleDe
     from peft.tuners.lora import LoraLayer
 
     from lorma.layer import LormaLayer
-
-    from .callback import module_key
+    from lorma.runs.rank_log import module_key
 
     out: dict[str, ModuleDelta] = {}
     for name, module in model.named_modules():
@@ -89,7 +88,7 @@ def resolve_base_model(adapter_dir: str | os.PathLike[str], base_model: str | No
     Only local directories are accepted (nothing is downloaded); a missing one is an error that says
     where the path came from.
     """
-    from lorma.recipes.rundir import read_adapter_config
+    from lorma.runs.layout import read_adapter_config
 
     if base_model is not None:
         source, path = "--base-model", base_model
@@ -118,8 +117,8 @@ def load_adapter_model(adapter_dir: str | os.PathLike[str], base_model: str) -> 
     from peft import get_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from lorma.recipes.merge import load_adapter_model as load_as_merge_does
-    from lorma.recipes.rundir import adapter_weights_file
+    from lorma.runs.adapters import load_adapter_model as load_as_merge_does
+    from lorma.runs.layout import adapter_weights_file
 
     adapter_dir = Path(adapter_dir)
     weights = adapter_weights_file(adapter_dir)

@@ -19,10 +19,12 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+from lorma.analysis.convergence import convergence_table
+from lorma.analysis.matrices import compare_matrices, random_control, summarise
 from lorma.fileio import atomic_write_json, atomic_write_text
+from lorma.runs.loss_curve import Smoothing, loss_auc, smooth
+from lorma.runs.spectrum import singular_values, sv_summary
 
-from .convergence import Smoothing, convergence_table, loss_auc, smooth
-from .matrices import compare_matrices, random_control, singular_values, summarise, sv_summary
 from .report_text import COMPARE_METRICS, format_report
 from .runs import RunInfo, final_ranks, read_run
 
@@ -43,7 +45,8 @@ OUTPUT_NAMES = (
 
 def _measure_model(run: RunInfo, base_model: str | None, rtol: float | None) -> tuple[dict[str, Any], str]:
     """Deltas (numpy, for comparisons) and per-module measurements of one run's adapter."""
-    from .callback import rank_records
+    from lorma.runs.rank_log import rank_records
+
     from .deltas import extract_deltas, load_adapter_model, resolve_base_model
 
     if run.adapter_dir is None:
@@ -82,7 +85,7 @@ def _measure_model(run: RunInfo, base_model: str | None, rtol: float | None) -> 
 
 
 def _rank_log_summary(path: Path) -> dict[str, Any]:
-    from .callback import read_rank_log
+    from lorma.runs.rank_log import read_rank_log
 
     records = read_rank_log(path)
     per: dict[str, dict[str, Any]] = {}
@@ -241,7 +244,8 @@ def _plots(
     curves: dict[str, Any],
     smoothing: Smoothing,
 ) -> list[Path]:
-    from . import plots
+    from lorma.analysis import plots
+    from lorma.runs.plots import plot_loss_curves
 
     written: list[Path] = []
     if measured is not None:
@@ -277,7 +281,7 @@ def _plots(
         )
     if curves:
         written.append(
-            plots.plot_loss_curves(
+            plot_loss_curves(
                 {name: [curve] for name, curve in curves.items()},
                 out / "loss_curves.png",
                 result.get("convergence") if other is not None else None,

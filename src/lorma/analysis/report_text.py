@@ -7,7 +7,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from lorma.recipes.method_registry import label_of
+from lorma.runs.method_registry import label_of
 
 __all__ = ["COMPARE_METRICS", "format_report"]
 
@@ -59,7 +59,7 @@ def _header(result: dict[str, Any]) -> list[str]:
 
 
 def _module_method(m: dict[str, Any]) -> str:
-    """The method of one module's adapter, labelled as :mod:`lorma.recipes.method_registry` does
+    """The method of one module's adapter, labelled as :mod:`lorma.runs.method_registry` does
     (``lorma-plus-post``, ``lora``)."""
     if not m.get("inflation"):
         return m["method"]

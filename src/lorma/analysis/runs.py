@@ -3,11 +3,11 @@
 A run directory of ``lorma train`` holds the adapter (``adapter_config.json`` +
 ``adapter_model.safetensors``, in the directory itself or a sub-directory), the resolved config YAML
 (with the base model), ``metrics.json``, a per-step training-loss log and, with ``--track-rank``, the
-``rank_log.jsonl`` of :class:`~lorma.analysis.callback.RankTrackingCallback`. Any saved peft adapter
+``rank_log.jsonl`` of :class:`~lorma.runs.rank_log.RankTrackingCallback`. Any saved peft adapter
 directory works too; then the base model comes from ``--base-model`` or the adapter's own record.
 Nothing here is required except what a measurement needs; each reader returns None when its input is
 absent and raises an error naming the file (and line) when it is present but malformed. The layout of a
-``lorma train`` run (and which checkpoints are complete) is :mod:`lorma.recipes.rundir`'s; other layouts
+``lorma train`` run (and which checkpoints are complete) is :mod:`lorma.runs.layout`'s; other layouts
 (HF Trainer output directories, other tools' names) are recognised too. Reading a run imports nothing heavy.
 """
 
@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lorma.fileio import read_json
-from lorma.recipes.method_registry import label_of, method_of_adapter_config
-from lorma.recipes.rundir import (
+from lorma.runs.layout import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_DIR,
     CHECKPOINTS_DIR,
@@ -32,10 +31,11 @@ from lorma.recipes.rundir import (
     TRAINER_STATE_FILE,
     missing_adapter_reason,
     read_adapter_config,
-    read_loss_log,
     read_yaml_settings,
     scan_checkpoints,
 )
+from lorma.runs.loss_curve import read_loss_log
+from lorma.runs.method_registry import label_of, method_of_adapter_config
 
 __all__ = ["RunInfo", "find_adapter_dir", "method_label", "read_loss_curve", "read_run"]
 
@@ -89,7 +89,7 @@ def read_loss_curve(run_dir: Path) -> tuple[tuple[list[float], list[float]], Pat
 
     Looks for a JSON Lines loss log, a CSV with ``step`` and ``loss`` columns, and the ``log_history`` of HF
     Trainer's ``trainer_state.json`` (the run dir's own, else the latest checkpoint's), in that order; the
-    first with two points or more is read (by :func:`lorma.recipes.rundir.read_loss_log`).
+    first with two points or more is read (by :func:`lorma.runs.layout.read_loss_log`).
     """
     candidates = [run_dir / name for name in (*_LOSS_JSONL_NAMES, *_LOSS_CSV_NAMES)]
     candidates += [run_dir / TRAINER_STATE_FILE] + [p / TRAINER_STATE_FILE for p in _complete_checkpoints(run_dir)]
@@ -104,7 +104,7 @@ def read_loss_curve(run_dir: Path) -> tuple[tuple[list[float], list[float]], Pat
 def final_ranks(adapter_config: dict[str, Any] | None) -> dict[str, int] | None:
     """The per-module ranks a rank budget left (AdaLoRMA's ``final_ranks``, peft AdaLoRA's ``rank_pattern``),
     keyed by module name without peft's prefixes; ``None`` for an adapter without a budget."""
-    from .callback import module_key
+    from lorma.runs.rank_log import module_key
 
     if not adapter_config:
         return None
@@ -119,7 +119,7 @@ def final_ranks(adapter_config: dict[str, Any] | None) -> dict[str, int] | None:
 
 
 def method_label(adapter_config: dict[str, Any] | None, config: dict[str, Any] | None) -> str | None:
-    """The run's method as :mod:`lorma.recipes.method_registry` labels it (``lorma-plus``, ``lorma-pi-post``,
+    """The run's method as :mod:`lorma.runs.method_registry` labels it (``lorma-plus``, ``lorma-pi-post``,
     ``lora``): from the run's config, else from the adapter's; another peft type by its own name."""
     if config and isinstance(config.get("method"), str):
         found: tuple[str, dict[str, Any]] | None = (config["method"], {"side": config.get("side")})

@@ -1,7 +1,9 @@
 """Rank inflations as objects: one module per inflation, a registry that maps names to classes.
 
-``plus`` (LoRMA+, ``I + sBA``), ``pi`` (LoRMA_pi, ``s pi(BA)``) and ``none`` (the ablation, ``s BA``) are built in;
-:func:`register_inflation` adds one (docs/extending.md: one file and its tests).
+``plus`` (LoRMA+, ``I + sBA``), ``pi`` (LoRMA_pi, ``s pi(BA)``) and ``none`` (the ablation, ``s BA``) are built in.
+A built-in is found by its module: ``lorma/inflations/x.py`` registers inflation ``x`` (``@register_inflation``), and
+``lorma train --method lorma-x`` offers it, with nothing else to edit; a user's own inflation is registered the same
+way from any module (docs/extending.md: one file and its tests).
 """
 
 from __future__ import annotations
@@ -18,11 +20,6 @@ from .base import (
 from .none import NoneInflation
 from .pi import PiInflation
 from .plus import PlusInflation
-
-# the built-in inflations, registered here at the package face (as peft registers its methods), in the paper's order
-for _inflation in (PlusInflation, PiInflation, NoneInflation):
-    register_inflation(_inflation)
-del _inflation
 
 __all__ = [
     "DEFAULT_FFT_CHUNK_BYTES",

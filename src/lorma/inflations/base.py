@@ -32,7 +32,6 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 
-from ..class_registry import ClassRegistry
 from ..functional import (
     Pair,
     Side,
@@ -41,6 +40,7 @@ from ..functional import (
     dense_delta_weight,
     dense_transform_bytes,
 )
+from ..registries import Registry
 
 # Largest dense ``d x d`` fp32 transform a forward may build for one adapted module unless the config raises it:
 # 256 MiB (d = 8192). LLaMA-3-8B's up/gate on the pre side (d = 14336, 822 MB) is above it, where pi takes its
@@ -227,8 +227,14 @@ class Inflation:
 
 
 # ---------------------------------------------------------------------------------------------- the registry
-_REGISTRY: ClassRegistry[Inflation] = ClassRegistry(Inflation, "inflation")
-_INFLATIONS = _REGISTRY.classes  # name -> class
+# the built-in ``x`` is the module lorma.inflations.x (found on disk, imported on first use)
+_REGISTRY: Registry[type[Inflation]] = Registry(
+    Inflation, "inflation", package="lorma.inflations", one_module_per_entry=True, skip=("base",),
+    first=("plus", "pi", "none"),  # the paper's order in every list
+    register_hint="a custom inflation must be registered with lorma.inflations.register_inflation before it is "
+                  "used or loaded",
+)
+_INFLATIONS = _REGISTRY.entries  # name -> class
 
 
 def register_inflation(cls: type[Inflation]) -> type[Inflation]:
@@ -237,7 +243,7 @@ def register_inflation(cls: type[Inflation]) -> type[Inflation]:
 
 
 def inflation_names() -> tuple[str, ...]:
-    """The registered inflations' names, in registration order."""
+    """The inflations' names: the built-ins (the modules of ``lorma/inflations/``), then those registered."""
     return _REGISTRY.names()
 
 

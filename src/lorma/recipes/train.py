@@ -1,7 +1,7 @@
 """One training run through HF Trainer, written into a run directory as a transaction.
 
 The directory's layout and the transaction (lock, ``--overwrite`` written beside the old run and swapped at the
-end, ``--resume`` from the newest complete checkpoint) are :mod:`lorma.recipes.rundir`'s; this module trains.
+end, ``--resume`` from the newest complete checkpoint) are :mod:`lorma.runs.layout`'s; this module trains.
 Every input is checked before the heavy stack (torch, transformers, peft) is imported, so bad input is an error
 within moments; nothing is written before the model is built, and an error before training starts leaves the
 output directory as it was.
@@ -33,11 +33,10 @@ from lorma.fileio import (
     trim_jsonl,
 )
 from lorma.processes import is_main_process, world_size
-from lorma.quiet import silence_known_noise
+from lorma.quiet import quiet_libraries
 from lorma.recipes.config import ADAPTER_METHODS, RunConfig, dump_yaml
-from lorma.recipes.fingerprints import check_run_inputs, input_changes
-from lorma.recipes.method_registry import get_method
-from lorma.recipes.rundir import (
+from lorma.runs.fingerprints import check_run_inputs, input_changes, model_fingerprint, run_inputs
+from lorma.runs.layout import (
     ADAPTER_DIR,
     CHECKPOINTS_DIR,
     CONFIG_FILE,
@@ -50,12 +49,13 @@ from lorma.recipes.rundir import (
     RUN_INFO_FILE,
     TRAINER_STATE_FILE,
     TUNING_DIR,
-    RunTransaction,
-    check_not_input,
     notify,
-    read_loss_log,
     scan_checkpoints,
 )
+from lorma.runs.loss_curve import read_loss_log
+from lorma.runs.method_registry import get_method
+from lorma.runs.paths import check_not_input
+from lorma.runs.transaction import RunTransaction
 
 __all__ = ["LOSS_LOG", "RUN_FILES", "RUN_INFO_FILE", "is_main_process", "quiet_libraries", "read_loss_log",
            "run_training", "weights_digest", "world_size"]
@@ -109,9 +109,9 @@ def _loss_log_callback(path: Path) -> Any:
 
 
 def _rank_callback(every: int, output_dir: Path, resume: bool) -> Any:
-    """The rank of every I(BA) during training (:class:`lorma.analysis.callback.RankTrackingCallback`; imported
+    """The rank of every I(BA) during training (:class:`lorma.runs.rank_log.RankTrackingCallback`; imported
     here because it imports transformers)."""
-    from lorma.analysis.callback import RankTrackingCallback
+    from lorma.runs.rank_log import RankTrackingCallback
 
     return RankTrackingCallback(every_n_steps=every, output_dir=str(output_dir), resume=resume)
 
@@ -210,40 +210,6 @@ def _best_eval(log_history: list[dict[str, Any]]) -> dict[str, float]:
     return best
 
 
-def model_fingerprint(config: Any) -> dict[str, Any]:
-    """What makes a base model compatible with an adapter: type and shapes (from a transformers config, or the
-    dict of its ``config.json``)."""
-    keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-            "vocab_size", "n_embd", "n_layer")
-    values = config if isinstance(config, dict) else {k: getattr(config, k, None) for k in keys}
-    return {k: values[k] for k in keys if values.get(k) is not None}
-
-
-def quiet_libraries() -> None:
-    """Keep transformers' load-time chatter out of the summary (warnings that matter still show).
-
-    Called once the input has been checked: it imports transformers and datasets.
-    """
-    import warnings
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    silence_known_noise()  # bitsandbytes' notice when Trainer's import brings in peft (lorma.quiet)
-    # a deprecation inside transformers/peft, raised once per model, says nothing to a user of lorma
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()  # the weight-loading bars; Trainer's own bars stay (disable_tqdm=False)
-    import datasets
-
-    datasets.disable_progress_bars()
-
-
-def run_inputs(cfg: RunConfig) -> dict[str, str | None]:
-    """What a run reads (so that its output directory is never one of them, nor contains one when replaced)."""
-    return {"--model": cfg.model, "--train-file": cfg.train_file, "--eval-file": cfg.eval_file, "--data": cfg.data}
-
-
 def _failed_write(err: BaseException) -> bool:
     """Whether ``err`` says a write failed for lack of space (errno, or the text of torch's / safetensors'
     writers, which do not keep the errno)."""
@@ -289,7 +255,7 @@ def run_training(cfg: RunConfig, overwrite: bool = False, resume: bool = False,
     ``tuning``: the ``--tune`` record that chose this run's settings (:mod:`lorma.recipes.tuning`): kept in
     ``metrics.json``, and its candidates (``OUTPUT_DIR/tuning/``) survive ``--overwrite``.
     ``allow_changed_inputs``: resume even if the model or data changed since the run started (recorded);
-    without it that is refused (:mod:`lorma.recipes.fingerprints`).
+    without it that is refused (:mod:`lorma.runs.fingerprints`).
 
     Raises :class:`~lorma.errors.InputError` for bad input (nothing written), :class:`RunInterrupted` on
     Ctrl-C and :class:`DiskFullError` for a full disk (the run can be resumed from its last complete
@@ -431,7 +397,7 @@ def _learning_rates(cfg: RunConfig, args: Any, model: Any, head_modules: list[st
         record["head_ratio"] = None if head is None else head / base
         if main:
             atomic_write_json(record_path, record)
-            from lorma.analysis.plots import plot_lr_range
+            from lorma.runs.plots import plot_lr_range
 
             plot_lr_range(record, out / LR_RANGE_PLOT, title=f"{cfg.method}, seed {cfg.seed}")
             print(f"lorma: learning rate {record['chosen']:.3g} (a tenth of {record['lowest_at']:.3g}, where the "
@@ -498,7 +464,7 @@ def _train_and_save(cfg: RunConfig, txn: RunTransaction, trainer: Any, task: Any
     if is_main_process():
         steps_logged, losses = read_loss_log(out / LOSS_LOG) if (out / LOSS_LOG).exists() else ([], [])
         if len(steps_logged) >= 2:
-            from lorma.analysis.convergence import loss_auc
+            from lorma.runs.loss_curve import loss_auc
 
             metrics["loss_auc"] = float(loss_auc(steps_logged, losses))
         _save_model(cfg, out, model, tokenizer, task, base_fingerprint, whole)

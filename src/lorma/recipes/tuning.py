@@ -29,20 +29,20 @@ import math
 from pathlib import Path
 from typing import Any
 
+from lorma.errors import InputError
 from lorma.fileio import atomic_write_json, read_json, strict_json
 from lorma.recipes.config import (
     ADAPTER_METHODS,
     METHOD_FAMILIES,
     METHODS,
     RUN_FIELDS,
-    RecipeError,
     RunConfig,
     method_family,
     parse_scalar,
     validate_config,
 )
-from lorma.recipes.method_registry import get_method, method_names
-from lorma.recipes.rundir import TUNING_DIR
+from lorma.runs.layout import TUNING_DIR
+from lorma.runs.method_registry import get_method, method_names
 
 # the methods with a LoRMA side to tune (LoRMA and its variants)
 LORMA_METHODS = tuple(name for name in method_names() if "side" in get_method(name).options)
@@ -113,9 +113,9 @@ def _grid_values(key: str, values: Any) -> list[Any]:
     items = values.split(",") if isinstance(values, str) else values if isinstance(values, (list, tuple)) else [values]
     parsed = [parse_scalar(v) if isinstance(v, str) else v for v in items if not (isinstance(v, str) and not v.strip())]
     if not parsed:
-        raise RecipeError(f"--grid {key}: no values")
+        raise InputError(f"--grid {key}: no values")
     if len({json.dumps(v, default=str) for v in parsed}) != len(parsed):
-        raise RecipeError(f"--grid {key}: a value is listed twice ({', '.join(format_value(v) for v in parsed)})")
+        raise InputError(f"--grid {key}: a value is listed twice ({', '.join(format_value(v) for v in parsed)})")
     return parsed
 
 
@@ -132,10 +132,10 @@ def _check_setting(name: str) -> None:
     if name in TUNABLE_RUN_FIELDS:
         return
     if name in RUN_FIELDS or name in UNTUNABLE_TRAINING:
-        raise RecipeError(f"--tune: '{name}' cannot be tuned (it names the data, the method or the run); "
+        raise InputError(f"--tune: '{name}' cannot be tuned (it names the data, the method or the run); "
                           f"tunable: {', '.join(TUNABLE_RUN_FIELDS)} and TrainingArguments fields")
     if name not in training_argument_names():
-        raise RecipeError(f"--tune: unknown setting '{name}' (neither {', '.join(TUNABLE_RUN_FIELDS)} nor a "
+        raise InputError(f"--tune: unknown setting '{name}' (neither {', '.join(TUNABLE_RUN_FIELDS)} nor a "
                           "TrainingArguments field)")
 
 
@@ -158,7 +158,7 @@ def method_grid(cfg: RunConfig, method: str) -> dict[str, list[Any]]:
         elif family in DEFAULT_GRIDS.get(name, {}):
             grid[name] = list(DEFAULT_GRIDS[name][family])
         else:
-            raise RecipeError(f"--tune {name}: no default grid for {method} ({family} methods); "
+            raise InputError(f"--tune {name}: no default grid for {method} ({family} methods); "
                               f"give one: --grid {name}=V1,V2,...")
     return grid
 
@@ -188,10 +188,10 @@ def plan_tuning(cfg: RunConfig, methods: list[str]) -> dict[str, dict[str, Any]]
     for key in cfg.grid:
         prefix, _ = _grid_key(key)
         if prefix is not None and prefix not in METHODS and prefix not in METHOD_FAMILIES:
-            raise RecipeError(f"--grid {key}: '{prefix}' is neither a method ({', '.join(METHODS)}) nor a family "
+            raise InputError(f"--grid {key}: '{prefix}' is neither a method ({', '.join(METHODS)}) nor a family "
                               f"({', '.join(METHOD_FAMILIES)})")
         if prefix in METHODS and prefix not in methods:
-            raise RecipeError(f"--grid {key}: method '{prefix}' is not among the methods ({', '.join(methods)})")
+            raise InputError(f"--grid {key}: method '{prefix}' is not among the methods ({', '.join(methods)})")
     plan: dict[str, dict[str, Any]] = {}
     for method in methods:
         grid = method_grid(cfg, method)
@@ -299,9 +299,9 @@ def tune(cfg: RunConfig, methods: list[str], root: Path, task: Any, quiet: bool 
     from lorma.processes import is_main_process
 
     if not getattr(task, "supports_validation", False):
-        raise RecipeError(f"--tune needs a validation split; task '{task.name}' has none (classification tasks do)")
+        raise InputError(f"--tune needs a validation split; task '{task.name}' has none (classification tasks do)")
     if not task.metric_for_best_model:
-        raise RecipeError(f"--tune: task '{task.name}' has no main metric to choose by")
+        raise InputError(f"--tune: task '{task.name}' has no main metric to choose by")
     main_metric = f"eval_{task.metric_for_best_model}"
     greater = bool(task.greater_is_better)
     plan = plan_tuning(cfg, methods)
@@ -356,8 +356,8 @@ def _run_candidate(cfg: RunConfig, method: str, values: dict[str, Any], root: Pa
                    main_metric: str) -> dict[str, Any]:
     """Train one candidate on the validation split (or read it back from its ``candidate.json``)."""
     from lorma.processes import is_main_process
-    from lorma.recipes.fingerprints import inputs_unchanged
     from lorma.recipes.train import run_training
+    from lorma.runs.fingerprints import inputs_unchanged
 
     run_dir = root / method / candidate_label(values)
     run_cfg = dataclasses.replace(apply_values(cfg, values), method=method, eval_on="validation",
@@ -477,9 +477,10 @@ def train_tuned(cfg: RunConfig, overwrite: bool = False, resume: bool = False,
     """``lorma train --tune``: tune ``cfg.method`` (candidates in ``OUTPUT_DIR/tuning/``), then the final run in
     ``OUTPUT_DIR`` with the chosen values; its ``metrics.json`` keeps the tuning record under ``tuning``."""
     from lorma.processes import is_main_process
-    from lorma.recipes.fingerprints import check_run_inputs
-    from lorma.recipes.rundir import RunTransaction, check_not_input
-    from lorma.recipes.train import run_inputs, run_training
+    from lorma.recipes.train import run_training
+    from lorma.runs.fingerprints import check_run_inputs, run_inputs
+    from lorma.runs.paths import check_not_input
+    from lorma.runs.transaction import RunTransaction
     from lorma.tasks.base import get_task
 
     # refuse what the final run would refuse (an existing run without --overwrite, ...) before any candidate

@@ -9,14 +9,18 @@ docs/variants.md describes and measures them, docs/extending.md shows how a vari
 
 from __future__ import annotations
 
-from ..class_registry import ClassRegistry
+from ..registries import Registry
 from .adalorma import AdaLormaVariant
 from .base import AdaptedLayer, LormaVariant
 from .dorma import DormaVariant
 from .dylorma import DyLormaVariant
 
-_REGISTRY: ClassRegistry[LormaVariant] = ClassRegistry(LormaVariant, "variant")
-_VARIANTS = _REGISTRY.classes  # name -> class
+_REGISTRY: Registry[type[LormaVariant]] = Registry(
+    LormaVariant, "variant",
+    register_hint="a custom variant must be registered with lorma.variants.register_variant before it is used or "
+                  "loaded",
+)
+_VARIANTS = _REGISTRY.entries  # name -> class
 
 
 def register_variant(cls: type[LormaVariant]) -> type[LormaVariant]:

@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--metrics does not apply to {args.task} (its score is accuracy)")
     out_path = Path(args.output) if args.output else None
     if out_path is not None:
-        from lorma.recipes.rundir import check_not_input
+        from lorma.runs.paths import check_not_input
 
         check_not_input(out_path, {"--predictions": args.predictions, "--references": args.references},
                         replacing=False, flag="--output")

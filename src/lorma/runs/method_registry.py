@@ -15,9 +15,12 @@ Importing this module imports nothing heavy: peft and lorma's tuner are imported
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from lorma.registries import Registry, module_names
 
 __all__ = [
     "AdapterSettings",
@@ -97,7 +100,8 @@ class Method:
         return out
 
 
-_METHODS: dict[str, Method] = {}
+_REGISTRY: Registry[Method] = Registry(Method, "method", instances=True)
+_METHODS = _REGISTRY.entries  # name -> Method, in registration order
 
 
 def register_method(method: Method) -> Method:
@@ -106,12 +110,34 @@ def register_method(method: Method) -> Method:
         raise ValueError(f"method name {method.name!r} is already registered")
     if (method.peft_config is None) == (method.trains is None):
         raise ValueError(f"method {method.name!r}: give exactly one of peft_config (an adapter) and trains")
-    _METHODS[method.name] = method
-    return method
+    return _REGISTRY.register(method)
+
+
+#: the order of the paper's inflations in the method lists (display only: lorma.inflations' own `first`, which this
+#: module cannot import without torch)
+PAPER_INFLATIONS = ("plus", "pi", "none")
+
+
+def _offer_inflations() -> None:
+    """``lorma-<x>`` for every inflation ``x``: the built-ins found on disk (``lorma/inflations/x.py``, without
+    importing torch, so that ``--help`` stays fast), and a user's registered ones once :mod:`lorma.inflations` is
+    imported. A new inflation reaches ``lorma train`` with no edit here."""
+    found = module_names("lorma.inflations", skip=("base",))
+    names = [n for n in PAPER_INFLATIONS if n in found] + [n for n in found if n not in PAPER_INFLATIONS]
+    inflations = sys.modules.get("lorma.inflations.base")
+    if inflations is not None:
+        names += [n for n in inflations.inflation_names() if n not in names]
+    for inflation in names:
+        name = f"lorma-{inflation}"
+        if name not in _METHODS:
+            register_method(Method(name, f"LoRMA with the {inflation!r} rank inflation (lorma.inflations)",
+                                   peft_config=_lorma_builder(name, inflation), options={"side": LORMA_SIDES},
+                                   inflation=inflation))
 
 
 def get_method(name: str) -> Method:
     """The method called ``name``; ValueError listing the known names otherwise."""
+    _offer_inflations()
     try:
         return _METHODS[name]
     except KeyError:
@@ -120,6 +146,7 @@ def get_method(name: str) -> Method:
 
 def method_names(recipes_only: bool = True) -> tuple[str, ...]:
     """The registered names, in registration order (by default those ``lorma train`` offers)."""
+    _offer_inflations()
     return tuple(n for n, m in _METHODS.items() if m.trainable_by_recipes or not recipes_only)
 
 
@@ -140,6 +167,7 @@ def label_of(name: str, options: dict[str, Any] | None = None, always_side: bool
 
 def parse_label(label: str) -> tuple[str, dict[str, Any]]:
     """A label back into ``(name, options)``: ``lorma-plus-post`` -> ``("lorma-plus", {"side": "post"})``."""
+    _offer_inflations()
     if label in _METHODS:
         return label, {}
     name, _, side = label.rpartition("-")
@@ -162,7 +190,7 @@ def method_of_adapter_config(adapter_config: dict[str, Any]) -> tuple[str, dict[
     if peft_type == "LORA":
         return ("dora" if adapter_config.get("use_dora") else "lora"), {}
     name = peft_type.lower()
-    return (name, {}) if name in _METHODS else None
+    return (name, {}) if name in method_names(recipes_only=False) else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -245,11 +273,7 @@ def in_modules(name: str, modules: Sequence[str]) -> bool:
     return any(name.startswith(m + ".") or f".{m}." in f".{name}" for m in modules)
 
 
-for _inflation, _what in (("plus", "LoRMA+ (I + s BA, the paper's main method)"),
-                          ("pi", "LoRMA_pi (the rank-inflating permutation of s BA)"),
-                          ("none", "LoRMA without rank inflation (s BA as it is)")):
-    register_method(Method(f"lorma-{_inflation}", _what, peft_config=_lorma_builder(f"lorma-{_inflation}", _inflation),
-                           options={"side": LORMA_SIDES}, inflation=_inflation))
+_offer_inflations()  # lorma-plus, lorma-pi, lorma-none: one per module of lorma/inflations/
 register_method(Method("lora", "LoRA (W0 + s BA)", peft_config=_lora_builder(dora=False)))
 register_method(Method("dora", "DoRA (LoRA with a learned magnitude per output)", peft_config=_lora_builder(dora=True)))
 # the LoRMA variants (docs/variants.md) and the additive baseline of AdaLoRMA

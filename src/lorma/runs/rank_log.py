@@ -27,13 +27,12 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from lorma.errors import DataFormatError
 from lorma.fileio import dumps_json, iter_jsonl, strict_json
-from lorma.recipes.rundir import RANK_LOG
-
-from .matrices import sv_summary
+from lorma.runs.layout import RANK_LOG
+from lorma.runs.spectrum import sv_summary
 
 __all__ = ["RANK_LOG_NAME", "RankTrackingCallback", "rank_records", "read_rank_log", "module_key"]
 
-RANK_LOG_NAME = RANK_LOG  # the run directory layout's name (lorma.recipes.rundir)
+RANK_LOG_NAME = RANK_LOG  # the run directory layout's name (lorma.runs.layout)
 _PEFT_PREFIXES = ("base_model.model.", "module.")
 
 

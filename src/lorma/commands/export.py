@@ -25,7 +25,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lorma.cli import LormaCLIError
+from lorma.errors import InputError
 
 if TYPE_CHECKING:
     from lorma.export import LoraExport
@@ -79,8 +79,9 @@ def export_adapter(
     Here, not in :mod:`lorma.export`, because it reads a run directory (:mod:`lorma.recipes`): the library module
     stays below the recipes."""
     from lorma.export import ExportError, ServingFacts, check_options, check_serving, lora_export, saved_module_sizes
-    from lorma.recipes.merge import _base_config, _base_of, load_adapter_model
-    from lorma.recipes.rundir import adapter_weights_file, check_not_input, check_output_location, find_adapter
+    from lorma.runs.adapters import base_model_config, base_model_of, load_adapter_model
+    from lorma.runs.layout import adapter_weights_file, find_adapter
+    from lorma.runs.paths import check_not_input, check_output_location
 
     found = find_adapter(Path(source))  # the adapter's files checked, and a run's adapter/ consistent with it
     adapter, recorded = found.path, found.config
@@ -99,8 +100,8 @@ def export_adapter(
                           "the adapter, as peft loads them)")
     modules_to_save = modules_to_save or "refuse"
     if serving is not None:  # what the files show (trained modules, the base's architecture), before loading
-        base, _ = _base_of(adapter, recorded, base_model)
-        base_config = _base_config(base) or {}
+        base, _ = base_model_of(adapter, recorded, base_model)
+        base_config = base_model_config(base) or {}
         sizes = tensor_sizes(adapter_weights_file(adapter))
         check_serving(serving, ServingFacts(
             architecture=(base_config.get("architectures") or [None])[0],
@@ -131,7 +132,7 @@ def tensor_sizes(weights: Path) -> dict[str, int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lorma.recipes.train import quiet_libraries
+    from lorma.quiet import quiet_libraries
 
     quiet_libraries()
     from lorma.export import (
@@ -158,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     except ExportError as err:
         if err.modules:  # a refused lossy export: show what it would have been, module by module
             print(format_table(err.modules))
-        raise LormaCLIError(str(err)) from None
+        raise InputError(str(err)) from None
     print(exported.table())
     kind = "exact (to float32 rounding)" if exported.exact else (
         f"approximate (largest relative error {exported.max_relative_error:.3g})"

@@ -38,7 +38,7 @@ from typing import Any
 
 from lorma.errors import DataFormatError, InputError
 from lorma.fileio import atomic_write_json, read_json
-from lorma.recipes.rundir import INPUTS_FILE, METRICS_FILE, checkpoint_step, notify
+from lorma.runs.layout import INPUTS_FILE, METRICS_FILE, checkpoint_step, notify
 
 FORMAT = 1
 #: the inputs a run may read: RunConfig field -> how messages name it
@@ -288,3 +288,19 @@ def inputs_unchanged(run_dir: Path, cfg: Any) -> bool:
     except DataFormatError:
         return False
     return record is not None and not compare_inputs(record["inputs"], fingerprint_inputs(cfg))[0]
+
+
+def model_fingerprint(config: Any) -> dict[str, Any]:
+    """What makes a base model compatible with an adapter: type and shapes (from a transformers config, or the
+    dict of its ``config.json``)."""
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+            "vocab_size", "n_embd", "n_layer")
+    values = config if isinstance(config, dict) else {k: getattr(config, k, None) for k in keys}
+    return {k: values[k] for k in keys if values.get(k) is not None}
+
+
+def run_inputs(cfg: Any) -> dict[str, str | None]:
+    """Every input path the settings name, by flag (``--train-file``), read by this run or not: a run's output
+    directory is never one of them, nor contains one when replaced (the cautious set; :func:`inputs_read` is what
+    the run reads and fingerprints). The same :data:`ROLES`, so that the two cannot drift apart."""
+    return {"--" + role.replace("_", "-"): getattr(cfg, role) for role in ROLES}

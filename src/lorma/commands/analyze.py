@@ -83,33 +83,27 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Check the inputs, measure, print the tables; user errors become :class:`LormaCLIError`."""
-    from lorma.cli import LormaCLIError
+    """Check the inputs, measure, print the tables; user errors become :class:`InputError`."""
+    from lorma.errors import InputError
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
-        raise LormaCLIError(f"RUN_DIR {run_dir}: no such directory")
+        raise InputError(f"RUN_DIR {run_dir}: no such directory")
     if args.against is not None and not Path(args.against).is_dir():
-        raise LormaCLIError(f"--against {args.against}: no such directory")
+        raise InputError(f"--against {args.against}: no such directory")
     for flag, value in (("--base-model", args.base_model), ("--against-base-model", args.against_base_model)):
         if value is not None and not Path(value).is_dir():
-            raise LormaCLIError(f"{flag} {value}: not a local directory")
+            raise InputError(f"{flag} {value}: not a local directory")
     out = Path(args.out) if args.out else run_dir / "analysis"
-    from lorma.recipes.rundir import (
-        adapter_weights_file,
-        check_not_input,
-        check_output_location,
-        compare_runs,
-        missing_adapter_reason,
-    )
-
-    from .report import OUTPUT_NAMES
-    from .runs import read_run
+    from lorma.analysis.report import OUTPUT_NAMES
+    from lorma.analysis.runs import read_run
+    from lorma.runs.layout import adapter_weights_file, compare_runs, missing_adapter_reason
+    from lorma.runs.paths import check_not_input, check_output_location
 
     check_output_location(out, "--out")
     existing = [name for name in OUTPUT_NAMES if (out / name).exists()]
     if existing and not args.overwrite:
-        raise LormaCLIError(f"{out} already holds {', '.join(existing)}; pass --overwrite or choose --out")
+        raise InputError(f"{out} already holds {', '.join(existing)}; pass --overwrite or choose --out")
 
     try:
         # everything on disk is read and checked before torch and transformers are imported
@@ -117,26 +111,26 @@ def run(args: argparse.Namespace) -> int:
         if info.adapter_dir is None and info.loss_curve is None and info.rank_log is None:
             runs = compare_runs(run_dir)
             if runs:  # a `lorma compare` output: point at its run directories
-                raise LormaCLIError(
+                raise InputError(
                     f"{run_dir} is a `lorma compare` output; analyze one of its runs, e.g. "
                     f"{', '.join(map(str, runs[:4]))}" + (" ..." if len(runs) > 4 else "")
                 )
-            raise LormaCLIError(
+            raise InputError(
                 f"{run_dir}: nothing to analyze (no adapter_config.json, training-loss log or rank_log.jsonl; "
                 f"{missing_adapter_reason(run_dir)})"
             )
         other = read_run(args.against) if args.against is not None else None
         if other is not None and info.adapter_dir is not None and other.adapter_dir is None \
                 and other.loss_curve is None:
-            raise LormaCLIError(f"--against {args.against}: nothing to compare with: "
+            raise InputError(f"--against {args.against}: nothing to compare with: "
                                 f"{missing_adapter_reason(Path(args.against))}; give the reference run's "
                                 "directory or its adapter directory")
         for run in (info, other):
             if run is not None and run.adapter_dir is not None:
                 adapter_weights_file(run.adapter_dir)
                 check_not_input(out, {"(the adapter)": run.adapter_dir}, replacing=False, flag="--out")
-        from .report import analyze
-        from .report_text import format_report
+        from lorma.analysis.report import analyze
+        from lorma.analysis.report_text import format_report
 
         result = analyze(
             run_dir,
@@ -149,10 +143,10 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             plots=not args.no_plots,
         )
-    except LormaCLIError:
+    except InputError:
         raise
     except (ValueError, FileNotFoundError, FileExistsError) as err:
-        raise LormaCLIError(str(err)) from err
+        raise InputError(str(err)) from err
     print(format_report(result), end="")
     print(f"report: {out / 'analysis.txt'}, {out / 'analysis.json'}")
     return 0
