@@ -108,6 +108,7 @@ def test_every_inflation_is_a_lorma_method_in_the_inflations_order() -> None:
     """lorma-<x> for each inflation, found without torch, in the order the inflation registry lists them."""
     from lorma.inflations import base, inflation_names
 
-    assert registry.PAPER_INFLATIONS == base._REGISTRY.first
-    lorma = [n for n in registry.method_names() if registry.get_method(n).inflation and not registry.get_method(n).variant]
+    assert base._REGISTRY.first == registry.PAPER_INFLATIONS
+    methods = [registry.get_method(n) for n in registry.method_names()]
+    lorma = [m.name for m in methods if m.inflation and not m.variant]
     assert lorma == [f"lorma-{x}" for x in inflation_names()]
