@@ -83,8 +83,9 @@ def test_variant_builders_and_rank_budgets() -> None:
     assert (dorma.variant, dorma.inflation, dorma.r) == ("dorma", "pi", 8)
     ada = registry.get_method("adalorma").peft_config(settings)
     # AdaLoRMA starts at 1.5 r and prunes to r; whole layers (no fused parts); schedule from max_steps
-    assert (ada.variant, ada.inflation, ada.r, ada.target_r, ada.tinit, ada.tfinal, ada.total_step, ada.fused_parts) \
-        == ("adalorma", "plus", 12, 8, 10, 20, 100, {})
+    budget = {k: ada.variant_options[k] for k in ("target_r", "tinit", "tfinal", "total_step")}
+    assert (ada.variant, ada.inflation, ada.r, budget, ada.fused_parts) == \
+        ("adalorma", "plus", 12, {"target_r": 8, "tinit": 10, "tfinal": 20, "total_step": 100}, {})
     adalora = registry.get_method("adalora").peft_config(settings)
     assert (type(adalora).__name__, adalora.init_r, adalora.target_r, adalora.total_step) == \
         ("AdaLoraConfig", 12, 8, 100)

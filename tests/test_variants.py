@@ -323,14 +323,14 @@ def test_adalorma_prunes_to_the_cubic_budget_and_records_the_final_ranks(tiny_be
         if step > tinit:  # pruned to the budget every step (deltaT = 1) from then on
             assert nonzero == budget, step
     assert nonzero == target * n_modules
-    ranks = model.peft_config["default"].final_ranks
+    ranks = model.peft_config["default"].variant_options["final_ranks"]
     assert sum(ranks.values()) == target * n_modules and len(ranks) == n_modules
     for name, module in model.base_model.model.named_modules():
         if isinstance(module, LormaLayer):
             assert ranks[name] == int(torch.count_nonzero(module.lorma_E["default"]))
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert saved["final_ranks"] == ranks
+    assert saved["variant_options"]["final_ranks"] == ranks and "final_ranks" not in saved
 
 
 def test_adalorma_adds_the_orthogonality_penalty_in_training_only() -> None:
@@ -391,7 +391,8 @@ def test_use_dora_is_dorma_and_adalorma_refuses_fused_parts_by_module(tiny_gpt2)
 
 def test_update_and_allocate_without_an_adalorma_adapter_is_an_error() -> None:
     model = get_peft_model(TwoLayer(), variant_config("dorma", target_modules=["proj"]))
-    with pytest.raises(ValueError, match=r"no active adapter is an AdaLoRMA one \(active: \['default'\]\)"):
+    with pytest.raises(ValueError, match=r"no active adapter has a variant that acts after optimizer steps "
+                                         r"\(variants that do: \['adalorma'\]; active: \['default'\]\)"):
         model.base_model.update_and_allocate(0)
 
 
@@ -431,7 +432,9 @@ def test_methods_build_the_variants(method: str, variant: str, inflation: str) -
     config = model.peft_config["default"]
     assert (config.variant, config.inflation) == (variant, inflation)
     if method == "adalorma":  # AdaLoRA's comparison: from 1.5 r down to r on average, over the run's steps
-        assert (config.r, config.target_r, config.total_step, config.tinit, config.tfinal) == (6, 4, 50, 5, 10)
+        options = config.variant_options
+        assert (config.r, options["target_r"], options["total_step"], options["tinit"], options["tfinal"]) == \
+            (6, 4, 50, 5, 10)
     layers = [m for m in model.modules() if isinstance(m, LormaLayer)]
     assert len(layers) == 4 and all(type(m.lorma_variant["default"]).name == variant for m in layers)
 
@@ -472,7 +475,7 @@ def test_rank_allocation_callback_prunes_inside_a_trainer(tmp_path) -> None:
     layers = {n: m for n, m in model.base_model.model.named_modules() if isinstance(m, LormaLayer)}
     ranks = {n: int(torch.count_nonzero(m.lorma_E["default"])) for n, m in layers.items()}
     assert sum(ranks.values()) == target * len(layers)
-    assert model.peft_config["default"].final_ranks == ranks
+    assert model.peft_config["default"].variant_options["final_ranks"] == ranks
 
 
 def test_rank_allocation_callback_refuses_a_model_without_a_budget() -> None:
@@ -494,7 +497,7 @@ def test_analyze_reads_the_final_ranks_of_both_budgets(tiny_bert, tmp_path) -> N
     config = LormaConfig(r=4, variant="adalorma", target_r=2, total_step=10, target_modules=["query"])
     ours = get_peft_model(copy.deepcopy(tiny_bert), config)
     ranks = {"encoder.layer.0.attention.self.query": 3, "encoder.layer.1.attention.self.query": 1}
-    config.final_ranks = dict(ranks)
+    config.variant_options["final_ranks"] = dict(ranks)
     ours.save_pretrained(tmp_path / "adalorma")
     theirs = get_peft_model(copy.deepcopy(tiny_bert), AdaLoraConfig(init_r=4, target_r=2, total_step=10,
                                                                     target_modules=["query"]))

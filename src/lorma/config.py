@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from .functional import SIDES
 from .inflations import DEFAULT_FFT_CHUNK_BYTES, DEFAULT_MAX_DENSE_BYTES, get_inflation
 from .peft_type import lorma_peft_type
 from .variants import get_variant
-from .variants.options import validate_variant_options
+from .variants.options import fold_flat_options, option_owners, validate_variant_options
 
 # "auto": per module, the side whose square transform is smaller (resolved when the layer is made, recorded in
 # side_pattern). Not one of functional.SIDES: a layer always acts on a definite side.
@@ -84,16 +85,15 @@ class LormaConfig(PeftConfig):
             (docs/variants.md).
         use_dora: DoRMA (peft's name for the option): the same as ``variant="dorma"``,
             ``W = diag(m / ||V||_r) V`` with ``V = I(BA) W0`` (pre) or ``W0 I(BA)`` (post).
-        target_r / tinit / tfinal / deltaT / beta1 / beta2 / orth_reg_weight / total_step: AdaLoRMA's budget and
-            schedule (``variant="adalorma"``), peft's AdaLoRA names and meanings: each module starts at rank ``r``
-            and the budget falls on a cubic schedule to ``target_r`` per module on average, between step
-            ``tinit`` and ``total_step - tfinal``, reallocated every ``deltaT`` steps by importance scores
-            smoothed with ``beta1`` / ``beta2``; ``orth_reg_weight`` weighs the orthogonality of ``P`` and ``Q``.
-        final_ranks: AdaLoRMA's per-module ranks after the last allocation (written by
-            ``LormaModel.update_and_allocate``, saved with the adapter; ``None`` before).
-        min_rank / inference_rank: DyLoRMA (``variant="dylorma"``): each training forward uses the first ``b``
-            ranks, ``b`` drawn uniformly from ``[min_rank, r]``; outside training ``inference_rank`` ranks
-            (``None``: all ``r``).
+        variant_options: the chosen variant's own options, as its class declares them (the dataclass
+            :attr:`lorma.variants.LormaVariant.options`): checked here, completed with their defaults, saved with
+            the adapter. AdaLoRMA's are ``target_r``, ``total_step``, ``tinit``, ``tfinal``, ``deltaT``, ``beta1``,
+            ``beta2``, ``orth_reg_weight`` (peft's AdaLoRA names) and ``final_ranks`` (written in training);
+            DyLoRMA's ``min_rank`` and ``inference_rank`` (docs/variants.md). An unknown key, or options without a
+            variant, is a ``ValueError`` naming it. Shorthand: the options may be given as keywords,
+            ``LormaConfig(variant="adalorma", target_r=4, total_step=100)``; they are moved into
+            ``variant_options`` (so are the top-level keys of an ``adapter_config.json`` saved before this field
+            existed) and are not attributes of the config.
         ensure_weight_tying: peft's option for LoRA: an ``nn.Linear`` that shares the weight of an adapted
             ``nn.Embedding`` (tied word embeddings) is adapted through the tie, with the embedding's transform
             transposed, so the merged model keeps one tied weight and computes what the unmerged one does. Found by
@@ -155,20 +155,9 @@ class LormaConfig(PeftConfig):
     )
 
     use_dora: bool = field(default=False, metadata={"help": "DoRMA: the same as variant='dorma' (peft's name)."})
-    target_r: int | None = field(default=None, metadata={"help": "AdaLoRMA: target average rank per module."})
-    tinit: int = field(default=0, metadata={"help": "AdaLoRMA: steps at the full budget before pruning."})
-    tfinal: int = field(default=0, metadata={"help": "AdaLoRMA: final steps at the target budget."})
-    deltaT: int = field(default=1, metadata={"help": "AdaLoRMA: steps between two budget allocations."})
-    beta1: float = field(default=0.85, metadata={"help": "AdaLoRMA: EMA of the sensitivity."})
-    beta2: float = field(default=0.85, metadata={"help": "AdaLoRMA: EMA of the uncertainty."})
-    orth_reg_weight: float = field(default=0.5, metadata={"help": "AdaLoRMA: weight of P, Q orthogonality."})
-    total_step: int | None = field(default=None, metadata={"help": "AdaLoRMA: the number of training steps."})
-    final_ranks: dict[str, int] | None = field(
-        default=None, metadata={"help": "AdaLoRMA: per-module ranks after the last allocation (written in training)."}
-    )
-    min_rank: int = field(default=1, metadata={"help": "DyLoRMA: smallest rank a training step draws."})
-    inference_rank: int | None = field(
-        default=None, metadata={"help": "DyLoRMA: ranks used outside training (None: all r)."}
+    variant_options: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "The variant's own options (declared by the variant class), e.g. {'target_r': 4}."},
     )
     ensure_weight_tying: bool = field(
         default=False,
@@ -196,7 +185,7 @@ class LormaConfig(PeftConfig):
             get_variant(self.variant)
         except ValueError as err:
             raise ValueError(f"LormaConfig: {err}") from None
-        validate_variant_options(self)
+        self.variant_options = validate_variant_options(self)
         if self.side not in SIDE_CHOICES:
             raise ValueError(f"LormaConfig: unknown side {self.side!r}; expected one of {SIDE_CHOICES}")
         for name, value in self.side_pattern.items():
@@ -265,11 +254,35 @@ class LormaConfig(PeftConfig):
 
     @classmethod
     def from_peft_type(cls, **kwargs: Any) -> PeftConfig:
-        """Refuse another method's saved config instead of silently returning that method's config class."""
+        """Refuse another method's saved config instead of silently returning that method's config class; move
+        top-level variant options (an older ``adapter_config.json``) into ``variant_options``."""
         peft_type = kwargs.get("peft_type")
         if peft_type is not None and str(getattr(peft_type, "value", peft_type)) != "LORMA":
             raise ValueError(f"LormaConfig: the saved adapter config is peft_type {peft_type!r}, not 'LORMA'")
-        return super().from_peft_type(**kwargs)
+        # an adapter_config.json saved before variant_options existed has the options at the top level; they are
+        # folded here, before peft's from_peft_type, which drops (with a warning) every key the constructor's
+        # signature lacks once any key is unknown to it: a newer peft's key would otherwise take the options along
+        return super().from_peft_type(**fold_flat_options(kwargs, _init_field_names(cls)))
+
+    def __getattr__(self, name: str) -> Any:
+        """Only for attributes that do not exist: a variant's option read as ``config.target_r`` (before
+        ``variant_options`` it was an attribute) says where it is now."""
+        if not name.startswith("_") and name in option_owners():
+            raise AttributeError(
+                f"LormaConfig has no attribute {name!r}: it is an option of variant={option_owners()[name][0]!r}, "
+                f"read it as config.variant_options[{name!r}]"
+            )
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Refuse ``config.final_ranks = ...`` (a variant's option set as an attribute), which nothing would read
+        or save; config fields are set as usual."""
+        if not name.startswith("_") and name not in _init_field_names(type(self)) and name in option_owners():
+            raise AttributeError(
+                f"LormaConfig: {name!r} is an option of variant={option_owners()[name][0]!r}; set "
+                f"config.variant_options[{name!r}] instead"
+            )
+        super().__setattr__(name, value)
 
     def side_for(self, module_name: str, d_in: int, d_out: int, num_parts: int = 1) -> str:
         """The side module ``module_name`` (a ``d_out x d_in`` layer) is adapted on: ``side_pattern`` first, then
@@ -289,6 +302,27 @@ class LormaConfig(PeftConfig):
             if module_name == key or module_name.endswith("." + key) or re.fullmatch(key, module_name):
                 return int(spec["num_parts"]), sorted(int(p) for p in spec["parts"])
         return None
+
+
+@functools.cache
+def _init_field_names(cls: type) -> frozenset[str]:
+    return frozenset(f.name for f in fields(cls) if f.init)
+
+
+def _accept_flat_variant_options(cls: type[LormaConfig]) -> None:
+    """Let ``cls(...)`` take a variant's options as keywords (the shorthand of ``variant_options``, and what an
+    older ``adapter_config.json`` holds): they are moved into ``variant_options`` before the dataclass's own
+    ``__init__`` runs, so they never become fields. The signature shown stays the dataclass's."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self: LormaConfig, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **fold_flat_options(kwargs, _init_field_names(type(self))))
+
+    cls.__init__ = __init__  # type: ignore[method-assign]
+
+
+_accept_flat_variant_options(LormaConfig)
 
 
 def cheaper_side(d_in: int, d_out: int, num_parts: int = 1) -> str:

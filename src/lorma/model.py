@@ -28,8 +28,7 @@ from .functional import Pair
 from .inflations import get_inflation, inflation_names
 from .layer import Linear, LormaLayer
 from .mixed_batch import install_adapter_names
-from .variants.adalorma import RankBudget, orthogonality_penalty
-from .variants.dylorma import sample_rank
+from .variants import LormaVariant, get_variant, variant_names
 
 # peft LoRA's other add_weighted_adapter options, at their defaults (accepted at these values, refused otherwise)
 LORA_ONLY_DEFAULTS: dict[str, Any] = {
@@ -197,12 +196,23 @@ class LormaModel(BaseTuner):
             return
         super()._replace_module(parent, child_name, new_module, child)
 
-    # ------------------------------------------------------------------ variants that act per model step
+    # ------------------------------------------------------------------ variants that act on the whole model
+    # Each adapter's variant class says what it does per forward, to the loss and per optimizer step
+    # (lorma.variants.LormaVariant's model-level hooks); plain LoRMA does nothing in any of them.
+    def _active_variants(self) -> Iterator[tuple[str, LormaConfig, type[LormaVariant]]]:
+        """``(adapter, config, variant class)`` for each active adapter, in activation order."""
+        for adapter in self.active_adapters:
+            config = self.peft_config.get(adapter)
+            if config is not None:
+                yield adapter, config, get_variant(config.variant)
+
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
         """Per forward of the whole model (peft's ``PeftModel`` enters this around every forward and generate):
-        DyLoRMA draws, in training, one rank for all its layers; ``adapter_names=[...]`` (one adapter per row,
-        :mod:`lorma.mixed_batch`) is checked and handed to every adapted layer for the call."""
+        in training, each active adapter's variant acts before the forward
+        (:meth:`~lorma.variants.LormaVariant.before_training_forward`: DyLoRMA draws one rank for all its layers);
+        ``adapter_names=[...]`` (one adapter per row, :mod:`lorma.mixed_batch`) is checked and handed to every
+        adapted layer for the call."""
         adapter_names = kwargs.pop("adapter_names", None)
         if adapter_names is not None:
             handles = install_adapter_names(self.model, LormaLayer, self.peft_config, adapter_names, args, kwargs)
@@ -213,47 +223,49 @@ class LormaModel(BaseTuner):
                     handle.remove()
             return
         if self.model.training:
-            for adapter in self.active_adapters:
-                config = self.peft_config.get(adapter)
-                if config is not None and config.variant == "dylorma":
-                    sample_rank(self.model, [adapter], config.min_rank, config.r)
+            for adapter, config, variant in self._active_variants():
+                variant.before_training_forward(self.model, adapter, config)
         yield
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """The model's forward; in training, AdaLoRMA's orthogonality regulariser is added to the returned loss.
+        """The model's forward; in training, what each active adapter's variant adds to the returned loss
+        (:meth:`~lorma.variants.LormaVariant.training_loss`: AdaLoRMA's orthogonality regulariser).
 
         As with peft's AdaLoRA, this is the path of a ``PeftModel`` with a ``task_type`` (what a ``Trainer`` run
         builds); peft's plain ``PeftModel`` calls the base model directly and leaves the loss alone. Training only
-        here (peft adds it in eval too), so that eval losses stay comparable with other methods.
+        here (peft adds AdaLoRA's in eval too), so that eval losses stay comparable with other methods.
         """
         outputs = self.model.forward(*args, **kwargs)
         loss = getattr(outputs, "loss", None)
         if self.model.training and isinstance(loss, torch.Tensor):
-            for adapter in self.active_adapters:
-                config = self.peft_config.get(adapter)
-                if config is not None and config.variant == "adalorma" and config.orth_reg_weight > 0:
-                    penalty = orthogonality_penalty(self.model, adapter)
-                    if penalty is not None:
-                        outputs.loss = outputs.loss + config.orth_reg_weight * penalty
+            for adapter, config, variant in self._active_variants():
+                term = variant.training_loss(self.model, adapter, config)
+                if term is not None:
+                    outputs.loss = outputs.loss + term
         return outputs
 
     def update_and_allocate(self, global_step: int) -> None:
-        """AdaLoRMA's rank allocation for the trained adapter, as ``AdaLoraModel.update_and_allocate`` in peft.
+        """What the active adapters' variants do after an optimizer step (peft's AdaLoRA name and call: AdaLoRMA's
+        rank allocation, which records the per-module ranks in ``variant_options["final_ranks"]``).
 
-        Call it after ``optimizer.step()`` and before ``optimizer.zero_grad()`` (it reads the gradients), with
-        the 0-based step; :class:`lorma.callbacks.RankAllocationCallback` does so in a ``Trainer``. Records the
-        per-module ranks in the adapter's ``LormaConfig.final_ranks``.
+        Call it after ``optimizer.step()`` and before ``optimizer.zero_grad()`` (it may read the gradients), with
+        the 0-based step; :class:`lorma.callbacks.RankAllocationCallback` does so in a ``Trainer``. Each adapter's
+        :meth:`~lorma.variants.LormaVariant.step_updater` is made on the first call and kept.
         """
-        adapters = [a for a in self.active_adapters if getattr(self.peft_config.get(a), "variant", None) == "adalorma"]
-        if not adapters:
+        updaters = self.__dict__.setdefault("_step_updaters", {})
+        due = [(adapter, config, variant) for adapter, config, variant in self._active_variants()
+               if variant.updates_after_steps()]
+        if not due:
+            having = [name for name in variant_names() if get_variant(name).updates_after_steps()]
             raise ValueError(
-                f"update_and_allocate: no active adapter is an AdaLoRMA one (active: {list(self.active_adapters)})"
+                f"update_and_allocate: no active adapter has a variant that acts after optimizer steps (variants "
+                f"that do: {having}; active: {list(self.active_adapters)})"
             )
-        budgets = self.__dict__.setdefault("_rank_budgets", {})
-        for adapter in adapters:
-            if adapter not in budgets:
-                budgets[adapter] = RankBudget(self.model, self.peft_config[adapter], adapter)
-            budgets[adapter].step(global_step)
+        for adapter, config, variant in due:
+            if adapter not in updaters:
+                updaters[adapter] = variant.step_updater(self.model, adapter, config)
+            if updaters[adapter] is not None:
+                updaters[adapter](global_step)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         super()._mark_only_adapters_as_trainable(model)

@@ -103,12 +103,17 @@ def read_loss_curve(run_dir: Path) -> tuple[tuple[list[float], list[float]], Pat
 
 def final_ranks(adapter_config: dict[str, Any] | None) -> dict[str, int] | None:
     """The per-module ranks a rank budget left (AdaLoRMA's ``final_ranks``, peft AdaLoRA's ``rank_pattern``),
-    keyed by module name without peft's prefixes; ``None`` for an adapter without a budget."""
+    keyed by module name without peft's prefixes; ``None`` for an adapter without a budget.
+
+    AdaLoRMA's are in ``variant_options``; an adapter saved before that field existed has them at the top level."""
     from lorma.runs.rank_log import module_key
 
     if not adapter_config:
         return None
-    ranks = adapter_config.get("final_ranks")
+    options = adapter_config.get("variant_options")
+    ranks = options.get("final_ranks") if isinstance(options, dict) else None
+    if ranks is None:
+        ranks = adapter_config.get("final_ranks")
     if isinstance(ranks, dict) and ranks:
         return {module_key(name): int(rank) for name, rank in ranks.items()}
     pattern = adapter_config.get("rank_pattern")

@@ -225,7 +225,7 @@ def _lorma_builder(name: str, inflation: str, variant: str | None = None) -> Cal
             r, fused = budget.pop("init_r"), {}
         return LormaConfig(r=r, alpha=s.alpha, inflation=inflation, side=s.options.get("side", "pre"),
                            dropout=s.dropout, target_modules=s.target_modules, modules_to_save=s.modules_to_save,
-                           fused_parts=fused, task_type=s.task_type, variant=variant, **budget)
+                           fused_parts=fused, task_type=s.task_type, variant=variant, variant_options=budget)
 
     return build
 

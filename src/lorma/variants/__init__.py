@@ -5,15 +5,20 @@ Plain LoRMA is :class:`LormaVariant` itself; a variant is one module here with o
 after DoRA; :mod:`lorma.variants.dorma`), ``adalorma`` (adaptive rank budget, after AdaLoRA;
 :mod:`lorma.variants.adalorma`) and ``dylorma`` (nested ranks, after DyLoRA; :mod:`lorma.variants.dylorma`);
 docs/variants.md describes and measures them, docs/extending.md shows how a variant is written and tested.
+
+A variant's options (``LormaConfig.variant_options``) and what it does to the whole model (a rank drawn per
+forward, a loss term, a step after the optimizer's) are declared on its class (:class:`LormaVariant`), so that
+``LormaConfig`` and ``LormaModel`` ask this registry and never name a variant.
 """
 
 from __future__ import annotations
 
 from ..registries import Registry
-from .adalorma import AdaLormaVariant
+from .adalorma import AdaLormaOptions, AdaLormaVariant
 from .base import AdaptedLayer, LormaVariant
 from .dorma import DormaVariant
-from .dylorma import DyLormaVariant
+from .dylorma import DyLormaOptions, DyLormaVariant
+from .options import VariantOptions
 
 _REGISTRY: Registry[type[LormaVariant]] = Registry(
     LormaVariant, "variant",
@@ -46,11 +51,14 @@ for _variant in (DormaVariant, AdaLormaVariant, DyLormaVariant):
 del _variant
 
 __all__ = [
+    "AdaLormaOptions",
     "AdaLormaVariant",
     "AdaptedLayer",
     "DormaVariant",
+    "DyLormaOptions",
     "DyLormaVariant",
     "LormaVariant",
+    "VariantOptions",
     "get_variant",
     "register_variant",
     "variant_names",

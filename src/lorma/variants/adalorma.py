@@ -19,7 +19,7 @@ That bookkeeping is peft's :class:`peft.tuners.adalora.layer.RankAllocator`, use
 names our parameters the way it looks for them (:class:`_AllocatorView`); only the multiplicative layer is ours.
 ``LormaModel.update_and_allocate(step)`` runs it (call it after ``optimizer.step()``, before ``zero_grad()``, as
 peft's AdaLoRA asks; :class:`lorma.callbacks.RankAllocationCallback` does it inside a ``Trainer``), and records the
-per-module ranks in ``LormaConfig.final_ranks``, saved with the adapter.
+per-module ranks in ``LormaConfig.variant_options["final_ranks"]``, saved with the adapter.
 
 Since ``P diag(lambda) Q`` is the product ``B A`` of LoRMA+ with ``B = P diag(lambda)`` and ``A = Q``, everything
 else is LoRMA+'s, exactly: the activation forward ``h + s B(A h)``, the rank-``r`` merge, the Woodbury unmerge,
@@ -29,7 +29,8 @@ so ``lambda`` would not be singular values of anything), and is refused.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,50 +38,95 @@ from torch import nn
 
 from ..inflations.base import get_inflation
 from .base import AdaptedLayer, LormaVariant, PairSlice
+from .options import VariantOptions
 
 # peft's AdaLoRA initialisation of P and Q
 SVD_INIT_STD = 0.02
 
 
-def check_config(config: Any) -> None:
-    """AdaLoRMA's ``LormaConfig`` fields, checked before any module is built (``ValueError`` naming the field)."""
-    where = "LormaConfig (variant='adalorma')"
-    if not get_inflation(config.inflation).identity_plus_low_rank:
-        raise ValueError(
-            f"{where}: AdaLoRMA needs inflation='plus', got {config.inflation!r}: its SVD form I + s P diag(lambda) Q "
-            "is an additive low-rank update of I, and the pi inflation rotates the rows of the product, so lambda "
-            "would not be singular values of the update and pruning them would not cut its rank"
-        )
-    if isinstance(config.total_step, bool) or not isinstance(config.total_step, int) or config.total_step <= 0:
-        raise ValueError(f"{where}: total_step (the number of training steps) must be a positive integer, "
-                         f"got {config.total_step!r}")
-    if isinstance(config.target_r, bool) or not isinstance(config.target_r, int) or not 0 < config.target_r < config.r:
-        raise ValueError(
-            f"{where}: target_r (the average rank to prune down to) must be an integer in [1, r - 1] = "
-            f"[1, {config.r - 1}], got {config.target_r!r}"
-        )
-    for name in ("tinit", "tfinal"):
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{where}: {name} must be a non-negative integer, got {value!r}")
-    if config.tinit >= config.total_step - config.tfinal:
-        raise ValueError(
-            f"{where}: no budget phase: tinit={config.tinit} must be below total_step - tfinal = "
-            f"{config.total_step} - {config.tfinal}"
-        )
-    if isinstance(config.deltaT, bool) or not isinstance(config.deltaT, int) or config.deltaT < 1:
-        raise ValueError(f"{where}: deltaT must be a positive integer, got {config.deltaT!r}")
-    for name in ("beta1", "beta2"):
-        if not 0.0 < float(getattr(config, name)) < 1.0:
-            raise ValueError(f"{where}: {name} must be in (0, 1), got {getattr(config, name)!r}")
-    if float(config.orth_reg_weight) < 0:
-        raise ValueError(f"{where}: orth_reg_weight must be >= 0, got {config.orth_reg_weight!r}")
+@dataclass
+class AdaLormaOptions(VariantOptions):
+    """AdaLoRMA's options (``LormaConfig.variant_options``), peft's AdaLoRA names and meanings (module docstring).
+
+    ``final_ranks`` is not set by the user: the allocation writes each module's rank there after the last budget
+    step (``None`` before), so that it is saved with the adapter.
+    """
+
+    #: the average rank per module the budget falls to
+    target_r: int | None = None
+    #: steps at the full budget before pruning
+    tinit: int = 0
+    #: final steps at the target budget
+    tfinal: int = 0
+    #: steps between two budget allocations
+    deltaT: int = 1
+    #: EMA of the sensitivity
+    beta1: float = 0.85
+    #: EMA of the uncertainty
+    beta2: float = 0.85
+    #: weight of the orthogonality of P and Q in the training loss
+    orth_reg_weight: float = 0.5
+    #: the number of training steps
+    total_step: int | None = None
+    #: per-module ranks after the last allocation (written in training)
+    final_ranks: dict[str, int] | None = None
+
+    def check(self, config: Any) -> None:
+        """The budget and schedule, checked before any module is built (``ValueError`` naming the option)."""
+        where = "LormaConfig (variant='adalorma')"
+        if not get_inflation(config.inflation).identity_plus_low_rank:
+            raise ValueError(
+                f"{where}: AdaLoRMA needs inflation='plus', got {config.inflation!r}: its SVD form "
+                "I + s P diag(lambda) Q is an additive low-rank update of I, and the pi inflation rotates the rows of "
+                "the product, so lambda would not be singular values of the update and pruning them would not cut "
+                "its rank"
+            )
+        if isinstance(self.total_step, bool) or not isinstance(self.total_step, int) or self.total_step <= 0:
+            raise ValueError(f"{where}: total_step (the number of training steps) must be a positive integer, "
+                             f"got {self.total_step!r}")
+        target = self.target_r
+        if isinstance(target, bool) or not isinstance(target, int) or not 0 < target < config.r:
+            raise ValueError(
+                f"{where}: target_r (the average rank to prune down to) must be an integer in [1, r - 1] = "
+                f"[1, {config.r - 1}], got {target!r}"
+            )
+        for name in ("tinit", "tfinal"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{where}: {name} must be a non-negative integer, got {value!r}")
+        if self.tinit >= self.total_step - self.tfinal:
+            raise ValueError(
+                f"{where}: no budget phase: tinit={self.tinit} must be below total_step - tfinal = "
+                f"{self.total_step} - {self.tfinal}"
+            )
+        if isinstance(self.deltaT, bool) or not isinstance(self.deltaT, int) or self.deltaT < 1:
+            raise ValueError(f"{where}: deltaT must be a positive integer, got {self.deltaT!r}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 < float(getattr(self, name)) < 1.0:
+                raise ValueError(f"{where}: {name} must be in (0, 1), got {getattr(self, name)!r}")
+        if float(self.orth_reg_weight) < 0:
+            raise ValueError(f"{where}: orth_reg_weight must be >= 0, got {self.orth_reg_weight!r}")
 
 
 class AdaLormaVariant(LormaVariant):
     """``I + s P diag(lambda) Q`` (LoRMA+ in SVD form); the rank budget is the allocator's (module docstring)."""
 
     name = "adalorma"
+    options = AdaLormaOptions
+
+    @classmethod
+    def training_loss(cls, model: nn.Module, adapter: str, config: Any) -> torch.Tensor | None:
+        """``orth_reg_weight`` times :func:`orthogonality_penalty` (``None`` at weight 0)."""
+        weight = cls.options_of(config).orth_reg_weight
+        if not weight > 0:
+            return None
+        penalty = orthogonality_penalty(model, adapter)
+        return None if penalty is None else weight * penalty
+
+    @classmethod
+    def step_updater(cls, model: nn.Module, adapter: str, config: Any) -> Callable[[int], None]:
+        """The rank budget's step (:class:`RankBudget`), for ``LormaModel.update_and_allocate``."""
+        return RankBudget(model, config, adapter).step
 
     def init(self, layer: AdaptedLayer, adapter: str, init_weights: bool) -> None:
         """``P``, ``Q`` from ``N(0, 0.02^2)``, ``lambda = 0`` (``init_weights=False``: ``lambda`` random too)."""
@@ -164,18 +210,19 @@ class RankBudget:
         from peft.tuners.adalora.layer import RankAllocator
 
         self.config, self.adapter = config, adapter
+        self.options = options = AdaLormaVariant.options_of(config)
         self.view = _AllocatorView(model)
         schedule = AdaLoraConfig(
-            init_r=config.r, target_r=config.target_r, tinit=config.tinit, tfinal=config.tfinal, deltaT=config.deltaT,
-            beta1=config.beta1, beta2=config.beta2, orth_reg_weight=config.orth_reg_weight,
-            total_step=config.total_step,
+            init_r=config.r, target_r=options.target_r, tinit=options.tinit, tfinal=options.tfinal,
+            deltaT=options.deltaT, beta1=options.beta1, beta2=options.beta2, orth_reg_weight=options.orth_reg_weight,
+            total_step=options.total_step,
         )
         self.allocator = RankAllocator(self.view, schedule, adapter)
         self.final_pattern: dict[str, list[bool]] | None = None
 
     def step(self, global_step: int) -> None:
         """One call per optimizer step, after ``optimizer.step()`` and before ``zero_grad()``."""
-        final_step = self.config.total_step - self.config.tfinal
+        final_step = self.options.total_step - self.options.tfinal
         if global_step < final_step:
             _, pattern = self.allocator.update_and_allocate(self.view, global_step)
         elif global_step == final_step:
@@ -191,5 +238,5 @@ class RankBudget:
                 }
             self.allocator.mask_using_rank_pattern(self.view, self.final_pattern)
             pattern = None
-        if pattern:
-            self.config.final_ranks = _module_ranks(pattern, self.adapter)
+        if pattern:  # saved with the adapter, in its options
+            self.config.variant_options["final_ranks"] = _module_ranks(pattern, self.adapter)

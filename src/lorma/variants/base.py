@@ -19,12 +19,21 @@ What this class does (plain LoRMA) and which method to override for what:
 - :meth:`transform`, :meth:`delta_weight`, :meth:`unmerges_exactly`, :meth:`unmerge`: merging and unmerging; the
   layer keeps a copy of the weight whenever :meth:`unmerges_exactly` is ``False``.
 
+A variant also owns what it adds to the whole model, so that neither ``LormaConfig`` nor ``LormaModel`` names it:
+
+- :attr:`options`: the dataclass of its options (``LormaConfig.variant_options``; :mod:`lorma.variants.options`).
+- :meth:`before_training_forward`, :meth:`training_loss`, :meth:`step_updater`: what runs once per forward of the
+  whole model in training (a rank drawn for all layers), what is added to its loss in training (a regulariser), and
+  what runs after each optimizer step (a rank budget). ``LormaModel`` calls them for each active adapter; plain
+  LoRMA does nothing in any of them.
+
 Activations are row vectors (``(..., d)``); weights are in ``nn.Linear`` layout ``(d_out, d_in)``. The layer
 (:class:`lorma.layer.LormaLayer`) does the bookkeeping: the order adapters compose in, dtypes, merge state.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -33,6 +42,7 @@ from torch import nn
 
 from ..functional import Pair
 from ..inflations.base import Inflation
+from .options import VariantOptions
 
 # (output rows of a fused projection, or None for the whole layer; A; B)
 PairSlice = tuple[slice | None, torch.Tensor, torch.Tensor]
@@ -76,6 +86,9 @@ class LormaVariant:
     #: whether one adapter's rows of a mixed-adapter batch (:mod:`lorma.mixed_batch`) can be computed by
     #: :meth:`before_base` / :meth:`after_base` on those rows alone, as running them alone would
     mixed_batch: ClassVar[bool] = True
+    #: the dataclass of this variant's options, ``LormaConfig(variant=name, variant_options={...})``: its fields
+    #: (each with a default) are the keys accepted, its ``check`` refuses values that do not fit; none here
+    options: ClassVar[type[VariantOptions]] = VariantOptions
 
     def __init__(self, inflation: Inflation) -> None:
         self.inflation = inflation
@@ -83,8 +96,39 @@ class LormaVariant:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.inflation!r})"
 
+    @classmethod
+    def options_of(cls, config: Any) -> Any:
+        """The adapter's options as this variant's :attr:`options` dataclass (``config.variant_options``, which
+        ``LormaConfig`` has checked and completed with the defaults)."""
+        return cls.options(**(config.variant_options or {}))
+
     def configure(self, config: Any) -> None:
-        """Read this variant's own ``LormaConfig`` fields (called once the adapter exists on the layer); none here."""
+        """Read this adapter's ``LormaConfig`` (its :meth:`options_of`; called once the adapter exists on the
+        layer); nothing here."""
+
+    # ------------------------------------------------------------------ the whole model (LormaModel calls these)
+    @classmethod
+    def before_training_forward(cls, model: nn.Module, adapter: str, config: Any) -> None:
+        """Once per forward of the whole model in training, before it runs (peft enters ``LormaModel``'s forward
+        hook around every forward and generate), for an active adapter of this variant; nothing here."""
+
+    @classmethod
+    def training_loss(cls, model: nn.Module, adapter: str, config: Any) -> torch.Tensor | None:
+        """A term ``LormaModel.forward`` adds to the returned loss in training (a regulariser), for an active
+        adapter of this variant; ``None``: nothing to add."""
+        return None
+
+    @classmethod
+    def step_updater(cls, model: nn.Module, adapter: str, config: Any) -> Callable[[int], None] | None:
+        """What ``LormaModel.update_and_allocate(step)`` calls after each optimizer step (before ``zero_grad``, so
+        that it can read the step's gradients) for an active adapter of this variant: made once, on the first call,
+        then called with the 0-based step each time; ``None``: this variant does nothing after a step."""
+        return None
+
+    @classmethod
+    def updates_after_steps(cls) -> bool:
+        """Whether this variant has a :meth:`step_updater` (overrides it)."""
+        return cls.step_updater.__func__ is not LormaVariant.step_updater.__func__  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------------ initialisation
     def init(self, layer: AdaptedLayer, adapter: str, init_weights: bool) -> None:

@@ -19,6 +19,7 @@ truncating ``pi``'s identity initialisation with ``alpha / b`` gives ``(r / b) I
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,40 +27,56 @@ from torch import nn
 
 from ..inflations.base import get_inflation
 from .base import AdaptedLayer, LormaVariant, PairSlice
+from .options import VariantOptions
 
 
-def check_config(config: Any) -> None:
-    """DyLoRMA's ``LormaConfig`` fields, checked before any module is built (``ValueError`` naming the field)."""
-    where = "LormaConfig (variant='dylorma')"
-    if not get_inflation(config.inflation).identity_plus_low_rank:
-        raise ValueError(
-            f"{where}: DyLoRMA needs inflation='plus', got {config.inflation!r}: a truncated {config.inflation} "
-            "transform with DyLoRA's alpha / b scaling is not the identity at init"
-        )
-    smallest = min([config.r, *config.rank_pattern.values()])
-    low = config.min_rank
-    if isinstance(low, bool) or not isinstance(low, int) or not 1 <= low <= smallest:
-        raise ValueError(f"{where}: min_rank must be an integer in [1, {smallest}] (the smallest r), got {low!r}")
-    rank = config.inference_rank
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= config.r):
-        raise ValueError(f"{where}: inference_rank must be None or an integer in [1, r={config.r}], got {rank!r}")
+@dataclass
+class DyLormaOptions(VariantOptions):
+    """DyLoRMA's options (``LormaConfig.variant_options``)."""
+
+    #: the smallest rank a training forward draws (the largest is ``r``)
+    min_rank: int = 1
+    #: the rank used outside training; ``None``: all ``r``
+    inference_rank: int | None = None
+
+    def check(self, config: Any) -> None:
+        """Checked before any module is built (``ValueError`` naming the option)."""
+        where = "LormaConfig (variant='dylorma')"
+        if not get_inflation(config.inflation).identity_plus_low_rank:
+            raise ValueError(
+                f"{where}: DyLoRMA needs inflation='plus', got {config.inflation!r}: a truncated {config.inflation} "
+                "transform with DyLoRA's alpha / b scaling is not the identity at init"
+            )
+        smallest = min([config.r, *config.rank_pattern.values()])
+        low = self.min_rank
+        if isinstance(low, bool) or not isinstance(low, int) or not 1 <= low <= smallest:
+            raise ValueError(f"{where}: min_rank must be an integer in [1, {smallest}] (the smallest r), got {low!r}")
+        rank = self.inference_rank
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= config.r):
+            raise ValueError(f"{where}: inference_rank must be None or an integer in [1, r={config.r}], got {rank!r}")
 
 
 class DyLormaVariant(LormaVariant):
     """LoRMA+ truncated to the first ``b`` ranks: ``I + (alpha / b) B[:, :b] A[:b]`` (module docstring)."""
 
     name = "dylorma"
+    options = DyLormaOptions
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         #: the rank a training forward uses (drawn by :func:`sample_rank`); ``None`` before the first draw
         self.training_rank: int | None = None
-        #: the rank outside training (``LormaConfig.inference_rank``); ``None``: all ``r``
+        #: the rank outside training (the ``inference_rank`` option); ``None``: all ``r``
         self.inference_rank: int | None = None
 
     def configure(self, config: Any) -> None:
-        """Take ``inference_rank`` from the adapter's ``LormaConfig``."""
-        self.inference_rank = config.inference_rank
+        """Take ``inference_rank`` from the adapter's options."""
+        self.inference_rank = self.options_of(config).inference_rank
+
+    @classmethod
+    def before_training_forward(cls, model: nn.Module, adapter: str, config: Any) -> None:
+        """Draw the rank of this forward for all of the adapter's layers (:func:`sample_rank`)."""
+        sample_rank(model, [adapter], cls.options_of(config).min_rank, config.r)
 
     def init(self, layer: AdaptedLayer, adapter: str, init_weights: bool) -> None:
         if not self.inflation.identity_plus_low_rank:
