@@ -22,7 +22,7 @@ from torch import nn
 from inflation_contract import check_inflation_contract
 from lorma import LormaConfig
 from lorma.inflations import base as inflations_base
-from lorma.variants import _VARIANTS
+from lorma.variants.registry import _VARIANTS
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "extending.md"
 MODULES = ("exp_inflation", "gain_variant")

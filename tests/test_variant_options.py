@@ -26,7 +26,8 @@ from torch import nn
 
 from lorma import LormaConfig
 from lorma.layer import LormaLayer
-from lorma.variants import _VARIANTS, LormaVariant, VariantOptions, register_variant, variant_names
+from lorma.variants import LormaVariant, VariantOptions, register_variant, variant_names
+from lorma.variants.registry import _VARIANTS
 from test_adapter_formula import TwoLayer, rel_err
 from test_variants import dense_out
 

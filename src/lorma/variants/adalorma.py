@@ -39,6 +39,7 @@ from torch import nn
 from ..inflations.base import get_inflation
 from .base import AdaptedLayer, LormaVariant, PairSlice
 from .options import VariantOptions
+from .registry import register_variant
 
 # peft's AdaLoRA initialisation of P and Q
 SVD_INIT_STD = 0.02
@@ -108,6 +109,7 @@ class AdaLormaOptions(VariantOptions):
             raise ValueError(f"{where}: orth_reg_weight must be >= 0, got {self.orth_reg_weight!r}")
 
 
+@register_variant
 class AdaLormaVariant(LormaVariant):
     """``I + s P diag(lambda) Q`` (LoRMA+ in SVD form); the rank budget is the allocator's (module docstring)."""
 

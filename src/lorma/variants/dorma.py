@@ -38,8 +38,10 @@ import torch
 from torch import nn
 
 from .base import AdaptedLayer, LormaVariant
+from .registry import register_variant
 
 
+@register_variant
 class DormaVariant(LormaVariant):
     """Weight-decomposed LoRMA: ``W = diag(m / ||I(BA) W0||_r) I(BA) W0`` (pre) or with ``W0 I(BA)`` (post)."""
 

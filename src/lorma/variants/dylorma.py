@@ -28,6 +28,7 @@ from torch import nn
 from ..inflations.base import get_inflation
 from .base import AdaptedLayer, LormaVariant, PairSlice
 from .options import VariantOptions
+from .registry import register_variant
 
 
 @dataclass
@@ -56,6 +57,7 @@ class DyLormaOptions(VariantOptions):
             raise ValueError(f"{where}: inference_rank must be None or an integer in [1, r={config.r}], got {rank!r}")
 
 
+@register_variant
 class DyLormaVariant(LormaVariant):
     """LoRMA+ truncated to the first ``b`` ranks: ``I + (alpha / b) B[:, :b] A[:b]`` (module docstring)."""
 
