@@ -178,7 +178,9 @@ def test_unknown_method_exit_code_in_a_fresh_process(setup: dict[str, Path], tmp
     )
     assert result.returncode == 2
     lines = [ln for ln in result.stderr.splitlines() if ln.startswith("lorma train:")]
-    from lorma.recipes.config import METHODS
+    from lorma.runs.method_registry import method_names
+
+    METHODS = method_names()
 
     assert lines == [f"lorma train: error: unknown method 'nope'; expected one of: {', '.join(METHODS)}"]
     assert {"lorma-plus", "lorma-pi", "lora", "full", "dorma-plus", "adalorma", "dylorma"} <= set(METHODS)

@@ -20,7 +20,8 @@ import numpy as np
 
 from lorma.errors import InputError
 from lorma.fileio import atomic_write_json, atomic_write_text
-from lorma.recipes.config import METHODS, RunConfig
+from lorma.recipes.config import RunConfig
+from lorma.runs.method_registry import trainable_method
 
 RESULT_FILES = ("results.json", "results.md", "loss_curves.png")
 # Trainer's bookkeeping numbers: not metrics of the model
@@ -34,8 +35,7 @@ def parse_methods(text: str | Sequence[str]) -> list[str]:
     if not methods:
         raise InputError("--methods: give at least one method")
     for method in methods:
-        if method not in METHODS:
-            raise InputError(f"unknown method '{method}'; expected one of: {', '.join(METHODS)}")
+        trainable_method(method)
     if len(set(methods)) != len(methods):
         raise InputError(f"--methods: a method is listed twice ({', '.join(methods)})")
     return methods

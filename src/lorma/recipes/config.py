@@ -17,21 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from lorma.errors import InputError
-from lorma.runs.method_registry import adapter_method_names, method_names
-
-# the methods lorma train offers, and which of them are a peft adapter (saved as an adapter, mergeable)
-METHODS: tuple[str, ...] = method_names()
-ADAPTER_METHODS: tuple[str, ...] = adapter_method_names()
+from lorma.runs.method_registry import method_names, trainable_method
 
 # Methods grouped by how large a learning rate they want. A rank-8 adapter starts at the base model and has few
 # parameters, so it needs much larger steps than full fine-tuning, where every weight moves; BitFit and a head
 # alone need larger ones still. One learning rate shared by all of them decides a comparison more than the
 # methods do (issue 10: at a shared 4e-4 every method predicted the majority class).
-METHOD_FAMILIES: dict[str, tuple[str, ...]] = {
-    "adapter": ADAPTER_METHODS,
-    "full": ("full",),
-    "partial": ("bitfit", "head-only"),
-}
+# Each method's family is the registry's (lorma.runs.method_registry.Method.family).
+METHOD_FAMILIES: tuple[str, ...] = ("adapter", "full", "partial")
 # The default peak learning rate of each family (checked on two packaged datasets: docs/main-job.md).
 DEFAULT_LEARNING_RATES: dict[str, float] = {"adapter": 1e-3, "full": 5e-5, "partial": 3e-3}
 # The default learning rate of a new task head (classifier) trained beside the method's parameters; "same" trains
@@ -60,12 +53,18 @@ def default_epochs(steps_per_epoch: int, base_epochs: float) -> float:
 
 def defaults_table() -> str:
     """The recipe's defaults, one row per method family (for ``--help`` and the docs)."""
-    families = {"adapter": "LoRMA, its variants, LoRA, DoRA, AdaLoRA", "full": "full", "partial": "bitfit, head-only"}
-    rows = [("family", "methods", "learning rate", "head rate", "class weights")]
-    for family, methods in families.items():
+    import textwrap
+
+    from lorma.runs.method_registry import get_method
+
+    rows = [("family", "learning rate", "head rate", "class weights")]
+    members = []
+    for family in METHOD_FAMILIES:
         head = DEFAULT_HEAD_LEARNING_RATES[family]
-        rows.append((family, methods, f"{DEFAULT_LEARNING_RATES[family]:g}",
-                     head if isinstance(head, str) else f"{head:g}", DEFAULT_CLASS_WEIGHTS))
+        rows.append((family, f"{DEFAULT_LEARNING_RATES[family]:g}", head if isinstance(head, str) else f"{head:g}",
+                     DEFAULT_CLASS_WEIGHTS))
+        names = ", ".join(n for n in method_names() if get_method(n).family == family)  # the registry's families
+        members.append(textwrap.fill(f"{family}: {names}", 100, subsequent_indent="    "))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     budget = (f"Budget when neither --max-steps nor --num-train-epochs is given: "
@@ -75,9 +74,8 @@ def defaults_table() -> str:
               "of the steps, linear decay. --learning-rate auto: a range test per run (per method in compare) "
               "scales both rates. class weights auto: balanced when the majority class exceeds an even share by "
               "10 points.")
-    import textwrap
-
-    return "\n".join(["recipe defaults per method family:", *lines, "", textwrap.fill(budget, 100)])
+    return "\n".join(["recipe defaults per method family:", *lines, "", "the methods of each family:", *members, "",
+                      textwrap.fill(budget, 100)])
 
 # Training defaults: the learning rate comes from DEFAULT_LEARNING_RATES (TrainingArguments' own 5e-5 is a
 # full fine-tuning value and leaves adapters barely moving); logging every step gives the per-step loss log.
@@ -124,7 +122,7 @@ class RunConfig:
     max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many eval rows."})
     max_seq_length: int = field(default=128, metadata={"help": "Truncate inputs to this many tokens."})
-    method: str = field(default="lorma-plus", metadata={"help": f"Fine-tuning method: {', '.join(METHODS)}."})
+    method: str = field(default="lorma-plus", metadata={"help": f"Fine-tuning method: {', '.join(method_names())}."})
     r: int = field(default=8, metadata={"help": "Rank of the adapter (LoRMA, LoRA, DoRA)."})
     alpha: float = field(default=8.0, metadata={"help": "Scaling numerator: s = alpha / r."})
     side: str = field(
@@ -234,11 +232,9 @@ COMMON_TRAINING_ARGUMENTS = frozenset({
 
 
 def method_family(method: str) -> str:
-    """``"adapter"``, ``"full"`` or ``"partial"``: the group of ``method`` in :data:`METHOD_FAMILIES`."""
-    for family, members in METHOD_FAMILIES.items():
-        if method in members:
-            return family
-    raise InputError(f"unknown method '{method}'; expected one of: {', '.join(METHODS)}")
+    """``"adapter"``, ``"full"`` or ``"partial"`` (:data:`METHOD_FAMILIES`): the family the method registry gives
+    ``method``."""
+    return trainable_method(method).family
 
 
 def training_argument_names() -> set[str]:
@@ -390,8 +386,7 @@ def build_config(
 
 def validate_config(cfg: RunConfig) -> None:
     """Errors for settings that are wrong on their face, before any model or data is touched."""
-    if cfg.method not in METHODS:
-        raise InputError(f"unknown method '{cfg.method}'; expected one of: {', '.join(METHODS)}")
+    trainable_method(cfg.method)
     if cfg.side not in ("pre", "post", "auto"):
         raise InputError(f"unknown side '{cfg.side}'; expected 'pre', 'post' or 'auto'")
     if cfg.r <= 0:

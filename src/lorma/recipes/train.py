@@ -34,7 +34,7 @@ from lorma.fileio import (
 )
 from lorma.processes import is_main_process, world_size
 from lorma.quiet import quiet_libraries
-from lorma.recipes.config import ADAPTER_METHODS, RunConfig, dump_yaml
+from lorma.recipes.config import RunConfig, dump_yaml
 from lorma.runs.fingerprints import check_run_inputs, input_changes, model_fingerprint, run_inputs
 from lorma.runs.layout import (
     ADAPTER_DIR,
@@ -460,7 +460,7 @@ def _train_and_save(cfg: RunConfig, txn: RunTransaction, trainer: Any, task: Any
     # a sharded model (FSDP2, ZeRO-3) is gathered on every rank (collective) and saved whole by the main process
     from lorma.sharding import model_is_sharded, trainable_state_dict
 
-    whole = trainable_state_dict(model, cfg.method in ADAPTER_METHODS) if model_is_sharded(model) else None
+    whole = trainable_state_dict(model, get_method(cfg.method).adapter) if model_is_sharded(model) else None
     if is_main_process():
         steps_logged, losses = read_loss_log(out / LOSS_LOG) if (out / LOSS_LOG).exists() else ([], [])
         if len(steps_logged) >= 2:
@@ -515,7 +515,7 @@ def _save_model(cfg: RunConfig, out: Path, model: Any, tokenizer: Any, task: Any
 
     ``state_dict``: the weights gathered whole from a sharded model (the files are then those of an unsharded run).
     """
-    final = out / (ADAPTER_DIR if cfg.method in ADAPTER_METHODS else MODEL_DIR)
+    final = out / (ADAPTER_DIR if get_method(cfg.method).adapter else MODEL_DIR)
     with staged_directory(final) as tmp:
         extra = {} if state_dict is None else {"state_dict": state_dict}
         model.save_pretrained(str(tmp), safe_serialization=True, **extra)

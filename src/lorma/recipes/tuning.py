@@ -26,15 +26,14 @@ import dataclasses
 import itertools
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from lorma.errors import InputError
 from lorma.fileio import atomic_write_json, read_json, strict_json
 from lorma.recipes.config import (
-    ADAPTER_METHODS,
     METHOD_FAMILIES,
-    METHODS,
     RUN_FIELDS,
     RunConfig,
     method_family,
@@ -42,10 +41,7 @@ from lorma.recipes.config import (
     validate_config,
 )
 from lorma.runs.layout import TUNING_DIR
-from lorma.runs.method_registry import get_method, method_names
-
-# the methods with a LoRMA side to tune (LoRMA and its variants)
-LORMA_METHODS = tuple(name for name in method_names() if "side" in get_method(name).options)
+from lorma.runs.method_registry import Method, get_method, method_names
 
 # Default candidate values per setting and method family ("adapter": LoRMA, LoRA, DoRA; "full"; "partial":
 # BitFit and head-only). The learning-rate grids bracket each family's default (config.DEFAULT_LEARNING_RATES)
@@ -60,9 +56,11 @@ DEFAULT_GRIDS: dict[str, dict[str, tuple[Any, ...]]] = {
     "weight_decay": {family: (0.0, 0.01, 0.1) for family in METHOD_FAMILIES},
     "class_weights": {family: (None, "balanced") for family in METHOD_FAMILIES},
 }
-# Settings that mean something for some methods only: other methods are not tuned on them.
-ONLY_FOR: dict[str, tuple[str, ...]] = {
-    "r": ADAPTER_METHODS, "alpha": ADAPTER_METHODS, "dropout": ADAPTER_METHODS, "side": LORMA_METHODS,
+# Settings that mean something for some methods only (the adapters' rank, alpha and dropout; LoRMA's side): other
+# methods are not tuned on them. Asked of the method registry, so that a method registered later is judged the same.
+ONLY_FOR: dict[str, Callable[[Method], bool]] = {
+    "r": lambda m: m.adapter, "alpha": lambda m: m.adapter, "dropout": lambda m: m.adapter,
+    "side": lambda m: "side" in m.options,
 }
 # RunConfig fields that may be tuned; the others name the data, the method or the run itself.
 TUNABLE_RUN_FIELDS = ("r", "alpha", "dropout", "side", "max_seq_length", "class_weights")
@@ -147,7 +145,7 @@ def method_grid(cfg: RunConfig, method: str) -> dict[str, list[Any]]:
     given = {_grid_key(k): v for k, v in cfg.grid.items()}
     family = method_family(method)
     for name in tuned_settings(cfg):
-        if name in ONLY_FOR and method not in ONLY_FOR[name]:
+        if name in ONLY_FOR and not ONLY_FOR[name](get_method(method)):
             continue
         if (method, name) in given:
             grid[name] = _grid_values(f"{method}:{name}", given[(method, name)])
@@ -187,10 +185,10 @@ def plan_tuning(cfg: RunConfig, methods: list[str]) -> dict[str, dict[str, Any]]
         _check_setting(name)
     for key in cfg.grid:
         prefix, _ = _grid_key(key)
-        if prefix is not None and prefix not in METHODS and prefix not in METHOD_FAMILIES:
-            raise InputError(f"--grid {key}: '{prefix}' is neither a method ({', '.join(METHODS)}) nor a family "
-                              f"({', '.join(METHOD_FAMILIES)})")
-        if prefix in METHODS and prefix not in methods:
+        if prefix is not None and prefix not in method_names() and prefix not in METHOD_FAMILIES:
+            raise InputError(f"--grid {key}: '{prefix}' is neither a method ({', '.join(method_names())}) nor a "
+                             f"family ({', '.join(METHOD_FAMILIES)})")
+        if prefix in method_names() and prefix not in methods:
             raise InputError(f"--grid {key}: method '{prefix}' is not among the methods ({', '.join(methods)})")
     plan: dict[str, dict[str, Any]] = {}
     for method in methods:

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from lorma.errors import UnknownNameError
 from lorma.registries import Registry, module_names
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "method_of_adapter_config",
     "parse_label",
     "register_method",
+    "trainable_method",
 ]
 
 
@@ -78,6 +80,9 @@ class Method:
     rank_budget: bool = False
     #: offered by ``lorma train`` / ``compare`` (False: a peer the benchmarks measure against only)
     trainable_by_recipes: bool = True
+    #: how large a learning rate it wants, which sets the recipes' defaults: ``adapter`` (few parameters, starting
+    #: at the base model), ``full`` (every weight moves) or ``partial`` (BitFit, a head alone: larger still)
+    family: str = "adapter"
 
     @property
     def adapter(self) -> bool:
@@ -141,7 +146,15 @@ def get_method(name: str) -> Method:
     try:
         return _METHODS[name]
     except KeyError:
-        raise ValueError(f"unknown method '{name}'; expected one of: {', '.join(method_names())}") from None
+        raise UnknownNameError(f"unknown method '{name}'; expected one of: {', '.join(method_names())}") from None
+
+
+def trainable_method(name: str) -> Method:
+    """The method ``lorma train`` / ``compare`` trains as ``name``: an :class:`UnknownNameError` (bad input, exit
+    code 2) listing those methods otherwise, a benchmark-only peer included."""
+    if name not in method_names():
+        raise UnknownNameError(f"unknown method '{name}'; expected one of: {', '.join(method_names())}")
+    return _METHODS[name]
 
 
 def method_names(recipes_only: bool = True) -> tuple[str, ...]:
@@ -288,11 +301,12 @@ for _name, _inflation, _variant, _what in (
                            rank_budget=_variant == "adalorma"))
 register_method(Method("adalora", "AdaLoRA (LoRA in SVD form, pruned to a rank budget)", peft_config=_adalora,
                        rank_budget=True))
-register_method(Method("full", "full fine-tuning (every parameter)", trains=lambda name, head: True))
+register_method(Method("full", "full fine-tuning (every parameter)", trains=lambda name, head: True, family="full"))
 # BitFit (Ben Zaken et al., 2022): biases only, plus the task head
 register_method(Method("bitfit", "BitFit (the biases and the task head)",
-                       trains=lambda name, head: name.endswith(".bias") or in_modules(name, head)))
-register_method(Method("head-only", "the task head only", trains=lambda name, head: in_modules(name, head)))
+                       trains=lambda name, head: name.endswith(".bias") or in_modules(name, head), family="partial"))
+register_method(Method("head-only", "the task head only", trains=lambda name, head: in_modules(name, head),
+                       family="partial"))
 # the peers of the benchmarks (BENCHMARKS.md), at the settings measured there
 register_method(Method("oft", "OFT (orthogonal blocks of 32)", peft_config=_oft, trainable_by_recipes=False))
 register_method(Method("boft", "BOFT (butterfly blocks of 8, 2 factors)", peft_config=_boft,
