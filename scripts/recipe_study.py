@@ -2,7 +2,7 @@
 classification runs stayed at the label prior, and whether the new recipe learns.
 
 Each run is an ordinary ``lorma train`` run (all-MiniLM-L6-v2, a packaged dataset of
-:mod:`lorma.tasks.packaged_data`) with one *recipe*: a named set of settings (below). Runs land in
+:mod:`lorma.tasks.readers.packaged_data`) with one *recipe*: a named set of settings (below). Runs land in
 ``OUT/<dataset>/<recipe>/<method>/seed-<n>/``; a run with a ``metrics.json`` is not trained again, so the study
 can be stopped and continued. ``--report`` prints the table: per dataset, recipe and method, how many seeds
 collapsed, and macro-F1 (mean and a 95% t interval over seeds) against the majority baseline.
@@ -48,7 +48,7 @@ TRAINING_KEYS = ("max_steps", "learning_rate", "num_train_epochs")
 def run_config(dataset: str, recipe: str, method: str, seed: int, out: Path, data_dir: Path) -> Any:
     from lorma.recipes.config import build_config
     from lorma.recipes.demo import minilm_path
-    from lorma.tasks.packaged_data import write_dataset
+    from lorma.tasks.readers.packaged_data import write_dataset
 
     train, test = data_dir / f"{dataset}-train.csv", data_dir / f"{dataset}-test.csv"
     if not (train.is_file() and test.is_file()):

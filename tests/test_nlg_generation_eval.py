@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from lorma.tasks import nlg_metrics as nm
-from lorma.tasks.nlg_generation_eval import (
+from lorma.scoring import data_to_text as nm
+from lorma.scoring.generation_eval import (
     GENERATION_EVAL_LABEL,
     generation_eval_ter,
     lora_decode_text,

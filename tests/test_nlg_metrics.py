@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 
-from lorma.tasks import nlg_metrics as nm
-from lorma.tasks import nlg_wordnet
+from lorma.scoring import data_to_text as nm
+from lorma.scoring import wordnet
 
 
 def _wordnet_or_skip() -> None:
@@ -149,13 +149,13 @@ def test_meteor_best_reference_and_average() -> None:
 
 
 def test_meteor_without_wordnet_names_the_missing_data(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(nlg_wordnet, "DEBIAN_WORDNET_DIR", tmp_path / "no-wordnet")
+    monkeypatch.setattr(wordnet, "DEBIAN_WORDNET_DIR", tmp_path / "no-wordnet")
     monkeypatch.setenv("LORMA_WORDNET_DIR", str(tmp_path / "also-missing"))
 
     def no_nltk_data() -> None:
         raise LookupError("Resource wordnet not found")
 
-    monkeypatch.setattr(nlg_wordnet, "_nltk_wordnet", no_nltk_data)
+    monkeypatch.setattr(wordnet, "_nltk_wordnet", no_nltk_data)
     nm.load_wordnet.cache_clear()
     try:
         with pytest.raises(nm.WordNetUnavailableError, match="wordnet-base") as info:
@@ -166,11 +166,11 @@ def test_meteor_without_wordnet_names_the_missing_data(tmp_path, monkeypatch) ->
 
 
 def test_wordnet_from_a_folder_named_by_env(tmp_path, monkeypatch) -> None:
-    if not (nlg_wordnet.DEBIAN_WORDNET_DIR / "data.noun").is_file():
+    if not (wordnet.DEBIAN_WORDNET_DIR / "data.noun").is_file():
         pytest.skip("Debian wordnet-base is not installed")
     folder = tmp_path / "dict"
     folder.mkdir()
-    for f in nlg_wordnet.DEBIAN_WORDNET_DIR.iterdir():
+    for f in wordnet.DEBIAN_WORDNET_DIR.iterdir():
         if f.is_file():
             shutil.copyfile(f, folder / f.name)  # copies: nltk refuses links that lead out of the folder
     monkeypatch.setenv("LORMA_WORDNET_DIR", str(folder))

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from lorma.tasks import nlg_metrics as nm
-from lorma.tasks.nlg_e2e_official import E2E_SCORER_LABEL, mteval_bleu, mteval_nist, mteval_tokenize
+from lorma.scoring import data_to_text as nm
+from lorma.scoring.e2e_official import E2E_SCORER_LABEL, mteval_bleu, mteval_nist, mteval_tokenize
 from lorma.tasks.readers import read_predictions, read_reference_groups
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nlg"

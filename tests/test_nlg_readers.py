@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from lorma.scoring.math_answers import boxed_answer
 from lorma.tasks import readers as rd
 
 
@@ -188,11 +189,11 @@ def test_math_boxed_nested_and_single_object_file(tmp_path) -> None:
 
 
 def test_boxed_answer_forms() -> None:
-    assert rd.boxed_answer(r"\boxed{1} then \boxed{ {2}+1 }") == "{2}+1"
-    assert rd.boxed_answer(r"so \boxed 5$.") == "5"
-    assert rd.boxed_answer(r"\fbox{x}") == "x"
-    assert rd.boxed_answer("none") is None
-    assert rd.boxed_answer(r"\boxed{unclosed") is None
+    assert boxed_answer(r"\boxed{1} then \boxed{ {2}+1 }") == "{2}+1"
+    assert boxed_answer(r"so \boxed 5$.") == "5"
+    assert boxed_answer(r"\fbox{x}") == "x"
+    assert boxed_answer("none") is None
+    assert boxed_answer(r"\boxed{unclosed") is None
 
 
 def test_metamathqa(tmp_path) -> None:

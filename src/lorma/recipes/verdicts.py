@@ -62,7 +62,7 @@ def bootstrap_interval(
     reference``; ``predictions`` are per seed, all on the same ``labels``. None when the metric is undefined."""
     from scipy.stats import bootstrap
 
-    from lorma.tasks.classification import batched_metric
+    from lorma.scoring.classification import batched_metric
 
     ours = np.stack([np.asarray(p) for p in predictions])  # (seeds, n)
     theirs = np.stack([np.asarray(p) for p in reference_predictions])

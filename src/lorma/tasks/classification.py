@@ -7,7 +7,7 @@ The 8 GLUE tasks are known by name, with the paper's metrics; other data gets ac
 
 The parts: :mod:`~lorma.tasks.glue` (the GLUE table), :mod:`~lorma.tasks.classification_data` (where the data comes
 from), :mod:`~lorma.tasks.readers.tabular` (CSV / TSV / JSONL), :mod:`~lorma.tasks.classification_labels` and
-:mod:`~lorma.tasks.classification_metrics`; this module is the task.
+:mod:`~lorma.scoring.classification` (the metrics); this module is the task and its class-weighted loss.
 """
 
 from __future__ import annotations
@@ -19,33 +19,45 @@ from typing import Any
 import numpy as np
 
 from lorma.errors import InputError
+from lorma.scoring.classification import classification_metrics, collapse_facts, is_imbalanced
 from lorma.tasks.base import Task, register_task
 from lorma.tasks.classification_data import read_classification_data
 from lorma.tasks.classification_labels import check_labels, fit_model_labels, label_key, labels_of
-from lorma.tasks.classification_metrics import (
-    batched_metric,
-    classification_metrics,
-    collapse_facts,
-    is_imbalanced,
-    weighted_cross_entropy,
-)
 from lorma.tasks.glue import GLUE_ALIASES, GLUE_TASKS, GlueSpec
 from lorma.tasks.readers.tabular import Examples, read_examples
 
-# read_examples, classification_metrics, batched_metric and the GLUE table are re-exported: they were defined here
-# first, and tests and the verdicts import them from here
+# read_examples and the GLUE table are re-exported: they were defined here first, and tests import them from here
 __all__ = [
     "GLUE_ALIASES",
     "GLUE_TASKS",
     "ClassificationTask",
     "Examples",
     "GlueSpec",
-    "batched_metric",
-    "classification_metrics",
     "read_examples",
+    "weighted_cross_entropy",
 ]
 
 HEAD_NAMES = ("pre_classifier", "classifier", "score", "classification_head")
+
+
+def weighted_cross_entropy(class_weights: np.ndarray, label_smoothing: float = 0.0) -> Callable[..., Any]:
+    """A ``compute_loss_func`` for HF Trainer: cross-entropy with a weight per class."""
+    import torch
+
+    weight = torch.tensor(class_weights, dtype=torch.float32)
+
+    def loss(outputs: Any, labels: Any, num_items_in_batch: Any = None) -> Any:
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        losses = torch.nn.functional.cross_entropy(
+            logits.float(), labels, weight=weight.to(logits.device), reduction="none", label_smoothing=label_smoothing
+        )
+        # Trainer treats a compute_loss_func loss as already normalised over the accumulated batch: divide the
+        # sum by the number of examples in it (the balanced weights average 1 over the training rows)
+        if num_items_in_batch is None:
+            return losses.mean()
+        return losses.sum() / num_items_in_batch
+
+    return loss
 
 
 @register_task("classification", *GLUE_TASKS)
@@ -314,7 +326,7 @@ class ClassificationTask(Task):
         return np.array([index[label_key(v)] for v in self._train.labels])
 
     def collapse_report(self) -> dict[str, Any] | None:
-        """Whether the final evaluation collapsed (:func:`~lorma.tasks.classification_metrics.collapse_facts`);
+        """Whether the final evaluation collapsed (:func:`~lorma.scoring.classification.collapse_facts`);
         ``None`` before an evaluation."""
         if not self._eval_outputs or self._train is None:
             return None
@@ -327,7 +339,7 @@ class ClassificationTask(Task):
         ``None`` (the model's own loss) otherwise.
 
         ``class_weights: auto`` balances when the training labels are skewed
-        (:func:`~lorma.tasks.classification_metrics.is_imbalanced`) and says why in ``class_weights_reason``."""
+        (:func:`~lorma.scoring.classification.is_imbalanced`) and says why in ``class_weights_reason``."""
         setting = self.config.class_weighting()
         self.class_weights_reason = None
         if setting == "none" or (setting == "auto" and self.label_names is None):

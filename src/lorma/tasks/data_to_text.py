@@ -8,7 +8,7 @@ the prompt (and padding) so that the loss is on the reference tokens only. Label
 Evaluation: the held-out loss (Trainer), then beam search on a merged copy of the model over the
 held-out *inputs* (one prediction per input), with predictions written one per line and the
 reference groups beside them (blank-line separated, the layout ``lorma evaluate`` reads), and the
-task's metrics (:mod:`lorma.tasks.nlg_metrics`), by default from the official scorers the paper used
+task's metrics (:mod:`lorma.scoring.data_to_text`), by default from the official scorers the paper used
 (which need Java; checked before training starts).
 
 Task options (``task_options`` in the YAML, all optional): ``skip_bad`` (drop malformed records and
@@ -68,13 +68,13 @@ def evaluate_data_to_text(
     scorer: str = "official",
 ) -> tuple[dict[str, float], list[str]]:
     """Beam search on a merged copy of ``model`` for every input, then the task's metrics (``scorer``:
-    see :func:`lorma.tasks.nlg_metrics.score_data_to_text`).
+    see :func:`lorma.scoring.data_to_text.score_data_to_text`).
 
     With ``output_prefix``, writes ``<prefix>.predictions.txt`` (one per line) and
     ``<prefix>.references.txt`` (groups separated by blank lines) so that ``lorma evaluate`` can
     score the files again.
     """
-    from lorma.tasks.nlg_metrics import check_scoring_setup, score_data_to_text
+    from lorma.scoring.data_to_text import check_scoring_setup, score_data_to_text
 
     check_scoring_setup(task, None, scorer)  # Java missing: fail before the beam search, not after
     if not examples:
@@ -111,8 +111,8 @@ class DataToTextTask(CausalLMGenerationTask):
     def check_inputs(self) -> None:
         super().check_inputs()
         if self.options.get("generate", True):  # fail before training if the texts could not be scored
-            from lorma.tasks.nlg_java import JavaUnavailableError, OfficialScorerError
-            from lorma.tasks.nlg_metrics import WordNetUnavailableError, check_scoring_setup
+            from lorma.scoring.data_to_text import WordNetUnavailableError, check_scoring_setup
+            from lorma.scoring.java import JavaUnavailableError, OfficialScorerError
 
             try:
                 check_scoring_setup(self.name, None, self.scorer)
@@ -121,7 +121,7 @@ class DataToTextTask(CausalLMGenerationTask):
 
     def data_summary(self) -> dict[str, Any]:
         """The counts of the files read, and what computed the scores."""
-        from lorma.tasks.nlg_metrics import scorer_label
+        from lorma.scoring.data_to_text import scorer_label
 
         summary = super().data_summary()
         if self.options.get("generate", True):
@@ -148,7 +148,7 @@ class DataToTextTask(CausalLMGenerationTask):
         self, model: Any, tokenizer: Any, items: list[DataToTextExample], prefix: Path | None
     ) -> dict[str, float]:
         # the run's output directory is guarded by the recipe (--overwrite / --resume): files in it are the run's
-        from lorma.tasks.nlg_metrics import scorer_label
+        from lorma.scoring.data_to_text import scorer_label
 
         metrics, _ = evaluate_data_to_text(
             model, tokenizer, self.name, items, self.decoding(), prefix, overwrite=True, scorer=self.scorer

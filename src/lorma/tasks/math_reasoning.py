@@ -1,6 +1,6 @@
 """Math reasoning (paper Table 4): MetaMathQA training, GSM8K / MATH accuracy with greedy decoding.
 
-The answers are found, normalised and compared by :mod:`lorma.tasks.math_answers`; this module holds the
+The answers are found, normalised and compared by :mod:`lorma.scoring.math_answers`; this module holds the
 prompt and the training task (``lorma train --task gsm8k|math``).
 """
 
@@ -9,31 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lorma.scoring.math_answers import score_math
 from lorma.tasks.base import register_task
 from lorma.tasks.decoding import generate_texts, merged_copy, one_line, write_lines_atomic
 from lorma.tasks.generation import CausalLMGenerationTask
-from lorma.tasks.math_answers import (
-    MathScore,
-    answers_match,
-    extract_answer,
-    normalize_answer,
-    parse_number,
-    score_math,
-)
 from lorma.tasks.readers import MathExample, ReadResult, read_math_eval, read_metamathqa
 
-# the answer helpers are re-exported: tests and users import them from here, where they were first defined
-__all__ = [
-    "MATH_PROMPT",
-    "MathScore",
-    "MathTask",
-    "answers_match",
-    "build_math_prompt",
-    "extract_answer",
-    "normalize_answer",
-    "parse_number",
-    "score_math",
-]
+__all__ = ["MATH_PROMPT", "MathTask", "build_math_prompt"]
 
 #: the prompt around a question, for training and evaluation alike (the model learns to continue it
 #: with MetaMathQA's step-by-step response that ends in "The answer is: X")
@@ -50,7 +32,7 @@ class MathTask(CausalLMGenerationTask):
     """MetaMathQA-format ``--train-file``; ``--eval-file`` in GSM8K (or MATH) format for accuracy.
 
     The held-out loss is on a split of the training data (``eval_split``); accuracy is greedy decoding on the
-    eval file (``max_generate_samples`` of them), answers found by :func:`lorma.tasks.math_answers.extract_answer`.
+    eval file (``max_generate_samples`` of them), answers found by :func:`lorma.scoring.math_answers.extract_answer`.
     """
 
     def read_train(self, path: str) -> ReadResult[MathExample]:

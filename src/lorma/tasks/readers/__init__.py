@@ -6,11 +6,14 @@
 - :mod:`~lorma.tasks.readers.math_problems`: GSM8K, MATH, MetaMathQA.
 - :mod:`~lorma.tasks.readers.chat`: conversations for ``--task chat`` (``messages``, or prompt / response).
 - :mod:`~lorma.tasks.readers.plain`: predictions, blank-line reference groups, sniffing a file's format.
+- :mod:`~lorma.tasks.readers.tabular`: classification examples from CSV / TSV / JSONL (text, pair, label).
+- :mod:`~lorma.tasks.readers.packaged_data`: real classification data from installed PyPI data packages, written
+  as train / test CSV files (the recipe study's and the demo's data).
 
-The public names of all of them are importable from this package.
+The public names of records, data_to_text, math_problems and plain are importable from this package; those of
+chat, tabular and packaged_data from their own modules.
 """
 
-from lorma.tasks.math_answers import boxed_answer, gsm8k_answer
 from lorma.tasks.readers.data_to_text import (
     DataToTextExample,
     linearize_triples,
@@ -29,8 +32,6 @@ __all__ = [
     "MathExample",
     "ReadResult",
     "allow_large_csv_fields",
-    "boxed_answer",
-    "gsm8k_answer",
     "linearize_triples",
     "read_dart",
     "read_data_to_text",

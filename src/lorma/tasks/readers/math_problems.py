@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorma.tasks.math_answers import boxed_answer, gsm8k_answer
+from lorma.scoring.math_answers import boxed_answer, gsm8k_answer
 from lorma.tasks.readers.records import Collector, ReadResult, iter_objects, read_text, str_field
 
 __all__ = ["MathExample", "read_gsm8k", "read_math", "read_math_eval", "read_metamathqa"]

@@ -12,7 +12,7 @@ LoRA's NLG example (and so the LoRMA paper, Table 13) scores WebNLG and DART in 
      because it is a Perl script and no maintained package reproduces it (sacrebleu's 13a tokenizer and
      zero-count handling differ). The script prints it to 2 decimals; the value here is unrounded.
    * METEOR 1.5 (``-l en -norm -r 6``) on the texts re-tokenized by nltk's word tokenizer:
-     :func:`lorma.tasks.nlg_java.meteor_file_score`.
+     :func:`lorma.scoring.java.meteor_file_score`.
    * TER: ``pyter.ter`` (the ``pyter3`` package) on the nltk-tokenized texts, the best reference per
      input, averaged. GenerationEval reads its files with ``read().split("\\n")``, so the newline that
      ends each file adds one empty input scored 1.0: the published TER is (sum + 1) / (N + 1). That is
@@ -164,7 +164,7 @@ def _padded(group: Sequence[str]) -> list[str]:
 
 def generation_eval_meteor(hypotheses_tok: Sequence[str], references_tok: Sequence[Sequence[str]]) -> float:
     """METEOR 1.5 (0-100) on tokenized texts, 6 references per input, as GenerationEval runs it."""
-    from lorma.tasks.nlg_java import meteor_file_score
+    from lorma.scoring.java import meteor_file_score
 
     return 100.0 * meteor_file_score(hypotheses_tok, [_padded(g) for g in references_tok])
 

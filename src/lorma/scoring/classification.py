@@ -1,16 +1,15 @@
 """The metrics of classification and regression: GLUE's (accuracy, F1, Matthews, Pearson / Spearman) and
 macro-F1, one evaluation at a time (scikit-learn / scipy) or thousands of resamples at once (the verdicts'
-bootstrap)."""
+bootstrap); and, from them, whether an evaluation collapsed and whether a label set is skewed."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-__all__ = ["batched_metric", "classification_metrics", "collapse_facts", "weighted_cross_entropy"]
+__all__ = ["IMBALANCE_MARGIN", "batched_metric", "classification_metrics", "collapse_facts", "is_imbalanced"]
 
 
 def classification_metrics(names: tuple[str, ...], predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -147,23 +146,3 @@ IMBALANCE_MARGIN = 0.1
 def is_imbalanced(majority_share: float, classes: int) -> bool:
     """Whether a majority class of ``majority_share`` among ``classes`` clearly exceeds an even share."""
     return classes > 0 and majority_share > 1.0 / classes + IMBALANCE_MARGIN
-
-
-def weighted_cross_entropy(class_weights: np.ndarray, label_smoothing: float = 0.0) -> Callable[..., Any]:
-    """A ``compute_loss_func`` for HF Trainer: cross-entropy with a weight per class."""
-    import torch
-
-    weight = torch.tensor(class_weights, dtype=torch.float32)
-
-    def loss(outputs: Any, labels: Any, num_items_in_batch: Any = None) -> Any:
-        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        losses = torch.nn.functional.cross_entropy(
-            logits.float(), labels, weight=weight.to(logits.device), reduction="none", label_smoothing=label_smoothing
-        )
-        # Trainer treats a compute_loss_func loss as already normalised over the accumulated batch: divide the
-        # sum by the number of examples in it (the balanced weights average 1 over the training rows)
-        if num_items_in_batch is None:
-            return losses.mean()
-        return losses.sum() / num_items_in_batch
-
-    return loss

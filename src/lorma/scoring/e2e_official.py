@@ -10,7 +10,7 @@ The E2E scorer (the one LoRA's NLG example, and so the LoRMA paper, runs) comput
 * METEOR 1.5 (``-l en -norm``, English paraphrase table), ROUGE-L (beta 1.2, best reference per input)
   and CIDEr (pycocoevalcap's ``Cider``: TF-IDF over the reference groups of the scored set, counts
   clipped, Gaussian length penalty), all from pycocoevalcap, after Stanford's PTB tokenizer with
-  punctuation removed (:mod:`lorma.tasks.nlg_java`).
+  punctuation removed (:mod:`lorma.scoring.java`).
 
 Scales: BLEU, METEOR and ROUGE-L are returned on 0-100 (the official scorer prints fractions: 72.0312
 here is its 0.7203), NIST and CIDEr as printed.
@@ -177,7 +177,7 @@ def coco_scores(
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
-    from lorma.tasks.nlg_java import meteor_stdio_score, ptb_tokenize
+    from lorma.scoring.java import meteor_stdio_score, ptb_tokenize
 
     flat_refs = [r for group in references for r in group]
     tok_flat = iter(ptb_tokenize(flat_refs))

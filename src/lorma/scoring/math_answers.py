@@ -260,7 +260,7 @@ def score_math(
     references_name: str = "references",
 ) -> MathScore:
     """Accuracy of model outputs against gold final answers (checked to line up first)."""
-    from lorma.tasks.nlg_metrics import MetricDataError
+    from lorma.scoring.data_to_text import MetricDataError
 
     if task not in ("gsm8k", "math"):
         raise ValueError(f"unknown math task {task!r}; known: ['gsm8k', 'math']")

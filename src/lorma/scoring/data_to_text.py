@@ -4,10 +4,10 @@ Each input has a *group* of references (E2E: all rows with the same MR), and eve
 prediction with its whole group. :func:`score_data_to_text` picks the implementation:
 
 * ``scorer="official"`` (the default): what the paper's numbers were computed with (LoRA's NLG example).
-  E2E: the E2E NLG Challenge scorer (:mod:`lorma.tasks.nlg_e2e_official`); WebNLG and DART: LoRA's
-  decode step and WebNLG's GenerationEval (:mod:`lorma.tasks.nlg_generation_eval`). METEOR, and for E2E
-  ROUGE-L and CIDEr, run Java (:mod:`lorma.tasks.nlg_java`): without it they stop with
-  :class:`~lorma.tasks.nlg_java.JavaUnavailableError`, which says what to install.
+  E2E: the E2E NLG Challenge scorer (:mod:`lorma.scoring.e2e_official`); WebNLG and DART: LoRA's
+  decode step and WebNLG's GenerationEval (:mod:`lorma.scoring.generation_eval`). METEOR, and for E2E
+  ROUGE-L and CIDEr, run Java (:mod:`lorma.scoring.java`): without it they stop with
+  :class:`~lorma.scoring.java.JavaUnavailableError`, which says what to install.
 * ``scorer="approximate"``: each metric's definition computed with maintained Python libraries, no Java,
   *not comparable with published numbers* (:data:`APPROXIMATE_LABEL` says so wherever they are reported):
 
@@ -31,9 +31,9 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
-from lorma.tasks.nlg_wordnet import WordNetUnavailableError, load_wordnet
+from lorma.scoring.wordnet import WordNetUnavailableError, load_wordnet
 
-# load_wordnet and WordNetUnavailableError (lorma.tasks.nlg_wordnet) are re-exported: callers of METEOR meet them here
+# load_wordnet and WordNetUnavailableError (lorma.scoring.wordnet) are re-exported: callers of METEOR meet them here
 __all__ = [
     "APPROXIMATE_LABEL",
     "SCORERS",
@@ -155,7 +155,7 @@ def rouge_l(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> 
 
 
 # --------------------------------------------------------------------------------------------------
-# METEOR (WordNet from lorma.tasks.nlg_wordnet, offline)
+# METEOR (WordNet from lorma.scoring.wordnet, offline)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -245,8 +245,8 @@ _METRIC_FUNCS = {
 
 
 def _official_metrics(task: str) -> tuple[str, ...]:
-    from lorma.tasks.nlg_e2e_official import E2E_METRICS
-    from lorma.tasks.nlg_generation_eval import GENERATION_EVAL_METRICS
+    from lorma.scoring.e2e_official import E2E_METRICS
+    from lorma.scoring.generation_eval import GENERATION_EVAL_METRICS
 
     return E2E_METRICS if task == "e2e" else GENERATION_EVAL_METRICS
 
@@ -257,10 +257,10 @@ def scorer_label(task: str, scorer: str = "official") -> str:
     if scorer == "approximate":
         return APPROXIMATE_LABEL
     if task == "e2e":
-        from lorma.tasks.nlg_e2e_official import E2E_SCORER_LABEL
+        from lorma.scoring.e2e_official import E2E_SCORER_LABEL
 
         return E2E_SCORER_LABEL
-    from lorma.tasks.nlg_generation_eval import GENERATION_EVAL_LABEL
+    from lorma.scoring.generation_eval import GENERATION_EVAL_LABEL
 
     return GENERATION_EVAL_LABEL
 
@@ -276,7 +276,7 @@ def check_scoring_setup(task: str, metrics: Sequence[str] | None = None, scorer:
     """The metrics that will be computed, after checking that they can be (before any slow work).
 
     Raises ``ValueError`` for an unknown task, scorer or metric (or one the official scorer of ``task``
-    does not compute), :class:`~lorma.tasks.nlg_java.JavaUnavailableError` when the official scorer needs
+    does not compute), :class:`~lorma.scoring.java.JavaUnavailableError` when the official scorer needs
     Java and there is none, :class:`WordNetUnavailableError` when approximate METEOR has no WordNet.
     """
     _check_task_and_scorer(task, scorer)
@@ -292,8 +292,8 @@ def check_scoring_setup(task: str, metrics: Sequence[str] | None = None, scorer:
                 f"{', '.join(outside)}: not computed by the official {task} scorer ({', '.join(official)}); "
                 "`--scorer approximate` computes it, not comparable with published numbers"
             )
-        from lorma.tasks.nlg_e2e_official import JAVA_METRICS
-        from lorma.tasks.nlg_java import find_java
+        from lorma.scoring.e2e_official import JAVA_METRICS
+        from lorma.scoring.java import find_java
 
         needs_java = JAVA_METRICS if task == "e2e" else {"meteor"}
         if any(m in needs_java for m in chosen):
@@ -323,9 +323,9 @@ def score_data_to_text(
     if scorer == "approximate":
         return {name: _METRIC_FUNCS[name](predictions, references) for name in chosen}
     if task == "e2e":
-        from lorma.tasks.nlg_e2e_official import score_e2e_official
+        from lorma.scoring.e2e_official import score_e2e_official
 
         return score_e2e_official(predictions, references, chosen)
-    from lorma.tasks.nlg_generation_eval import score_generation_eval
+    from lorma.scoring.generation_eval import score_generation_eval
 
     return score_generation_eval(predictions, references, chosen)
