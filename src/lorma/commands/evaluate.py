@@ -20,7 +20,19 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-TASKS = ("e2e", "webnlg", "dart", "gsm8k", "math")
+
+def scored_tasks() -> list[str]:
+    """The tasks ``lorma evaluate`` scores: those whose class says how (``Task.scored_by``), from the task registry
+    (its modules import no torch, so ``--help`` stays fast)."""
+    from lorma.tasks import task_class, task_names
+
+    return [name for name in task_names() if task_class(name).scored_by]
+
+
+def _is_math(task: str) -> bool:
+    from lorma.tasks import task_class
+
+    return task_class(task).scored_by == "math"
 
 
 def register(subparsers: Any) -> None:
@@ -32,7 +44,7 @@ def register(subparsers: Any) -> None:
         description=__doc__.replace("``", ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--task", required=True, choices=TASKS, help="Which task's references and metrics.")
+    parser.add_argument("--task", required=True, choices=scored_tasks(), help="Which task's references and metrics.")
     parser.add_argument("--predictions", required=True, help="Predictions file, one per line.")
     parser.add_argument("--references", required=True, help="References file (format: see above).")
     parser.add_argument(
@@ -106,10 +118,10 @@ def evaluate_files(
     from lorma.scoring.math_answers import score_math
     from lorma.tasks.readers import read_predictions
 
-    if task not in ("gsm8k", "math"):
+    if not _is_math(task):
         check_scoring_setup(task, metrics, scorer)
     preds = read_predictions(predictions)
-    if task in ("gsm8k", "math"):
+    if _is_math(task):
         gold, note = _gold_answers(task, references, skip_bad)
         score = score_math(task, preds, gold, str(predictions), str(references))
         return score.as_dict(), note
@@ -125,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     from lorma.tasks.readers import DataFormatError
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
-    if args.task in ("gsm8k", "math") and metrics:
+    if _is_math(args.task) and metrics:
         raise InputError(f"--metrics does not apply to {args.task} (its score is accuracy)")
     out_path = Path(args.output) if args.output else None
     if out_path is not None:
@@ -135,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
                         replacing=False, flag="--output")
     if out_path is not None and out_path.exists() and not args.overwrite:
         raise InputError(f"{out_path} already exists (pass --overwrite to replace it)")
-    label = None if args.task in ("gsm8k", "math") else scorer_label(args.task, args.scorer)
+    label = None if _is_math(args.task) else scorer_label(args.task, args.scorer)
     try:
         scores, note = evaluate_files(args.task, args.predictions, args.references, metrics, args.skip_bad,
                                       args.scorer)

@@ -43,17 +43,11 @@ once, so a new file is all a new task needs: no table to edit.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, ClassVar
 
 from lorma.errors import InputError
-
-_TASKS: dict[str, type[Task]] = {}
-_SCANNED = False
-_BROKEN: dict[str, str] = {}  # task modules that failed to import -> why (named in "unknown task" errors)
+from lorma.registries import Registry
 
 
 class Task:
@@ -61,6 +55,10 @@ class Task:
 
     #: the peft TaskType (string) for adapters of this task, e.g. ``"SEQ_CLS"`` or ``"CAUSAL_LM"``
     peft_task_type: ClassVar[str | None] = None
+    #: how ``lorma evaluate`` scores a file of this task's predictions against its references: ``"data_to_text"``
+    #: (BLEU, NIST, METEOR, ROUGE-L, CIDEr, TER: :mod:`lorma.scoring.data_to_text`), ``"math"`` (answer accuracy:
+    #: :mod:`lorma.scoring.math_answers`); None: not offered by ``lorma evaluate``
+    scored_by: ClassVar[str | None] = None
     #: the eval metric (without ``eval_``) Trainer uses to pick the best checkpoint, if any
     metric_for_best_model: ClassVar[str | None] = None
     greater_is_better: ClassVar[bool] = True
@@ -166,51 +164,25 @@ class Task:
         return AutoModel.from_pretrained(model_path)
 
 
+# every module of lorma.tasks is imported on the first lookup that needs it, so that its @register_task runs (a
+# module that fails to import is named in the "unknown task" error, not raised: the other tasks still work)
+_REGISTRY: Registry[type[Task]] = Registry(Task, "task", package="lorma.tasks", skip=("base", "readers"))
+
+
 def register_task(*names: str) -> Callable[[type[Task]], type[Task]]:
-    """Class decorator: make ``lorma train --task NAME`` use this Task subclass."""
-
-    def decorate(cls: type[Task]) -> type[Task]:
-        for name in names:
-            existing = _TASKS.get(name)
-            if existing is not None and existing is not cls:
-                owner = f"{existing.__module__}.{existing.__name__}"
-                raise ValueError(f"task name '{name}' is already registered by {owner}")
-            _TASKS[name] = cls
-        return cls
-
-    return decorate
-
-
-def _scan_task_modules() -> None:
-    """Import every module of ``lorma.tasks`` once, so that their ``@register_task`` run."""
-    global _SCANNED
-    if _SCANNED:
-        return
-    _SCANNED = True
-    package = __name__.rpartition(".")[0]  # lorma.tasks, whose folder is this module's
-    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
-        if info.name == "base":
-            continue
-        try:
-            importlib.import_module(f"{package}.{info.name}")
-        except Exception as err:  # one broken task module must not take the other tasks down
-            _BROKEN[info.name] = f"{type(err).__name__}: {err}"
+    """Class decorator: make ``lorma train --task NAME`` use this Task subclass (several names may share one)."""
+    return _REGISTRY.decorator(*names)
 
 
 def task_names() -> list[str]:
     """All registered task names, sorted."""
-    _scan_task_modules()
-    return sorted(_TASKS)
+    return sorted(_REGISTRY.names())
 
 
 def task_class(name: str) -> type[Task]:
-    """The Task class registered under ``name``; InputError listing the known names otherwise."""
-    if name not in _TASKS:
-        _scan_task_modules()
-    if name not in _TASKS:
-        broken = "".join(f"; module lorma.tasks.{m} failed to import ({why})" for m, why in _BROKEN.items())
-        raise InputError(f"unknown task '{name}'; known tasks: {', '.join(sorted(_TASKS))}{broken}")
-    return _TASKS[name]
+    """The Task class registered under ``name``; an :class:`~lorma.errors.UnknownNameError` (bad input) listing the
+    known names otherwise."""
+    return _REGISTRY.get(name)
 
 
 def get_task(config: Any) -> Task:

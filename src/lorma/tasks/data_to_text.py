@@ -103,6 +103,8 @@ def evaluate_data_to_text(
 class DataToTextTask(CausalLMGenerationTask):
     """E2E / WebNLG / DART: ``--train-file`` and ``--eval-file`` in the task's format (see readers)."""
 
+    scored_by = "data_to_text"
+
     @property
     def scorer(self) -> str:
         """``task_options.scorer``: ``official`` (the default) or ``approximate``."""

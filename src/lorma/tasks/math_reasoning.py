@@ -35,6 +35,8 @@ class MathTask(CausalLMGenerationTask):
     eval file (``max_generate_samples`` of them), answers found by :func:`lorma.scoring.math_answers.extract_answer`.
     """
 
+    scored_by = "math"
+
     def read_train(self, path: str) -> ReadResult[MathExample]:
         return self._read(lambda p: read_metamathqa(p, self.skip_bad), path, "train file")
 
