@@ -84,7 +84,7 @@ def compile_section() -> str:
 
     lines = ["## torch.compile", "",
              "`torch._dynamo.explain` on a 2-layer BERT (hidden 32) with LoRMA on query and value, training "
-             "mode; `tests/test_compile.py` checks that compiled outputs and gradients equal eager ones.", "",
+             "mode; `tests/core/test_compile.py` checks that compiled outputs and gradients equal eager ones.", "",
              "| config | graphs | graph breaks | break reasons |", "|---|---:|---:|---|"]
     for inflation in ("plus", "pi"):
         for side in ("pre", "post"):
@@ -139,7 +139,7 @@ def qlorma_memory_section(cache_root: Path) -> str:
         "",
         "Weights and buffers as stored (packed 4-bit weights plus their quantization state; the tied "
         "embedding / lm_head and the norms stay fp32, as bitsandbytes leaves them), plus the fp32 adapter. "
-        "`tests/test_quantized.py` checks on this model that the quantized forward matches LoRMA applied to "
+        "`tests/core/test_quantized.py` checks on this model that the quantized forward matches LoRMA applied to "
         "the dequantized base, that training steps change only the adapter, and merging both ways.",
         "",
         "| base | base weights | adapter | total | / fp32 |",

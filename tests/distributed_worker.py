@@ -1,4 +1,4 @@
-"""Run by tests/test_distributed_sharded.py: train LoRMA adapters on a tiny Llama for a few steps, either in one
+"""Run by tests/core/test_distributed_sharded.py: train LoRMA adapters on a tiny Llama for a few steps, either in one
 process on the whole batch or under ``torch.distributed.run`` with FSDP2 ``fully_shard`` (gloo, CPU), each rank
 on its half of the batch; save each adapter as a peft adapter and the final logits.
 

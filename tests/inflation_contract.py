@@ -4,8 +4,8 @@ An inflation writes ``initialize`` and ``transform`` and may override the rest (
 ``delta_weight``, ``unmerge``, ``lora_factors``, ``check_size``, ``transpose_swaps_factors``) for speed or
 memory. Each override must compute what the dense transform says, and the layer must give the dense formula
 whichever strategy the inflation picks and whatever its memory bound. :func:`check_inflation_contract` checks
-that for one registered name; it runs on the built-ins (tests/test_inflations.py) and on the docs' worked
-example (tests/test_extending_docs.py). That the built-ins' transforms are the paper's is checked separately,
+that for one registered name; it runs on the built-ins (tests/core/test_inflations.py) and on the docs' worked
+example (tests/core/test_extending_docs.py). That the built-ins' transforms are the paper's is checked separately,
 against an independent formula.
 """
 

@@ -2,37 +2,19 @@
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
-SRC = Path(__file__).resolve().parent.parent / "src"
+from import_graph import imports_in, lorma_modules
 
 
 def _module_names() -> dict[str, Path]:
-    names = {}
-    for path in SRC.rglob("*.py"):
-        parts = path.relative_to(SRC).with_suffix("").parts
-        names[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
-    return names
+    return lorma_modules()
 
 
 def _imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
-    """The lorma modules ``name`` imports anywhere in its file (a package's own ``__init__`` excluded)."""
-    found: set[str] = set()
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            targets = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
-                base = ".".join(anchor + ([node.module] if node.module else []))
-            targets = [base] + [f"{base}.{alias.name}" for alias in node.names]
-        else:
-            continue
-        found.update(t for t in targets if t in known and t != name)
-    return found
+    """The lorma modules ``name`` imports anywhere in its file (itself excluded)."""
+    return {t for t in imports_in(path.read_text(encoding="utf-8"), name, path.name == "__init__.py")
+            if t in known and t != name}
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:

@@ -7,17 +7,15 @@ lazy import cannot hide a dependency; what the task registry imports is checked 
 
 from __future__ import annotations
 
-import ast
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from import_graph import SRC, imported_modules, imports_in, module_name
 from lorma.tasks import task_class, task_names
 
-SRC = Path(__file__).resolve().parents[1] / "src"
 LORMA = SRC / "lorma"
 
 #: the scorer modules, and the modules of ``lorma.tasks`` they were moved out of (no shim may come back there)
@@ -26,37 +24,7 @@ SCORING_MODULES = {"classification", "data_to_text", "e2e_official", "generation
 FORMER_TASK_MODULES = {"classification_metrics", "math_answers", "nlg_e2e_official", "nlg_generation_eval",
                        "nlg_java", "nlg_metrics", "nlg_wordnet", "packaged_data"}
 #: the packages above the scorers: a scorer importing one of them would make scoring depend on tasks or runs
-ABOVE_SCORING = ("lorma.tasks", "lorma.recipes", "lorma.analysis", "lorma.cli", "lorma.evaluate_cli",
-                 "lorma.export_cli")
-
-
-def module_name(path: Path) -> str:
-    """The dotted name of the module in ``path`` (a package's ``__init__.py`` is the package)."""
-    parts = path.relative_to(SRC).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def imported_modules(path: Path) -> set[str]:
-    """Every module the file ``path`` imports (see :func:`imports_in`)."""
-    return imports_in(path.read_text(encoding="utf-8"), module_name(path), path.name == "__init__.py")
-
-
-def imports_in(source: str, name: str, is_package: bool = False) -> set[str]:
-    """Every module that module ``name`` (with this ``source``) imports, anywhere in it; ``from a import b`` gives
-    both ``a`` and ``a.b`` (``b`` may be a submodule). Relative imports are resolved against its package."""
-    package = name if is_package else name.rpartition(".")[0]
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
-                base = ".".join(anchor + ([node.module] if node.module else []))
-            found.add(base)
-            found.update(f"{base}.{alias.name}" for alias in node.names)
-    return found
+ABOVE_SCORING = ("lorma.tasks", "lorma.recipes", "lorma.analysis", "lorma.runs", "lorma.cli", "lorma.commands")
 
 
 def under(module: str, prefixes: tuple[str, ...]) -> bool:

@@ -212,7 +212,7 @@ def method_of_adapter_config(adapter_config: dict[str, Any]) -> tuple[str, dict[
 
 #: LoRMA's sides: ``pre`` (W = I(BA) W0, the paper's default), ``post`` (W = W0 I(BA)), and ``auto`` (per module,
 #: the side with the smaller transform: :func:`lorma.config.cheaper_side`). Stated literally so that this module
-#: imports no torch; tests/test_recipes_methods.py keeps it equal to :data:`lorma.config.SIDE_CHOICES`.
+#: imports no torch; tests/recipes/test_recipes_methods.py keeps it equal to :data:`lorma.config.SIDE_CHOICES`.
 LORMA_SIDES = ("pre", "post", "auto")
 
 

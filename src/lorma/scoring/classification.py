@@ -46,7 +46,7 @@ def batched_metric(name: str, predictions: np.ndarray, labels: np.ndarray) -> np
 
     Written by hand because the bootstrap of ``lorma compare``'s verdicts scores thousands of resamples of the
     eval set, and scikit-learn scores one at a time (about a millisecond each, with its input checks). Each
-    formula gives what :func:`classification_metrics` gives on one row (tests/test_verdicts.py checks them
+    formula gives what :func:`classification_metrics` gives on one row (tests/recipes/test_verdicts.py checks them
     against scikit-learn and scipy): macro-F1 averages over the classes present in the row's labels or
     predictions, and an undefined F1 or Matthews correlation is 0, as scikit-learn's ``zero_division=0``.
     """

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 import fault_injection as fi
-from test_recipes_support import make_tiny_bert, sentiment_rows, write_csv
+from recipe_support import make_tiny_bert, sentiment_rows, write_csv
 
 pytestmark = pytest.mark.slow
 
@@ -232,7 +232,7 @@ def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(setup:
 def test_a_crashed_overwrite_leaves_the_old_run_whole(setup: dict[str, Any]) -> None:
     """``--overwrite`` writes beside the old run: killed anywhere (4 random writes of it), the old run is untouched
     (or, killed between the two renames of the swap, whole beside it); resumed, the new run replaces it."""
-    from test_recipes_support import snapshot
+    from recipe_support import snapshot
 
     rng = random.Random(SEED + 2)
     logs = setup["root"] / "logs"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from test_recipes_support import make_tiny_bert, sentiment_rows, write_csv
+from recipe_support import make_tiny_bert, sentiment_rows, write_csv
 
 LORMA = str(Path(sys.executable).parent / "lorma")
 

@@ -24,8 +24,8 @@ from lorma import LormaConfig
 from lorma.cli import main
 from lorma.export import EXPORT_REPORT_FILE, ExportError, lora_export
 from lorma.layer import LormaLayer
+from recipe_support import make_tiny_bert, sentiment_rows, snapshot, write_csv
 from test_adapter_formula import rel_err
-from test_recipes_support import make_tiny_bert, sentiment_rows, snapshot, write_csv
 
 IDS = torch.randint(0, 120, (2, 7), generator=torch.Generator().manual_seed(7))
 

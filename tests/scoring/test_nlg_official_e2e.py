@@ -18,7 +18,7 @@ from lorma.scoring import data_to_text as nm
 from lorma.scoring.e2e_official import E2E_SCORER_LABEL, mteval_bleu, mteval_nist, mteval_tokenize
 from lorma.tasks.readers import read_predictions, read_reference_groups
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nlg"
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "nlg"
 if not DATA.is_dir():  # a worktree below the main checkout's parent
     DATA = Path("/work/shared/data/nlg")
 

@@ -13,7 +13,7 @@ from lorma.scoring.classification import classification_metrics
 from lorma.tasks import task_class, task_names
 from lorma.tasks.base import get_task
 from lorma.tasks.classification import ClassificationTask
-from test_recipes_support import make_tiny_bert, sentiment_rows, write_csv, write_jsonl
+from recipe_support import make_tiny_bert, sentiment_rows, write_csv, write_jsonl
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from lorma.recipes.learning_rates import (
     sweep_rates,
 )
 from lorma.recipes.tuning import choose, widened_candidates, widened_values
-from test_recipes_support import make_tiny_bert, sentiment_rows, write_csv
+from recipe_support import make_tiny_bert, sentiment_rows, write_csv
 
 
 @pytest.fixture(scope="module")

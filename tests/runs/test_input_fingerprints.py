@@ -15,7 +15,7 @@ import pytest
 
 from lorma.cli import main
 from lorma.runs.fingerprints import compare_inputs, file_fingerprint, fingerprint_inputs, input_fingerprint
-from test_recipes_support import make_tiny_bert, sentiment_rows, snapshot, write_csv
+from recipe_support import make_tiny_bert, sentiment_rows, snapshot, write_csv
 
 
 @pytest.fixture(scope="module")

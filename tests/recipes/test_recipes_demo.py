@@ -15,7 +15,7 @@ from lorma.cli import main
 from lorma.errors import InputError
 from lorma.recipes.demo import DEMO_SETTINGS, demo_settings, minilm_path, run_demo, tweets_csv_path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_demo_settings_are_the_packaged_yaml() -> None:

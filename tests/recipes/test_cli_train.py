@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from lorma.cli import main
-from test_recipes_support import make_tiny_bert, sentiment_rows, snapshot, write_csv
+from recipe_support import make_tiny_bert, sentiment_rows, snapshot, write_csv
 
 LORMA = str(Path(sys.executable).parent / "lorma")  # the installed console script, as users run it
 

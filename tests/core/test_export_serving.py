@@ -42,9 +42,9 @@ from lorma.export import (
     ExportError,
     lora_export,
 )
+from recipe_support import snapshot
 from test_adapter_formula import rel_err
 from test_export import IDS, adapted_layers, dense_update, far_from_identity
-from test_recipes_support import snapshot
 
 TARGETS = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 

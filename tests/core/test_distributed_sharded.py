@@ -20,7 +20,7 @@ import torch
 
 import distributed_worker as worker
 
-WORKER = str(Path(__file__).with_name("distributed_worker.py"))
+WORKER = str(Path(__file__).parents[1] / "distributed_worker.py")
 
 
 def _run(cmd: list[str]) -> str:

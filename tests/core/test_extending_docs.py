@@ -24,7 +24,7 @@ from lorma import LormaConfig
 from lorma.inflations import base as inflations_base
 from lorma.variants.registry import _VARIANTS
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "extending.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "extending.md"
 MODULES = ("exp_inflation", "gain_variant")
 TESTS = ("test_exp_inflation", "test_gain_variant")
 
@@ -229,7 +229,7 @@ def test_a_built_in_inflation_is_one_file_that_reaches_lorma_train(tmp_path: Pat
     import json
     import subprocess
 
-    from test_recipes_support import make_tiny_bert, sentiment_rows, write_csv
+    from recipe_support import make_tiny_bert, sentiment_rows, write_csv
 
     folder = tmp_path / "more_inflations"
     folder.mkdir()

@@ -31,7 +31,7 @@ from lorma.variants.registry import _VARIANTS
 from test_adapter_formula import TwoLayer, rel_err
 from test_variants import dense_out
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "lorma"
+SRC = Path(__file__).resolve().parents[2] / "src" / "lorma"
 
 # what the release before variant_options wrote at the top level of every LoRMA adapter_config.json: each
 # variant's options, at these defaults unless the adapter's variant set them

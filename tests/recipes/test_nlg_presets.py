@@ -10,7 +10,7 @@ from lorma.recipes.config import build_config, load_yaml
 from lorma.tasks.decoding import PAPER_DECODING
 from lorma.tasks.generation import decoding_from_options
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 # Table 16, per task: weight decay, adapter dropout, label smoothing, length penalty
 TABLE16 = {"e2e": (0.01, 0.1, 0.1, 0.9), "webnlg": (0.01, 0.1, 0.1, 0.8), "dart": (0.0, 0.0, 0.0, 0.8)}

@@ -10,9 +10,9 @@ import pytest
 from lorma.cli import main
 from lorma.recipes.config import build_config, load_yaml
 from lorma.recipes.config import normalise_yaml as _normalise_yaml
-from test_recipes_support import make_tiny_bert
+from recipe_support import make_tiny_bert
 
-GLUE = Path(__file__).resolve().parents[1] / "configs" / "glue"
+GLUE = Path(__file__).resolve().parents[2] / "configs" / "glue"
 TASKS = ("mnli", "sst2", "mrpc", "cola", "qnli", "qqp", "rte", "stsb")
 METHODS = ("lora", "lorma-plus", "lorma-pi")
 

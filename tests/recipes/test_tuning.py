@@ -20,7 +20,7 @@ from lorma.recipes.config import DEFAULT_LEARNING_RATES, build_config
 from lorma.recipes.tuning import DEFAULT_GRIDS, candidate_label, grid_edges, plan_tuning, tune, tuning_rows
 from lorma.tasks import classification_data
 from lorma.tasks.base import get_task
-from test_recipes_support import make_tiny_bert, sentiment_rows, snapshot, write_csv
+from recipe_support import make_tiny_bert, sentiment_rows, snapshot, write_csv
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from lorma.cli import main
-from test_recipes_support import make_tiny_bert, sentiment_rows, snapshot, write_csv
+from recipe_support import make_tiny_bert, sentiment_rows, snapshot, write_csv
 
 
 @pytest.fixture(scope="module")

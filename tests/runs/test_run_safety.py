@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from lorma.cli import main
-from test_recipes_support import make_tiny_bert, sentiment_rows, snapshot, write_csv
+from recipe_support import make_tiny_bert, sentiment_rows, snapshot, write_csv
 
 
 @pytest.fixture(scope="module")

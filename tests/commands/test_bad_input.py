@@ -15,7 +15,7 @@ import pytest
 from lorma.cli import main
 from lorma.errors import InputError
 from lorma.recipes.config import build_config
-from test_recipes_support import make_tiny_bert, sentiment_rows, write_csv
+from recipe_support import make_tiny_bert, sentiment_rows, write_csv
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from lorma.errors import InputError
 from lorma.recipes.collapse import describe_collapse, next_command
 from lorma.recipes.config import build_config
 from lorma.tasks.base import get_task
-from test_recipes_support import make_tiny_bert, sentiment_rows, write_csv
+from recipe_support import make_tiny_bert, sentiment_rows, write_csv
 
 # a model whose head ignores its input: logits (BIAS, -BIAS) for every text, so it always says "neg"
 BIAS = 3.0

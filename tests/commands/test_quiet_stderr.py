@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from lorma.quiet import KNOWN_NOISE, silence_known_noise
-from test_recipes_support import make_tiny_bert, sentiment_rows, write_csv
+from recipe_support import make_tiny_bert, sentiment_rows, write_csv
 
 LORMA = str(Path(sys.executable).parent / "lorma")  # the installed console script, as users run it
 # tqdm's default bar: "[desc: ] NN%|bar| n/total [elapsed<remaining, rate]"

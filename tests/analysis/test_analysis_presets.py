@@ -17,7 +17,7 @@ from lorma.recipes.compare import parse_methods
 from lorma.recipes.config import build_config, load_yaml
 from lorma.runs.rank_log import read_rank_log
 
-ABLATIONS = Path(__file__).resolve().parents[1] / "configs" / "ablations"
+ABLATIONS = Path(__file__).resolve().parents[2] / "configs" / "ablations"
 
 
 @pytest.mark.parametrize("name", ["table6_inflation.yaml", "table7_pre.yaml", "table7_post.yaml"])
