@@ -34,10 +34,10 @@ def register(subparsers: Any) -> None:
     compare.add_argument("--seeds", type=int, default=3,
                          help="Number of seeds per method (seed, seed+1, ...) [default: 3].")
     compare.add_argument("--overwrite", action="store_true", help="Replace existing results in --output-dir.")
-    compare.set_defaults(func=cmd_compare)
+    compare.set_defaults(func=run)
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """``lorma compare``: several methods and seeds, one table."""
     from lorma.recipes.compare import parse_methods
 

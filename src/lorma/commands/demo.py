@@ -27,10 +27,10 @@ def register(subparsers: Any) -> None:
     demo.add_argument("--config", dest="demo_config", default=None,
                       help="A YAML file overriding the built-in demo settings (src/lorma/recipes/demo.yaml).")
     demo.add_argument("--overwrite", action="store_true", help="Replace results in an existing --output-dir.")
-    demo.set_defaults(func=cmd_demo)
+    demo.set_defaults(func=run)
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """``lorma demo``: the offline comparison on real data with a real model."""
     from lorma.recipes.demo import run_demo
 

@@ -23,10 +23,10 @@ def register(subparsers: Any) -> None:
     merge.add_argument("--base-model", default=None, help="Base model to merge into (default: the one recorded "
                                                           "with the adapter).")
     merge.add_argument("--overwrite", action="store_true", help="Replace a non-empty OUT_DIR.")
-    merge.set_defaults(func=cmd_merge)
+    merge.set_defaults(func=run)
 
 
-def cmd_merge(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """``lorma merge``: adapter + base -> one plain transformers model."""
     from lorma.recipes.merge import merge_adapter
 

@@ -34,10 +34,10 @@ def register(subparsers: Any) -> None:
                        help="With --resume: continue even if the model or data files changed since the run started "
                             "(refused otherwise; the change is recorded in inputs.json and metrics.json).")
     train.add_argument("--overwrite", action="store_true", help="Replace an existing run in --output-dir.")
-    train.set_defaults(func=cmd_train)
+    train.set_defaults(func=run)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """``lorma train``: one run (after choosing its settings on a validation split, with --tune / --grid)."""
     cfg = resolve_config(args, resume=args.resume)
     from lorma.processes import is_main_process
