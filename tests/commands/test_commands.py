@@ -29,6 +29,8 @@ def test_every_command_module_is_registered_once_and_registers_its_own_name() ->
         sub = parser.add_subparsers(dest="command")
         command_module(name).register(sub)
         assert list(sub.choices) == [name], f"lorma.commands.{name} registers {list(sub.choices)}"
+        # one shape: a parser and run(args), which the shell calls
+        assert sub.choices[name].get_default("func") is command_module(name).run
 
 
 def test_an_unknown_command_name_is_refused() -> None:
