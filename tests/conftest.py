@@ -54,22 +54,26 @@ def reference_inflation(A: torch.Tensor, B: torch.Tensor, inflation: str, s: flo
     return s * ba[rows, cols]
 
 
-# Rough cost in seconds of the slowest test modules (pytest --durations on the shared 2-core machine, one thread
-# per worker): they start first, the longest first, so that the two workers end together. A module not listed
-# costs 10 s if one of its tests is marked slow, else 0 (the collection's own order). Keyed by file name, so that
-# a module moved to another folder keeps its place.
+# Rough cost in seconds of the slowest test modules (pytest --durations of `make test` on the 2-core machine, one
+# thread per worker): they start first, the longest first, so that the two workers end together. A module not
+# listed costs 10 s if one of its tests is marked slow, else 0 (the collection's own order). Keyed by file name, so
+# that a module moved to another folder keeps its place.
 SLOW_FIRST = {
-    "test_recipes_demo.py": 300,
-    "test_recipe_real_imbalanced.py": 150,
-    "test_faults.py": 130,
-    "test_generation_real_smollm2.py": 100,
-    "test_tuning.py": 80,
-    "test_export.py": 70,
-    "test_cli_distributed.py": 50,
-    "test_nlg_generation_eval.py": 50,
-    "test_compile.py": 50,
-    "test_generation_pipeline.py": 45,
-    "test_distributed_sharded.py": 30,
+    "test_recipe_real_imbalanced.py": 210,
+    "test_faults.py": 125,
+    "test_recipes_demo.py": 105,
+    "test_generation_real_smollm2.py": 55,
+    "test_tuning.py": 45,
+    "test_benchmarks.py": 40,
+    "test_export.py": 40,
+    "test_generation_pipeline.py": 30,
+    "test_chat.py": 30,
+    "test_nlg_official_e2e.py": 25,
+    "test_cli_distributed.py": 25,
+    "test_nlg_generation_eval.py": 25,
+    "test_distributed_sharded.py": 22,
+    "test_input_fingerprints.py": 20,
+    "test_compile.py": 20,
 }
 
 
