@@ -12,6 +12,7 @@ from), :mod:`~lorma.tasks.readers.tabular` (CSV / TSV / JSONL), :mod:`~lorma.tas
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 from typing import Any
@@ -250,7 +251,14 @@ class ClassificationTask(Task):
             return tokenizer(batch["text"], batch.get("text_pair"), truncation=True, max_length=max_length)
 
         drop = [c for c in ds.column_names if c != "labels"]
-        return ds.map(tokenize, batched=True, remove_columns=drop, desc="tokenizing")
+        # datasets fingerprints a map by hashing the function with everything it closes over, the whole tokenizer
+        # included (dill): about half of a small run's start-up. The data is in memory (no cache file is named by
+        # it), so a fingerprint of what determines the result is given instead: the input data's own fingerprint,
+        # the tokenizer (class, name, vocabulary size) and the truncation length.
+        fingerprint = hashlib.sha256("|".join(map(str, (
+            getattr(ds, "_fingerprint", ""), type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""),
+            len(tokenizer), max_length, examples.pairs is not None))).encode()).hexdigest()[:32]
+        return ds.map(tokenize, batched=True, remove_columns=drop, desc="tokenizing", new_fingerprint=fingerprint)
 
     def build_datasets(self, tokenizer: Any) -> tuple[Any, Any]:
         """Tokenized train and eval datasets (eval: a dict for MNLI's matched / mismatched)."""
