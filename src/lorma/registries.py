@@ -23,6 +23,7 @@ function (``register_method``); their names are listed after the built-ins, in r
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import pkgutil
@@ -36,15 +37,24 @@ __all__ = ["Registry", "module_names"]
 T = TypeVar("T")
 
 
-def module_names(package: str, skip: Iterable[str] = ()) -> tuple[str, ...]:
-    """The modules of ``package`` (sorted, without ``_private`` ones and ``skip``), found on disk: the package itself
-    is not imported (its ``__init__`` may import torch)."""
+def module_names(package: str, skip: Iterable[str] = (), first: Iterable[str] = ()) -> tuple[str, ...]:
+    """The modules of ``package`` (without ``_private`` ones and ``skip``), found on disk: the package itself is not
+    imported (its ``__init__`` may import torch). Those named in ``first`` come first, in that order; the others
+    follow, sorted. The folders are listed once per set of search locations (a location added to the package's
+    ``__path__`` later is a new set, listed anew)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ValueError(f"{package} is not a package")
-    skipped = set(skip)
-    found = pkgutil.iter_modules(list(spec.submodule_search_locations))
-    return tuple(sorted(m.name for m in found if not m.name.startswith("_") and m.name not in skipped))
+    found = _listed(tuple(spec.submodule_search_locations), frozenset(skip))
+    head = tuple(n for n in first if n in found)
+    return head + tuple(n for n in found if n not in head)
+
+
+@functools.cache
+def _listed(locations: tuple[str, ...], skip: frozenset[str]) -> tuple[str, ...]:
+    """The sorted public module names in ``locations`` (``method_names`` asks on every lookup: listed once)."""
+    found = pkgutil.iter_modules(list(locations))
+    return tuple(sorted(m.name for m in found if not m.name.startswith("_") and m.name not in skip))
 
 
 class Registry(Generic[T]):
@@ -122,8 +132,7 @@ class Registry(Generic[T]):
         if self.package is None:
             return ()
         if self.one_module_per_entry:
-            found = module_names(self.package, self.skip)
-            return tuple(n for n in self.first if n in found) + tuple(n for n in found if n not in self.first)
+            return module_names(self.package, self.skip, self.first)
         self._scan()
         return tuple(self.entries)
 

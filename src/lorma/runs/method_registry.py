@@ -127,8 +127,7 @@ def _offer_inflations() -> None:
     """``lorma-<x>`` for every inflation ``x``: the built-ins found on disk (``lorma/inflations/x.py``, without
     importing torch, so that ``--help`` stays fast), and a user's registered ones once :mod:`lorma.inflations` is
     imported. A new inflation reaches ``lorma train`` with no edit here."""
-    found = module_names("lorma.inflations", skip=("base",))
-    names = [n for n in PAPER_INFLATIONS if n in found] + [n for n in found if n not in PAPER_INFLATIONS]
+    names = list(module_names("lorma.inflations", skip=("base",), first=PAPER_INFLATIONS))
     inflations = sys.modules.get("lorma.inflations.base")
     if inflations is not None:
         names += [n for n in inflations.inflation_names() if n not in names]
@@ -146,14 +145,19 @@ def get_method(name: str) -> Method:
     try:
         return _METHODS[name]
     except KeyError:
-        raise UnknownNameError(f"unknown method '{name}'; expected one of: {', '.join(method_names())}") from None
+        raise _unknown_method(name) from None
+
+
+def _unknown_method(name: str) -> UnknownNameError:
+    """Bad input naming ``name`` and the methods ``lorma train`` offers."""
+    return UnknownNameError(f"unknown method '{name}'; expected one of: {', '.join(method_names())}")
 
 
 def trainable_method(name: str) -> Method:
     """The method ``lorma train`` / ``compare`` trains as ``name``: an :class:`UnknownNameError` (bad input, exit
     code 2) listing those methods otherwise, a benchmark-only peer included."""
     if name not in method_names():
-        raise UnknownNameError(f"unknown method '{name}'; expected one of: {', '.join(method_names())}")
+        raise _unknown_method(name)
     return _METHODS[name]
 
 
