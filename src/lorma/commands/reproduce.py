@@ -41,13 +41,16 @@ def register(subparsers: Any) -> None:
                         "paper's models and settings, for GPUs) or tiny (the plumbing, seconds).")
     parser.add_argument("--plan", action="store_true", help="Print the plan and its cost; run nothing.")
     parser.add_argument("--report", action="store_true", help="Only (re)write the report from RESULTS.")
-    parser.add_argument("--root", default=DEFAULT_ROOT, help=f"Run directories, data, models [default: {DEFAULT_ROOT}].")
+    parser.add_argument("--root", default=DEFAULT_ROOT,
+                        help=f"Run directories, data, models [default: {DEFAULT_ROOT}].")
     parser.add_argument("--results", default=DEFAULT_RESULTS,
                         help=f"The committed result files [default: {DEFAULT_RESULTS}].")
     parser.add_argument("--report-file", default=DEFAULT_REPORT, help=f"The report [default: {DEFAULT_REPORT}].")
     parser.add_argument("--nlg-data", default=_default_nlg_data(),
                         help="Folder with e2e_devset.csv and e2e_testset_w_refs.csv [default: ../shared/data/nlg, "
                              "or $LORMA_NLG_DATA].")
+    parser.add_argument("--glue-dir", default=None, help="The paper profile: folder holding GLUE's task folders "
+                        "(CoLA, SST-2, MRPC, QQP, STS-B, MNLI, QNLI, RTE).")
     parser.add_argument("--only", default=None, help="Comma-separated key prefixes: run only these steps (e.g. "
                         "nlu/tweets-small,e2e).")
     parser.add_argument("--jobs", type=int, default=2, help="Steps run at once, one process each [default: 2].")
@@ -67,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
 
     results = Path(args.results) / args.profile if args.profile != "cpu" else Path(args.results)
     paths = StudyPaths(root=Path(args.root) / args.profile, results=results,
-                       nlg_data=Path(args.nlg_data) if args.nlg_data else None)
+                       nlg_data=Path(args.nlg_data) if args.nlg_data else None,
+                       glue_data=Path(args.glue_dir) if args.glue_dir else None)
     only = [o.strip() for o in args.only.split(",") if o.strip()] if args.only else None
     if args.plan:
         from lorma.recipes.compare import format_table

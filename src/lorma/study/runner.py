@@ -52,6 +52,8 @@ class StudyPaths:
     root: Path
     results: Path
     nlg_data: Path | None = None
+    #: the paper profile: GLUE's task folders (``CoLA``, ``SST-2``, ``MRPC``, ... as GLUE's download names them)
+    glue_data: Path | None = None
 
     def run_dir(self, key: str) -> Path:
         return self.root / "runs" / key
@@ -158,6 +160,9 @@ def _nlg_data(paths: StudyPaths) -> Path:
     return paths.nlg_data
 
 
+#: GLUE's folder names (as its download script writes them) of the paper profile's task names
+GLUE_FOLDERS = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "qqp": "QQP", "stsb": "STS-B", "mnli": "MNLI",
+                "qnli": "QNLI", "rte": "RTE"}
 #: the tiny profile's classification set: the first rows of a packaged one
 TINY_DATASETS = {"tiny-a": ("tweets-small", 32, 16)}
 
@@ -219,7 +224,9 @@ def step_settings(step: Step, profile: Profile, paths: StudyPaths) -> dict[str, 
         if nlu.preset_dir:  # the paper profile: the preset of the task and method (Table 14)
             method = step.method if step.method != "lorma-none" else "lorma-plus"
             base = _preset(f"{nlu.preset_dir}/{step.dataset}-{method}.yaml")
-            base["data"] = str(paths.root / "glue" / step.dataset.upper()) if "data" not in base else base["data"]
+            if paths.glue_data is None:
+                raise InputError("the paper profile needs GLUE's task folders: give --glue-dir DIR")
+            base["data"] = str(paths.glue_data / GLUE_FOLDERS[step.dataset])
         else:
             train, test = dataset_files(step.dataset, paths)
             base = {**nlu.settings, "train_file": train, "eval_file": test}
@@ -319,7 +326,7 @@ def _child(step: Step, profile: Profile, paths: StudyPaths, threads: int) -> dic
             raise RuntimeError(f"{type(err).__name__}: {err} (log: {log})") from None
 
 
-# --- the whole plan ----------------------------------------------------------------------------------------------------
+# --- the whole plan --------------------------------------------------------------------------------------------------
 
 
 def prepare(profile: Profile, steps: list[Step], paths: StudyPaths) -> None:
@@ -357,9 +364,11 @@ def run_study(profile: Profile, paths: StudyPaths, jobs: int = 1, only: list[str
     if pending:
         paths.root.mkdir(parents=True, exist_ok=True)
         prepare(profile, pending, paths)
-    bar = tqdm(total=sum(round(s.cost) for s in steps), initial=sum(round(s.cost) for s in steps if s.key in finished),
+    bar = tqdm(total=sum(round(s.cost) for s in steps),
+               initial=sum(round(s.cost) for s in steps if s.key in finished),
                unit="cpu-s", desc=f"study ({len(finished)}/{len(steps)} steps)", disable=quiet,
-               bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} est. CPU-s [{elapsed}, {remaining} left]")
+               bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} est. CPU-s [{elapsed}, "
+                          "{remaining} left]")
     running: dict[Future[Any], Step] = {}
 
     def ready(step: Step) -> bool:
