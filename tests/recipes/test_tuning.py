@@ -485,6 +485,11 @@ def test_extension_stops_after_its_rounds_and_never_chooses_a_collapsed_candidat
     assert [c["values"]["learning_rate"] for c in info["candidates"]][-1] == pytest.approx(3.22e-2)
     assert info["candidates"][-1]["collapsed"] and info["candidates"][-1]["collapsed_folds"] == 2
     assert info["chosen"] == {"learning_rate": 1e-2} and len(info["extended"]) == 1 and not info["at_grid_edge"]
+    # every candidate collapsed, the widened ones too: the (collapsed) best at the edge is not extended
+    _stub_training(monkeypatch, _peak(10.0), collapsed=lambda v: True)
+    info = tune(cfg, ["lora"], tmp_path / "all-collapsed", task, quiet=True)["methods"]["lora"]
+    assert info["widened"] and info["all_collapsed"] and info["chosen"] == {"learning_rate": 3.22e-2}
+    assert "extended" not in info and len(info["candidates"]) == 6
     # a grid given with --grid is the user's: not extended
     _stub_training(monkeypatch, _peak(10.0))
     given = tune(_cfg(data, grid={"learning_rate": [1e-3, 1e-2]}, tune_folds=2), ["lora"], tmp_path / "given", task,
