@@ -397,12 +397,12 @@ def test_folds_partition_the_training_rows_stratified_and_the_same_for_every_met
 
 
 def test_the_number_of_folds_comes_from_the_data_size_or_the_setting(data: dict[str, Path]) -> None:
-    assert auto_folds(80) == (5, "5 folds for 80 training rows (fewer than 1,000)")
+    assert auto_folds(80) == (5, "80 training rows, fewer than 1,000: 5 folds")
     assert [auto_folds(n)[0] for n in (999, 1000, 4999, 5000, 100_000)] == [5, 3, 3, 1, 1]
-    assert auto_folds(5000)[1] == "one validation split for 5,000 training rows (5,000 or more)"
+    assert auto_folds(5000)[1] == "5,000 training rows, 5,000 or more: one validation split"
     task = get_task(_cfg(data))
     task.check_inputs()
-    assert resolve_folds(_cfg(data), task) == {"folds": 5, "reason": "5 folds for 80 training rows (fewer than 1,000)",
+    assert resolve_folds(_cfg(data), task) == {"folds": 5, "reason": "80 training rows, fewer than 1,000: 5 folds",
                                                "rows": 80, "fold_rows": [16] * 5, "stratified": True}
     assert resolve_folds(_cfg(data, tune_folds=1), task) == {"folds": 1, "reason": "--tune-folds 1"}
     # a label with fewer rows than folds cannot be in every fold: unstratified folds, said in the record
@@ -445,7 +445,8 @@ def test_a_choice_at_the_grid_edge_is_extended_until_it_turns(data: dict[str, Pa
     task = get_task(cfg)
     task.check_inputs()
     record = tune(cfg, ["lora"], tmp_path / "t", task)
-    assert "tune: 5 folds x 4 candidates of 1 method = 20 candidate runs; 5 folds for 80 training rows" in \
+    assert "tune: 5 folds x 4 candidates of 1 method = 20 candidate runs (80 training rows, fewer than 1,000: 5 " \
+        "folds)" in \
         capsys.readouterr().out
     info = record["methods"]["lora"]
     rates = [c["values"]["learning_rate"] for c in info["candidates"]]
@@ -474,7 +475,10 @@ def test_extension_stops_after_its_rounds_and_never_chooses_a_collapsed_candidat
     task.check_inputs()
     # the best rate far above the grid: extended EXTEND_ROUNDS times, then flagged as still at the edge
     _stub_training(monkeypatch, _peak(10.0))
-    info = tune(cfg, ["lora"], tmp_path / "far", task, quiet=True)["methods"]["lora"]
+    record = tune(cfg, ["lora"], tmp_path / "far", task, quiet=True)
+    info = record["methods"]["lora"]
+    assert ("learning_rate=0.01 was at the grid's edge: extended by learning_rate=0.0322, then learning_rate=0.104"
+            in tuning_rows(record)[1][-1][-1])
     assert EXTEND_ROUNDS == 2 and [e["added"] for e in info["extended"]] == [["learning_rate=0.0322"],
                                                                              ["learning_rate=0.104"]]
     assert info["chosen"] == {"learning_rate": 0.104}

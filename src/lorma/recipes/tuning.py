@@ -327,8 +327,8 @@ def auto_folds(rows: int) -> tuple[int, str]:
     """The default number of folds for ``rows`` training rows (:data:`FOLDS_BY_ROWS`) and why, in words."""
     for below, folds in FOLDS_BY_ROWS:
         if rows < below:
-            return folds, f"{folds} folds for {rows:,} training rows (fewer than {below:,})"
-    return 1, f"one validation split for {rows:,} training rows ({FOLDS_BY_ROWS[-1][0]:,} or more)"
+            return folds, f"{rows:,} training rows, fewer than {below:,}: {folds} folds"
+    return 1, f"{rows:,} training rows, {FOLDS_BY_ROWS[-1][0]:,} or more: one validation split"
 
 
 def resolve_folds(cfg: RunConfig, task: Any) -> dict[str, Any]:
@@ -491,8 +491,8 @@ def cost_line(record: dict[str, Any], candidates: int, methods: int) -> str:
            f"{folds * candidates} candidate runs" if folds > 1 else
            f"{candidates} candidate runs ({methods} method{'s' if methods != 1 else ''}) on one validation split")
     more = f"{folds} more runs" if folds > 1 else "one more run"
-    return (f"tune: {how}; {record['cross_validation']['reason']}. A widened or extended grid adds {more} per new "
-            "candidate; finished runs under tuning/ are reused.")
+    return (f"tune: {how} ({record['cross_validation']['reason']}). A widened or extended grid adds {more} per "
+            "new candidate; finished runs under tuning/ are reused.")
 
 
 def _run_candidate(cfg: RunConfig, method: str, values: dict[str, Any], root: Path, main_metric: str,
@@ -709,8 +709,9 @@ def _choice_notes(info: dict[str, Any]) -> list[str]:
     notes = []
     if info.get("widened"):
         notes.append(f"every candidate of the grid collapsed: widened by {', '.join(info['widened']['added'])}")
-    for extension in info.get("extended", []):
-        notes.append(f"{extension['from']} was at the grid's edge: extended by {', '.join(extension['added'])}")
+    if info.get("extended"):
+        rounds = [", ".join(extension["added"]) for extension in info["extended"]]
+        notes.append(f"{info['extended'][0]['from']} was at the grid's edge: extended by {', then '.join(rounds)}")
     if info.get("all_collapsed"):
         notes.append("every candidate collapsed: change the grid or the steps")
     notes += [f"{edge}: a wider grid may do better" for edge in info.get("at_grid_edge", [])]
