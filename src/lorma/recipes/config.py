@@ -163,7 +163,8 @@ class RunConfig:
     validation_split: float = field(
         default=0.2,
         metadata={"help": "Fraction of the training data held out (stratified, seeded by split_seed, the same "
-                  "for every method) to choose the --tune values."},
+                  "for every method) to choose the --tune values when they are chosen on one split "
+                  "(--tune-folds 1, or large data)."},
     )
     tune_folds: int | None = field(
         default=None,
@@ -179,8 +180,9 @@ class RunConfig:
     )
     tune: list[str] | None = field(
         default=None,
-        metadata={"help": "Settings to choose per method on the validation split before the final runs, e.g. "
-                  "learning_rate or learning_rate,r (grids: --grid, or these defaults)."},
+        metadata={"help": "Settings to choose per method by cross-validation on the training data (--tune-folds) "
+                  "before the final runs, e.g. learning_rate or learning_rate,r (grids: --grid, or these "
+                  "defaults; a default grid is extended when the best value is at its edge)."},
     )
     grid: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "Candidate values per tuned setting (--grid KEY=V1,V2,...)."}
