@@ -254,7 +254,7 @@ def test_train_tune_records_the_candidates_and_uses_the_choice(data: dict[str, P
     assert yaml.safe_load((out / "config.yaml").read_text())["training"]["learning_rate"] == \
         info["chosen"]["learning_rate"]
     assert (out / "tuning" / "lorma-plus" / "learning_rate=0.002" / "candidate.json").is_file()
-    assert f"tuned on the validation split: {candidate_label(info['chosen'])}" in buffer.getvalue()
+    assert f"tuned on the training data: {candidate_label(info['chosen'])}" in buffer.getvalue()
     assert "validation macro_f1" in buffer.getvalue()
     # again: refused without --overwrite before any candidate; with it, the new run (written beside the old one and
     # swapped in) keeps the candidates, which are not trained again

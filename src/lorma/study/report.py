@@ -521,8 +521,8 @@ def claims(profile: Profile, facts: dict[str, Any]) -> list[Claim]:
     e2e_pi, e2e_plus = nlg["tally"].get("lorma-pi"), nlg["tally"].get("lorma-plus")
     out.append(Claim(2, "NLG: LoRMA+ and LoRMA_pi on par with LoRA (E2E BLEU 69.3 / 69.0 vs 69.1)",
                      "Table 3 (GPT-2 M, E2E, beam 10)", "SmolLM2-135M on E2E (dev set for training), 630 test MRs, "
-                     "greedy decoding, official scorer", f"over the 5 metrics, LoRMA+ - LoRA: {counts(e2e_plus)}; LoRMA_pi - LoRA: "
-                     f"{counts(e2e_pi)}",
+                     "greedy decoding, official scorer",
+                     f"over the 5 metrics, LoRMA+ - LoRA: {counts(e2e_plus)}; LoRMA_pi - LoRA: {counts(e2e_pi)}",
                      f"plus: {parity_verdict(e2e_plus) if e2e_plus else 'no result yet'}; pi: "
                      f"{parity_verdict(e2e_pi) if e2e_pi else 'no result yet'}"))
     conv = facts["convergence"]["tally"]
