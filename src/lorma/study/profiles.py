@@ -64,6 +64,13 @@ class AblationSetup:
     target_sets: tuple[tuple[tuple[str, ...], int], ...] = (
         (("query",), 8), (("query", "key"), 4), (("query", "value"), 4), (("query", "key", "value", "dense"), 2))
     target_methods: tuple[str, ...] = ("lorma-plus",)
+    #: the learning rates the study leans on: the family default (no choice) on ``datasets`` for these methods, and
+    #: ``lorma train --tune learning_rate`` (k-fold on the training data) on ``tune_datasets`` for ``tune_methods``;
+    #: both against the range test's rate of the main runs
+    default_rate_methods: tuple[str, ...] = ("lora", "lorma-plus", "lorma-pi")
+    tune_datasets: tuple[str, ...] = ()
+    tune_methods: tuple[str, ...] = ("lora", "lorma-plus")
+    tune_folds: int = 3
 
 
 @dataclass(frozen=True)
@@ -134,7 +141,8 @@ CPU = Profile(
     seeds=3,
     nlu=NluSetup(model=MINILM, datasets=CPU_NLU_DATASETS, methods=("lora", "lorma-plus", "lorma-pi", "full"),
                  settings=CPU_NLU_SETTINGS),
-    ablation=AblationSetup(datasets=CPU_ABLATION_DATASETS, rank_datasets=("tweets-small",)),
+    ablation=AblationSetup(datasets=CPU_ABLATION_DATASETS, rank_datasets=("tweets-small",),
+                           tune_datasets=("tweets-small",)),
     nlg=(NlgSetup(model=SMOLLM2, task="e2e", train_file="{nlg_data}/e2e_devset.csv",
                   eval_file="{nlg_data}/e2e_testset_w_refs.csv", methods=("lora", "lorma-plus", "lorma-pi"),
                   settings=CPU_E2E_SETTINGS, eval_inputs=630,
@@ -180,7 +188,8 @@ TINY = Profile(
                  track_rank_every=2),
     ablation=AblationSetup(datasets=("tiny-a",), ranks=(1, 2), rank_methods=("lorma-plus",),
                            target_sets=((("query",), 2), (("query", "key"), 1)),
-                           side_methods=("lorma-plus",)),
+                           side_methods=("lorma-plus",), default_rate_methods=("lora",), tune_datasets=("tiny-a",),
+                           tune_methods=("lora",), tune_folds=2),
     nlg=(NlgSetup(model="tiny-llama", task="e2e", train_file="{nlg_data}/e2e_devset.csv",
                   eval_file="{nlg_data}/e2e_testset_w_refs.csv", methods=("lora", "lorma-plus"),
                   settings={"r": 2, "alpha": 4, "max_seq_length": 48, "max_train_samples": 16, "max_eval_samples": 4,

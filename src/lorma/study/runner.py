@@ -281,7 +281,12 @@ def _train(step: Step, profile: Profile, paths: StudyPaths) -> None:
     run = paths.run_dir(step.key)
     if not (run / METRICS_FILE).is_file():
         has_checkpoint = any((run / CHECKPOINTS_DIR).glob("checkpoint-*")) if run.is_dir() else False
-        run_training(cfg, overwrite=run.exists() and not has_checkpoint, resume=has_checkpoint)
+        if cfg.tune:  # lorma train --tune: the candidates (cached in the run's tuning/), then the final run
+            from lorma.recipes.tuning import train_tuned
+
+            train_tuned(cfg, overwrite=run.exists() and not has_checkpoint, resume=has_checkpoint)
+        else:
+            run_training(cfg, overwrite=run.exists() and not has_checkpoint, resume=has_checkpoint)
     _collect_run(step, paths)
 
 
