@@ -33,7 +33,8 @@ __all__ = ["Step", "build_plan", "plan_table"]
 #: rows (train, eval) of the packaged datasets, for the cost of a plan before the data is written
 DATASET_ROWS: dict[str, tuple[int, int]] = {
     "tweets-small": (600, 400), "tweets-imbalanced": (600, 380), "tweets-ambiguous": (600, 380),
-    "bbc-imbalanced": (600, 400), "chatterbot-topics": (371, 246),
+    "bbc-imbalanced": (600, 400), "chatterbot-topics": (371, 246), "sms-spam": (1200, 600),
+    "trec-questions": (1500, 600), "movie-replies": (2000, 600), "rt-polarity": (2000, 600),
 }
 DEFAULT_ROWS = (600, 400)
 #: range test (``--learning-rate auto``): steps, and the probe batch's rows evaluated after each

@@ -230,6 +230,9 @@ def step_settings(step: Step, profile: Profile, paths: StudyPaths) -> dict[str, 
         else:
             train, test = dataset_files(step.dataset, paths)
             base = {**nlu.settings, "train_file": train, "eval_file": test}
+            with open(train, encoding="utf-8") as fh:  # a sentence-pair set (GLUE's kind) has a text_pair column
+                if "text_pair" in fh.readline().strip().split(","):
+                    base["text_pair_column"] = "text_pair"
         settings = _merge(base, {"model": resolve_model(nlu.model, paths), "method": step.method, "seed": step.seed})
     else:
         setup = next(s for s in profile.nlg if s.task == step.dataset)
