@@ -175,6 +175,47 @@ def test_missing_generation_data_is_refused_before_any_step(tmp_path: Path) -> N
     assert not paths.results.exists() and not (paths.root / "runs").exists()
 
 
+def _tagged_processes(tag: str) -> list[int]:
+    """Processes whose environment holds ``tag`` (a study and the children it spawned)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if tag.encode() in (proc / "environ").read_bytes():
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_killed_study_leaves_no_child_behind_and_resumes(tmp_path: Path) -> None:
+    import os
+    import signal
+    import time
+    import uuid
+
+    tag = f"LORMA_STUDY_TEST={uuid.uuid4().hex}"
+    env = {**os.environ, tag.split("=")[0]: tag.split("=")[1]}
+    command = [sys.executable, "-m", "lorma.cli", "reproduce", "--profile", "tiny", "--root", str(tmp_path / "root"),
+               "--results", str(tmp_path / "res"), "--only", "nlu/tiny-a/lora/seed-0", "--jobs", "1"]
+    study = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = tmp_path / "root" / "tiny" / "runs" / "nlu" / "tiny-a" / "lora" / "seed-0"
+    deadline = time.monotonic() + 300
+    while not run.exists() and time.monotonic() < deadline and study.poll() is None:
+        time.sleep(0.5)
+    assert run.exists(), "the step never started"
+    study.send_signal(signal.SIGKILL)
+    study.wait()
+    deadline = time.monotonic() + 60
+    while _tagged_processes(tag) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _tagged_processes(tag) == []  # the child died with its parent
+    assert not (tmp_path / "res" / "tiny" / "nlu" / "tiny-a" / "lora" / "seed-0" / "metrics.json").exists()
+    subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    assert (tmp_path / "res" / "tiny" / "nlu" / "tiny-a" / "lora" / "seed-0" / "metrics.json").is_file()
+
+
 def test_verdict_rules() -> None:
     assert outcome({"difference": 0.1, "low": 0.02, "high": 0.2, "seeds": 3}) == "win"
     assert outcome({"difference": -0.1, "low": -0.2, "high": -0.01, "seeds": 3}) == "loss"

@@ -319,6 +319,19 @@ def execute_step(step: Step, profile: Profile, paths: StudyPaths, threads: int =
     return {"key": step.key, "seconds": time.monotonic() - start}
 
 
+def _die_with_parent() -> None:
+    """A child ends when ``lorma reproduce`` does (killed or not): an orphan would go on training a step that the
+    next ``lorma reproduce`` starts again, and the run's lock would refuse the new one. Linux only (prctl); elsewhere
+    the children finish their step and exit."""
+    if sys.platform.startswith("linux"):
+        import contextlib
+        import ctypes
+        import signal
+
+        with contextlib.suppress(OSError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _child(step: Step, profile: Profile, paths: StudyPaths, threads: int) -> dict[str, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -390,7 +403,8 @@ def run_study(profile: Profile, paths: StudyPaths, jobs: int = 1, only: list[str
 
     context = multiprocessing.get_context("spawn")
     try:
-        with ProcessPoolExecutor(max_workers=max(jobs, 1), mp_context=context) as pool:
+        pool_options: dict[str, Any] = {"mp_context": context, "initializer": _die_with_parent}
+        with ProcessPoolExecutor(max_workers=max(jobs, 1), **pool_options) as pool:
             while pending or running:
                 for step in list(pending):
                     if len(running) >= max(jobs, 1):
