@@ -197,7 +197,7 @@ def test_a_killed_study_leaves_no_child_behind_and_resumes(tmp_path: Path) -> No
 
     tag = f"LORMA_STUDY_TEST={uuid.uuid4().hex}"
     env = {**os.environ, tag.split("=")[0]: tag.split("=")[1]}
-    command = [sys.executable, "-m", "lorma.cli", "reproduce", "--profile", "tiny", "--root", str(tmp_path / "root"),
+    command = [sys.executable, "-m", "lorma.cli", "reproduce", "--scale", "tiny", "--root", str(tmp_path / "root"),
                "--results", str(tmp_path / "res"), "--only", "nlu/tiny-a/lora/seed-0", "--jobs", "1"]
     study = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run = tmp_path / "root" / "tiny" / "runs" / "nlu" / "tiny-a" / "lora" / "seed-0"
@@ -262,7 +262,7 @@ def test_report_command_rederives_the_same_page_in_a_fresh_process(study, tmp_pa
     page = paths.results / "REPRODUCTION.md"
     first = write_report(TINY, paths.results, page).read_text()
     page.unlink()
-    subprocess.run([sys.executable, "-m", "lorma.cli", "reproduce", "--report", "--profile", "tiny", "--results",
+    subprocess.run([sys.executable, "-m", "lorma.cli", "reproduce", "--report", "--scale", "tiny", "--results",
                     str(paths.results.parent), "--root", str(tmp_path / "unused")],
                    capture_output=True, text=True, check=True, cwd=tmp_path)
     # the tiny profile's report goes beside its results

@@ -37,9 +37,11 @@ def register(subparsers: Any) -> None:
             "command to continue. --plan prints the steps and their estimated CPU cost; --report rewrites the "
             "report (the verdict per claim, tables, pictures) from RESULTS alone."),
     )
-    parser.add_argument("--profile", default="cpu", help="cpu (default: 2 CPU cores, about 8 hours), paper (the "
-                        "paper's models and settings, for GPUs) or tiny (the plumbing, seconds).")
+    parser.add_argument("--scale", default="cpu", help="The profile: cpu (default: 2 CPU cores, about 8 hours), paper "
+                        "(the paper's models and settings, for GPUs) or tiny (the plumbing, minutes).")
     parser.add_argument("--plan", action="store_true", help="Print the plan and its cost; run nothing.")
+    parser.add_argument("--list", action="store_true", help="With --plan: every step not done yet, in order, with "
+                        "its estimated CPU minutes.")
     parser.add_argument("--report", action="store_true", help="Only (re)write the report from RESULTS.")
     parser.add_argument("--root", default=DEFAULT_ROOT,
                         help=f"Run directories, data, models [default: {DEFAULT_ROOT}].")
@@ -63,13 +65,13 @@ def run(args: argparse.Namespace) -> int:
     from lorma.errors import InputError
     from lorma.study.profiles import get_profile
 
-    profile = get_profile(args.profile)
+    profile = get_profile(args.scale)
     if args.jobs < 1 or args.threads < 1:
         raise InputError(f"--jobs and --threads must be at least 1, got {args.jobs} and {args.threads}")
     from lorma.study.runner import StudyPaths
 
-    results = Path(args.results) / args.profile if args.profile != "cpu" else Path(args.results)
-    paths = StudyPaths(root=Path(args.root) / args.profile, results=results,
+    results = Path(args.results) / profile.name if profile.name != "cpu" else Path(args.results)
+    paths = StudyPaths(root=Path(args.root) / profile.name, results=results,
                        nlg_data=Path(args.nlg_data) if args.nlg_data else None,
                        glue_data=Path(args.glue_dir) if args.glue_dir else None)
     only = [o.strip() for o in args.only.split(",") if o.strip()] if args.only else None
@@ -79,10 +81,15 @@ def run(args: argparse.Namespace) -> int:
         from lorma.study.runner import done_steps
 
         steps = build_plan(profile)
-        header, rows, closing = plan_table(steps, done_steps(steps, paths), args.jobs)
-        print(f"lorma reproduce --profile {profile.name}: {profile.description}")
+        done = done_steps(steps, paths)
+        header, rows, closing = plan_table(steps, done, args.jobs)
+        print(f"lorma reproduce --scale {profile.name}: {profile.description}")
         print(format_table(header, rows))
         print(closing)
+        if args.list:
+            print(format_table(["step", "learning rate", "needs", "CPU min"],
+                               [[s.key, s.rate, ", ".join(s.needs) or "-", f"{s.cost / 60:.1f}"]
+                                for s in steps if s.key not in done]))
         return 0
     from lorma.study.report import write_report
 
@@ -93,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"lorma reproduce: {outcome['done']} of {outcome['steps']} steps done; results in {paths.results}")
         for key, why in outcome["failed"].items():
             print(f"  failed: {key}: {why}")
-    report = write_report(profile, paths.results, Path(args.report_file) if args.profile == "cpu" else
+    report = write_report(profile, paths.results, Path(args.report_file) if profile.name == "cpu" else
                           paths.results / "REPRODUCTION.md")
     print(f"lorma reproduce: report written to {report}")
     return 0

@@ -96,9 +96,9 @@ def render(profile: Profile, data: Any, sections: dict[str, list[str]], claims: 
         "or generations, the range test, the rank log; per measurement: `analysis.json`; no weights) by",
         "",
         "```bash",
-        f"lorma reproduce --report{'' if profile.name == 'cpu' else f' --profile {profile.name}'}    # rewrites "
+        f"lorma reproduce --report{'' if profile.name == 'cpu' else f' --scale {profile.name}'}    # rewrites "
         "this page and its pictures from the result files alone",
-        f"lorma reproduce{'' if profile.name == 'cpu' else f' --profile {profile.name}'}             # runs "
+        f"lorma reproduce{'' if profile.name == 'cpu' else f' --scale {profile.name}'}             # runs "
         "whatever step has no result yet (resumable), then rewrites this page",
         "lorma reproduce --plan       # the steps and their estimated CPU cost",
         "```",
