@@ -8,6 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from lorma.fileio import read_json
 from lorma.study.plan import build_plan, plan_table
 from lorma.study.profiles import Profile
 
@@ -45,11 +46,23 @@ UNTESTABLE_CPU = [
 
 
 def _status(profile: Profile, results: Path) -> tuple[list[str], str]:
-    from lorma.study.runner import StudyPaths, done_steps
+    from lorma.study.runner import COST_FILE, StudyPaths, done_steps
 
     steps = build_plan(profile)
     done = done_steps(steps, StudyPaths(root=Path("."), results=results))
     header, rows, closing = plan_table(steps, done, jobs=2)
+    measured: dict[str, list[float]] = {}
+    for s in steps:  # what the finished steps cost their process, against the plan's estimate
+        cost_file = results / s.key / COST_FILE
+        if cost_file.is_file():
+            cost = read_json(cost_file)
+            entry = measured.setdefault(s.experiment, [0.0, 0.0, 0])
+            entry[0] += float(cost.get("cpu_seconds") or 0.0)
+            entry[1] += float(cost.get("estimated_cpu_seconds") or 0.0)
+            entry[2] += 1
+    header = [*header, "measured / estimated CPU (finished steps)"]
+    rows = [[*r, f"{measured[r[0]][0] / 3600:.2f} h / {measured[r[0]][1] / 3600:.2f} h ({measured[r[0]][2]} steps)"
+             if r[0] in measured else "-"] for r in rows]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return lines, closing

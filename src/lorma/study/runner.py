@@ -43,6 +43,7 @@ RESULT_FILES = ("metrics.json", "config.yaml", "train_log.jsonl", "eval_predicti
 GENERATION_SUFFIXES = (".predictions.txt", ".references.txt", ".scores.json")
 DONE_FILES = {"nlu": "metrics.json", "nlg": "metrics.json", "delta": "analysis.json"}
 FAILURES = "failures.jsonl"
+COST_FILE = "cost.json"
 
 
 @dataclass(frozen=True)
@@ -308,15 +309,23 @@ def _measure(step: Step, paths: StudyPaths) -> None:
 
 def execute_step(step: Step, profile: Profile, paths: StudyPaths, threads: int = 1) -> dict[str, Any]:
     """Run one step in this process (a child of :func:`run_study`); returns how long it took."""
+    import resource
+
     import torch
 
     torch.set_num_threads(threads)
-    start = time.monotonic()
+    start, cpu = time.monotonic(), resource.getrusage(resource.RUSAGE_SELF)
     if step.kind == "delta":
         _measure(step, paths)
     else:
         _train(step, profile, paths)
-    return {"key": step.key, "seconds": time.monotonic() - start}
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    cost = {"key": step.key, "wall_seconds": time.monotonic() - start, "threads": threads,
+            "cpu_seconds": used.ru_utime + used.ru_stime - cpu.ru_utime - cpu.ru_stime,
+            "estimated_cpu_seconds": step.cost}
+    # what the step cost this process (a resumed step: only its last part); --plan's estimates are checked against it
+    atomic_write_json(paths.result_dir(step.key) / COST_FILE, cost)
+    return cost
 
 
 def _die_with_parent() -> None:
