@@ -62,6 +62,7 @@ SLOW_FIRST = {
     "test_recipe_real_imbalanced.py": 210,
     "test_faults.py": 125,
     "test_recipes_demo.py": 105,
+    "test_reproduce.py": 90,
     "test_generation_real_smollm2.py": 55,
     "test_tuning.py": 45,
     "test_benchmarks.py": 40,
