@@ -5,7 +5,7 @@ exposes ``register(subparsers)`` (adds its parser and sets ``func`` on it), so t
 importing the CLI stays cheap: heavy imports (torch, transformers) happen inside each ``func``, after its input has
 been checked.
 
-Errors: a :class:`lorma.errors.LormaError` is printed as one line (``lorma COMMAND: error: ...``) with its exit
+Errors: a :class:`lorma.plumbing.errors.LormaError` is printed as one line (``lorma COMMAND: error: ...``) with its exit
 code (2 for bad input); Ctrl-C ends with a line saying where the command stopped (exit code 130), never a
 traceback.
 """
@@ -16,8 +16,8 @@ import argparse
 import sys
 
 from lorma.commands import COMMANDS, command_module
-from lorma.errors import LormaError, RunInterrupted
-from lorma.quiet import silence_known_noise
+from lorma.plumbing.errors import LormaError, RunInterrupted
+from lorma.plumbing.quiet import silence_known_noise
 
 __all__ = ["build_parser", "main"]
 

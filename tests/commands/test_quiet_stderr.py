@@ -1,7 +1,7 @@
 """A normal ``lorma train`` prints no third-party noise on stderr: only progress bars and lorma's own lines.
 
 The one known noise (bitsandbytes' notice about an optional hub kernel, printed when peft imports it) is dropped
-by a filter on exactly its logger and message (:mod:`lorma.quiet`); other messages of that logger still show.
+by a filter on exactly its logger and message (:mod:`lorma.plumbing.quiet`); other messages of that logger still show.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lorma.quiet import KNOWN_NOISE, silence_known_noise
+from lorma.plumbing.quiet import KNOWN_NOISE, silence_known_noise
 from recipe_support import make_tiny_bert, sentiment_rows, write_csv
 
 LORMA = str(Path(sys.executable).parent / "lorma")  # the installed console script, as users run it

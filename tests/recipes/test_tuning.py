@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from lorma.cli import main
-from lorma.errors import InputError
+from lorma.plumbing.errors import InputError
 from lorma.recipes.config import DEFAULT_LEARNING_RATES, build_config
 from lorma.recipes.tuning import DEFAULT_GRIDS, candidate_label, grid_edges, plan_tuning, tune, tuning_rows
 from lorma.tasks import classification_data

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lorma.errors import InputError
+from lorma.plumbing.errors import InputError
 from lorma.recipes.config import RunConfig
 from lorma.runs.method_registry import AdapterSettings, get_method
 

@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lorma.errors import DiskFullError, InputError, RunInterrupted
-from lorma.fileio import (
+from lorma.plumbing.errors import DiskFullError, InputError, RunInterrupted
+from lorma.plumbing.fileio import (
     append_jsonl,
     atomic_write_json,
     atomic_write_text,
@@ -32,8 +32,8 @@ from lorma.fileio import (
     staged_directory,
     trim_jsonl,
 )
-from lorma.processes import is_main_process, world_size
-from lorma.quiet import quiet_libraries
+from lorma.plumbing.processes import is_main_process, world_size
+from lorma.plumbing.quiet import quiet_libraries
 from lorma.recipes.config import RunConfig, dump_yaml
 from lorma.runs.fingerprints import check_run_inputs, input_changes, model_fingerprint, run_inputs
 from lorma.runs.layout import (
@@ -66,7 +66,7 @@ def weights_digest(model: Any) -> str:
 
     Sharded weights (FSDP2, ZeRO-3) are gathered whole first: a collective, so every rank calls this.
     """
-    from lorma.sharding import trainable_state_dict
+    from lorma.plumbing.sharding import trainable_state_dict
 
     digest = hashlib.sha256()
     for name, tensor in sorted(trainable_state_dict(model).items()):
@@ -257,7 +257,7 @@ def run_training(cfg: RunConfig, overwrite: bool = False, resume: bool = False,
     ``allow_changed_inputs``: resume even if the model or data changed since the run started (recorded);
     without it that is refused (:mod:`lorma.runs.fingerprints`).
 
-    Raises :class:`~lorma.errors.InputError` for bad input (nothing written), :class:`RunInterrupted` on
+    Raises :class:`~lorma.plumbing.errors.InputError` for bad input (nothing written), :class:`RunInterrupted` on
     Ctrl-C and :class:`DiskFullError` for a full disk (the run can be resumed from its last complete
     checkpoint after either).
     """
@@ -330,7 +330,7 @@ def run_training(cfg: RunConfig, overwrite: bool = False, resume: bool = False,
         if cfg.track_rank:
             callbacks.append(_rank_callback(cfg.track_rank, rank_log.parent, checkpoint is not None))
         if method.rank_budget:  # AdaLoRMA / AdaLoRA: prune to the rank budget after each step
-            from lorma.callbacks import RankAllocationCallback
+            from lorma.plumbing.callbacks import RankAllocationCallback
 
             callbacks.append(RankAllocationCallback())
         trainer = trainer_cls(model=model, args=args, callbacks=callbacks, **trainer_kwargs)
@@ -458,7 +458,7 @@ def _train_and_save(cfg: RunConfig, txn: RunTransaction, trainer: Any, task: Any
         metrics["tuning"] = tuning
     metrics.update(input_changes(out))  # resumes on changed inputs (allowed) or on unrecorded ones
     # a sharded model (FSDP2, ZeRO-3) is gathered on every rank (collective) and saved whole by the main process
-    from lorma.sharding import model_is_sharded, trainable_state_dict
+    from lorma.plumbing.sharding import model_is_sharded, trainable_state_dict
 
     whole = trainable_state_dict(model, get_method(cfg.method).adapter) if model_is_sharded(model) else None
     if is_main_process():

@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lorma.errors import InputError
-from lorma.fileio import read_json
+from lorma.plumbing.errors import InputError
+from lorma.plumbing.fileio import read_json
 from lorma.runs.layout import RUN_INFO_FILE, check_adapter_dir
 
 #: the transformers class of each peft ``task_type``: how the base model of an adapter without a lorma run record
@@ -57,7 +57,7 @@ def load_adapter_model(adapter: Path, base_model: str | None = None) -> tuple[An
     adapter_config = check_adapter_dir(adapter)
     base, run_info = base_model_of(adapter, adapter_config, base_model)
 
-    from lorma.quiet import quiet_libraries
+    from lorma.plumbing.quiet import quiet_libraries
     from lorma.runs.fingerprints import model_fingerprint
 
     quiet_libraries()

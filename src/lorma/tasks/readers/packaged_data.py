@@ -25,7 +25,7 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
-from lorma.errors import InputError
+from lorma.plumbing.errors import InputError
 
 Row = tuple[str, str]  # (text, label)
 

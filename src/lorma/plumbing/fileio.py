@@ -1,12 +1,12 @@
 """File I/O that never leaves a half-written file: atomic writes, strict JSON, JSON Lines, an advisory lock.
 
-A leaf module (standard library and :mod:`lorma.errors` only), so that everything that writes can use it
+A leaf module (standard library and :mod:`lorma.plumbing.errors` only), so that everything that writes can use it
 without importing the heavy stack.
 
 * :func:`atomic_write_bytes` / :func:`atomic_write_text` / :func:`atomic_write_json` and the
   :func:`atomic_path` / :func:`staged_directory` context managers write beside the target (same folder, so
   the same filesystem) and ``os.replace`` it into place: a kill or a full disk leaves the old file (or none),
-  never a truncated one. A full disk is a :class:`~lorma.errors.DiskFullError` naming the file.
+  never a truncated one. A full disk is a :class:`~lorma.plumbing.errors.DiskFullError` naming the file.
 * :func:`strict_json` turns ``inf`` / ``nan`` into the strings ``"inf"`` / ``"nan"`` (JSON has no such numbers,
   and ``float()`` reads the strings back), so every JSON file lorma writes is valid JSON.
 * :func:`append_jsonl` / :func:`read_jsonl` / :func:`trim_jsonl`: logs are append-only; a line torn by a kill
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorma.errors import DataFormatError, DiskFullError, RunLockedError
+from lorma.plumbing.errors import DataFormatError, DiskFullError, RunLockedError
 
 try:  # POSIX; elsewhere the lock falls back to the pid check alone
     import fcntl

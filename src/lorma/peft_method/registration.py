@@ -1,4 +1,4 @@
-"""Registering LoRMA with peft (the ``PeftType.LORMA`` member itself is added by :mod:`lorma.peft_type`).
+"""Registering LoRMA with peft (the ``PeftType.LORMA`` member itself is added by :mod:`lorma.peft_method.peft_type`).
 
 peft looks methods up by ``PeftType`` members (``PeftType.LORA``, ...), and the enum has no public way to
 grow. ``register_peft_method`` (peft >= 0.15) does everything else but requires the member to exist, so we
@@ -55,8 +55,8 @@ def register() -> None:
         raise LormaRegistrationError(
             f"peft {peft.__version__} has no register_peft_method (needs peft >= 0.15)"
         ) from err
-    from .config import LormaConfig
-    from .model import LormaModel
+    from ..config import LormaConfig
+    from ..model import LormaModel
 
     register_peft_method(name="lorma", config_cls=LormaConfig, model_cls=LormaModel, prefix="lorma_")
 

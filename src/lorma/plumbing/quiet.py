@@ -69,7 +69,7 @@ def quiet_libraries() -> None:
     import warnings
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    silence_known_noise()  # bitsandbytes' notice when Trainer's import brings in peft (lorma.quiet)
+    silence_known_noise()  # bitsandbytes' notice when Trainer's import brings in peft (lorma.plumbing.quiet)
     # a deprecation inside transformers/peft, raised once per model, says nothing to a user of lorma
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     from transformers.utils import logging as hf_logging

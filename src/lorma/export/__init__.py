@@ -1,0 +1,1 @@
+"""(docstring follows in the next commit)"""
