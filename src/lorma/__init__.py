@@ -4,8 +4,14 @@
 ``save_pretrained`` and ``PeftModel.from_pretrained`` work as they do for LoRA.
 
 Importing lorma is cheap: the names below are imported on first use (PEP 562), and registration with peft
-happens as soon as peft is imported, or at once if it already was (:mod:`lorma.peft_method.registration`). So the ``lorma``
-command can check its input before it imports torch, transformers or peft.
+happens as soon as peft is imported, or at once if it already was (:mod:`lorma.peft_method.registration`). So the
+``lorma`` command can check its input before it imports torch, transformers or peft.
+
+The package's rooms (README, "Layout"): the core at this level (``config``, ``model``, ``functional``, with
+``inflations/`` and ``variants/``), ``layers/`` (one module per wrapped layer kind), ``export/`` (a trained
+adapter out and into service), ``peft_method/`` (what peft is told), ``plumbing/`` (what every floor uses); the
+command line and its floors above them (``cli``, ``commands/``, ``recipes/``, ``analysis/``, ``runs/``, ``tasks/``,
+``scoring/``).
 """
 
 from __future__ import annotations
@@ -56,4 +62,12 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS))
 
 
-registration.register_when_peft_is_imported()
+def _tuner_classes() -> tuple[type, type]:
+    """What peft registers as the LORMA method: imported when registration happens (peft imported), not before."""
+    from .config import LormaConfig
+    from .model import LormaModel
+
+    return LormaConfig, LormaModel
+
+
+registration.register_when_peft_is_imported(_tuner_classes)

@@ -1,5 +1,5 @@
-"""``lorma.plumbing.fileio``: atomic writes that leave the old file on any failure, strict JSON, logs with a torn tail, and
-the advisory lock (held by a live process: refused with its pid; left by a dead one: taken over)."""
+"""``lorma.plumbing.fileio``: atomic writes that leave the old file on any failure, strict JSON, logs with a torn
+tail, and the advisory lock (held by a live process: refused with its pid; left by a dead one: taken over)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The peft tuner layer: LoRMA around an ``nn.Linear`` or a transformers ``Conv1D``.
+"""What every LoRMA layer is: :class:`LormaLayer`, the peft tuner layer that the layers of this package specialise
+(``linear.py``: ``nn.Linear`` / ``Conv1D``, ``conv.py``, ``embedding.py``, ``experts.py``, ``bnb.py``).
 
 This module holds the parameters (``lorma_A`` / ``lorma_B`` per adapter name, as peft's LoRA holds ``lora_A`` /
 ``lora_B``) and implements peft's merge / unmerge / multi-adapter protocol. What an adapter computes is asked of
@@ -44,7 +45,8 @@ class FloatWeight:
 
     def read(self, base: nn.Module) -> torch.Tensor:
         """``W`` ``(d_out, d_in)``: a view of the parameter (transposed for ``Conv1D``), in its dtype; gathered whole
-        when it is sharded (FSDP2 / ZeRO-3 outside the base layer's forward: :func:`lorma.plumbing.sharding.full_weight`)."""
+        when it is sharded (FSDP2 / ZeRO-3 outside the base layer's forward:
+        :func:`lorma.plumbing.sharding.full_weight`)."""
         weight = full_weight(base.weight)
         return weight.T if self.fan_in_fan_out else weight
 
@@ -352,22 +354,3 @@ class LormaLayer(BaseTunerLayer):
     def __repr__(self) -> str:
         return "lorma." + super().__repr__()
 
-
-class Linear(nn.Module, LormaLayer):
-    """LoRMA around an ``nn.Linear`` (or a ``Conv1D``, whose weight is stored transposed)."""
-
-    def __init__(
-        self,
-        base_layer: nn.Module,
-        adapter_name: str,
-        module_name: str = "",
-        fan_in_fan_out: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__()
-        LormaLayer.__init__(self, base_layer, module_name=module_name, fan_in_fan_out=fan_in_fan_out)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, **kwargs)
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return LormaLayer.forward(self, x, *args, **kwargs)

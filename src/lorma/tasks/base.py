@@ -180,8 +180,8 @@ def task_names() -> list[str]:
 
 
 def task_class(name: str) -> type[Task]:
-    """The Task class registered under ``name``; an :class:`~lorma.plumbing.errors.UnknownNameError` (bad input) listing the
-    known names otherwise."""
+    """The Task class registered under ``name``; an :class:`~lorma.plumbing.errors.UnknownNameError` (bad input)
+    listing the known names otherwise."""
     return _REGISTRY.get(name)
 
 
