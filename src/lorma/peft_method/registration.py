@@ -7,7 +7,7 @@ message that says so, instead of somewhere deep inside peft.
 
 *What* is registered is handed in, not imported here: :func:`register_when_peft_is_imported` takes a function that
 returns the config and model classes (``lorma/__init__`` passes one that imports :mod:`lorma.config` and
-:mod:`lorma.model`). So this room imports nothing of lorma, and ``LormaConfig``, which needs ``PeftType.LORMA``
+:mod:`lorma.model`). So this room imports nothing of the core, and ``LormaConfig``, which needs ``PeftType.LORMA``
 when it is created, can import :mod:`.peft_type` from here without a cycle.
 
 *When* it happens: ``import lorma`` must stay cheap (the command line validates its input before importing
@@ -35,6 +35,7 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
+from ..plumbing.quiet import known_noise_dropped
 from .peft_type import PEFT_TYPE_NAME, LormaRegistrationError, lorma_peft_type
 
 __all__ = [
@@ -128,7 +129,10 @@ class _LoaderThenRegister(importlib.abc.Loader):
         return self._loader.create_module(spec)
 
     def exec_module(self, module: ModuleType) -> None:
-        self._loader.exec_module(module)
+        # peft's import imports bitsandbytes, which may log a notice that says nothing to a user of lorma: dropped
+        # while peft's import runs, and only then (lorma.plumbing.quiet)
+        with known_noise_dropped() if module.__name__ == "peft" else contextlib.nullcontext():
+            self._loader.exec_module(module)
         register_if_ready(just_loaded=module.__name__)
 
     def __getattr__(self, name: str) -> Any:  # get_resource_reader, is_package, ... of the real loader
