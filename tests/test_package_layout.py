@@ -146,8 +146,8 @@ ROOMS = (
     "lorma.model",  # the peft tuner
     "lorma.export",  # a trained adapter out and into service: LoRA export, hotswap
 )
-UPPER_FLOORS = ("lorma.cli", "lorma.commands", "lorma.recipes", "lorma.analysis", "lorma.runs", "lorma.tasks",
-                "lorma.scoring")
+UPPER_FLOORS = ("lorma.cli", "lorma.commands", "lorma.study", "lorma.recipes", "lorma.analysis", "lorma.runs",
+                "lorma.tasks", "lorma.scoring")
 
 
 def room_of(module: str) -> int | None:

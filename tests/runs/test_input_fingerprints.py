@@ -305,7 +305,7 @@ def test_tune_reuses_a_candidate_only_on_unchanged_inputs(setup: dict[str, Path]
     data = Path(shutil.copy(setup["data"], tmp_path / "train.csv"))
     cfg = build_config({"model": str(setup["model"]), "train_file": str(data), "method": "lora", "max_steps": 1,
                         "max_seq_length": 16, "per_device_train_batch_size": 8, "report_to": "none",
-                        "grid": {"learning_rate": "1e-3,1e-2"}})
+                        "grid": {"learning_rate": "1e-3,1e-2"}, "tune_folds": 1})  # one split: 2 runs, not 10
 
     def cached() -> list[bool]:
         task = get_task(cfg)

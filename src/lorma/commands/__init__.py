@@ -15,7 +15,7 @@ from types import ModuleType
 __all__ = ["COMMANDS", "command_module"]
 
 #: the subcommands, in the order of ``lorma --help`` (a test checks that it names every command module here)
-COMMANDS: tuple[str, ...] = ("train", "compare", "merge", "export", "analyze", "evaluate", "demo")
+COMMANDS: tuple[str, ...] = ("train", "compare", "merge", "export", "analyze", "evaluate", "reproduce", "demo")
 
 
 def command_module(name: str) -> ModuleType:

@@ -24,8 +24,9 @@ def register(subparsers: Any) -> None:
                     "trainable parameters, training-loss AUC, seconds per step, majority baseline, collapsed "
                     "runs) and, for each method against the first, the difference in the main metric with 95% "
                     "intervals over seeds and over eval examples. With --tune, each method's settings are first "
-                    "chosen on a validation split of the training data (OUTPUT_DIR/tuning/); the eval data is "
-                    "never read for that. For a fair comparison: --tune learning_rate --seeds 3."),
+                    "chosen on the training data (k-fold on small data, else a validation split; "
+                    "OUTPUT_DIR/tuning/); the eval data is never read for that. For a fair comparison: "
+                    "--tune learning_rate --seeds 3."),
     )
     add_run_options(compare)
     compare.add_argument("--methods", default="lora,lorma-plus,lorma-pi",

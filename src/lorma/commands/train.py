@@ -23,8 +23,8 @@ def register(subparsers: Any) -> None:
         description=wrapped("Fine-tune a model with LoRMA or a baseline method through HF Trainer. The output "
                     "directory receives the adapter (safetensors), config.yaml, metrics.json, train_log.jsonl "
                     "(per-step loss), eval_predictions.json and checkpoints/. With --tune, the settings are first "
-                    "chosen on a validation split of the training data (OUTPUT_DIR/tuning/). Works under "
-                    "torchrun / accelerate launch."),
+                    "chosen on the training data (k-fold cross-validation on small data, else a validation split; "
+                    "OUTPUT_DIR/tuning/). Works under torchrun / accelerate launch."),
     )
     add_run_options(train)
     train.add_argument("--resume", action="store_true",
@@ -38,7 +38,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``lorma train``: one run (after choosing its settings on a validation split, with --tune / --grid)."""
+    """``lorma train``: one run (after choosing its settings on the training data, with --tune / --grid)."""
     cfg = resolve_config(args, resume=args.resume)
     from lorma.plumbing.processes import is_main_process
     from lorma.recipes.train import run_training
@@ -72,7 +72,7 @@ def format_run_summary(metrics: dict[str, Any], output_dir: str | None) -> str:
         from lorma.recipes.tuning import candidate_label
 
         chosen = metrics["tuning"]["methods"][metrics["method"]]["chosen"]
-        lines.append(f"  tuned on the validation split: {candidate_label(chosen)}")
+        lines.append(f"  tuned on the training data: {candidate_label(chosen)}")
     if metrics.get("class_weights"):
         weights = ", ".join(f"{k} {v:.3g}" for k, v in metrics["class_weights"].items())
         lines.append(f"  class-weighted loss (balanced): {weights}")

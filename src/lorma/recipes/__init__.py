@@ -5,7 +5,7 @@ directory (:mod:`lorma.runs`). Beside :mod:`lorma.analysis` on one floor: neithe
   method family.
 - :mod:`lorma.recipes.methods`: building the model for a method name (lorma-plus, lora, bitfit, ...).
 - :mod:`lorma.recipes.train`: one run through HF Trainer (``lorma train``).
-- :mod:`lorma.recipes.tuning`: ``--tune``: settings chosen on a validation split of the training data.
+- :mod:`lorma.recipes.tuning`: ``--tune``: settings chosen on the training data (k-fold on small data).
 - :mod:`lorma.recipes.learning_rates`: the head's own learning rate and the learning-rate range test.
 - :mod:`lorma.recipes.compare`: several methods and seeds, the results table and the loss-curve plot.
 - :mod:`lorma.recipes.verdicts`, :mod:`lorma.recipes.collapse`: the comparison's intervals; whether a run collapsed.

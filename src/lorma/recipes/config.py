@@ -37,6 +37,8 @@ DEFAULT_HEAD_LEARNING_RATES: dict[str, float | str] = {"adapter": 5e-3, "full": 
 # labels made small runs learn only the label prior (issue 22; docs/main-job.md, "A result the first time").
 DEFAULT_CLASS_WEIGHTS = "auto"
 CLASS_WEIGHTS = ("auto", "balanced", "none")
+# The most cross-validation folds --tune-folds accepts: each fold is a full training run per candidate.
+MAX_TUNE_FOLDS = 20
 AUTO = "auto"  # --learning-rate auto: a learning-rate range test (lorma.recipes.learning_rates)
 # The training budget when the user gives neither --max-steps nor --num-train-epochs: DEFAULT_TRAINING's epochs, but
 # at least MIN_DEFAULT_STEPS optimizer steps on small data (more epochs, at most MAX_DEFAULT_EPOCHS).
@@ -161,12 +163,26 @@ class RunConfig:
     validation_split: float = field(
         default=0.2,
         metadata={"help": "Fraction of the training data held out (stratified, seeded by split_seed, the same "
-                  "for every method) to choose the --tune values."},
+                  "for every method) to choose the --tune values when they are chosen on one split "
+                  "(--tune-folds 1, or large data)."},
+    )
+    tune_folds: int | None = field(
+        default=None,
+        metadata={"help": "Folds of the cross-validation that chooses the --tune values (stratified, seeded by "
+                  "split_seed, the same for every method and candidate); 1: one validation split of "
+                  "validation_split; default: from the training rows (5 under 1,000, 3 under 5,000, else 1), "
+                  "stated in the output."},
+    )
+    validation_fold: int | None = field(
+        default=None,
+        metadata={"help": "With eval_on validation and tune_folds K >= 2: train on the other folds and evaluate "
+                  "on fold VALUE (1 to K) of the training data (what each --tune candidate does per fold)."},
     )
     tune: list[str] | None = field(
         default=None,
-        metadata={"help": "Settings to choose per method on the validation split before the final runs, e.g. "
-                  "learning_rate or learning_rate,r (grids: --grid, or these defaults)."},
+        metadata={"help": "Settings to choose per method by cross-validation on the training data (--tune-folds) "
+                  "before the final runs, e.g. learning_rate or learning_rate,r (grids: --grid, or these "
+                  "defaults; a default grid is extended when the best value is at its edge)."},
     )
     grid: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "Candidate values per tuned setting (--grid KEY=V1,V2,...)."}
@@ -415,6 +431,15 @@ def validate_config(cfg: RunConfig) -> None:
         raise InputError(f"eval_on must be 'eval' or 'validation', got '{cfg.eval_on}'")
     if not 0.0 < cfg.validation_split < 1.0:
         raise InputError(f"validation_split must be in (0, 1), got {cfg.validation_split}")
+    if cfg.tune_folds is not None and not 1 <= cfg.tune_folds <= MAX_TUNE_FOLDS:
+        raise InputError(f"tune_folds must be from 1 (one validation split) to {MAX_TUNE_FOLDS}, got {cfg.tune_folds}")
+    if cfg.validation_fold is not None:
+        if cfg.tune_folds is None or cfg.tune_folds < 2:
+            raise InputError(f"validation_fold {cfg.validation_fold} needs tune_folds of 2 or more (the number of "
+                             f"folds), got {cfg.tune_folds}")
+        if not 1 <= cfg.validation_fold <= cfg.tune_folds:
+            raise InputError(f"validation_fold must be from 1 to tune_folds ({cfg.tune_folds}), got "
+                             f"{cfg.validation_fold}")
     if cfg.track_rank is not None and cfg.track_rank <= 0:
         raise InputError(f"track_rank must be a positive number of steps, got {cfg.track_rank}")
     for key in ("max_train_samples", "max_eval_samples"):

@@ -92,7 +92,7 @@ def _learning_rate_line(cfg: Any) -> str:
     from lorma.recipes.tuning import wants_tuning
 
     if wants_tuning(cfg):
-        return "learning rate: tuned per method on a validation split of the training tweets"
+        return "learning rate: tuned per method on the training tweets (cross-validated)"
     rate = cfg.training_arguments()["learning_rate"]
     return (f"learning rate: {rate:g} for every method, fixed, not tuned (for a tuned comparison: "
             "lorma compare --tune learning_rate)")

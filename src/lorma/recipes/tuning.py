@@ -1,21 +1,28 @@
-"""Per-method tuning (``--tune``, ``--grid``): choose settings for each method on a validation split carved from
-the training data, then train the final runs with them.
+"""Per-method tuning (``--tune``, ``--grid``): choose settings for each method by cross-validation on the training
+data (k-fold on small data, one validation split on large), then train the final runs with them.
 
 Why: one learning rate shared by every method decides a comparison more than the methods do (a rank-8 adapter
 and full fine-tuning want steps an order of magnitude apart), and the paper tunes it per method and task
 (its Table 14). Choosing on the eval data would flatter the winner, so:
 
-- each candidate (one value per tuned setting) trains on the training data minus ``validation_split`` of it
-  (stratified, seeded by ``split_seed``: the same rows for every method and candidate) with the first seed,
-  and is scored on that split by the task's main metric. It runs with ``eval_on: validation``, so the eval
-  data is not even read;
-- the best candidate per method (ties: the first in grid order) gives the settings of the final runs, one per
-  seed, on the whole training data, scored on the eval data;
+- the training data is cut into ``tune_folds`` folds (stratified, seeded by ``split_seed``: the same folds for
+  every method and candidate). Each candidate (one value per tuned setting) trains once per fold with the first
+  seed, on the other folds, and is scored on the held-out fold by the task's main metric; its score is the mean of
+  its fold scores (their std and values are kept). With one fold it trains on the training data minus
+  ``validation_split`` of it and is scored on that split. The fold runs have ``eval_on: validation``, so the eval
+  data is not even read. How many folds: ``tune_folds``, or by default from the number of training rows
+  (:data:`FOLDS_BY_ROWS`): one split of 120 rows chose the learning rate by chance on a 600-row task (issue 28),
+  and k folds score every training row once;
+- the best candidate per method (ties: the first in grid order; never one that collapsed) gives the settings of the
+  final runs, one per seed, on the whole training data, scored on the eval data. A default grid is widened once
+  when every candidate collapsed, and extended past its end when the best value is an end of it (at most
+  :data:`EXTEND_ROUNDS` times), so that the choice is not capped by the grid;
 - every candidate's validation metrics are kept (``results.json`` of ``lorma compare``, ``metrics.json`` of
   ``lorma train``, under ``tuning``);
-- candidates are ordinary run directories, ``OUTPUT_DIR/tuning/<method>/<setting=value,...>/``; one whose
-  ``candidate.json`` records the same resolved settings is not trained again, so a rerun (or a comparison
-  that was stopped) reuses what is done. Deleting ``OUTPUT_DIR/tuning`` retrains them.
+- fold runs are ordinary run directories, ``OUTPUT_DIR/tuning/<method>/<setting=value,...>/fold-<i>-of-<k>/``
+  (the candidate's directory itself with one fold); one whose ``candidate.json`` records the same resolved
+  settings is not trained again, so a rerun (or a comparison that was stopped) reuses every finished fold.
+  Deleting ``OUTPUT_DIR/tuning`` retrains them.
 
 This module imports nothing heavy at module level: ``lorma --help`` shows its default grids.
 """
@@ -23,6 +30,7 @@ This module imports nothing heavy at module level: ``lorma --help`` shows its de
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -175,7 +183,7 @@ def apply_values(cfg: RunConfig, values: dict[str, Any]) -> RunConfig:
 
 def final_config(cfg: RunConfig, chosen: dict[str, Any]) -> RunConfig:
     """The final runs' settings: ``cfg`` with the chosen values, and no tuning of its own."""
-    return dataclasses.replace(apply_values(cfg, chosen), tune=None, grid={})
+    return dataclasses.replace(apply_values(cfg, chosen), tune=None, grid={}, tune_folds=None)
 
 
 def plan_tuning(cfg: RunConfig, methods: list[str]) -> dict[str, dict[str, Any]]:
@@ -232,28 +240,55 @@ def choose(candidates: list[dict[str, Any]], greater_is_better: bool) -> int:
 # beyond each end (at the grid's own spacing: the mean ratio of neighbours for a geometric grid, else the mean step).
 # A grid given with --grid is the user's choice and is kept as it is.
 WIDEN_ROUNDS = 1
+# When the chosen value of a numeric setting of a default grid is the grid's smallest or largest, one candidate past
+# it (the chosen values with that setting one step further, at the grid's own spacing) is trained; again while the
+# best stays at an end, at most this many times per method. Then the table still flags an end.
+EXTEND_ROUNDS = 2
+# The number of cross-validation folds when tune_folds is not given: (fewer training rows than, folds), in order;
+# from the last bound on, one validation split (k folds cost k times the training of one split).
+FOLDS_BY_ROWS: tuple[tuple[int, int], ...] = ((1000, 5), (5000, 3))
 
 
-def widened_values(values: list[Any]) -> list[Any]:
-    """One new value beyond each end of a numeric grid (none for a grid of fewer than 2 numbers, or text).
+def _numbers(values: list[Any]) -> list[Any] | None:
+    """The grid's values sorted, when every one is a number (not a bool); else None."""
+    if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return None
+    return sorted(values)
 
-    Geometric (all positive: learning rates, ranks): the smallest / r and the largest * r with r the mean ratio of
-    neighbours; otherwise the mean step. Integer grids stay integers (and positive ones at least 1)."""
-    numbers = sorted(v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool))
-    if len(numbers) < 2 or len(numbers) != len(values):
-        return []
+
+def value_beyond(values: list[Any], end: str) -> Any | None:
+    """The next value past the ``"smallest"`` or ``"largest"`` end of a numeric grid of 2 or more values, at the
+    grid's own spacing; None for a shorter or non-numeric grid, or when it would repeat a value of the grid.
+
+    Geometric (all positive: learning rates, ranks): the end divided or multiplied by the mean ratio of
+    neighbours; otherwise one mean step. Integer grids stay integers (and positive ones at least 1); floats keep
+    3 significant digits."""
+    numbers = _numbers(values)
+    if numbers is None or len(numbers) < 2:
+        return None
     low, high = numbers[0], numbers[-1]
     if low > 0:
         ratio = (high / low) ** (1.0 / (len(numbers) - 1))
-        new = [low / ratio, high * ratio]
+        value = low / ratio if end == "smallest" else high * ratio
     else:
         step = (high - low) / (len(numbers) - 1)
-        new = [low - step, high + step]
+        value = low - step if end == "smallest" else high + step
     if all(isinstance(v, int) for v in numbers):
-        new = [max(1, round(v)) if low > 0 else round(v) for v in new]
+        value = max(1, round(value)) if low > 0 else round(value)
     else:
-        new = [float(f"{v:.3g}") for v in new]
-    return [v for v in dict.fromkeys(new) if v not in values]
+        value = float(f"{value:.3g}")
+    return None if value in values else value
+
+
+def widened_values(values: list[Any]) -> list[Any]:
+    """One new value beyond each end of a numeric grid (:func:`value_beyond`; none for a grid of fewer than 2
+    numbers, or text)."""
+    new = [value_beyond(values, "smallest"), value_beyond(values, "largest")]
+    return [v for v in dict.fromkeys(new) if v is not None]
+
+
+def _sorted_grid(values: list[Any]) -> list[Any]:
+    return sorted(values, key=lambda v: (str(type(v)), v))
 
 
 def widened_candidates(grid: dict[str, list[Any]], tried: list[dict[str, Any]],
@@ -264,9 +299,57 @@ def widened_candidates(grid: dict[str, list[Any]], tried: list[dict[str, Any]],
     wider = {}
     for name, values in grid.items():
         added = [] if name in keep else widened_values(values)
-        wider[name] = sorted({*values, *added}, key=lambda v: (str(type(v)), v)) if added else list(values)
+        wider[name] = _sorted_grid([*values, *added]) if added else list(values)
     combos = [dict(zip(wider, combo)) for combo in itertools.product(*wider.values())]
     return wider, [c for c in combos if c not in tried]
+
+
+def edge_extensions(grid: dict[str, list[Any]], chosen: dict[str, Any], tried: list[dict[str, Any]],
+                    keep: list[str] | tuple[str, ...] = (),
+                    allowed: Callable[[dict[str, Any]], bool] = lambda values: True) -> list[dict[str, Any]]:
+    """New candidates past the edges the chosen values sit at: for each numeric setting (of 2 or more values, not
+    in ``keep``) whose chosen value is the smallest or largest of its grid, the chosen values with that setting one
+    step past it (:func:`value_beyond`). A value already tried, or one ``allowed`` refuses (out of the setting's
+    range: a dropout below 0), is a bound: nothing is added for that setting."""
+    new: list[dict[str, Any]] = []
+    for name, values in grid.items():
+        numbers = _numbers(values)
+        if name in keep or numbers is None or len(numbers) < 2 or chosen.get(name) not in (numbers[0], numbers[-1]):
+            continue
+        past = value_beyond(values, "largest" if chosen[name] == numbers[-1] else "smallest")
+        candidate = {**chosen, name: past}
+        if past is not None and candidate not in tried and candidate not in new and allowed(candidate):
+            new.append(candidate)
+    return new
+
+
+def auto_folds(rows: int) -> tuple[int, str]:
+    """The default number of folds for ``rows`` training rows (:data:`FOLDS_BY_ROWS`) and why, in words."""
+    for below, folds in FOLDS_BY_ROWS:
+        if rows < below:
+            return folds, f"{rows:,} training rows, fewer than {below:,}: {folds} folds"
+    return 1, f"{rows:,} training rows, {FOLDS_BY_ROWS[-1][0]:,} or more: one validation split"
+
+
+def resolve_folds(cfg: RunConfig, task: Any) -> dict[str, Any]:
+    """The cross-validation of this tuning: ``{"folds", "reason", "rows", "fold_rows", "stratified"}`` (the last
+    three with 2 or more folds). ``tune_folds`` when given, else :func:`auto_folds` of the training rows; a task
+    that cannot carve folds gets one validation split. Too few rows for the folds is an InputError, before any
+    training."""
+    supports = bool(getattr(task, "supports_folds", False))
+    if cfg.tune_folds is not None:
+        folds, reason = cfg.tune_folds, f"--tune-folds {cfg.tune_folds}"
+        if folds > 1 and not supports:
+            raise InputError(f"--tune-folds {folds}: task '{task.name}' has one validation split only (give "
+                             "--tune-folds 1)")
+    elif supports:
+        folds, reason = auto_folds(task.training_rows())
+    else:
+        folds, reason = 1, f"task '{task.name}' has one validation split only"
+    info: dict[str, Any] = {"folds": folds, "reason": reason}
+    if folds > 1:
+        info.update(task.cross_validation_folds(folds))
+    return info
 
 
 def _cache_key(cfg: RunConfig) -> dict[str, Any]:
@@ -286,11 +369,15 @@ def _cached(run_dir: Path, key: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def tune(cfg: RunConfig, methods: list[str], root: Path, task: Any, quiet: bool = False) -> dict[str, Any]:
-    """Train and score every candidate of every method (cached ones are read back); returns the tuning record.
+    """Train and score every candidate of every method on every fold (finished folds are read back); returns the
+    tuning record.
 
     ``task`` is the checked task of ``cfg`` (its main metric decides). The record: the main metric and its
-    direction, the split, and per method the grid, every candidate (values, validation metrics, score,
-    collapsed, run directory, whether it came from the cache) and the chosen values.
+    direction, the split or the folds (``cross_validation``: how many and why, rows per fold, stratified), the
+    number of candidate runs planned, and per method the grid, every candidate (values, mean validation metrics,
+    score = the mean of its fold scores, ``score_std``, ``fold_scores``, collapsed, run directory, whether it came
+    from the cache, and ``folds``: each fold run's own), how the grid was widened or extended, and the chosen
+    values. Unless ``quiet``, prints how many candidate runs the tuning trains before the first one.
     """
     from tqdm.auto import tqdm
 
@@ -303,16 +390,25 @@ def tune(cfg: RunConfig, methods: list[str], root: Path, task: Any, quiet: bool 
     main_metric = f"eval_{task.metric_for_best_model}"
     greater = bool(task.greater_is_better)
     plan = plan_tuning(cfg, methods)
+    cross_validation = resolve_folds(cfg, task)  # too few rows for the folds fails here, before any training
+    folds = cross_validation["folds"]
+    tuned = [m for m in methods if len(plan[m]["candidates"]) > 1]
+    candidates_planned = sum(len(plan[m]["candidates"]) for m in tuned)
     record: dict[str, Any] = {
         "main_metric": main_metric,
         "greater_is_better": greater,
         "validation_split": cfg.validation_split,
         "split_seed": cfg.split_seed,
         "seed": cfg.seed,
+        "folds": folds,
+        "cross_validation": cross_validation,
+        "planned_runs": folds * candidates_planned,
         "methods": {},
     }
-    jobs = [(m, values) for m in methods for values in plan[m]["candidates"] if len(plan[m]["candidates"]) > 1]
-    bar = tqdm(total=len(jobs), desc="tune: candidates", unit="run", disable=quiet or not is_main_process())
+    if tuned and not quiet and is_main_process():
+        print(cost_line(record, candidates_planned, len(tuned)), flush=True)
+    bar = tqdm(total=folds * candidates_planned, desc="tune: candidate runs", unit="run",
+               disable=quiet or not is_main_process())
     root = Path(root)
     for method in methods:
         candidates = plan[method]["candidates"]
@@ -322,10 +418,17 @@ def tune(cfg: RunConfig, methods: list[str], root: Path, task: Any, quiet: bool 
             info["chosen"] = dict(candidates[0]) if candidates else {}
             info["note"] = "no setting to tune applies to this method" if not candidates else "one candidate"
             continue
+
+        def run(values: dict[str, Any], why: str = "", method: str = method) -> dict[str, Any]:
+            def step(fold: int) -> None:
+                where = f" fold {fold}/{folds}" if folds > 1 else ""
+                bar.set_postfix_str(f"{method} {candidate_label(values)}{where}{why}")
+                bar.update(1)
+
+            return _run_candidate(cfg, method, values, root, main_metric, folds, step)
+
         for values in candidates:
-            info["candidates"].append(_run_candidate(cfg, method, values, root, main_metric))
-            bar.set_postfix_str(f"{method} {candidate_label(values)}")
-            bar.update(1)
+            info["candidates"].append(run(values))
         for _ in range(WIDEN_ROUNDS):
             if not all(c.get("collapsed") for c in info["candidates"]):
                 break
@@ -336,30 +439,122 @@ def tune(cfg: RunConfig, methods: list[str], root: Path, task: Any, quiet: bool 
             info["widened"] = {"reason": "every candidate collapsed", "grid": wider,
                                "added": [candidate_label(v) for v in extra]}
             info["grid"] = wider
-            bar.total += len(extra)
+            bar.total += folds * len(extra)
             for values in extra:
-                info["candidates"].append(_run_candidate(cfg, method, values, root, main_metric))
-                bar.set_postfix_str(f"{method} {candidate_label(values)} (widened)")
-                bar.update(1)
+                info["candidates"].append(run(values, " (widened)"))
+        method_cfg = dataclasses.replace(cfg, method=method)
+        for round_number in range(1, EXTEND_ROUNDS + 1):
+            best = choose(info["candidates"], greater)
+            if info["candidates"][best].get("collapsed"):  # never extend past a collapsed choice
+                break
+            chosen = info["candidates"][best]["values"]
+            extra = edge_extensions(info["grid"], chosen, [c["values"] for c in info["candidates"]],
+                                    keep=plan[method]["given"], allowed=functools.partial(_allowed, method_cfg))
+            if not extra:
+                break
+            info.setdefault("extended", []).append({
+                "round": round_number, "from": candidate_label(chosen),
+                "edges": grid_edges(info["grid"], chosen, least=2),
+                "added": [candidate_label(v) for v in extra]})
+            for values in extra:
+                for name, value in values.items():
+                    if value not in info["grid"][name]:
+                        info["grid"][name] = _sorted_grid([*info["grid"][name], value])
+            bar.total += folds * len(extra)
+            for values in extra:
+                info["candidates"].append(run(values, " (extended)"))
         best = choose(info["candidates"], greater)
         info["chosen"] = dict(info["candidates"][best]["values"])
         info["all_collapsed"] = all(c.get("collapsed") for c in info["candidates"])
         info["at_grid_edge"] = grid_edges(info["grid"], info["chosen"])
         info["separation"] = separation(info["candidates"], best, record["main_metric"], greater)
     bar.close()
+    record["runs"] = folds * sum(len(info["candidates"]) for info in record["methods"].values())
+    record["cached_runs"] = sum(sum(bool(f.get("cached")) for f in c.get("folds") or [c])
+                                for info in record["methods"].values() for c in info["candidates"])
     return record
 
 
-def _run_candidate(cfg: RunConfig, method: str, values: dict[str, Any], root: Path,
-                   main_metric: str) -> dict[str, Any]:
-    """Train one candidate on the validation split (or read it back from its ``candidate.json``)."""
+def _allowed(cfg: RunConfig, values: dict[str, Any]) -> bool:
+    """Whether the candidate's values are valid settings (an extension past a setting's range is not)."""
+    try:
+        apply_values(cfg, values)
+    except InputError:
+        return False
+    return True
+
+
+def cost_line(record: dict[str, Any], candidates: int, methods: int) -> str:
+    """How many candidate runs the tuning trains, and why that many folds (printed before the first run)."""
+    folds = record["folds"]
+    how = (f"{folds} folds x {candidates} candidates of {methods} method{'s' if methods != 1 else ''} = "
+           f"{folds * candidates} candidate runs" if folds > 1 else
+           f"{candidates} candidate runs ({methods} method{'s' if methods != 1 else ''}) on one validation split")
+    more = f"{folds} more runs" if folds > 1 else "one more run"
+    return (f"tune: {how} ({record['cross_validation']['reason']}). A widened or extended grid adds {more} per "
+            "new candidate; finished runs under tuning/ are reused.")
+
+
+def _run_candidate(cfg: RunConfig, method: str, values: dict[str, Any], root: Path, main_metric: str,
+                   folds: int = 1, step: Callable[[int], None] = lambda fold: None) -> dict[str, Any]:
+    """Train one candidate on each fold (or its one validation split), or read the finished folds back; its record
+    has the mean over folds of each validation metric, the score, its std and the fold scores."""
+    base = root / method / candidate_label(values)
+    runs = []
+    for fold in range(1, folds + 1):
+        run_dir = base / f"fold-{fold}-of-{folds}" if folds > 1 else base
+        runs.append({"fold": fold, **_run_fold(cfg, method, values, run_dir, main_metric, folds, fold)})
+        step(fold)
+    scores = [_number(r["score"]) for r in runs]
+    flags = [r.get("collapsed") for r in runs]
+    collapsed_folds = sum(bool(f) for f in flags)
+    metrics = [name for name in runs[0]["validation"] if all(name in r["validation"] for r in runs)]
+    record: dict[str, Any] = {
+        "values": values,
+        # a fold without a score (a NaN correlation) makes the candidate's score missing, the worst
+        "score": None if None in scores else sum(scores) / len(scores),  # type: ignore[arg-type]
+        "score_std": _std(scores) if folds > 1 and None not in scores else None,
+        "fold_scores": scores,
+        "validation": {name: _mean([r["validation"][name] for r in runs]) for name in metrics},
+        # most folds collapsed: the candidate learned the label prior; some: they stay in its mean, which they lower
+        "collapsed": None if all(f is None for f in flags) else collapsed_folds * 2 > len(runs),
+        "collapsed_folds": collapsed_folds,
+        "validation_rows": _total([r.get("validation_rows") for r in runs]),
+        "train_rows": runs[0].get("train_rows") if folds == 1 else [r.get("train_rows") for r in runs],
+        "run_dir": str(base),
+        "cached": all(r["cached"] for r in runs),
+    }
+    if folds > 1:
+        record["folds"] = runs
+    return record
+
+
+def _mean(values: list[Any]) -> float | None:
+    numbers = [_number(v) for v in values]
+    return None if not numbers or None in numbers else sum(numbers) / len(numbers)  # type: ignore[arg-type]
+
+
+def _std(values: list[Any]) -> float:
+    """The sample standard deviation (ddof 1) of the fold scores."""
+    import statistics
+
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _total(values: list[Any]) -> int | None:
+    return None if not values or any(v is None for v in values) else sum(values)
+
+
+def _run_fold(cfg: RunConfig, method: str, values: dict[str, Any], run_dir: Path, main_metric: str, folds: int,
+              fold: int) -> dict[str, Any]:
+    """Train one candidate on one fold (or read it back from its ``candidate.json``)."""
     from lorma.plumbing.processes import is_main_process
     from lorma.recipes.train import run_training
     from lorma.runs.fingerprints import inputs_unchanged
 
-    run_dir = root / method / candidate_label(values)
-    run_cfg = dataclasses.replace(apply_values(cfg, values), method=method, eval_on="validation",
-                                  tune=None, grid={}, output_dir=str(run_dir))
+    run_cfg = dataclasses.replace(apply_values(cfg, values), method=method, eval_on="validation", tune=None, grid={},
+                                  tune_folds=folds if folds > 1 else None,
+                                  validation_fold=fold if folds > 1 else None, output_dir=str(run_dir))
     key = _cache_key(run_cfg)
     cached = _cached(run_dir, key) if inputs_unchanged(run_dir, run_cfg) else None  # same settings, same data
     if cached is not None:
@@ -375,70 +570,138 @@ def _run_candidate(cfg: RunConfig, method: str, values: dict[str, Any], root: Pa
         }
         if is_main_process():
             atomic_write_json(run_dir / CANDIDATE_FILE, {"key": key, "result": result})
-    return {"values": values, "score": result["validation"].get(main_metric), **result, "run_dir": str(run_dir),
+    return {"score": result["validation"].get(main_metric), **result, "run_dir": str(run_dir),
             "cached": cached is not None}
+
+
+def _fold_predictions(candidate: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The saved validation predictions of each fold run of a candidate (its one run without folds); None when a
+    run has none, or more than one eval set."""
+    from lorma.recipes.verdicts import read_eval_predictions
+
+    runs = [f["run_dir"] for f in candidate["folds"]] if candidate.get("folds") else [candidate["run_dir"]]
+    out = []
+    for run_dir in runs:
+        saved = read_eval_predictions(run_dir)
+        if not saved or len(saved) != 1:  # one validation set: key ""
+            return None
+        out.append(next(iter(saved.values())))
+    return out
+
+
+def fold_bootstrap(metric: str, ours: list[Any], theirs: list[Any], labels: list[Any],
+                   confidence: float | None = None, n_resamples: int | None = None,
+                   seed: int | None = None) -> dict[str, Any] | None:
+    """Paired bootstrap of the difference of two candidates' scores, each the mean over folds of the metric on that
+    fold's validation rows: every resample draws each fold's rows with replacement (the same rows for both
+    candidates) and recomputes the mean of the fold differences; the percentile interval. With one fold this is
+    the verdicts' paired bootstrap over the validation rows. None when the metric has no batched form or is
+    undefined. Defaults: the verdicts' confidence, resamples and seed."""
+    import numpy as np
+
+    from lorma.recipes import verdicts
+    from lorma.scoring.classification import batched_metric
+
+    confidence = verdicts.CONFIDENCE if confidence is None else confidence
+    n_resamples = verdicts.BOOTSTRAP_RESAMPLES if n_resamples is None else n_resamples
+    rng = np.random.default_rng(verdicts.BOOTSTRAP_SEED if seed is None else seed)
+    differences, resampled = [], np.zeros(n_resamples)
+    try:
+        for mine, other, y in zip(ours, theirs, labels):
+            mine, other, y = np.asarray(mine), np.asarray(other), np.asarray(y)
+            differences.append(float(batched_metric(metric, mine, y) - batched_metric(metric, other, y)))
+            for start in range(0, n_resamples, 250):  # in chunks: a (resamples, rows, classes) array per metric
+                index = rng.integers(0, y.size, size=(min(250, n_resamples - start), y.size))
+                resampled[start:start + len(index)] += (batched_metric(metric, mine[index], y[index])
+                                                        - batched_metric(metric, other[index], y[index]))
+    except ValueError:  # no batched form of this metric
+        return None
+    resampled /= len(differences)
+    estimate = sum(differences) / len(differences)
+    if not (math.isfinite(estimate) and np.all(np.isfinite(resampled))):
+        return None
+    tail = 100 * (1 - confidence) / 2
+    low, high = (float(v) for v in np.percentile(resampled, [tail, 100 - tail]))
+    return {"difference": estimate, "low": low, "high": high, "examples": int(sum(np.asarray(y).size for y in labels)),
+            "resamples": n_resamples, "fold_differences": differences}
 
 
 def separation(candidates: list[dict[str, Any]], best: int, main_metric: str,
                greater_is_better: bool = True) -> dict[str, Any] | None:
-    """Can the validation split tell the chosen candidate from the runner-up? A paired bootstrap over the
-    validation examples (:func:`lorma.recipes.verdicts.bootstrap_interval`, the verdicts' own) of the difference
-    in the main metric between the chosen candidate and the next best that did not collapse. ``None`` without a
-    runner-up or saved predictions."""
+    """Can the validation rows tell the chosen candidate from the runner-up? A paired bootstrap over the
+    validation rows (:func:`fold_bootstrap`: within each fold, the folds' mean) of the difference in the main
+    metric between the chosen candidate and the next best that did not collapse; with folds, also how many folds
+    the chosen one won. ``None`` without a runner-up or saved predictions."""
     import numpy as np
-
-    from lorma.recipes.verdicts import bootstrap_interval, read_eval_predictions
 
     order = sorted(range(len(candidates)), key=lambda i: -_score(candidates[i]["score"], greater_is_better))
     ranked = [i for i in order if i != best and not candidates[i].get("collapsed")]
     if not ranked or candidates[best].get("collapsed"):
         return None
     runner = ranked[0]
-    ours, theirs = read_eval_predictions(candidates[best]["run_dir"]), read_eval_predictions(
-        candidates[runner]["run_dir"])
-    if not ours or not theirs or len(ours) != 1 or ours.keys() != theirs.keys():  # one validation set: key ""
+    ours, theirs = _fold_predictions(candidates[best]), _fold_predictions(candidates[runner])
+    if not ours or not theirs or len(ours) != len(theirs):
         return None
-    (mine,), (other,) = ours.values(), theirs.values()
-    if not np.array_equal(mine["labels"], other["labels"]):
+    if not all(np.array_equal(a["labels"], b["labels"]) for a, b in zip(ours, theirs)):
         return None
-    metric = main_metric.removeprefix("eval_")
-    interval = bootstrap_interval(metric, [mine["predictions"]], [other["predictions"]], mine["labels"])
+    interval = fold_bootstrap(main_metric.removeprefix("eval_"), [p["predictions"] for p in ours],
+                              [p["predictions"] for p in theirs], [p["labels"] for p in ours])
     if interval is None:
         return None
-    return {"runner_up": candidate_label(candidates[runner]["values"]), **interval,
+    sign = 1 if greater_is_better else -1
+    return {"runner_up": candidate_label(candidates[runner]["values"]), **interval, "folds": len(ours),
+            "folds_won": sum(sign * d > 0 for d in interval["fold_differences"]),
             "tells_apart": bool(interval["low"] > 0 or interval["high"] < 0)}
 
 
-def grid_edges(grid: dict[str, list[Any]], chosen: dict[str, Any]) -> list[str]:
-    """The numeric settings whose chosen value is the smallest or largest of a grid of 3 or more values: the
-    best may lie outside the grid, so a wider one may do better."""
+def grid_edges(grid: dict[str, list[Any]], chosen: dict[str, Any], least: int = 3) -> list[str]:
+    """The numeric settings whose chosen value is the smallest or largest of a grid of ``least`` or more values
+    (3: a grid of 2 has no middle): the best may lie outside the grid, so a wider one may do better."""
     edges = []
     for name, values in grid.items():
-        numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        if len(numbers) == len(values) >= 3 and chosen.get(name) in (min(numbers), max(numbers)):
-            end = "largest" if chosen[name] == max(numbers) else "smallest"
+        numbers = _numbers(values)
+        if numbers is not None and len(numbers) >= least and chosen.get(name) in (numbers[0], numbers[-1]):
+            end = "largest" if chosen[name] == numbers[-1] else "smallest"
             edges.append(f"{name}={format_value(chosen[name])} is the {end} value of its grid")
     return edges
 
 
+def _score_cell(candidate: dict[str, Any]) -> str:
+    score, spread = _number(candidate["score"]), _number(candidate.get("score_std"))
+    if score is None:
+        return "-"
+    return f"{score:.4f}" + (f" ± {spread:.4f}" if spread is not None else "")
+
+
+def _collapsed_cell(candidate: dict[str, Any], folds: int) -> str:
+    if folds <= 1 or not candidate.get("folds"):
+        return "yes" if candidate.get("collapsed") else "no"
+    some = candidate.get("collapsed_folds", 0)
+    return ("yes" if candidate.get("collapsed") else "no") + (f" ({some}/{folds} folds)" if some else "")
+
+
 def tuning_rows(record: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the tuning table: every candidate's validation score, the chosen one marked."""
+    """Header and rows of the tuning table: every candidate's validation score (with folds: the mean ± std over
+    folds, and each fold's), the chosen one marked."""
     metric = record["main_metric"].removeprefix("eval_")
-    header = ["method", "candidate", f"validation {metric}", "collapsed", ""]
+    folds = int(record.get("folds") or 1)
+    header = ["method", "candidate", f"validation {metric}" + (f" (mean ± std, {folds} folds)" if folds > 1 else "")]
+    header += ["folds"] if folds > 1 else []
+    header += ["collapsed", ""]
     rows = []
     for method, info in record["methods"].items():
         for candidate in info["candidates"]:
-            score = _number(candidate["score"])
             chosen = candidate["values"] == info["chosen"]
-            rows.append([
-                method,
-                candidate_label(candidate["values"]),
-                "-" if score is None else f"{score:.4f}",
-                "yes" if candidate.get("collapsed") else "no",
-                "<- chosen" + "".join(f" ({note})" for note in _choice_notes(info)) if chosen else "",
-            ])
+            row = [method, candidate_label(candidate["values"]), _score_cell(candidate)]
+            if folds > 1:
+                row.append(" ".join("-" if _number(v) is None else f"{_number(v):.3f}"
+                                    for v in candidate.get("fold_scores") or []))
+            row += [_collapsed_cell(candidate, folds),
+                    "<- chosen" + "".join(f" ({note})" for note in _choice_notes(info)) if chosen else ""]
+            rows.append(row)
         if not info["candidates"]:
-            rows.append([method, candidate_label(info["chosen"]), "-", "-", info.get("note", "")])
+            rows.append([method, candidate_label(info["chosen"]), "-", *(["-"] if folds > 1 else []), "-",
+                         info.get("note", "")])
     return header, rows
 
 
@@ -446,28 +709,66 @@ def _choice_notes(info: dict[str, Any]) -> list[str]:
     notes = []
     if info.get("widened"):
         notes.append(f"every candidate of the grid collapsed: widened by {', '.join(info['widened']['added'])}")
+    if info.get("extended"):
+        rounds = [", ".join(extension["added"]) for extension in info["extended"]]
+        notes.append(f"{info['extended'][0]['from']} was at the grid's edge: extended by {', then '.join(rounds)}")
     if info.get("all_collapsed"):
         notes.append("every candidate collapsed: change the grid or the steps")
     notes += [f"{edge}: a wider grid may do better" for edge in info.get("at_grid_edge", [])]
     sep = info.get("separation")
     if sep and not sep["tells_apart"]:
-        notes.append(f"the {sep['examples']} validation rows cannot tell it from {sep['runner_up']}: difference "
-                     f"{sep['difference']:+.3f}, 95% interval [{sep['low']:+.3f}, {sep['high']:+.3f}]")
+        folds = sep.get("folds", 1)
+        rows = f"{sep['examples']} validation rows" + (f" ({folds} folds)" if folds > 1 else "")
+        won = f"; better on {sep['folds_won']} of {folds} folds" if folds > 1 else ""
+        notes.append(f"the {rows} cannot tell it from {sep['runner_up']}: difference {sep['difference']:+.3f}, "
+                     f"95% interval [{sep['low']:+.3f}, {sep['high']:+.3f}]{won}")
     return notes
 
 
+def chosen_lines(record: dict[str, Any]) -> list[str]:
+    """Per tuned method: the chosen values and their validation score, with folds its mean ± std and each fold's."""
+    metric = record["main_metric"].removeprefix("eval_")
+    lines = []
+    for method, info in record["methods"].items():
+        chosen = next((c for c in info["candidates"] if c["values"] == info["chosen"]), None)
+        if chosen is None:
+            continue
+        text = f"{method}: {candidate_label(info['chosen'])}, validation {metric} {_score_cell(chosen)}"
+        if chosen.get("folds"):
+            folds = ", ".join("-" if _number(v) is None else f"{_number(v):.3f}" for v in chosen["fold_scores"])
+            text += f" over {len(chosen['folds'])} folds ({folds})"
+        lines.append(text)
+    return lines
+
+
 def tuning_summary(record: dict[str, Any]) -> str:
-    """One sentence on how the values were chosen."""
-    sizes = [(c.get("train_rows"), c.get("validation_rows")) for info in record["methods"].values()
-             for c in info["candidates"]]
-    size = ""
-    if sizes and sizes[0][0] is not None and sizes[0][1] is not None:
-        size = f" ({sizes[0][1]} validation rows held out of {sizes[0][0] + sizes[0][1]} training rows)"
-    return (f"Tuning: each candidate trained on the training data minus a {record['validation_split']:.0%} "
-            f"validation split{size}, stratified and seeded by split_seed {record['split_seed']} (the same for "
-            f"every method), seed {record['seed']}; the best by validation "
-            f"{record['main_metric'].removeprefix('eval_')} per method was used for the final runs, which are "
-            "scored on the eval data (never read while tuning).")
+    """How the values were chosen: the split or the folds (how many and why), the number of candidate runs, and
+    each method's choice with its score."""
+    metric = record["main_metric"].removeprefix("eval_")
+    cross_validation = record.get("cross_validation") or {}
+    folds = int(record.get("folds") or 1)
+    if folds > 1:
+        rows = cross_validation.get("rows")
+        how = (f"Tuning: {folds}-fold cross-validation of the {rows:,} training rows ({cross_validation['reason']}; "
+               f"{'stratified' if cross_validation.get('stratified') else 'not stratified'}, seeded by split_seed "
+               f"{record['split_seed']}: the same folds for every method and candidate), seed {record['seed']}: each "
+               f"candidate trained once per fold on the other {folds - 1} folds and was scored on the held-out "
+               f"one; its score is the mean of its {folds} fold scores (± their sample std). The best mean "
+               f"validation {metric} per method (never a candidate that collapsed on most folds)")
+    else:
+        sizes = [(c.get("train_rows"), c.get("validation_rows")) for info in record["methods"].values()
+                 for c in info["candidates"]]
+        size = ""
+        if sizes and isinstance(sizes[0][0], int) and isinstance(sizes[0][1], int):
+            size = f" ({sizes[0][1]} validation rows held out of {sizes[0][0] + sizes[0][1]} training rows)"
+        reason = f"; {cross_validation['reason']}" if cross_validation.get("reason") else ""
+        how = (f"Tuning: each candidate trained on the training data minus a {record['validation_split']:.0%} "
+               f"validation split{size}, stratified and seeded by split_seed {record['split_seed']} (the same for "
+               f"every method{reason}), seed {record['seed']}; the best by validation {metric} per method")
+    runs = f" {record['runs']} candidate runs ({record.get('cached_runs', 0)} reused)." if "runs" in record else ""
+    chosen = chosen_lines(record)
+    return (how + " was used for the final runs, which train on all the training rows and are scored on the eval "
+            f"data (never read while tuning).{runs}" + (" Chosen: " + "; ".join(chosen) + "." if chosen else ""))
 
 
 def train_tuned(cfg: RunConfig, overwrite: bool = False, resume: bool = False,

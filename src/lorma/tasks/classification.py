@@ -68,6 +68,7 @@ class ClassificationTask(Task):
     peft_task_type = "SEQ_CLS"
     loss_divides_by_item_count = False  # BERT-style heads average their cross-entropy (see Task)
     supports_validation = True
+    supports_folds = True  # honours config.validation_fold (--tune's k-fold cross-validation)
 
     def __init__(self, name: str, config: Any) -> None:
         super().__init__(GLUE_ALIASES.get(name, name), config)
@@ -114,7 +115,12 @@ class ClassificationTask(Task):
         if on_validation:
             # carved from exactly the final runs' training rows (the same split and sub-sample as above), with
             # its own seeded generator, so that it is the same for every method and candidate
-            train, validation = self._split(train, np.random.default_rng([cfg.split_seed, 1]), cfg.validation_split)
+            if getattr(cfg, "validation_fold", None) is not None:  # fold i of k (--tune's cross-validation)
+                train, validation = self._fold(train, cfg.tune_folds, cfg.validation_fold,
+                                               np.random.default_rng([cfg.split_seed, 2]))
+            else:
+                train, validation = self._split(train, np.random.default_rng([cfg.split_seed, 1]),
+                                                cfg.validation_split)
             evals = {"": validation}
         if cfg.max_eval_samples is not None and not on_validation:
             evals = {k: (v.subset(np.sort(rng.permutation(len(v))[: cfg.max_eval_samples]))
@@ -145,6 +151,50 @@ class ClassificationTask(Task):
         fit, held = train_test_split(index, test_size=fraction, stratify=stratify,
                                      random_state=int(rng.integers(2**31 - 1)))
         return train.subset(np.sort(fit)), train.subset(np.sort(held))
+
+    def fold_assignment(self, train: Examples, folds: int, rng: np.random.Generator) -> tuple[np.ndarray, bool]:
+        """The fold (0 to ``folds - 1``) of every training row, and whether the folds are stratified.
+
+        scikit-learn's ``StratifiedKFold`` (shuffled, seeded from ``rng``) when every label has at least ``folds``
+        rows, so that each fold keeps the labels' proportions; ``KFold`` otherwise and for regression. Determined by
+        the rows and the seed alone: the same folds for every method and candidate."""
+        from sklearn.model_selection import KFold, StratifiedKFold
+
+        if len(train) < 2 * folds:
+            raise InputError(f"{train.source}: {len(train)} training rows are too few for {folds} folds of at least "
+                             "2 rows; give fewer --tune-folds or more data")
+        seed = int(rng.integers(2**31 - 1))
+        keys = None if self.label_names is None else [label_key(v) for v in train.labels]
+        stratified = keys is not None and min(keys.count(k) for k in set(keys)) >= folds
+        splitter = (StratifiedKFold if stratified else KFold)(n_splits=folds, shuffle=True, random_state=seed)
+        assignment = np.empty(len(train), dtype=int)
+        for fold, (_, held) in enumerate(splitter.split(np.zeros(len(train)), keys if stratified else None)):
+            assignment[held] = fold
+        return assignment, stratified
+
+    def _fold(self, train: Examples, folds: int, fold: int, rng: np.random.Generator) -> tuple[Examples, Examples]:
+        """Fold ``fold`` (1 to ``folds``) of the training data held out, the other folds kept for training."""
+        assignment, _ = self.fold_assignment(train, folds, rng)
+        held = assignment == fold - 1
+        return train.subset(np.flatnonzero(~held)), train.subset(np.flatnonzero(held))
+
+    def cross_validation_folds(self, folds: int) -> dict[str, Any]:
+        """What ``folds``-fold cross-validation of the final runs' training rows holds out: ``{"rows", "fold_rows"
+        (validation rows per fold), "stratified"}`` (the folds :meth:`check_inputs` carves with ``validation_fold``)."""
+        if self._train is None:
+            self.check_inputs()
+        assert self._train is not None
+        assignment, stratified = self.fold_assignment(self._train, folds,
+                                                      np.random.default_rng([self.config.split_seed, 2]))
+        return {"rows": len(self._train), "fold_rows": np.bincount(assignment, minlength=folds).tolist(),
+                "stratified": stratified}
+
+    def training_rows(self) -> int:
+        """How many rows the final runs train on (after the eval split and ``max_train_samples``)."""
+        if self._train is None:
+            self.check_inputs()
+        assert self._train is not None
+        return len(self._train)
 
     # --- model --------------------------------------------------------------------------------------
     def _model_kwargs(self) -> dict[str, Any]:

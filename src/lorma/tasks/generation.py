@@ -222,7 +222,11 @@ class CausalLMGenerationTask(Task):
         limit = self.options.get("max_generate_samples")
         self._generation_items = eval_items[: int(limit)] if limit else eval_items
         train = self._tokenize(tokenizer, self.training_examples(train_items), "training")
-        held_out = self._tokenize(tokenizer, self.training_examples(eval_items), "held-out")
+        held_out_examples = self.training_examples(eval_items)
+        loss_limit = self.options.get("max_loss_samples")  # the held-out loss's pairs (decoding keeps every input)
+        if loss_limit:
+            held_out_examples = held_out_examples[: int(loss_limit)]
+        held_out = self._tokenize(tokenizer, held_out_examples, "held-out")
         return train.to_dataset(), held_out.to_dataset()
 
     def _tokenize(self, tokenizer: Any, examples: list[Any], what: str) -> TokenizedColumns:

@@ -1,0 +1,195 @@
+"""The reproduction study's plumbing (``lorma reproduce``, issue 28) on the tiny profile: the plan, resumable runs in
+child processes, learning rates handed from the first seed to the others, the result files, and a report whose
+numbers are recomputed here from those files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from lorma.plumbing.errors import InputError
+from lorma.study.plan import build_plan
+from lorma.study.profiles import CPU, PAPER, TINY, get_profile
+from lorma.study.report import (
+    outcome,
+    parity_verdict,
+    read_results,
+    superiority_verdict,
+    tally,
+    write_report,
+)
+from lorma.study.runner import StudyPaths, done_steps, run_study
+
+NLG_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "nlg"
+#: the steps the fixture runs: the main classification runs (4 methods x 2 seeds), one measurement, one E2E run
+ONLY = ["nlu/tiny-a", "delta/tiny-a/lorma-pi-vs-lora", "e2e/lorma-plus/seed-0"]
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[StudyPaths, list[str]]:
+    out = tmp_path_factory.mktemp("study")
+    paths = StudyPaths(root=out / "root", results=out / "res" / "tiny", nlg_data=NLG_DATA)
+    ran: list[str] = []
+    outcome_ = run_study(TINY, paths, jobs=2, only=ONLY, quiet=True, on_done=lambda step, info: ran.append(step.key))
+    assert outcome_["failed"] == {}
+    return paths, ran
+
+
+def test_the_plan_covers_every_claim_and_orders_seeds_outermost() -> None:
+    steps = build_plan(CPU)
+    keys = [s.key for s in steps]
+    assert len(keys) == len(set(keys))
+    assert set().union(*(s.claims for s in steps)) == set(range(1, 10))
+    assert len({s.dataset for s in steps if s.experiment == "nlu"}) == len(CPU.nlu.datasets)
+    seeds = [s.seed for s in steps if s.kind != "delta"]
+    assert seeds == sorted(seeds)  # a stopped study has every cell at the same number of seeds
+    by_key = {s.key: s for s in steps}
+    for s in steps:
+        for need in s.needs:  # everything a step needs comes before it
+            assert keys.index(need) < keys.index(s.key), (s.key, need)
+        if s.experiment == "nlu" and s.seed > 0:
+            assert s.rate == f"nlu/{s.dataset}/{s.method}/seed-0"
+        if s.experiment == "nlu" and s.seed == 0:
+            assert s.rate == "auto"
+    # the ablations keep the main run's rate of their method (Table 6: LoRMA+'s for the run without inflation)
+    assert by_key["inflation/tweets-small/lorma-none/seed-1"].rate == "nlu/tweets-small/lorma-plus/seed-0"
+    assert by_key["side/chatterbot-topics/lorma-pi-post/seed-0"].settings == {"side": "post"}
+    target = by_key["targets/tweets-small/lorma-plus-qkvo-r2/seed-0"].settings
+    assert target == {"target_modules": ["query", "key", "value", "dense"], "r": 2, "alpha": 2}
+    assert "rank/tweets-small/lora-r8/seed-0" not in by_key  # the main run is that point of the sweep
+    assert by_key["delta/tweets-small/lorma-pi-vs-lora/seed-0"].needs == (
+        "nlu/tweets-small/lorma-pi/seed-0", "nlu/tweets-small/lora/seed-0")
+    assert all(s.cost > 0 for s in steps)
+    paper = build_plan(PAPER)  # the paper's GLUE tasks from the Table 14 presets, no cost estimate (GPUs)
+    assert {s.dataset for s in paper if s.experiment == "nlu"} >= {"mrpc", "stsb", "cola", "rte"}
+    assert all(s.cost == 0 for s in paper)
+
+
+def test_an_unknown_profile_names_the_known_ones() -> None:
+    with pytest.raises(InputError, match="cpu, paper, tiny"):
+        get_profile("gpu")
+
+
+def test_plan_command_prints_the_cost_without_running(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "lorma.cli", "reproduce", "--plan", "--root", str(tmp_path / "r"),
+                          "--results", str(tmp_path / "res")], capture_output=True, text=True, check=True)
+    assert "CPU h (left)" in out.stdout and "nlu" in out.stdout and "e2e" in out.stdout
+    assert f"{len(build_plan(CPU))} steps, 0 done" in out.stdout
+    assert not (tmp_path / "r").exists() and not (tmp_path / "res").exists()
+
+
+def test_every_step_leaves_its_result_files(study) -> None:
+    paths, ran = study
+    steps = [s for s in build_plan(TINY) if any(s.key.startswith(o) for o in ONLY)]
+    assert sorted(ran) == sorted(s.key for s in steps)
+    for s in steps:
+        folder = paths.result_dir(s.key)
+        if s.kind == "delta":
+            analysis = json.loads((folder / "analysis.json").read_text())
+            assert set(analysis["comparison"]) and analysis["summary"]["comparison"]["control"]
+            continue
+        assert {"metrics.json", "config.yaml", "train_log.jsonl"} <= {p.name for p in folder.iterdir()}
+        assert not any(p.suffix in (".safetensors", ".bin") for p in folder.rglob("*"))  # no weights
+    lorma_pi = paths.result_dir("nlu/tiny-a/lorma-pi/seed-0")
+    assert (lorma_pi / "rank" / "rank_log.jsonl").is_file() and (lorma_pi / "lr_range.json").is_file()
+    generations = (paths.result_dir("e2e/lorma-plus/seed-0") / "e2e_eval.predictions.txt").read_text().splitlines()
+    assert len(generations) == 4  # the 4 test MRs the tiny profile decodes
+
+
+def test_later_seeds_train_at_the_rate_the_first_seed_chose(study) -> None:
+    import yaml
+
+    paths, _ = study
+    for method in ("lora", "lorma-plus", "full"):
+        chosen = json.loads((paths.result_dir(f"nlu/tiny-a/{method}/seed-0") / "metrics.json").read_text())
+        config = yaml.safe_load((paths.result_dir(f"nlu/tiny-a/{method}/seed-1") / "config.yaml").read_text())
+        assert "lr_range_test" in chosen
+        assert config["training"]["learning_rate"] == pytest.approx(chosen["learning_rate"]["body"])
+
+
+def test_a_finished_step_never_runs_again_and_a_lost_one_does(study) -> None:
+    paths, _ = study
+    again: list[str] = []
+    before = (paths.result_dir("nlu/tiny-a/lora/seed-0") / "metrics.json").stat().st_mtime_ns
+    result = run_study(TINY, paths, jobs=1, only=ONLY, quiet=True, on_done=lambda s, i: again.append(s.key))
+    assert again == [] and result["failed"] == {}
+    assert (paths.result_dir("nlu/tiny-a/lora/seed-0") / "metrics.json").stat().st_mtime_ns == before
+    # a step killed half-way leaves a run directory without results: it is run again, from scratch
+    import shutil
+
+    key = "nlu/tiny-a/lorma-plus/seed-1"
+    shutil.rmtree(paths.result_dir(key))
+    shutil.rmtree(paths.run_dir(key) / "adapter")
+    (paths.run_dir(key) / "metrics.json").unlink()
+    run_study(TINY, paths, jobs=1, only=ONLY, quiet=True, on_done=lambda s, i: again.append(s.key))
+    assert again == [key]
+    assert (paths.result_dir(key) / "metrics.json").is_file()
+    assert done_steps(build_plan(TINY), paths) >= {key, "nlu/tiny-a/lora/seed-0"}
+
+
+def test_a_step_that_fails_is_recorded_and_the_ones_that_need_it_are_not_run(tmp_path: Path) -> None:
+    paths = StudyPaths(root=tmp_path / "root", results=tmp_path / "res", nlg_data=tmp_path / "missing")
+    result = run_study(TINY, paths, jobs=1, only=["e2e/lora/seed-0"], quiet=True)
+    assert set(result["failed"]) == {"e2e/lora/seed-0"} and "generation data folder" in result["failed"][
+        "e2e/lora/seed-0"]
+    missing = run_study(TINY, paths, jobs=1, only=["nlu/tiny-a/lora/seed-1"], quiet=True)
+    assert "not done and not selected" in missing["failed"]["nlu/tiny-a/lora/seed-1"]
+
+
+def test_verdict_rules() -> None:
+    assert outcome({"difference": 0.1, "low": 0.02, "high": 0.2, "seeds": 3}) == "win"
+    assert outcome({"difference": -0.1, "low": -0.2, "high": -0.01, "seeds": 3}) == "loss"
+    assert outcome({"difference": 0.0, "low": -0.1, "high": 0.1, "seeds": 3}) == "tie"
+    assert outcome({"difference": 0.1, "low": None, "high": None, "seeds": 1}) == "n/a"
+    assert outcome({"difference": -5.0, "low": -6.0, "high": -4.0, "seeds": 3}, lower_is_better=True) == "win"
+    assert parity_verdict(tally(["tie", "win", "tie"])) == "holds"
+    assert parity_verdict(tally(["loss", "loss", "win"])) == "does not hold"
+    assert parity_verdict(tally(["loss", "win"])) == "mixed"
+    assert parity_verdict(tally(["n/a"])).startswith("cannot tell yet")
+    assert superiority_verdict(tally(["win", "win", "tie"])) == "holds"
+    assert superiority_verdict(tally(["win", "tie", "loss"])) == "does not hold"
+    assert superiority_verdict(tally(["win", "tie", "tie"])) == "cannot tell at this scale"
+
+
+def test_the_report_numbers_are_the_result_files_numbers(study, tmp_path: Path) -> None:
+    paths, _ = study
+    report = write_report(TINY, paths.results, tmp_path / "REPRODUCTION.md")
+    text = report.read_text()
+    assert text.count("\n| ") >= 9 and all(f"\n| {n} |" in text for n in range(1, 10))
+    # the NLU table's mean [interval] for LoRMA+, recomputed from the metrics files with scipy
+    values, lora = [], []
+    for seed in (0, 1):
+        for method, into in (("lorma-plus", values), ("lora", lora)):
+            m = json.loads((paths.result_dir(f"nlu/tiny-a/{method}/seed-{seed}") / "metrics.json").read_text())
+            into.append(m["eval"][m["main_metric"]])
+    mean = np.mean(values)
+    if np.ptp(values) > 0:
+        half = stats.t.ppf(0.975, 1) * np.std(values, ddof=1) / np.sqrt(2)
+        assert f"{mean:.3f} [{mean - half:.3f}, {mean + half:.3f}] (n=2)" in text
+    else:
+        assert f"{mean:.3f} [{mean:.3f}, {mean:.3f}] (n=2)" in text
+    diff = np.subtract(values, lora)
+    assert f"{diff.mean():+.3f}" in text
+    # the measurement's numbers too
+    analysis = json.loads((paths.result_dir("delta/tiny-a/lorma-pi-vs-lora/seed-0") / "analysis.json").read_text())
+    assert f"{analysis['summary']['comparison']['run']['cosine']['mean']:.4f}" in text
+    assert (paths.results / "loss_curves.png").stat().st_size > 1000
+    assert len(read_results(paths.results).cell("nlu", "tiny-a", "lorma-pi")) == 2
+
+
+def test_report_command_rederives_the_same_page_in_a_fresh_process(study, tmp_path: Path) -> None:
+    paths, _ = study
+    page = paths.results / "REPRODUCTION.md"
+    first = write_report(TINY, paths.results, page).read_text()
+    page.unlink()
+    subprocess.run([sys.executable, "-m", "lorma.cli", "reproduce", "--report", "--profile", "tiny", "--results",
+                    str(paths.results.parent), "--root", str(tmp_path / "unused")],
+                   capture_output=True, text=True, check=True, cwd=tmp_path)
+    # the tiny profile's report goes beside its results
+    assert page.read_text() == first
