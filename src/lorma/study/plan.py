@@ -11,7 +11,10 @@ folder of its committed result files (``RESULTS/<key>``), the progress line. Key
 - ``targets/<dataset>/<method>-<modules>-r<r>/seed-<n>``: target matrices at a fixed budget (claims 6, 7);
 - ``<task>/<method>/seed-<n>``: generation (claim 2), e.g. ``e2e/lorma-plus/seed-0``;
 - ``delta/<dataset>/<method>-vs-lora/seed-0``: delta W of a LoRMA run against the LoRA run of the same seed
-  (claims 8, 9), a measurement of two finished runs.
+  (claims 8, 9), a measurement of two finished runs;
+- ``rates/<dataset>/<method>-default/seed-<n>`` and ``rates/<dataset>/<method>-tuned/seed-<n>``: the learning rate
+  the study leans on (the range test's) against the family default and against ``--tune learning_rate`` (k-fold
+  cross-validation on the training data); last in the plan, after every seed of the claims.
 
 Order: seeds outermost (a stopped study has every cell at the same number of seeds), and within a seed the main
 runs of the ablation datasets first (the ablations take their learning rates from them).
@@ -30,7 +33,8 @@ __all__ = ["Step", "build_plan", "plan_table"]
 #: rows (train, eval) of the packaged datasets, for the cost of a plan before the data is written
 DATASET_ROWS: dict[str, tuple[int, int]] = {
     "tweets-small": (600, 400), "tweets-imbalanced": (600, 380), "tweets-ambiguous": (600, 380),
-    "bbc-imbalanced": (600, 400), "chatterbot-topics": (371, 246),
+    "bbc-imbalanced": (600, 400), "chatterbot-topics": (371, 246), "sms-spam": (1200, 600),
+    "trec-questions": (1500, 600), "movie-replies": (2000, 600), "rt-polarity": (2000, 600),
 }
 DEFAULT_ROWS = (600, 400)
 #: range test (``--learning-rate auto``): steps, and the probe batch's rows evaluated after each
@@ -151,7 +155,36 @@ def build_plan(profile: Profile) -> list[Step]:
                             key=f"delta/{dataset}/{method}-vs-lora/seed-0", experiment="delta", claims=(8, 9),
                             kind="delta", method=method, seed=0, dataset=dataset, needs=runs,
                             cost=profile.seconds.get("analysis", 0.0), label=f"{method} vs lora"))
+    if nlu is not None and ablation is not None:
+        steps += _rate_steps(profile)
     return steps
+
+
+def _rate_steps(profile: Profile) -> list[Step]:
+    """The learning-rate evidence: family defaults, and k-fold tuning (its first seed tunes, the others reuse)."""
+    nlu, ablation = profile.nlu, profile.ablation
+    assert nlu is not None and ablation is not None
+    out: list[Step] = []
+    for seed in range(profile.seeds):
+        for dataset in ablation.datasets:
+            for method in ablation.default_rate_methods:
+                out.append(Step(key=f"rates/{dataset}/{method}-default/seed-{seed}", experiment="rates", claims=(),
+                                kind="nlu", method=method, seed=seed, dataset=dataset, rate="fixed",
+                                cost=_nlu_cost(profile, method, dataset, {}, False), label=f"{method}-default"))
+        for dataset in ablation.tune_datasets:
+            for method in ablation.tune_methods:
+                first = f"rates/{dataset}/{method}-tuned/seed-0"
+                run = _nlu_cost(profile, method, dataset, {}, False)
+                if seed == 0:  # folds x the 4 default candidates (+1 for an edge extension), then the final run
+                    settings = {"tune": ["learning_rate"], "tune_folds": ablation.tune_folds}
+                    out.append(Step(key=first, experiment="rates", claims=(), kind="nlu", method=method, seed=0,
+                                    dataset=dataset, settings=settings, rate="fixed",
+                                    cost=run * (1 + ablation.tune_folds * 5), label=f"{method}-tuned"))
+                else:
+                    out.append(Step(key=f"rates/{dataset}/{method}-tuned/seed-{seed}", experiment="rates",
+                                    claims=(), kind="nlu", method=method, seed=seed, dataset=dataset, rate=first,
+                                    needs=(first,), cost=run, label=f"{method}-tuned"))
+    return out
 
 
 def _ablation_steps(profile: Profile, seed: int, main_key: Any) -> list[Step]:
@@ -206,12 +239,12 @@ def plan_table(steps: list[Step], done: set[str], jobs: int = 1) -> tuple[list[s
             row[3] += s.cost
     if not any(s.cost for s in steps):  # a profile without measured costs (paper: GPUs)
         header = ["experiment", "claims", "steps", "done"]
-        table = [[name, ",".join(str(c) for c in next(s.claims for s in steps if s.experiment == name)),
+        table = [[name, ",".join(str(c) for c in next(s.claims for s in steps if s.experiment == name)) or "-",
                   str(int(r[0])), str(int(r[1]))] for name, r in rows.items()]
         done_count = sum(1 for s in steps if s.key in done)
         return header, table, f"{len(steps)} steps, {done_count} done; no cost estimate for this profile (GPU)"
     header = ["experiment", "claims", "steps", "done", "CPU h (all)", "CPU h (left)"]
-    claims = {s.experiment: ",".join(str(c) for c in s.claims) for s in steps}
+    claims = {s.experiment: ",".join(str(c) for c in s.claims) or "-" for s in steps}
     table = [[name, claims[name], str(int(r[0])), str(int(r[1])), f"{r[2] / 3600:.2f}", f"{r[3] / 3600:.2f}"]
              for name, r in rows.items()]
     left = sum(r[3] for r in rows.values())

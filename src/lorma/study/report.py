@@ -501,6 +501,43 @@ def rank_log_section(results: Results) -> tuple[list[str], dict[str, Any]]:
     return lines, facts
 
 
+def rates_section(results: Results) -> tuple[list[str], dict[str, Any]]:
+    """The learning rates the study leans on: the range test's (the main runs) and ``--tune``'s (k-fold) against the
+    family default, paired by seed on the test rows."""
+    rows, outcomes = [], {"range test": [], "k-fold tuned": []}
+    for d in results.datasets("rates"):
+        cells = results.runs["rates"][d]
+        for lab in sorted(cells):
+            if not lab.endswith("-default"):
+                continue
+            method = lab[: -len("-default")]
+            default = cells[lab]
+            chosen = {"range test": results.cell("nlu", d, method), "k-fold tuned": cells.get(f"{method}-tuned", {})}
+            for how, cell in chosen.items():
+                if not cell:
+                    continue
+                diff = paired(cell, default, main_value)
+                o = outcome(diff)
+                outcomes[how].append(o)
+                rates = sorted({(r.get("learning_rate") or {}).get("body") for r in cell.values()} - {None})
+                rows.append([d, label(method), how, ", ".join(f"{x:.2g}" for x in rates),
+                             fmt_interval(t_interval(_values(cell, main_value)), len(cell)),
+                             fmt_interval(t_interval(_values(default, main_value)), len(default)), fmt_diff(diff), o])
+    facts = {how: tally(outs) for how, outs in outcomes.items()}
+    lines = ["Each method's rate chosen on the training data only, against the family's default rate (adapters 1e-3, "
+             "full fine-tuning 5e-5) on the same seeds: the range test (`--learning-rate auto`, the rate of every main "
+             "run above) and `--tune learning_rate` (k-fold cross-validation over the default grid, extended past an "
+             "edge that wins). A win means the chosen rate did better on the held-out test rows than the default.",
+             ""]
+    lines += md_table(["dataset", "method", "chosen by", "rate(s)", "score", "default's score", "difference",
+                       "outcome"], rows)
+    for how, t in facts.items():
+        if sum(t.values()):
+            lines += [f"- {how} against the default: {t['win']} wins, {t['tie']} ties, {t['loss']} losses"
+                      + (f", {t['n/a']} without an interval yet" if t["n/a"] else "") + "."]
+    return lines + [""], facts
+
+
 def claims(profile: Profile, facts: dict[str, Any]) -> list[Claim]:
     """The nine claims of the paper, each with our numbers and a verdict (rules: this module's docstring)."""
     nlu, nlg = facts["nlu"], facts["nlg"]
@@ -588,6 +625,7 @@ def gather(profile: Profile, data: Results) -> tuple[dict[str, list[str]], dict[
     sections["ablation"], facts["ablation"] = ablation_sections(data, profile)
     sections["delta"], facts["delta"] = delta_section(data)
     sections["rank_log"], facts["rank_log"] = rank_log_section(data)
+    sections["rates"], facts["rates"] = rates_section(data)
     return sections, facts
 
 

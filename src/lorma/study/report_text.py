@@ -140,6 +140,7 @@ def render(profile: Profile, data: Any, sections: dict[str, list[str]], claims: 
         lines += [f"![rank sweep]({_rel(pictures['rank'], report)})", ""]
     lines += ["## 8-9. delta W against LoRA's, and ranks (Tables 9, 15; Fig. 7)", "", *sections["delta"],
               *sections["rank_log"]]
+    lines += ["## The learning rates the study leans on", "", *sections["rates"]]
     if profile.name == "cpu":
         lines += ["## What differs from the paper", "", *[f"- {d}" for d in DIFFERENCES_CPU], "",
                   "## What this machine cannot test", "", *[f"- {d}" for d in UNTESTABLE_CPU],

@@ -230,6 +230,9 @@ def step_settings(step: Step, profile: Profile, paths: StudyPaths) -> dict[str, 
         else:
             train, test = dataset_files(step.dataset, paths)
             base = {**nlu.settings, "train_file": train, "eval_file": test}
+            with open(train, encoding="utf-8") as fh:  # a sentence-pair set (GLUE's kind) has a text_pair column
+                if "text_pair" in fh.readline().strip().split(","):
+                    base["text_pair_column"] = "text_pair"
         settings = _merge(base, {"model": resolve_model(nlu.model, paths), "method": step.method, "seed": step.seed})
     else:
         setup = next(s for s in profile.nlg if s.task == step.dataset)
@@ -281,7 +284,12 @@ def _train(step: Step, profile: Profile, paths: StudyPaths) -> None:
     run = paths.run_dir(step.key)
     if not (run / METRICS_FILE).is_file():
         has_checkpoint = any((run / CHECKPOINTS_DIR).glob("checkpoint-*")) if run.is_dir() else False
-        run_training(cfg, overwrite=run.exists() and not has_checkpoint, resume=has_checkpoint)
+        if cfg.tune:  # lorma train --tune: the candidates (cached in the run's tuning/), then the final run
+            from lorma.recipes.tuning import train_tuned
+
+            train_tuned(cfg, overwrite=run.exists() and not has_checkpoint, resume=has_checkpoint)
+        else:
+            run_training(cfg, overwrite=run.exists() and not has_checkpoint, resume=has_checkpoint)
     _collect_run(step, paths)
 
 
@@ -309,6 +317,19 @@ def execute_step(step: Step, profile: Profile, paths: StudyPaths, threads: int =
     else:
         _train(step, profile, paths)
     return {"key": step.key, "seconds": time.monotonic() - start}
+
+
+def _die_with_parent() -> None:
+    """A child ends when ``lorma reproduce`` does (killed or not): an orphan would go on training a step that the
+    next ``lorma reproduce`` starts again, and the run's lock would refuse the new one. Linux only (prctl); elsewhere
+    the children finish their step and exit."""
+    if sys.platform.startswith("linux"):
+        import contextlib
+        import ctypes
+        import signal
+
+        with contextlib.suppress(OSError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _child(step: Step, profile: Profile, paths: StudyPaths, threads: int) -> dict[str, Any]:
@@ -382,7 +403,8 @@ def run_study(profile: Profile, paths: StudyPaths, jobs: int = 1, only: list[str
 
     context = multiprocessing.get_context("spawn")
     try:
-        with ProcessPoolExecutor(max_workers=max(jobs, 1), mp_context=context) as pool:
+        pool_options: dict[str, Any] = {"mp_context": context, "initializer": _die_with_parent}
+        with ProcessPoolExecutor(max_workers=max(jobs, 1), **pool_options) as pool:
             while pending or running:
                 for step in list(pending):
                     if len(running) >= max(jobs, 1):
