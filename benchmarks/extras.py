@@ -109,7 +109,7 @@ def qlorma_memory_section(cache_root: Path) -> str:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from lorma import LormaConfig
-    from lorma.bnb import module_bytes
+    from lorma.layers.bnb import module_bytes
 
     from .harness import smollm2_plain_dir
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from lorma import functional as LF
-from lorma.fileio import atomic_write_text
 from lorma.inflations import PiInflation
+from lorma.plumbing.fileio import atomic_write_text
 
 PI = PiInflation()  # the default bounds of LormaConfig
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorma.fileio import staged_directory
+from lorma.plumbing.fileio import staged_directory
 from lorma.runs.method_registry import LORMA_SIDES
 
 from .reference_orderings import apply_reference

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 from lorma import functional as LF
 from lorma.config import cheaper_side
-from lorma.fileio import atomic_write_text
 from lorma.inflations.pi import PiInflation
+from lorma.plumbing.fileio import atomic_write_text
 
 from . import harness as H
 from .device import load_average, pin_threads

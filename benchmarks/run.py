@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from lorma.fileio import atomic_path, atomic_write_text
+from lorma.plumbing.fileio import atomic_path, atomic_write_text
 
 from . import harness as H
 from .device import (

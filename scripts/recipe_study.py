@@ -71,7 +71,7 @@ def run_config(dataset: str, recipe: str, method: str, seed: int, out: Path, dat
 
 
 def train_all(args: argparse.Namespace) -> None:
-    from lorma.errors import InputError
+    from lorma.plumbing.errors import InputError
     from lorma.recipes.train import run_training
 
     out = Path(args.out)

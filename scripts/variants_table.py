@@ -15,7 +15,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from lorma.fileio import read_json
+from lorma.plumbing.fileio import read_json
 from lorma.recipes.verdicts import compare_verdicts
 
 ORDER = ["lorma-plus", "dorma-plus", "dorma-pi", "dora", "adalorma", "adalora", "dylorma", "lora"]

@@ -8,7 +8,7 @@ sharded whenever LoRMA reads it outside the linear's forward (the pi weight fold
 ``zero3-plus`` / ``zero3-pi`` / ``zero3-none`` / ``zero3-pi-fft`` (pi's bounded FFT path): DeepSpeed ZeRO-3 on
 its CPU accelerator (gloo), every parameter partitioned (persistence threshold 0), nothing marked: DeepSpeed
 gathers ``A``, ``B`` and a base weight read outside its own module's forward as external parameters (see
-:mod:`lorma.sharding`).
+:mod:`lorma.plumbing.sharding`).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def run_case(case: str, out: Path, rank: int, world: int) -> None:
 
     import lorma  # noqa: F401  (registers LoRMA with peft)
     from lorma import LormaConfig
-    from lorma.sharding import trainable_state_dict
+    from lorma.plumbing.sharding import trainable_state_dict
 
     spec = CASES[case]
     torch.manual_seed(0)

@@ -124,3 +124,128 @@ def test_the_registry_finds_every_task_without_the_text_scorers(fresh: dict) -> 
     # come with them; the data-to-text scorers, Java and WordNet only when a text is scored
     assert fresh["scan_scoring"] == ["lorma.scoring.classification", "lorma.scoring.math_answers"]
     assert fresh["scan_heavy"] == []
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The ground floor in rooms (issue 30): the core at the top level, one folder per kind of thing, imports one way
+# ------------------------------------------------------------------------------------------------------------------
+
+#: the modules beside the folders: the public entry points (the package face, the command's shell) and the core
+TOP_LEVEL = {"__init__", "cli", "config", "model", "functional"}
+
+#: the ground floor's rooms, bottom to top: a module may import from its own room and the rooms before it, never
+#: from one after it (the upper floors, commands/ ... scoring/, sit above them all: test_layers.py)
+ROOMS = (
+    "lorma.plumbing",  # errors, files, the named registry, noise, processes, shards, the Trainer callback
+    "lorma.peft_method",  # what peft is told: PeftType.LORMA and the registration hook
+    "lorma.functional",  # the math
+    "lorma.inflations",
+    "lorma.variants",
+    "lorma.config",
+    "lorma.layers",  # one module per wrapped layer kind
+    "lorma.model",  # the peft tuner
+    "lorma.export",  # a trained adapter out and into service: LoRA export, hotswap
+)
+UPPER_FLOORS = ("lorma.cli", "lorma.commands", "lorma.study", "lorma.recipes", "lorma.analysis", "lorma.runs",
+                "lorma.tasks", "lorma.scoring")
+
+
+def room_of(module: str) -> int | None:
+    """The index of ``module``'s room in :data:`ROOMS`; None for the package face and the upper floors."""
+    for k, room in enumerate(ROOMS):
+        if under(module, (room,)):
+            return k
+    return None
+
+
+def _backward_imports(sources: dict[str, tuple[str, bool]]) -> list[str]:
+    """``module imports target`` for every import in ``sources`` (name -> (source, is a package)) that points from a
+    room to a room above it or to an upper floor."""
+    wrong = []
+    for name, (source, is_package) in sorted(sources.items()):
+        here = room_of(name)
+        if here is None:
+            continue
+        for target in sorted(imports_in(source, name, is_package)):
+            if not under(target, ("lorma",)) or target == "lorma":
+                continue
+            there = room_of(target)
+            if there is None or there > here:  # an upper floor, or a room above this one
+                wrong.append(f"{name} imports {target}")
+    return wrong
+
+
+def _sources() -> dict[str, tuple[str, bool]]:
+    return {module_name(p): (p.read_text(encoding="utf-8"), p.name == "__init__.py") for p in LORMA.rglob("*.py")}
+
+
+def test_the_top_level_holds_only_the_entry_points_and_the_core() -> None:
+    assert {p.stem for p in LORMA.glob("*.py")} == TOP_LEVEL
+    folders = {p.name for p in LORMA.iterdir() if (p / "__init__.py").exists()}
+    assert folders == {r.split(".")[1] for r in ROOMS + UPPER_FLOORS if (LORMA / r.split(".")[1]).is_dir()}
+
+
+def test_every_folder_says_what_lives_there_and_what_it_may_import() -> None:
+    import ast
+
+    missing = []
+    for init in sorted(LORMA.rglob("__init__.py")):
+        doc = ast.get_docstring(ast.parse(init.read_text(encoding="utf-8"))) or ""
+        if len(doc) < 80:
+            missing.append(module_name(init))
+        elif room_of(module_name(init)) is not None and "May import" not in doc:
+            missing.append(f"{module_name(init)} (no 'May import')")
+    assert missing == []
+
+
+def test_every_import_on_the_ground_floor_points_down_or_sideways() -> None:
+    sources = _sources()
+    assert sum(room_of(name) is not None for name in sources) > 30  # the rooms hold the ground floor's modules
+    assert _backward_imports(sources) == []
+
+
+def test_the_room_check_sees_a_layer_that_imports_the_model_or_a_run() -> None:
+    """The check above can fail: a layer importing the tuner (a room above) inside a function, or plumbing reaching
+    into a room above it, is caught; a relative import is resolved first."""
+    bad = "def f():\n    from ..model import LormaModel\n    from lorma.runs import layout\n"
+    worse = "from ..layers.base import LormaLayer\nfrom .errors import InputError\n"
+    found = _backward_imports({"lorma.layers.bad": (bad, False), "lorma.plumbing.worse": (worse, False)})
+    assert found == ["lorma.layers.bad imports lorma.model", "lorma.layers.bad imports lorma.model.LormaModel",
+                     "lorma.layers.bad imports lorma.runs", "lorma.layers.bad imports lorma.runs.layout",
+                     "lorma.plumbing.worse imports lorma.layers.base",
+                     "lorma.plumbing.worse imports lorma.layers.base.LormaLayer"]
+
+
+def _one_letter_apart(a: str, b: str) -> bool:
+    """Whether ``a`` and ``b`` differ by one letter added, removed or changed (``registry`` / ``registries`` too:
+    a plural is a different word ending, checked as one edit on the stem)."""
+    if a == b:
+        return False
+    for x, y in ((a, b), (b, a)):
+        if x.endswith("ies") and y == x[:-3] + "y":
+            return True
+    if len(a) == len(b):
+        return sum(p != q for p, q in zip(a, b)) == 1
+    short, long_ = sorted((a, b), key=len)
+    if len(long_) - len(short) != 1:
+        return False
+    return any(long_[:k] + long_[k + 1:] == short for k in range(len(long_)))
+
+
+def test_no_two_module_names_differ_by_one_letter() -> None:
+    assert _one_letter_apart("registry", "registries") and _one_letter_apart("layer", "layers")
+    assert _one_letter_apart("plot", "plots") and not _one_letter_apart("plots", "plots")
+    modules = {p.stem for p in LORMA.rglob("*.py") if p.stem != "__init__"}
+    names = sorted(modules | {p.name for p in LORMA.rglob("*") if p.is_dir() and p.name != "__pycache__"})
+    assert [(a, b) for k, a in enumerate(names) for b in names[k + 1:] if _one_letter_apart(a, b)] == []
+
+
+def test_a_module_named_registry_is_the_registry_of_its_folder() -> None:
+    # every registry.py builds the Registry of the package it sits in (its built-ins are that folder's modules)
+    import ast
+
+    for path in LORMA.rglob("registry.py"):
+        calls = [node for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+                 if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Registry"]
+        packages = {kw.value.value for call in calls for kw in call.keywords if kw.arg == "package"}
+        assert packages == {module_name(path.parent / "__init__.py")}, path

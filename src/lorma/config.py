@@ -14,7 +14,7 @@ from peft.utils.other import get_pattern_key
 
 from .functional import SIDES
 from .inflations import DEFAULT_FFT_CHUNK_BYTES, DEFAULT_MAX_DENSE_BYTES, get_inflation
-from .peft_type import lorma_peft_type
+from .peft_method.peft_type import lorma_peft_type
 from .variants import get_variant
 from .variants.options import fold_flat_options, option_owners, validate_variant_options
 
@@ -239,10 +239,10 @@ class LormaConfig(PeftConfig):
 
         ``PeftModel.from_pretrained`` reads the config (here) before the weights; a truncated, empty or corrupt
         ``adapter_model.safetensors`` would otherwise fail inside safetensors with an error that does not name
-        the file. Here it is a ``ValueError`` (:class:`lorma.errors.DataFormatError`) that does.
+        the file. Here it is a ``ValueError`` (:class:`lorma.plumbing.errors.DataFormatError`) that does.
         """
-        from lorma.errors import DataFormatError
-        from lorma.fileio import safetensors_problem
+        from lorma.plumbing.errors import DataFormatError
+        from lorma.plumbing.fileio import safetensors_problem
 
         folder = Path(pretrained_model_name_or_path, subfolder or "")
         weights = folder / "adapter_model.safetensors"

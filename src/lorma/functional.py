@@ -204,7 +204,7 @@ class _WeightTimesThin(torch.autograd.Function):
     CPU GEMM kernels run that shape several times slower than the same product as ``r x d`` by ``d x d``: measured
     on this project's CPU, 1 thread, d = 1024, r = 8, forward + backward 8.3-10.2 ms against 1.2-2.0 ms, for a
     Linear weight, a Conv1D (transposed) weight and a fused part's rows alike. Batches of weights (``(E, d_out,
-    d_in)``, one per expert: :mod:`lorma.experts`) take the same path, matrix by matrix.
+    d_in)``, one per expert: :mod:`lorma.layers.experts`) take the same path, matrix by matrix.
     """
 
     @staticmethod
@@ -250,7 +250,7 @@ def product(pairs: Sequence[Pair], side: Side) -> Pair:
     """The transform that activating (or merging, in this order) the given ``I + X Y`` transforms computes.
 
     Active adapters ``a1, ..., an`` act with ``a1`` nearest to ``W0``: on the pre side the layer computes
-    ``I_n ... I_1 W0 x``, on the post side ``W0 I_1 ... I_n x`` (see :mod:`lorma.layer`).
+    ``I_n ... I_1 W0 x``, on the post side ``W0 I_1 ... I_n x`` (see :mod:`lorma.layers.base`).
     """
     if not pairs:
         raise ValueError("product of no transforms")

@@ -18,16 +18,17 @@ from peft.utils.other import ModulesToSaveWrapper, _freeze_adapter, get_pattern_
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import tying
-from .bnb import QuantLinear, keep_autograd_path, quantized_kind
 from .config import DEFAULT_FUSED_PARTS, DEFAULT_TARGET_MODULES, LormaConfig
-from .conv_layer import CONV_TYPES, Conv
-from .embedding_layer import Embedding, TiedLinear
-from .experts import LormaExperts, inject_parameters
 from .functional import Pair
 from .inflations import get_inflation, inflation_names
-from .layer import Linear, LormaLayer
-from .mixed_batch import install_adapter_names
+from .layers import tying
+from .layers.base import LormaLayer
+from .layers.bnb import QuantLinear, keep_autograd_path, quantized_kind
+from .layers.conv import CONV_TYPES, Conv
+from .layers.embedding import Embedding, TiedLinear
+from .layers.experts import LormaExperts, inject_parameters
+from .layers.linear import Linear
+from .layers.mixed_batch import install_adapter_names
 from .variants import LormaVariant, get_variant, variant_names
 
 # peft LoRA's other add_weighted_adapter options, at their defaults (accepted at these values, refused otherwise)
@@ -45,9 +46,9 @@ class LormaModel(BaseTuner):
     """Low-Rank Multiplicative Adaptation of a transformers (or any torch) model.
 
     Use it through peft: ``get_peft_model(model, LormaConfig(...))``. Each target ``nn.Linear`` / ``Conv1D``
-    becomes a :class:`lorma.layer.Linear` computing ``I(BA) W0 x + b`` (pre) or ``W0 I(BA) x + b`` (post); an
-    ``nn.Conv1d/2d/3d`` a :class:`lorma.conv_layer.Conv` (the transform on the output or input channels), an
-    ``nn.Embedding`` a :class:`lorma.embedding_layer.Embedding` (on the embedding dimension).
+    becomes a :class:`lorma.layers.linear.Linear` computing ``I(BA) W0 x + b`` (pre) or ``W0 I(BA) x + b`` (post); an
+    ``nn.Conv1d/2d/3d`` a :class:`lorma.layers.conv.Conv` (the transform on the output or input channels), an
+    ``nn.Embedding`` a :class:`lorma.layers.embedding.Embedding` (on the embedding dimension).
     """
 
     prefix: str = "lorma_"
@@ -143,8 +144,8 @@ class LormaModel(BaseTuner):
         With ``target_parameters``, peft's check of ``rank_pattern`` / ``alpha_pattern`` keys (which looks at
         targeted modules only, and so flags keys meant for parameters) is made against both. With
         ``ensure_weight_tying`` the output layers sharing an adapted embedding's weight follow its transform
-        (:func:`lorma.tying.tie_output_layers`); without it, a warning for each adapted layer whose weight another
-        module holds (merging it will be refused)."""
+        (:func:`lorma.layers.tying.tie_output_layers`); without it, a warning for each adapted layer whose weight
+        another module holds (merging it will be refused)."""
         config = self.peft_config[adapter_name]
         if not getattr(config, "target_parameters", None):
             super().inject_adapter(model, adapter_name, *args, **kwargs)
@@ -186,8 +187,8 @@ class LormaModel(BaseTuner):
     def _inject_parameters(
         self, peft_config: LormaConfig, model: nn.Module, adapter_name: str, low_cpu_mem_usage: bool
     ) -> list[str]:
-        """``target_parameters``: LoRMA on 2-D / 3-D parameters such as MoE expert weights (:mod:`lorma.experts`),
-        in place of peft's LoRA-only ``ParamWrapper`` machinery."""
+        """``target_parameters``: LoRMA on 2-D / 3-D parameters such as MoE expert weights
+        (:mod:`lorma.layers.experts`), in place of peft's LoRA-only ``ParamWrapper`` machinery."""
         return inject_parameters(model, peft_config, adapter_name, self.peft_config, self.active_adapters)
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
@@ -211,7 +212,7 @@ class LormaModel(BaseTuner):
         """Per forward of the whole model (peft's ``PeftModel`` enters this around every forward and generate):
         in training, each active adapter's variant acts before the forward
         (:meth:`~lorma.variants.LormaVariant.before_training_forward`: DyLoRMA draws one rank for all its layers);
-        ``adapter_names=[...]`` (one adapter per row, :mod:`lorma.mixed_batch`) is checked and handed to every
+        ``adapter_names=[...]`` (one adapter per row, :mod:`lorma.layers.mixed_batch`) is checked and handed to every
         adapted layer for the call."""
         adapter_names = kwargs.pop("adapter_names", None)
         if adapter_names is not None:
@@ -249,8 +250,8 @@ class LormaModel(BaseTuner):
         rank allocation, which records the per-module ranks in ``variant_options["final_ranks"]``).
 
         Call it after ``optimizer.step()`` and before ``optimizer.zero_grad()`` (it may read the gradients), with
-        the 0-based step; :class:`lorma.callbacks.RankAllocationCallback` does so in a ``Trainer``. Each adapter's
-        :meth:`~lorma.variants.LormaVariant.step_updater` is made on the first call and kept.
+        the 0-based step; :class:`lorma.plumbing.callbacks.RankAllocationCallback` does so in a ``Trainer``. Each
+        adapter's :meth:`~lorma.variants.LormaVariant.step_updater` is made on the first call and kept.
         """
         updaters = self.__dict__.setdefault("_step_updaters", {})
         due = [(adapter, config, variant) for adapter, config, variant in self._active_variants()

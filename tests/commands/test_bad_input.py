@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from lorma.cli import main
-from lorma.errors import InputError
+from lorma.plumbing.errors import InputError
 from lorma.recipes.config import build_config
 from recipe_support import make_tiny_bert, sentiment_rows, write_csv
 

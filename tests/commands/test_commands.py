@@ -55,10 +55,10 @@ def test_one_input_error_type() -> None:
     aliases = []
     for path in src.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom) and node.module == "lorma.errors":
+            if isinstance(node, ast.ImportFrom) and node.module == "lorma.plumbing.errors":
                 aliases += [f"{path.name}: {a.name} as {a.asname}" for a in node.names if a.asname]
     assert aliases == []
-    from lorma.errors import InputError
+    from lorma.plumbing.errors import InputError
 
     for name in COMMANDS:
         module = command_module(name)

@@ -11,7 +11,7 @@ from peft import PeftModel, get_peft_model
 
 from conftest import reference_inflation
 from lorma import LormaConfig
-from lorma.layer import LormaLayer
+from lorma.layers.base import LormaLayer
 from test_adapter_formula import INFLATIONS, SIDES, TwoLayer, dense_forward, linear_weight
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]

@@ -16,7 +16,7 @@ from conftest import reference_inflation
 from lorma import LormaConfig
 from lorma import functional as LF
 from lorma.inflations import get_inflation
-from lorma.layer import LormaLayer
+from lorma.layers.base import LormaLayer
 
 INFLATIONS = ["plus", "pi", "none"]
 SIDES = ["pre", "post"]
@@ -306,8 +306,8 @@ def test_registration_is_idempotent_and_serializable(tmp_path) -> None:
     from peft import PeftType
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
-    lorma.registry.register()
-    lorma.registry.register()
+    lorma.peft_method.registration.register()
+    lorma.peft_method.registration.register()
     assert PeftType("LORMA") is PeftType.LORMA is PeftType["LORMA"]
     assert PeftType.LORMA in list(PeftType)
     assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.LORMA] is LormaConfig

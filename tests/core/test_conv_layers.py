@@ -22,7 +22,7 @@ from torch import nn
 
 from conftest import reference_inflation
 from lorma import LormaConfig
-from lorma.conv_layer import Conv
+from lorma.layers.conv import Conv
 
 INFLATIONS = ["plus", "pi", "none"]
 SIDES = ["pre", "post"]
@@ -280,7 +280,7 @@ def test_save_and_load_in_a_fresh_process(tmp_path: Path) -> None:
 
 
 def test_lora_export_refuses_convolutions_naming_the_module() -> None:
-    from lorma.export import ExportError, lora_export
+    from lorma.export.lora import ExportError, lora_export
 
     model = get_peft_model(Wrap(nn.Conv2d(3, 4, 3)), LormaConfig(target_modules=["conv"], r=2))
     with pytest.raises(ExportError, match=r"module 'conv' is a Conv2d: lorma export writes LoRA adapters for Linear"):

@@ -20,7 +20,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lorma import LormaConfig
-from lorma.layer import LormaLayer
+from lorma.layers.base import LormaLayer
 
 
 class MLP(nn.Module):

@@ -38,8 +38,8 @@ def test_lorma_trains_saves_reloads_and_merges_a_diffusers_unet(tmp_path: Path) 
     from peft import PeftModel, get_peft_model
 
     from lorma import LormaConfig
-    from lorma.conv_layer import Conv
-    from lorma.layer import Linear
+    from lorma.layers.conv import Conv
+    from lorma.layers.linear import Linear
 
     images = digits()
     scheduler = diffusers.DDPMScheduler(num_train_timesteps=100)

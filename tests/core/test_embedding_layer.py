@@ -20,7 +20,7 @@ from torch.func import functional_call
 
 from conftest import reference_inflation
 from lorma import LormaConfig
-from lorma.embedding_layer import Embedding, TiedLinear
+from lorma.layers.embedding import Embedding, TiedLinear
 
 INFLATIONS = ["plus", "pi", "none"]
 
@@ -270,7 +270,7 @@ TIED_LOAD = textwrap.dedent(
     from peft import PeftModel
     from transformers import LlamaConfig, LlamaForCausalLM
     import lorma  # registers LoRMA with peft
-    from lorma.embedding_layer import TiedLinear
+    from lorma.layers.embedding import TiedLinear
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 from conftest import reference_inflation
 from lorma import LormaConfig
 from lorma.cli import main
-from lorma.export import EXPORT_REPORT_FILE, ExportError, lora_export
-from lorma.layer import LormaLayer
+from lorma.export.lora import EXPORT_REPORT_FILE, ExportError, lora_export
+from lorma.layers.base import LormaLayer
 from recipe_support import make_tiny_bert, sentiment_rows, snapshot, write_csv
 from test_adapter_formula import rel_err
 

@@ -33,7 +33,7 @@ from lorma import LormaConfig
 from lorma.cli import main
 from lorma.commands.export import MODULES_TO_SAVE_CHOICES as CLI_MODULES_TO_SAVE
 from lorma.commands.export import SERVING_CHOICES
-from lorma.export import (
+from lorma.export.lora import (
     EXPORT_REPORT_FILE,
     MODULES_TO_SAVE_CHOICES,
     MODULES_TO_SAVE_FILE,

@@ -108,7 +108,7 @@ def test_the_doc_extensions_are_refused_where_they_do_not_apply(doc_extensions) 
     from torch import nn
 
     from lorma import LormaConfig
-    from lorma.export import ExportError, lora_export
+    from lorma.export.lora import ExportError, lora_export
 
     base = nn.Sequential(nn.Linear(12, 20))
     model = get_peft_model(base, LormaConfig(r=2, inflation="exp", target_modules=["0"], init_weights=False),

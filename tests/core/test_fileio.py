@@ -1,5 +1,5 @@
-"""``lorma.fileio``: atomic writes that leave the old file on any failure, strict JSON, logs with a torn tail, and
-the advisory lock (held by a live process: refused with its pid; left by a dead one: taken over)."""
+"""``lorma.plumbing.fileio``: atomic writes that leave the old file on any failure, strict JSON, logs with a torn
+tail, and the advisory lock (held by a live process: refused with its pid; left by a dead one: taken over)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from lorma.errors import DataFormatError, DiskFullError, RunLockedError
-from lorma.fileio import (
+from lorma.plumbing.errors import DataFormatError, DiskFullError, RunLockedError
+from lorma.plumbing.fileio import (
     AdvisoryLock,
     append_jsonl,
     atomic_path,
@@ -115,7 +115,7 @@ def test_staged_directory_replaces_only_when_complete(tmp_path: Path) -> None:
 
 HOLDER = """
 import sys, time
-from lorma.fileio import AdvisoryLock
+from lorma.plumbing.fileio import AdvisoryLock
 lock = AdvisoryLock(sys.argv[1], "the thing")
 lock.acquire()
 print("held", flush=True)

@@ -13,7 +13,7 @@ from peft import PeftModel, get_peft_model
 
 from conftest import reference_inflation
 from lorma import LormaConfig
-from lorma.layer import LormaLayer
+from lorma.layers.base import LormaLayer
 
 IDS = torch.randint(0, 120, (2, 7), generator=torch.Generator().manual_seed(5))
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from lorma import LormaConfig, hotswap_adapter, hotswap_adapter_from_state_dict
 from lorma.inflations import get_inflation, inflation_names
-from lorma.layer import LormaLayer
+from lorma.layers.base import LormaLayer
 
 
 class MLP(nn.Module):

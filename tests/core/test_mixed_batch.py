@@ -12,7 +12,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from conftest import reference_inflation
 from lorma import LormaConfig
-from lorma.layer import LormaLayer
+from lorma.layers.base import LormaLayer
 
 
 class TwoLinear(nn.Module):

@@ -17,7 +17,7 @@ from transformers import GptOssConfig, GptOssForCausalLM, MixtralConfig, Mixtral
 
 from conftest import reference_inflation
 from lorma import LormaConfig, hotswap_adapter
-from lorma.experts import LormaExperts
+from lorma.layers.experts import LormaExperts
 
 TARGETS = ["experts.gate_up_proj", "experts.down_proj"]
 
@@ -329,7 +329,7 @@ def test_bfloat16_experts_with_adapters_in_float32_or_bfloat16() -> None:
 
 
 def test_lora_export_refuses_expert_adapters() -> None:
-    from lorma.export import ExportError, lora_export
+    from lorma.export.lora import ExportError, lora_export
 
     with pytest.raises(ExportError, match="adapts expert parameters"):
         lora_export(get_peft_model(tiny_mixtral(), LormaConfig(target_parameters=TARGETS)), "default")

@@ -18,7 +18,7 @@ from lorma import LormaConfig
 
 bnb = pytest.importorskip("bitsandbytes")
 
-import lorma.bnb as LB  # noqa: E402
+import lorma.layers.bnb as LB  # noqa: E402
 
 KINDS = ["4bit", "8bit"]
 

@@ -53,7 +53,7 @@ ORDERS = {
     "LormaConfig first": "from lorma import LormaConfig",
     "lorma.config directly": "import lorma.config",
     "lorma.model directly": "from lorma.model import LormaModel",
-    "lorma.layer directly": "import lorma.layer",
+    "lorma.layers.base directly": "import lorma.layers.base",
     "a lorma subpackage": "import lorma.analysis.deltas\nimport peft",
 }
 
@@ -66,7 +66,7 @@ def test_peft_knows_lorma_whatever_the_import_order(order: str, saved_adapter: P
         "from peft import PeftConfig\n"
         "from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING\n"
         f"config = PeftConfig.from_pretrained({str(saved_adapter)!r})\n"
-        "hooks = [type(f).__name__ for f in sys.meta_path if type(f).__module__ == 'lorma.registry']\n"
+        "hooks = [type(f).__name__ for f in sys.meta_path if type(f).__module__ == 'lorma.peft_method.registration']\n"
         "print(json.dumps({'config': type(config).__name__, 'r': config.r, 'tuner': "
         "PEFT_TYPE_TO_TUNER_MAPPING['LORMA'].__name__, 'hooks': hooks}))\n"
     )

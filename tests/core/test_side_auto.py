@@ -15,7 +15,7 @@ from peft import PeftModel, get_peft_model
 from conftest import reference_inflation
 from lorma import LormaConfig
 from lorma.config import cheaper_side
-from lorma.layer import LormaLayer
+from lorma.layers.base import LormaLayer
 
 LLAMA_ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

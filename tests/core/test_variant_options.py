@@ -25,7 +25,7 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 from lorma import LormaConfig
-from lorma.layer import LormaLayer
+from lorma.layers.base import LormaLayer
 from lorma.variants import LormaVariant, VariantOptions, register_variant, variant_names
 from lorma.variants.registry import _VARIANTS
 from test_adapter_formula import TwoLayer, rel_err

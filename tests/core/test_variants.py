@@ -16,7 +16,7 @@ from torch import nn
 
 from conftest import reference_inflation
 from lorma import LormaConfig
-from lorma.layer import LormaLayer
+from lorma.layers.base import LormaLayer
 from test_adapter_formula import SIDES, TwoLayer, linear_weight, rel_err
 
 # (variant, inflation) pairs the variants take, and the options each needs
@@ -442,7 +442,7 @@ def test_methods_build_the_variants(method: str, variant: str, inflation: str) -
 def test_adalora_baseline_and_the_budget_methods_need_max_steps() -> None:
     from peft.tuners.adalora import AdaLoraModel
 
-    from lorma.errors import InputError
+    from lorma.plumbing.errors import InputError
     from lorma.recipes.config import build_config
     from lorma.recipes.methods import build_method_model
 
@@ -460,7 +460,7 @@ def test_rank_allocation_callback_prunes_inside_a_trainer(tmp_path) -> None:
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments
 
-    from lorma.callbacks import RankAllocationCallback
+    from lorma.plumbing.callbacks import RankAllocationCallback
 
     total, r, target = 12, 4, 2
     config = LormaConfig(r=r, alpha=4, variant="adalorma", target_r=target, tinit=2, tfinal=3, total_step=total,
@@ -479,7 +479,7 @@ def test_rank_allocation_callback_prunes_inside_a_trainer(tmp_path) -> None:
 
 
 def test_rank_allocation_callback_refuses_a_model_without_a_budget() -> None:
-    from lorma.callbacks import RankAllocationCallback
+    from lorma.plumbing.callbacks import RankAllocationCallback
 
     with pytest.raises(ValueError, match=r"RankAllocationCallback: the trained model has no update_and_allocate"):
         RankAllocationCallback().on_optimizer_step(None, None, None, model=nn.Linear(2, 2))
@@ -517,7 +517,7 @@ def test_analyze_reads_the_final_ranks_of_both_budgets(tiny_bert, tmp_path) -> N
 
 # ---------------------------------------------------------------------------------------------- export
 def test_export_of_dylorma_at_rank_b_is_the_exact_truncation(tiny_bert, tmp_path) -> None:
-    from lorma.export import lora_export
+    from lorma.export.lora import lora_export
 
     base = copy.deepcopy(tiny_bert)
     model = get_peft_model(tiny_bert, variant_config("dylorma", r=4, init_weights=False)).eval()
@@ -535,7 +535,7 @@ def test_export_of_dylorma_at_rank_b_is_the_exact_truncation(tiny_bert, tmp_path
 
 
 def test_export_of_dorma_is_full_rank_and_needs_a_rank() -> None:
-    from lorma.export import ExportError, lora_export
+    from lorma.export.lora import ExportError, lora_export
 
     model = get_peft_model(TwoLayer(), variant_config("dorma", target_modules=["proj"], init_weights=False))
     with pytest.raises(ExportError, match=r"inflation 'plus' with variant 'dorma': its update W - W0 is full rank"):

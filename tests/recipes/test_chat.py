@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorma.errors import InputError
+from lorma.plumbing.errors import InputError
 from lorma.tasks.chat import heldout_nll
 from lorma.tasks.chat_template import chat_segments, encode_conversation, resolve_chat_template
 from lorma.tasks.readers.chat import read_chat

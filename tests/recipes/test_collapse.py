@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lorma.cli import main
-from lorma.errors import InputError
+from lorma.plumbing.errors import InputError
 from lorma.recipes.collapse import describe_collapse, next_command
 from lorma.recipes.config import build_config
 from lorma.tasks.base import get_task

@@ -227,7 +227,7 @@ def test_a_run_without_a_budget_trains_more_epochs_on_small_data(setup: dict[str
 
 
 def test_separation_says_when_the_validation_rows_cannot_tell_the_choice_from_the_runner_up(tmp_path: Path) -> None:
-    from lorma.fileio import atomic_write_json
+    from lorma.plumbing.fileio import atomic_write_json
     from lorma.recipes.tuning import separation
 
     rng = np.random.default_rng(0)

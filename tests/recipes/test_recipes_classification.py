@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lorma.errors import InputError
+from lorma.plumbing.errors import InputError
 from lorma.recipes.config import build_config
 from lorma.scoring.classification import classification_metrics
 from lorma.tasks import task_class, task_names

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lorma.errors import InputError
+from lorma.plumbing.errors import InputError
 from lorma.recipes.config import DEFAULT_TRAINING, RunConfig, build_config, load_yaml
 from lorma.recipes.config import normalise_yaml as _normalise_yaml
 from lorma.recipes.config import parse_scalar as _scalar

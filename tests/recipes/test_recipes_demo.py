@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from lorma.cli import main
-from lorma.errors import InputError
+from lorma.plumbing.errors import InputError
 from lorma.recipes.demo import DEMO_SETTINGS, demo_settings, minilm_path, run_demo, tweets_csv_path
 
 ROOT = Path(__file__).resolve().parents[2]

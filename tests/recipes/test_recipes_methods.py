@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorma.errors import InputError
+from lorma.plumbing.errors import InputError
 from lorma.recipes.config import build_config
 from lorma.recipes.methods import build_method_model, count_parameters
 
@@ -40,7 +40,7 @@ def test_adapter_methods_train_adapter_and_head_only(method: str) -> None:
 
 
 def test_lorma_layers_get_inflation_and_side() -> None:
-    from lorma.layer import LormaLayer
+    from lorma.layers.base import LormaLayer
 
     cfg = build_config({"method": "lorma-pi", "side": "post", "r": 2, "alpha": 4}, {})
     model = build_method_model(_model(), cfg, ["classifier"], "SEQ_CLS")

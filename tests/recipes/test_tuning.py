@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from lorma.cli import main
-from lorma.errors import InputError
+from lorma.plumbing.errors import InputError
 from lorma.recipes import tuning
 from lorma.recipes.config import DEFAULT_LEARNING_RATES, build_config
 from lorma.recipes.tuning import (
@@ -526,7 +526,7 @@ def test_separation_over_folds_is_the_mean_of_the_fold_differences(tmp_path: Pat
     difference is the mean of the per-fold macro-F1 differences (scikit-learn's, computed here independently)."""
     from sklearn.metrics import f1_score
 
-    from lorma.fileio import atomic_write_json
+    from lorma.plumbing.fileio import atomic_write_json
     from lorma.recipes.tuning import separation
 
     rng = np.random.default_rng(1)

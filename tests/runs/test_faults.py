@@ -1,5 +1,6 @@
 """Fault injection: ``lorma train`` killed (SIGKILL) or out of disk space at random points of a short real run,
-then resumed, must end with exactly the weights of an uninterrupted run.
+then resumed, must end with exactly the weights of an uninterrupted run; and a real full disk (a file-size
+limit on the child, RLIMIT_FSIZE) gives one line, not a traceback.
 
 The runs are real (a tiny BERT from a config with the MiniLM tokenizer, real data, HF Trainer, checkpoints every
 2 steps, the final save); the faults come from :mod:`fault_injection`: a kill or an ENOSPC at a chosen write
@@ -14,9 +15,14 @@ import json
 import os
 import random
 import re
+import resource
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -263,3 +269,42 @@ def test_a_crashed_overwrite_leaves_the_old_run_whole(setup: dict[str, Any]) -> 
         code, output, _ = fi.run(ctx, argv, run.parent, logs / f"ow-{i}-resume.txt")
         assert code == 0, output[-3000:]
         assert_same_run(run, setup["reference"], f"--overwrite killed at event {number}")
+
+
+FILE_SIZE_LIMIT = 8000  # bytes: above the files a run writes before its first checkpoint's weights, below those
+
+
+def _with_file_size_limit(limit: int) -> Callable[[], None]:
+    """For ``subprocess``'s ``preexec_fn``: writes past ``limit`` bytes fail with EFBIG, as on a full disk (SIGXFSZ
+    ignored, or the kernel would kill the process instead)."""
+    def limit_writes() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+    return limit_writes
+
+
+def test_a_file_size_limit_stops_the_run_with_one_line_and_resume_finishes_it(setup: dict[str, Any]) -> None:
+    """The disk 'fills' while the first checkpoint is saved (RLIMIT_FSIZE in the child: safetensors' write fails
+    with EFBIG, 'File too large (os error 27)'): one line naming the run and what was kept, the traceback in the
+    run's folder, and ``--resume`` with the limit lifted ends with the weights of an uninterrupted run."""
+    checkpoint = setup["reference"] / "checkpoints"
+    sizes = {p.name: p.stat().st_size for p in checkpoint.rglob("*") if p.is_file()}
+    assert sizes["README.md"] < FILE_SIZE_LIMIT < sizes["adapter_model.safetensors"]  # the premise: as reported
+    run = setup["root"] / "file-size-limit" / "run"
+    run.parent.mkdir()
+    command = [sys.executable, "-m", "lorma.cli"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    full = subprocess.run([*command, *_train_args(setup, run)], capture_output=True, text=True, env=env,
+                          timeout=600, preexec_fn=_with_file_size_limit(FILE_SIZE_LIMIT))
+    lines = [line for line in re.split(r"[\r\n]", full.stderr) if line.strip() and "%|" not in line]
+    assert full.returncode == 1 and "Traceback" not in full.stderr, full.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("lorma train: error: file too large"), lines
+    assert f"checkpoint {run / 'checkpoints' / 'checkpoint-2'}" in lines[0]
+    assert "no checkpoint was complete" in lines[0] and f"--resume --output-dir {run}" in lines[0]
+    log = run / "lorma_error.log"
+    assert f"(traceback in {log})" in lines[0]
+    assert "Traceback" in log.read_text() and "File too large (os error 27)" in log.read_text()
+    resumed = subprocess.run([*command, "train", "--resume", "--output-dir", str(run)], capture_output=True,
+                             text=True, env=env, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(run, setup["reference"], "a run resumed after its file-size limit was lifted")

@@ -16,7 +16,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
 
 from lorma import LormaConfig
-from lorma.layer import LormaLayer
+from lorma.layers.base import LormaLayer
 from lorma.runs.rank_log import RANK_LOG_NAME, RankTrackingCallback, read_rank_log
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lorma.errors import DataFormatError, InputError
+from lorma.plumbing.errors import DataFormatError, InputError
 from lorma.runs.layout import check_adapter_dir, checkpoint_problem, find_adapter, scan_checkpoints
 from lorma.runs.paths import check_not_input, check_output_location
 from lorma.runs.transaction import RunTransaction, recover_interrupted_swap
@@ -209,8 +209,8 @@ def test_find_adapter_says_what_a_directory_is(tmp_path: Path) -> None:
 
 def test_only_the_main_process_locks(tmp_path: Path) -> None:
     """Under torchrun every rank opens the run; rank 0 locks it, and the others must not take that for a rival."""
-    from lorma.errors import RunLockedError
-    from lorma.fileio import AdvisoryLock
+    from lorma.plumbing.errors import RunLockedError
+    from lorma.plumbing.fileio import AdvisoryLock
 
     run = tmp_path / "run"
     with AdvisoryLock(tmp_path / ".run.lock", "rank 0"):

@@ -148,7 +148,7 @@ def test_evaluate_prints_and_saves_the_official_label(tmp_path, capsys) -> None:
 
 
 def test_training_without_java_stops_before_any_work_unless_approximate(tmp_path, monkeypatch) -> None:
-    from lorma.errors import InputError
+    from lorma.plumbing.errors import InputError
     from lorma.recipes.config import build_config
     from lorma.tasks.base import get_task
 

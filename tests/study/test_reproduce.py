@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from lorma.errors import InputError
+from lorma.plumbing.errors import InputError
 from lorma.study.plan import build_plan
 from lorma.study.profiles import CPU, PAPER, TINY, get_profile
 from lorma.study.report import (

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from lorma.errors import InputError
+from lorma.plumbing.errors import InputError
 from lorma.tasks.readers import packaged_data as pkd
 from lorma.tasks.readers.tabular import read_examples
 

@@ -35,7 +35,7 @@ def extract_deltas(model: Any, adapter: str | None = None) -> dict[str, ModuleDe
     import torch
     from peft.tuners.lora import LoraLayer
 
-    from lorma.layer import LormaLayer
+    from lorma.layers.base import LormaLayer
     from lorma.runs.rank_log import module_key
 
     out: dict[str, ModuleDelta] = {}

@@ -21,7 +21,7 @@ from typing import Any
 
 from lorma.analysis.convergence import convergence_table
 from lorma.analysis.matrices import compare_matrices, random_control, summarise
-from lorma.fileio import atomic_write_json, atomic_write_text
+from lorma.plumbing.fileio import atomic_write_json, atomic_write_text
 from lorma.runs.loss_curve import Smoothing, loss_auc, smooth
 from lorma.runs.spectrum import singular_values, sv_summary
 

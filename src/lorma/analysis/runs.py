@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorma.fileio import read_json
+from lorma.plumbing.fileio import read_json
 from lorma.runs.layout import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_DIR,

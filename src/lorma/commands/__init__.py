@@ -4,7 +4,7 @@
 imports exactly these modules. A command module holds its parser and a thin ``func`` that calls the library
 (:mod:`lorma.recipes`, :mod:`lorma.analysis`, :mod:`lorma.runs`, :mod:`lorma.export`): importing it stays cheap
 (no torch, transformers or peft at module level), so ``lorma --help`` and bad-input errors are fast. Bad input is
-raised as :class:`lorma.errors.InputError` everywhere; the shell prints it as one line with exit code 2.
+raised as :class:`lorma.plumbing.errors.InputError` everywhere; the shell prints it as one line with exit code 2.
 """
 
 from __future__ import annotations

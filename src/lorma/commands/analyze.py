@@ -84,7 +84,7 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check the inputs, measure, print the tables; user errors become :class:`InputError`."""
-    from lorma.errors import InputError
+    from lorma.plumbing.errors import InputError
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():

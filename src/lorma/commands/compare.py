@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
     methods = parse_methods(args.methods)
     cfg = resolve_config(args)
-    from lorma.processes import is_main_process
+    from lorma.plumbing.processes import is_main_process
     from lorma.recipes.compare import print_results, run_compare
 
     results = run_compare(cfg, methods, args.seeds, overwrite=args.overwrite)

@@ -61,7 +61,7 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """The ``evaluate`` command: print the scores (and write them with ``--output``)."""
-    from lorma.errors import InputError
+    from lorma.plumbing.errors import InputError
     from lorma.scoring.data_to_text import MetricDataError, WordNetUnavailableError, scorer_label
     from lorma.scoring.java import JavaUnavailableError, OfficialScorerError
     from lorma.tasks.readers import DataFormatError
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     for name, value in scores.items():
         print(f"{name:>10}  {value:.4f}" if isinstance(value, float) else f"{name:>10}  {value}")
     if out_path is not None:
-        from lorma.fileio import atomic_write_json
+        from lorma.plumbing.fileio import atomic_write_json
 
         payload = {"task": args.task, "predictions": str(args.predictions), "references": str(args.references),
                    "scorer": label, "scores": scores}

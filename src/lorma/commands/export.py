@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from lorma.errors import InputError
+from lorma.plumbing.errors import InputError
 
 if TYPE_CHECKING:
     pass
@@ -63,10 +63,10 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lorma.quiet import quiet_libraries
+    from lorma.plumbing.quiet import quiet_libraries
 
     quiet_libraries()
-    from lorma.export import (
+    from lorma.export.lora import (
         EXPORT_REPORT_FILE,
         MODULES_TO_SAVE_FILE,
         MODULES_TO_SAVE_NOTE,

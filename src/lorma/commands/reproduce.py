@@ -62,7 +62,7 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``lorma reproduce``."""
-    from lorma.errors import InputError
+    from lorma.plumbing.errors import InputError
     from lorma.study.profiles import get_profile
 
     profile = get_profile(args.scale)

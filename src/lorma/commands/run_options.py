@@ -12,7 +12,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from lorma.errors import InputError
+from lorma.plumbing.errors import InputError
 from lorma.recipes.config import normalise_yaml, parse_scalar
 
 # Common HF TrainingArguments fields as flags, with their help. Any other field: --training-arg KEY=VALUE

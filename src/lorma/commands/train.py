@@ -10,7 +10,7 @@ import argparse
 from typing import Any
 
 from lorma.commands.run_options import add_run_options, resolve_config, wrapped
-from lorma.errors import InputError
+from lorma.plumbing.errors import InputError
 
 
 def register(subparsers: Any) -> None:
@@ -40,7 +40,7 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """``lorma train``: one run (after choosing its settings on the training data, with --tune / --grid)."""
     cfg = resolve_config(args, resume=args.resume)
-    from lorma.processes import is_main_process
+    from lorma.plumbing.processes import is_main_process
     from lorma.recipes.train import run_training
     from lorma.recipes.tuning import train_tuned, wants_tuning
 

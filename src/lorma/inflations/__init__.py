@@ -4,6 +4,9 @@
 A built-in is found by its module: ``lorma/inflations/x.py`` registers inflation ``x`` (``@register_inflation``), and
 ``lorma train --method lorma-x`` offers it, with nothing else to edit; a user's own inflation is registered the same
 way from any module (docs/extending.md: one file and its tests).
+
+May import: :mod:`lorma.functional` and :mod:`lorma.plumbing` only (the variants, the config and the layers ask
+this registry; it knows none of them).
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ from ..functional import (
     dense_delta_weight,
     dense_transform_bytes,
 )
-from ..registries import Registry
+from ..plumbing.named_registry import Registry
 
 # Largest dense ``d x d`` fp32 transform a forward may build for one adapted module unless the config raises it:
 # 256 MiB (d = 8192). LLaMA-3-8B's up/gate on the pre side (d = 14336, 822 MB) is above it, where pi takes its
@@ -83,7 +83,7 @@ class Inflation:
     transpose_swaps_factors: ClassVar[bool] = False
     #: ``I(BA)`` depends on ``A``, ``B`` and ``s`` only through the product ``s B A``: an adapter ``(A', B', s')`` is
     #: then the same transform as ``([A'; 0], [B' s'/s, 0], s)`` at any larger rank and scaling ``s``, which is how
-    #: :mod:`lorma.hotswap` puts an adapter of another rank or alpha into the tensors already loaded
+    #: :mod:`lorma.export.hotswap` puts an adapter of another rank or alpha into the tensors already loaded
     scaled_product_only: ClassVar[bool] = False
 
     def __init__(

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lorma.fileio import atomic_write_json
+from lorma.plumbing.fileio import atomic_write_json
 from lorma.recipes.config import RunConfig
 
 EVAL_PREDICTIONS = "eval_predictions.json"

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from lorma.errors import InputError
-from lorma.fileio import atomic_write_json, atomic_write_text
+from lorma.plumbing.errors import InputError
+from lorma.plumbing.fileio import atomic_write_json, atomic_write_text
 from lorma.recipes.config import RunConfig
 from lorma.runs.method_registry import trainable_method
 
@@ -271,7 +271,7 @@ def run_compare(
     """Train every method with ``seeds`` seeds (``cfg.seed``, ``cfg.seed + 1``, ...) and summarise."""
     from tqdm.auto import tqdm
 
-    from lorma.processes import is_main_process
+    from lorma.plumbing.processes import is_main_process
     from lorma.recipes.train import run_training
     from lorma.recipes.tuning import final_config, tune, wants_tuning
     from lorma.recipes.verdicts import compare_verdicts
@@ -380,7 +380,7 @@ def print_results(results: dict[str, Any], output_dir: str | None, cfg: Any = No
 
 def _run_metrics(run_dir: str) -> dict[str, Any] | None:
     """A run's metrics.json (None if unreadable)."""
-    from lorma.fileio import read_json
+    from lorma.plumbing.fileio import read_json
     from lorma.runs.layout import METRICS_FILE
 
     try:

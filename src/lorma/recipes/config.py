@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorma.errors import InputError
+from lorma.plumbing.errors import InputError
 from lorma.runs.method_registry import method_names, trainable_method
 
 # Methods grouped by how large a learning rate they want. A rank-8 adapter starts at the base model and has few

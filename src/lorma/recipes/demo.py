@@ -16,7 +16,7 @@ import argparse
 import time
 from typing import Any
 
-from lorma.errors import InputError
+from lorma.plumbing.errors import InputError
 
 
 def _packaged_settings() -> dict[str, Any]:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from lorma.export import LoraExport
+    from lorma.export.lora import LoraExport
 
 
 def export_adapter(
@@ -26,7 +26,14 @@ def export_adapter(
     modules_to_save: str | None = None,
 ) -> tuple[LoraExport, Path]:
     """``lorma export``: the LoRMA adapter of a run (or adapter) directory, written as a LoRA adapter to ``out_dir``."""
-    from lorma.export import ExportError, ServingFacts, check_options, check_serving, lora_export, saved_module_sizes
+    from lorma.export.lora import (
+        ExportError,
+        ServingFacts,
+        check_options,
+        check_serving,
+        lora_export,
+        saved_module_sizes,
+    )
     from lorma.runs.adapters import base_model_config, base_model_of, load_adapter_model
     from lorma.runs.layout import adapter_weights_file, find_adapter
     from lorma.runs.paths import check_not_input, check_output_location

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lorma.errors import InputError
-from lorma.fileio import staged_directory
+from lorma.plumbing.errors import InputError
+from lorma.plumbing.fileio import staged_directory
 from lorma.runs.adapters import base_model_of, load_adapter_model
 from lorma.runs.layout import find_adapter
 from lorma.runs.paths import check_not_input, check_output_location

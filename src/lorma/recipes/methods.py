@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lorma.errors import InputError
+from lorma.plumbing.errors import InputError
 from lorma.recipes.config import RunConfig
 from lorma.runs.method_registry import AdapterSettings, get_method
 
@@ -132,6 +132,8 @@ def build_method_model(model: Any, cfg: RunConfig, head_modules: list[str], peft
     if method.peft_config is not None:
         from peft import get_peft_model
 
+        from lorma.plumbing.quiet import known_warnings_ignored
+
         targets = cfg.target_modules or default_target_modules(model)
         _check_targets(model, targets)
         settings = AdapterSettings(r=cfg.r, alpha=cfg.alpha, target_modules=targets, dropout=cfg.dropout,
@@ -139,7 +141,8 @@ def build_method_model(model: Any, cfg: RunConfig, head_modules: list[str], peft
                                    options={"side": cfg.side} if "side" in method.options else {},
                                    max_steps=int(cfg.training_arguments().get("max_steps", -1) or -1))
         try:
-            return get_peft_model(model, method.peft_config(settings))
+            with known_warnings_ignored():  # peft's deprecated transformers call, not the user's (plumbing.quiet)
+                return get_peft_model(model, method.peft_config(settings))
         except ValueError as err:
             raise InputError(f"cannot build the {method.name} adapter: {err}") from None
     assert method.trains is not None  # a method is an adapter or says which parameters train

@@ -12,6 +12,7 @@ command on several processes; only the main process writes files.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import math
 import os
@@ -21,19 +22,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lorma.errors import DiskFullError, InputError, RunInterrupted
-from lorma.fileio import (
+from lorma.plumbing.errors import DiskFullError, InputError, RunInterrupted, WriteFailedError
+from lorma.plumbing.fileio import (
+    WRITE_FAILURES,
     append_jsonl,
     atomic_write_json,
     atomic_write_text,
     directory_size,
     is_no_space,
     read_json,
+    save_traceback,
     staged_directory,
     trim_jsonl,
+    write_failure,
 )
-from lorma.processes import is_main_process, world_size
-from lorma.quiet import quiet_libraries
+from lorma.plumbing.processes import is_main_process, world_size
+from lorma.plumbing.quiet import quiet_libraries
 from lorma.recipes.config import RunConfig, dump_yaml
 from lorma.runs.fingerprints import check_run_inputs, input_changes, model_fingerprint, run_inputs
 from lorma.runs.layout import (
@@ -66,7 +70,7 @@ def weights_digest(model: Any) -> str:
 
     Sharded weights (FSDP2, ZeRO-3) are gathered whole first: a collective, so every rank calls this.
     """
-    from lorma.sharding import trainable_state_dict
+    from lorma.plumbing.sharding import trainable_state_dict
 
     digest = hashlib.sha256()
     for name, tensor in sorted(trainable_state_dict(model).items()):
@@ -210,13 +214,18 @@ def _best_eval(log_history: list[dict[str, Any]]) -> dict[str, float]:
     return best
 
 
-def _failed_write(err: BaseException) -> bool:
-    """Whether ``err`` says a write failed for lack of space (errno, or the text of torch's / safetensors'
-    writers, which do not keep the errno)."""
+def _failed_write(err: BaseException) -> str | None:
+    """Why the machine refused a write, when ``err`` says so (errno, or the text of torch's / safetensors'
+    writers, which do not always keep the errno): no space, a file-size limit, a read-only folder, no permission."""
     if isinstance(err, DiskFullError) or is_no_space(err):
-        return True
+        return WRITE_FAILURES[errno.ENOSPC]
+    found = write_failure(err)
+    if found is not None:
+        return found[0]
     text = str(err)
-    return any(s in text for s in ("No space left on device", "StorageFull", "os error 28", "Disk quota exceeded"))
+    if any(s in text for s in ("No space left on device", "StorageFull", "Disk quota exceeded")):
+        return WRITE_FAILURES[errno.ENOSPC]
+    return None
 
 
 def _torch_write_failure(err: BaseException) -> bool:
@@ -225,19 +234,28 @@ def _torch_write_failure(err: BaseException) -> bool:
                                                                          "PytorchStreamWriter"))
 
 
-def disk_full_error(err: BaseException, txn: RunTransaction) -> DiskFullError | None:
-    """A one-line :class:`DiskFullError` (what was being written, the space left, how to resume) when ``err``
-    is a failed write on a full disk; None for any other error."""
+def disk_full_error(err: BaseException, txn: RunTransaction) -> WriteFailedError | None:
+    """A one-line :class:`WriteFailedError` (:class:`DiskFullError` for a full disk) when ``err`` is a write the
+    machine refused: why, what was being written in which folder, what was kept (the last complete checkpoint) and
+    how to resume; ``err``'s traceback goes to :data:`~lorma.plumbing.fileio.ERROR_LOG` in the run's folder. None
+    for any other error."""
     folder = txn.work if txn.work.exists() else txn.final.parent
     free = shutil.disk_usage(folder).free
     scan = scan_checkpoints(txn.checkpoints)
     newest_size = directory_size(scan.newest) if scan.newest is not None else 0
-    if not (_failed_write(err) or (_torch_write_failure(err) and free < max(64 << 20, 2 * newest_size))):
+    reason = _failed_write(err)
+    if reason is None and _torch_write_failure(err) and free < max(64 << 20, 2 * newest_size):
+        reason = WRITE_FAILURES[errno.ENOSPC]
+    if reason is None:
         return None
     skipped = scan.skipped_newer()
     what = f"checkpoint {skipped[-1][0]}" if skipped else f"the files of {txn.work}"
-    return DiskFullError(f"no space left on the device while writing {what} ({free / 1e6:.1f} MB free); free some "
-                         f"space: {txn.describe_stop()}")
+    log = save_traceback(err, folder)
+    logged = f" (traceback in {log})" if log is not None else " (the traceback could not be saved either)"
+    if reason == WRITE_FAILURES[errno.ENOSPC]:
+        return DiskFullError(f"no space left on the device while writing {what} ({free / 1e6:.1f} MB free){logged}; "
+                             f"free some space: {txn.describe_stop()}")
+    return WriteFailedError(f"{reason} while writing {what}{logged}; {txn.describe_stop()}")
 
 
 def _trim_logs(work: Path, checkpoint: Path | None, rank_log: Path) -> None:
@@ -257,9 +275,9 @@ def run_training(cfg: RunConfig, overwrite: bool = False, resume: bool = False,
     ``allow_changed_inputs``: resume even if the model or data changed since the run started (recorded);
     without it that is refused (:mod:`lorma.runs.fingerprints`).
 
-    Raises :class:`~lorma.errors.InputError` for bad input (nothing written), :class:`RunInterrupted` on
-    Ctrl-C and :class:`DiskFullError` for a full disk (the run can be resumed from its last complete
-    checkpoint after either).
+    Raises :class:`~lorma.plumbing.errors.InputError` for bad input (nothing written), :class:`RunInterrupted` on
+    Ctrl-C and :class:`WriteFailedError` for a write the machine refused (:class:`DiskFullError` for a full disk;
+    the run can be resumed from its last complete checkpoint after either).
     """
     from lorma.recipes.learning_rates import head_rate_trainer
     from lorma.recipes.methods import build_method_model, check_adapter_fits, count_parameters
@@ -330,7 +348,7 @@ def run_training(cfg: RunConfig, overwrite: bool = False, resume: bool = False,
         if cfg.track_rank:
             callbacks.append(_rank_callback(cfg.track_rank, rank_log.parent, checkpoint is not None))
         if method.rank_budget:  # AdaLoRMA / AdaLoRA: prune to the rank budget after each step
-            from lorma.callbacks import RankAllocationCallback
+            from lorma.plumbing.callbacks import RankAllocationCallback
 
             callbacks.append(RankAllocationCallback())
         trainer = trainer_cls(model=model, args=args, callbacks=callbacks, **trainer_kwargs)
@@ -458,7 +476,7 @@ def _train_and_save(cfg: RunConfig, txn: RunTransaction, trainer: Any, task: Any
         metrics["tuning"] = tuning
     metrics.update(input_changes(out))  # resumes on changed inputs (allowed) or on unrecorded ones
     # a sharded model (FSDP2, ZeRO-3) is gathered on every rank (collective) and saved whole by the main process
-    from lorma.sharding import model_is_sharded, trainable_state_dict
+    from lorma.plumbing.sharding import model_is_sharded, trainable_state_dict
 
     whole = trainable_state_dict(model, get_method(cfg.method).adapter) if model_is_sharded(model) else None
     if is_main_process():

@@ -38,8 +38,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lorma.errors import InputError
-from lorma.fileio import atomic_write_json, read_json, strict_json
+from lorma.plumbing.errors import InputError
+from lorma.plumbing.fileio import atomic_write_json, read_json, strict_json
 from lorma.recipes.config import (
     METHOD_FAMILIES,
     RUN_FIELDS,
@@ -381,7 +381,7 @@ def tune(cfg: RunConfig, methods: list[str], root: Path, task: Any, quiet: bool 
     """
     from tqdm.auto import tqdm
 
-    from lorma.processes import is_main_process
+    from lorma.plumbing.processes import is_main_process
 
     if not getattr(task, "supports_validation", False):
         raise InputError(f"--tune needs a validation split; task '{task.name}' has none (classification tasks do)")
@@ -548,7 +548,7 @@ def _total(values: list[Any]) -> int | None:
 def _run_fold(cfg: RunConfig, method: str, values: dict[str, Any], run_dir: Path, main_metric: str, folds: int,
               fold: int) -> dict[str, Any]:
     """Train one candidate on one fold (or read it back from its ``candidate.json``)."""
-    from lorma.processes import is_main_process
+    from lorma.plumbing.processes import is_main_process
     from lorma.recipes.train import run_training
     from lorma.runs.fingerprints import inputs_unchanged
 
@@ -775,7 +775,7 @@ def train_tuned(cfg: RunConfig, overwrite: bool = False, resume: bool = False,
                 allow_changed_inputs: bool = False) -> dict[str, Any]:
     """``lorma train --tune``: tune ``cfg.method`` (candidates in ``OUTPUT_DIR/tuning/``), then the final run in
     ``OUTPUT_DIR`` with the chosen values; its ``metrics.json`` keeps the tuning record under ``tuning``."""
-    from lorma.processes import is_main_process
+    from lorma.plumbing.processes import is_main_process
     from lorma.recipes.train import run_training
     from lorma.runs.fingerprints import check_run_inputs, run_inputs
     from lorma.runs.paths import check_not_input

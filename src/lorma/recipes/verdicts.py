@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from lorma.fileio import read_json
+from lorma.plumbing.fileio import read_json
 from lorma.recipes.collapse import EVAL_PREDICTIONS
 
 CONFIDENCE = 0.95

@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lorma.errors import InputError
-from lorma.fileio import read_json
+from lorma.plumbing.errors import InputError
+from lorma.plumbing.fileio import read_json
 from lorma.runs.layout import RUN_INFO_FILE, check_adapter_dir
 
 #: the transformers class of each peft ``task_type``: how the base model of an adapter without a lorma run record
@@ -57,7 +57,7 @@ def load_adapter_model(adapter: Path, base_model: str | None = None) -> tuple[An
     adapter_config = check_adapter_dir(adapter)
     base, run_info = base_model_of(adapter, adapter_config, base_model)
 
-    from lorma.quiet import quiet_libraries
+    from lorma.plumbing.quiet import known_warnings_ignored, quiet_libraries
     from lorma.runs.fingerprints import model_fingerprint
 
     quiet_libraries()
@@ -83,7 +83,8 @@ def load_adapter_model(adapter: Path, base_model: str | None = None) -> tuple[An
 
             class_name = PEFT_TASK_MODEL_CLASSES.get(str(adapter_config.get("task_type")), "AutoModel")
             model = getattr(transformers, class_name).from_pretrained(base)
-        peft_model = PeftModel.from_pretrained(model, str(adapter))
+        with known_warnings_ignored():  # peft's deprecated transformers call, not the user's
+            peft_model = PeftModel.from_pretrained(model, str(adapter))
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         raise InputError(f"cannot load adapter {adapter} on base model '{base}': "
                           f"{str(err).strip().splitlines()[0]}") from None

@@ -8,7 +8,7 @@ processes: a cached hash would trust the modification time, which an edit can ke
 
 ``--resume`` fingerprints the inputs again before anything in the run is touched and compares (content decides:
 a file whose modification time alone changed is the same input, and is only noted). A change is refused with one
-line naming the file and what changed (:class:`~lorma.errors.InputError`, exit code 2), unless the user gives
+line naming the file and what changed (:class:`~lorma.plumbing.errors.InputError`, exit code 2), unless the user gives
 ``--allow-changed-inputs``: then the run goes on and ``inputs.json`` keeps, in ``history``, the old and the new
 fingerprints and that the user allowed it; ``metrics.json`` repeats that history under ``input_changes``. A run made
 before inputs were recorded (no ``inputs.json``) resumes with a warning that its inputs cannot be checked, and
@@ -36,8 +36,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from lorma.errors import DataFormatError, InputError
-from lorma.fileio import atomic_write_json, read_json
+from lorma.plumbing.errors import DataFormatError, InputError
+from lorma.plumbing.fileio import atomic_write_json, read_json
 from lorma.runs.layout import INPUTS_FILE, METRICS_FILE, checkpoint_step, notify
 
 FORMAT = 1

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorma.errors import DataFormatError, InputError
-from lorma.fileio import read_json, safetensors_problem, torch_file_problem
+from lorma.plumbing.errors import DataFormatError, InputError
+from lorma.plumbing.fileio import read_json, safetensors_problem, torch_file_problem
 
 CONFIG_FILE = "config.yaml"
 INPUTS_FILE = "inputs.json"

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from lorma.errors import DataFormatError
-from lorma.fileio import read_json, read_jsonl
+from lorma.plumbing.errors import DataFormatError
+from lorma.plumbing.fileio import read_json, read_jsonl
 from lorma.runs.layout import TRAINER_STATE_FILE
 
 

@@ -20,8 +20,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lorma.errors import UnknownNameError
-from lorma.registries import Registry, module_names
+from lorma.plumbing.errors import UnknownNameError
+from lorma.plumbing.named_registry import Registry, module_names
 
 __all__ = [
     "AdapterSettings",
@@ -76,7 +76,7 @@ class Method:
     #: a LoRMA variant (``LormaConfig.variant``: ``dorma``, ``adalorma``, ``dylorma``; docs/variants.md)
     variant: str | None = None
     #: prunes to a rank budget while it trains (AdaLoRMA, AdaLoRA): training adds
-    #: :class:`lorma.callbacks.RankAllocationCallback`
+    #: :class:`lorma.plumbing.callbacks.RankAllocationCallback`
     rank_budget: bool = False
     #: offered by ``lorma train`` / ``compare`` (False: a peer the benchmarks measure against only)
     trainable_by_recipes: bool = True

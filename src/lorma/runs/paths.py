@@ -8,7 +8,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from lorma.errors import InputError
+from lorma.plumbing.errors import InputError
 
 
 def check_output_location(path: Path, flag: str = "--output-dir") -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from lorma.fileio import atomic_path
+from lorma.plumbing.fileio import atomic_path
 
 
 def new_figure(width: float = 8.0, height: float = 4.5) -> tuple[Any, Any]:

@@ -25,8 +25,8 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from lorma.errors import DataFormatError
-from lorma.fileio import dumps_json, iter_jsonl, strict_json
+from lorma.plumbing.errors import DataFormatError
+from lorma.plumbing.fileio import dumps_json, iter_jsonl, strict_json
 from lorma.runs.layout import RANK_LOG
 from lorma.runs.spectrum import sv_summary
 
@@ -50,7 +50,7 @@ def module_key(name: str) -> str:
 
 def rank_records(model: Any, rtol: float | None = None) -> list[dict[str, Any]]:
     """One rank / singular-value record per LoRMA transform in ``model`` (no step fields)."""
-    from lorma.layer import LormaLayer
+    from lorma.layers.base import LormaLayer
 
     records: list[dict[str, Any]] = []
     for name, module in model.named_modules():
@@ -118,7 +118,7 @@ class RankTrackingCallback(TrainerCallback):
         if not records:
             if not self._found_layers:
                 raise ValueError(
-                    "RankTrackingCallback: the model has no LoRMA layers (lorma.layer.LormaLayer) to track; "
+                    "RankTrackingCallback: the model has no LoRMA layers (lorma.layers.base.LormaLayer) to track; "
                     "it tracks I(BA) of LoRMA adapters only"
                 )
             return

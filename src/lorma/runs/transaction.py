@@ -22,8 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lorma.errors import InputError
-from lorma.fileio import AdvisoryLock
+from lorma.plumbing.errors import InputError
+from lorma.plumbing.fileio import AdvisoryLock
 from lorma.runs.layout import (
     ADAPTER_DIR,
     CHECKPOINTS_DIR,
@@ -49,7 +49,7 @@ def staging_path(final: Path) -> Path:
 
 
 def old_path(final: Path) -> Path:
-    """Where the old run waits during the swap (:func:`lorma.fileio.replace_directory`'s name)."""
+    """Where the old run waits during the swap (:func:`lorma.plumbing.fileio.replace_directory`'s name)."""
     return final.with_name(f".{final.name}.old")
 
 
@@ -226,7 +226,7 @@ class RunTransaction:
     def commit(self) -> None:
         """The run has finished: move a staged run onto the final directory, then release the lock."""
         if self.main_process and self.staged:
-            from lorma.fileio import replace_directory
+            from lorma.plumbing.fileio import replace_directory
 
             for name in self.keep:
                 if (self.final / name).exists() and not (self.work / name).exists():

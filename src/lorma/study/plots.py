@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from lorma.fileio import atomic_path, read_jsonl
+from lorma.plumbing.fileio import atomic_path, read_jsonl
 
 __all__ = ["plot_loss_curves", "plot_paired_differences", "plot_rank_sweep"]
 

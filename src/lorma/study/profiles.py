@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from lorma.errors import InputError
+from lorma.plumbing.errors import InputError
 
 __all__ = ["PROFILES", "AblationSetup", "NlgSetup", "NluSetup", "Profile", "get_profile"]
 

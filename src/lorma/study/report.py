@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from lorma.fileio import atomic_write_text, read_json, read_jsonl
+from lorma.plumbing.fileio import atomic_write_text, read_json, read_jsonl
 from lorma.study.profiles import Profile
 
 __all__ = ["Results", "read_results", "write_report"]

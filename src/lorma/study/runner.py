@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorma.errors import InputError
-from lorma.fileio import append_jsonl, atomic_write_json, read_json, staged_directory
+from lorma.plumbing.errors import InputError
+from lorma.plumbing.fileio import append_jsonl, atomic_write_json, read_json, staged_directory
 from lorma.study.plan import Step, build_plan
 from lorma.study.profiles import MINILM, SMOLLM2, Profile
 

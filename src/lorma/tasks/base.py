@@ -12,7 +12,7 @@ How to add a task (e.g. ``e2e`` generation with a causal LM):
 2. Implement:
 
    - ``check_inputs()``: look at files and columns before anything heavy; raise
-     :class:`lorma.errors.InputError` naming the file/line/column that is wrong.
+     :class:`lorma.plumbing.errors.InputError` naming the file/line/column that is wrong.
    - ``load_model(tokenizer)``: the base model (e.g. ``AutoModelForCausalLM.from_pretrained``). Record in
      ``self.model_info`` what is needed to rebuild it for ``lorma merge`` (see :meth:`Task.model_info`).
    - ``build_datasets(tokenizer)``: ``(train_dataset, eval_dataset)``, tokenized; ``eval_dataset`` may be a
@@ -46,8 +46,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from lorma.errors import InputError
-from lorma.registries import Registry
+from lorma.plumbing.errors import InputError
+from lorma.plumbing.named_registry import Registry
 
 
 class Task:
@@ -180,8 +180,8 @@ def task_names() -> list[str]:
 
 
 def task_class(name: str) -> type[Task]:
-    """The Task class registered under ``name``; an :class:`~lorma.errors.UnknownNameError` (bad input) listing the
-    known names otherwise."""
+    """The Task class registered under ``name``; an :class:`~lorma.plumbing.errors.UnknownNameError` (bad input)
+    listing the known names otherwise."""
     return _REGISTRY.get(name)
 
 

@@ -53,7 +53,7 @@ def heldout_nll(model: Any, dataset: Any, collator: Any, batch_size: int, descri
     import torch.nn.functional as F
     from tqdm.auto import tqdm
 
-    from lorma.processes import is_main_process
+    from lorma.plumbing.processes import is_main_process
 
     was_training = model.training
     model.eval()
@@ -86,8 +86,8 @@ def _before_training_callback(task: ChatTask) -> Any:
     """A TrainerCallback evaluating the held-out set at step 0 (on a resumed run: read back from the run)."""
     from transformers import TrainerCallback
 
-    from lorma.fileio import atomic_write_json, read_json
-    from lorma.processes import is_main_process
+    from lorma.plumbing.fileio import atomic_write_json, read_json
+    from lorma.plumbing.processes import is_main_process
 
     class BeforeTraining(TrainerCallback):
         def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
@@ -201,8 +201,8 @@ class ChatTask(CausalLMGenerationTask):
     def generation_eval(self, model: Any, tokenizer: Any, items: list[ChatExample], prefix: Path | None
                         ) -> dict[str, float]:
         """Greedy replies to the last assistant turn of each held-out conversation, written as JSON lines."""
-        from lorma.fileio import atomic_write_text
-        from lorma.processes import is_main_process, world_size
+        from lorma.plumbing.fileio import atomic_write_text
+        from lorma.plumbing.processes import is_main_process, world_size
         from lorma.tasks.decoding import generate_texts, merged_copy
 
         contexts, references = [], []

@@ -23,7 +23,7 @@ __all__ = ["chat_segments", "encode_conversation", "render_conversation", "resol
 def resolve_chat_template(tokenizer: Any, given: str | None, model: str | None) -> None:
     """Set ``tokenizer.chat_template`` from ``given`` (a file or the template text) or keep the model's own;
     a one-line error when there is neither."""
-    from lorma.errors import InputError
+    from lorma.plumbing.errors import InputError
 
     if given:
         candidate = Path(given)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from lorma.errors import InputError
+from lorma.plumbing.errors import InputError
 from lorma.scoring.classification import classification_metrics, collapse_facts, is_imbalanced
 from lorma.tasks.base import Task, register_task
 from lorma.tasks.classification_data import read_classification_data

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lorma.errors import InputError
+from lorma.plumbing.errors import InputError
 from lorma.tasks.glue import GlueSpec
 from lorma.tasks.readers.tabular import Examples, read_examples
 

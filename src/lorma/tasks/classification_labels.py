@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from lorma.errors import InputError
+from lorma.plumbing.errors import InputError
 from lorma.tasks.glue import GlueSpec
 from lorma.tasks.readers.tabular import Examples
 
@@ -91,7 +91,7 @@ def model_id2label(model: str) -> dict[int, str]:
     bad data is reported at once), else through transformers' ``AutoConfig`` (hub names)."""
     local = Path(model) / "config.json"
     if local.is_file():
-        from lorma.fileio import read_json
+        from lorma.plumbing.fileio import read_json
 
         raw = read_json(local)
         raw = raw.get("id2label") if isinstance(raw, dict) else None

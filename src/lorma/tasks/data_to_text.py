@@ -159,7 +159,7 @@ class DataToTextTask(CausalLMGenerationTask):
         print(f"lorma train: {self.name} scores from the {label}")
         if prefix is not None:
             summary = prefix.with_name(prefix.name + ".metrics.json")
-            from lorma.fileio import atomic_write_json
+            from lorma.plumbing.fileio import atomic_write_json
 
             atomic_write_json(summary, {"scorer": label, "scores": metrics})
         return metrics

@@ -130,7 +130,7 @@ def one_line(text: str) -> str:
 
 
 def write_lines_atomic(path: str | Path, lines: Sequence[str], overwrite: bool = False) -> Path:
-    """Write ``lines`` one per line, atomically (:func:`lorma.fileio.atomic_write_text`).
+    """Write ``lines`` one per line, atomically (:func:`lorma.plumbing.fileio.atomic_write_text`).
 
     Refuses to replace an existing file unless ``overwrite``; refuses a line with a newline in it,
     which would shift every later prediction against its reference.
@@ -141,6 +141,6 @@ def write_lines_atomic(path: str | Path, lines: Sequence[str], overwrite: bool =
     for i, line in enumerate(lines):
         if "\n" in line or "\r" in line:
             raise ValueError(f"line {i + 1} for {p} contains a newline; use one_line() first")
-    from lorma.fileio import atomic_write_text
+    from lorma.plumbing.fileio import atomic_write_text
 
     return atomic_write_text(p, "".join(line + "\n" for line in lines))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorma.errors import InputError
+from lorma.plumbing.errors import InputError
 from lorma.tasks.base import Task
 from lorma.tasks.decoding import PAPER_DECODING, DecodingConfig
 from lorma.tasks.readers import DataFormatError, ReadResult

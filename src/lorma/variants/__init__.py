@@ -10,6 +10,9 @@ docs/variants.md describes and measures them, docs/extending.md shows how a vari
 A variant's options (``LormaConfig.variant_options``) and what it does to the whole model (a rank drawn per
 forward, a loss term, a step after the optimizer's) are declared on its class (:class:`LormaVariant`), so that
 ``LormaConfig`` and ``LormaModel`` ask this registry and never name a variant.
+
+May import: :mod:`lorma.functional`, :mod:`lorma.inflations` and :mod:`lorma.plumbing` only (a variant is handed
+the layer it serves, :class:`~lorma.variants.base.AdaptedLayer`, instead of importing the layers).
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ sensitivity-times-uncertainty score (``|theta * grad|``, EMAs ``beta1`` / ``beta
 That bookkeeping is peft's :class:`peft.tuners.adalora.layer.RankAllocator`, used as it is through a view that
 names our parameters the way it looks for them (:class:`_AllocatorView`); only the multiplicative layer is ours.
 ``LormaModel.update_and_allocate(step)`` runs it (call it after ``optimizer.step()``, before ``zero_grad()``, as
-peft's AdaLoRA asks; :class:`lorma.callbacks.RankAllocationCallback` does it inside a ``Trainer``), and records the
-per-module ranks in ``LormaConfig.variant_options["final_ranks"]``, saved with the adapter.
+peft's AdaLoRA asks; :class:`lorma.plumbing.callbacks.RankAllocationCallback` does it inside a ``Trainer``), and
+records the per-module ranks in ``LormaConfig.variant_options["final_ranks"]``, saved with the adapter.
 
 Since ``P diag(lambda) Q`` is the product ``B A`` of LoRMA+ with ``B = P diag(lambda)`` and ``A = Q``, everything
 else is LoRMA+'s, exactly: the activation forward ``h + s B(A h)``, the rank-``r`` merge, the Woodbury unmerge,

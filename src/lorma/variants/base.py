@@ -28,7 +28,7 @@ A variant also owns what it adds to the whole model, so that neither ``LormaConf
   LoRMA does nothing in any of them.
 
 Activations are row vectors (``(..., d)``); weights are in ``nn.Linear`` layout ``(d_out, d_in)``. The layer
-(:class:`lorma.layer.LormaLayer`) does the bookkeeping: the order adapters compose in, dtypes, merge state.
+(:class:`lorma.layers.base.LormaLayer`) does the bookkeeping: the order adapters compose in, dtypes, merge state.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ PairSlice = tuple[slice | None, torch.Tensor, torch.Tensor]
 
 
 class AdaptedLayer(Protocol):
-    """What a variant uses of the layer it serves (:class:`lorma.layer.LormaLayer` provides all of it)."""
+    """What a variant uses of the layer it serves (:class:`lorma.layers.base.LormaLayer` provides all of it)."""
 
     module_name: str
     in_features: int
@@ -60,7 +60,7 @@ class AdaptedLayer(Protocol):
     scaling: dict[str, float]
     side: dict[str, str]
     fused: dict[str, tuple[int, list[int]] | None]
-    base_weight: Any  # lorma.layer.FloatWeight, or lorma.bnb.QuantizedWeight
+    base_weight: Any  # lorma.layers.base.FloatWeight, or lorma.layers.bnb.QuantizedWeight
 
     def get_base_layer(self) -> nn.Module: ...
 
@@ -83,7 +83,7 @@ class LormaVariant:
 
     #: the name ``LormaConfig(variant=...)`` takes; empty for plain LoRMA
     name: ClassVar[str] = ""
-    #: whether one adapter's rows of a mixed-adapter batch (:mod:`lorma.mixed_batch`) can be computed by
+    #: whether one adapter's rows of a mixed-adapter batch (:mod:`lorma.layers.mixed_batch`) can be computed by
     #: :meth:`before_base` / :meth:`after_base` on those rows alone, as running them alone would
     mixed_batch: ClassVar[bool] = True
     #: the dataclass of this variant's options, ``LormaConfig(variant=name, variant_options={...})``: its fields

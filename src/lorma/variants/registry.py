@@ -3,7 +3,7 @@ registering itself with :func:`register_variant`); a user's own variant register
 
 from __future__ import annotations
 
-from ..registries import Registry
+from ..plumbing.named_registry import Registry
 from .base import LormaVariant
 
 _REGISTRY: Registry[type[LormaVariant]] = Registry(

@@ -5,7 +5,7 @@
 - :mod:`~lorma.tasks.readers.data_to_text`: E2E, DART, WebNLG.
 - :mod:`~lorma.tasks.readers.math_problems`: GSM8K, MATH, MetaMathQA.
 - :mod:`~lorma.tasks.readers.chat`: conversations for ``--task chat`` (``messages``, or prompt / response).
-- :mod:`~lorma.tasks.readers.plain`: predictions, blank-line reference groups, sniffing a file's format.
+- :mod:`~lorma.tasks.readers.plain_text`: predictions, blank-line reference groups, sniffing a file's format.
 - :mod:`~lorma.tasks.readers.tabular`: classification examples from CSV / TSV / JSONL (text, pair, label).
 - :mod:`~lorma.tasks.readers.packaged_data`: real classification data from installed PyPI data packages, written
   as train / test CSV files (the recipe study's and the demo's data).
@@ -23,7 +23,7 @@ from lorma.tasks.readers.data_to_text import (
     read_webnlg,
 )
 from lorma.tasks.readers.math_problems import MathExample, read_gsm8k, read_math, read_math_eval, read_metamathqa
-from lorma.tasks.readers.plain import read_predictions, read_reference_groups, sniff_format
+from lorma.tasks.readers.plain_text import read_predictions, read_reference_groups, sniff_format
 from lorma.tasks.readers.records import DataFormatError, ReadResult, allow_large_csv_fields
 
 __all__ = [

@@ -103,7 +103,7 @@ def chatterbot_conversations(language: str = "english") -> list[list[dict[str, s
 
 def write_chatterbot_jsonl(folder: str | Path, test_fraction: float = 0.1, seed: int = 0) -> tuple[Path, Path]:
     """``train.jsonl`` and ``test.jsonl`` of :func:`chatterbot_conversations` in ``folder`` (a seeded split)."""
-    from lorma.fileio import atomic_write_text
+    from lorma.plumbing.fileio import atomic_write_text
 
     conversations = chatterbot_conversations()
     random.Random(seed).shuffle(conversations)

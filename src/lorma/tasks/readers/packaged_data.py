@@ -50,8 +50,8 @@ import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from lorma.errors import InputError
-from lorma.fileio import atomic_path
+from lorma.plumbing.errors import InputError
+from lorma.plumbing.fileio import atomic_path
 
 Row = tuple[str, str]  # (text, label)
 PairRow = tuple[str, str, str]  # (text, text_pair, label): the label is last in both kinds of row

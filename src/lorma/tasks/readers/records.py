@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from lorma.errors import DataFormatError
+from lorma.plumbing.errors import DataFormatError
 
 T = TypeVar("T")
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from lorma.errors import InputError
+from lorma.plumbing.errors import InputError
 from lorma.tasks.readers.records import allow_large_csv_fields
 
 __all__ = ["Examples", "read_examples"]

@@ -32,8 +32,8 @@ from peft.utils.other import ModulesToSaveWrapper, get_pattern_key
 from peft.utils.save_and_load import load_peft_weights
 from torch import nn
 
-from .config import DEFAULT_FUSED_PARTS, LormaConfig
-from .layer import LormaLayer
+from ..config import DEFAULT_FUSED_PARTS, LormaConfig
+from ..layers.base import LormaLayer
 
 # keys of a saved adapter start with the PeftModel's path to the base model
 SAVED_PREFIX = "base_model.model."
@@ -87,7 +87,7 @@ def _plan(
     inner = _base_model(model)
     loaded_config = _loaded_config(model, adapter_name)
     # by their path in the model, which is what the saved keys hold (for nested expert-parameter wrappers it is
-    # not their module_name: lorma.experts)
+    # not their module_name: lorma.layers.experts)
     layers = {
         path: m for path, m in inner.named_modules() if isinstance(m, LormaLayer) and adapter_name in m.lorma_A
     }

@@ -3,7 +3,8 @@
 Every command prints a :class:`LormaError` as one line, ``lorma COMMAND: error: MESSAGE``, and exits with its
 ``exit_code``; anything else is a bug and keeps its traceback. The library raises the same types, so a
 caller of :func:`lorma.recipes.train.run_training` can tell bad input (:class:`InputError`) from a run that
-was stopped (:class:`RunInterrupted`) or a full disk (:class:`DiskFullError`).
+was stopped (:class:`RunInterrupted`) or a write the machine refused (:class:`WriteFailedError`: a full disk,
+:class:`DiskFullError`, a file-size limit, a read-only folder, no permission).
 """
 
 from __future__ import annotations
@@ -43,7 +44,12 @@ class RunLockedError(InputError):
     """Another live process is writing the run directory (its pid and host are in the message)."""
 
 
-class DiskFullError(LormaError):
+class WriteFailedError(LormaError):
+    """The machine refused a write (no space, a file-size limit, a read-only folder, no permission): not the user's
+    input nor a bug. The message names the folder and what was kept; what was saved before is intact."""
+
+
+class DiskFullError(WriteFailedError):
     """A write failed for lack of space; what was saved before is intact and the run can be resumed."""
 
 

@@ -1,9 +1,14 @@
-"""Registering LoRMA with peft (the ``PeftType.LORMA`` member itself is added by :mod:`lorma.peft_type`).
+"""Registering LoRMA with peft (the ``PeftType.LORMA`` member itself is added by :mod:`.peft_type`).
 
 peft looks methods up by ``PeftType`` members (``PeftType.LORA``, ...), and the enum has no public way to
 grow. ``register_peft_method`` (peft >= 0.15) does everything else but requires the member to exist, so we
 add ``PeftType.LORMA``, then register. If a future peft changes the enum's layout, this fails in peft_type, with a
 message that says so, instead of somewhere deep inside peft.
+
+*What* is registered is handed in, not imported here: :func:`register_when_peft_is_imported` takes a function that
+returns the config and model classes (``lorma/__init__`` passes one that imports :mod:`lorma.config` and
+:mod:`lorma.model`). So this room imports nothing of the core, and ``LormaConfig``, which needs ``PeftType.LORMA``
+when it is created, can import :mod:`.peft_type` from here without a cycle.
 
 *When* it happens: ``import lorma`` must stay cheap (the command line validates its input before importing
 torch, transformers or peft), yet after ``import lorma`` peft must know LORMA, whatever is imported next
@@ -26,9 +31,11 @@ import importlib.machinery
 import sys
 import threading
 import warnings
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
+from ..plumbing.quiet import known_noise_dropped
 from .peft_type import PEFT_TYPE_NAME, LormaRegistrationError, lorma_peft_type
 
 __all__ = [
@@ -39,6 +46,11 @@ __all__ = [
     "register_if_ready",
     "register_when_peft_is_imported",
 ]
+
+
+#: returns the classes peft registers, ``(LormaConfig, LormaModel)``: set by :func:`register_when_peft_is_imported`
+TunerClasses = Callable[[], tuple[type, type]]
+_tuner_classes: TunerClasses | None = None
 
 
 def register() -> None:
@@ -55,10 +67,10 @@ def register() -> None:
         raise LormaRegistrationError(
             f"peft {peft.__version__} has no register_peft_method (needs peft >= 0.15)"
         ) from err
-    from .config import LormaConfig
-    from .model import LormaModel
-
-    register_peft_method(name="lorma", config_cls=LormaConfig, model_cls=LormaModel, prefix="lorma_")
+    if _tuner_classes is None:
+        raise LormaRegistrationError("nothing to register: register_when_peft_is_imported was not called")
+    config_cls, model_cls = _tuner_classes()
+    register_peft_method(name="lorma", config_cls=config_cls, model_cls=model_cls, prefix="lorma_")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -117,7 +129,10 @@ class _LoaderThenRegister(importlib.abc.Loader):
         return self._loader.create_module(spec)
 
     def exec_module(self, module: ModuleType) -> None:
-        self._loader.exec_module(module)
+        # peft's import imports bitsandbytes, which may log a notice that says nothing to a user of lorma: dropped
+        # while peft's import runs, and only then (lorma.plumbing.quiet)
+        with known_noise_dropped() if module.__name__ == "peft" else contextlib.nullcontext():
+            self._loader.exec_module(module)
         register_if_ready(just_loaded=module.__name__)
 
     def __getattr__(self, name: str) -> Any:  # get_resource_reader, is_package, ... of the real loader
@@ -164,10 +179,12 @@ def _uninstall() -> None:
         _hook = None
 
 
-def register_when_peft_is_imported() -> None:
-    """Register LORMA with peft now if peft is imported, else as soon as it is (see the module docstring)."""
-    global _hook
+def register_when_peft_is_imported(tuner_classes: TunerClasses) -> None:
+    """Register LORMA with peft now if peft is imported, else as soon as it is (see the module docstring);
+    ``tuner_classes()`` returns the config and model classes, imported only when registration happens."""
+    global _hook, _tuner_classes
     with _lock:
+        _tuner_classes = tuner_classes
         if register_if_ready() or _hook is not None:
             return
         _hook = _PostImportHook()

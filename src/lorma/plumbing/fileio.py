@@ -1,12 +1,12 @@
 """File I/O that never leaves a half-written file: atomic writes, strict JSON, JSON Lines, an advisory lock.
 
-A leaf module (standard library and :mod:`lorma.errors` only), so that everything that writes can use it
+A leaf module (standard library and :mod:`lorma.plumbing.errors` only), so that everything that writes can use it
 without importing the heavy stack.
 
 * :func:`atomic_write_bytes` / :func:`atomic_write_text` / :func:`atomic_write_json` and the
   :func:`atomic_path` / :func:`staged_directory` context managers write beside the target (same folder, so
   the same filesystem) and ``os.replace`` it into place: a kill or a full disk leaves the old file (or none),
-  never a truncated one. A full disk is a :class:`~lorma.errors.DiskFullError` naming the file.
+  never a truncated one. A full disk is a :class:`~lorma.plumbing.errors.DiskFullError` naming the file.
 * :func:`strict_json` turns ``inf`` / ``nan`` into the strings ``"inf"`` / ``"nan"`` (JSON has no such numbers,
   and ``float()`` reads the strings back), so every JSON file lorma writes is valid JSON.
 * :func:`append_jsonl` / :func:`read_jsonl` / :func:`trim_jsonl`: logs are append-only; a line torn by a kill
@@ -24,6 +24,7 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import sys
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorma.errors import DataFormatError, DiskFullError, RunLockedError
+from lorma.plumbing.errors import DataFormatError, DiskFullError, RunLockedError
 
 try:  # POSIX; elsewhere the lock falls back to the pid check alone
     import fcntl
@@ -44,6 +45,56 @@ except ImportError:  # pragma: no cover - not on Linux / macOS
 
 #: errno values that mean "the disk (or the user's quota) is full"
 NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+#: errno values of a write the machine refuses until the user acts, and how each is said in one line
+WRITE_FAILURES: dict[int, str] = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large for this machine's file-size limit",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+#: how writers that drop the errno report it: safetensors' "I/O error: File too large (os error 27)"
+_OS_ERROR_TEXT = re.compile(r"\(os error (\d+)\)")
+
+
+def write_failure(err: BaseException) -> tuple[str, str | None] | None:
+    """Why the machine refused a write, as ``(reason, file)``, when ``err`` (or what caused it) is one of
+    :data:`WRITE_FAILURES`: an ``OSError`` with that errno, or a library's error that quotes it (``os error N``);
+    None for any other error."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in WRITE_FAILURES:
+            filename = current.filename if isinstance(current.filename, str) else None
+            return WRITE_FAILURES[current.errno], filename
+        match = _OS_ERROR_TEXT.search(str(current))
+        if match and int(match.group(1)) in WRITE_FAILURES:
+            return WRITE_FAILURES[int(match.group(1))], None
+        current = current.__cause__ or current.__context__
+    return None
+
+
+#: the file, in a run's folder, that keeps the traceback of a failure that the command reported in one line
+ERROR_LOG = "lorma_error.log"
+
+
+def save_traceback(err: BaseException, folder: Path) -> Path | None:
+    """Append ``err``'s traceback, with the time, to :data:`ERROR_LOG` in ``folder``; the file, or None when it
+    cannot be written either (the disk that refused the run's write may refuse this one)."""
+    import traceback
+
+    path = Path(folder) / ERROR_LOG
+    text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    try:
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} (pid {os.getpid()})\n{text}")
+    except OSError:
+        return None
+    return path
 
 
 def is_no_space(err: BaseException) -> bool:

@@ -27,10 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .functional import Pair
-from .layer import FloatWeight, LormaLayer
-from .sharding import full_weight
-from .variants import LormaVariant
+from ..functional import Pair
+from ..plumbing.sharding import full_weight
+from ..variants import LormaVariant
+from .base import FloatWeight, LormaLayer
 
 #: the base layers this module adapts
 CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)

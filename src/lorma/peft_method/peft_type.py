@@ -2,9 +2,8 @@
 
 peft looks methods up by ``PeftType`` members (``PeftType.LORA``, ...), and the enum has no public way to
 grow, so the member is added here, in place. If a future peft changes the enum's layout, this fails here, with a
-message that says so, instead of somewhere deep inside peft. A leaf module: ``LormaConfig`` needs the member
-when it is created, and registering the method with peft (:mod:`lorma.registry`) needs the config, so the member
-cannot live with the registration without an import cycle.
+message that says so, instead of somewhere deep inside peft. ``LormaConfig`` needs the member when it is created;
+registering the method (:mod:`.registration`) is another step, which the package face does once.
 """
 
 from __future__ import annotations

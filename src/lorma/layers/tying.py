@@ -6,7 +6,7 @@ that by the parameter's identity, not by module names (peft's ``ensure_weight_ty
 ``embed_tokens`` / ``lm_head``; GPT-2's ``wte`` is missed there):
 
 - ``LormaConfig(ensure_weight_tying=True)``: every ``nn.Linear`` that shares an adapted embedding's weight is wrapped
-  in :class:`lorma.embedding_layer.TiedLinear`, which applies the embedding's transform transposed; merged and
+  in :class:`lorma.layers.embedding.TiedLinear`, which applies the embedding's transform transposed; merged and
   unmerged models compute the same, and the weights stay tied (:func:`tie_output_layers`).
 - otherwise merging an adapted layer whose weight another module also holds is refused (:func:`refuse_shared_merges`):
   the other module would change too, and the unmerged model does not adapt it.
@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterator
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_submodules
 from torch import nn
 
-from .embedding_layer import Embedding, TiedLinear
-from .layer import LormaLayer
+from .base import LormaLayer
+from .embedding import Embedding, TiedLinear
 
 
 def _weight_of(module: nn.Module) -> nn.Parameter | None:

@@ -5,7 +5,7 @@ or to objects (a method: an instance of :class:`lorma.runs.method_registry.Metho
 an entry of the family, a non-empty name, one entry per name; the same class defined again (a module re-imported or
 reloaded, which makes a new class object with the same module and qualified name) replaces itself, so that reloading
 a user's module is not an error; another entry under a taken name is. An unknown name is an
-:class:`~lorma.errors.UnknownNameError` that lists the known ones.
+:class:`~lorma.plumbing.errors.UnknownNameError` that lists the known ones.
 
 Built-ins are found, not listed: ``package`` names the folder that holds them, and nothing else has to be edited to
 add one. Two layouts:
@@ -30,7 +30,7 @@ import pkgutil
 from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar
 
-from lorma.errors import UnknownNameError
+from lorma.plumbing.errors import UnknownNameError
 
 __all__ = ["Registry", "module_names"]
 

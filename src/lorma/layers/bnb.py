@@ -7,7 +7,7 @@ The adapters stay fp32. The dense "fold into the weight" strategy of the float l
 (it would need ``W0`` in floating point every step).
 
 The quantized layer differs from the float one only in how its weight is read and written
-(:class:`QuantizedWeight` against :class:`lorma.layer.FloatWeight`). Merging dequantizes ``W0``, merges in fp32
+(:class:`QuantizedWeight` against :class:`lorma.layers.base.FloatWeight`). Merging dequantizes ``W0``, merges in fp32
 and re-quantizes (the weight stays 4/8-bit: merge_and_unload gives a quantized model, with the rounding of one
 more quantization). Unmerging restores the original quantized weight object bit for bit (it is kept at merge
 time). To get a float model instead, call ``merge_and_unload(dequantize=True)`` on the peft model
@@ -25,7 +25,7 @@ import torch
 from peft.utils.integrations import dequantize_bnb_weight
 from torch import nn
 
-from .layer import FloatWeight, LormaLayer
+from .base import FloatWeight, LormaLayer
 
 
 def is_bnb_available() -> bool:
@@ -226,7 +226,7 @@ class QuantLinear(nn.Module, LormaLayer):
         return LormaLayer.forward(self, x, *args, **kwargs)
 
     def __repr__(self) -> str:
-        return "lorma.bnb." + nn.Module.__repr__(self)
+        return "lorma.layers.bnb." + nn.Module.__repr__(self)
 
 
 def module_bytes(model: nn.Module) -> int:

@@ -26,9 +26,9 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .conv_layer import refuse_linear_only_options
-from .layer import LormaLayer
-from .variants import LormaVariant
+from ..variants import LormaVariant
+from .base import LormaLayer
+from .conv import refuse_linear_only_options
 
 
 class EmbeddingVariant(LormaVariant):

@@ -38,11 +38,11 @@ from peft.utils.other import get_pattern_key
 from torch import nn
 from torch.func import functional_call
 
-from .config import LormaConfig
-from .inflations import DEFAULT_FFT_CHUNK_BYTES, DEFAULT_MAX_DENSE_BYTES
-from .layer import LormaLayer
-from .sharding import refuse_sharded_write
-from .variants import LormaVariant
+from ..config import LormaConfig
+from ..inflations import DEFAULT_FFT_CHUNK_BYTES, DEFAULT_MAX_DENSE_BYTES
+from ..plumbing.sharding import refuse_sharded_write
+from ..variants import LormaVariant
+from .base import LormaLayer
 
 
 class LormaExperts(nn.Module, LormaLayer):
@@ -136,7 +136,7 @@ class LormaExperts(nn.Module, LormaLayer):
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
-        """To the parameter's device, keeping the adapter's dtype (as :class:`lorma.layer.LormaLayer` does)."""
+        """To the parameter's device, keeping the adapter's dtype (as :class:`lorma.layers.base.LormaLayer` does)."""
         target = device if device is not None else self.get_param().device
         if torch.device(target).type == "meta":
             return

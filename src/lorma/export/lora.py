@@ -39,10 +39,10 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from peft.utils.other import AuxiliaryTrainingWrapper
 from transformers.pytorch_utils import Conv1D
 
-from .inflations import get_inflation
-from .layer import LormaLayer
-from .model import LormaModel
-from .variants import DyLormaVariant, LormaVariant, get_variant
+from ..inflations import get_inflation
+from ..layers.base import LormaLayer
+from ..model import LormaModel
+from ..variants import DyLormaVariant, LormaVariant, get_variant
 
 EXPORT_REPORT_FILE = "lorma_export.json"
 #: peft's prefix for LoRMA's own tensors (``lorma_A``, ``lorma_B``, a variant's ``lorma_...``); every other tensor of
@@ -126,7 +126,7 @@ class LoraExport:
         """
         from safetensors.torch import save_file
 
-        from .fileio import atomic_write_json, atomic_write_text, staged_directory
+        from ..plumbing.fileio import atomic_write_json, atomic_write_text, staged_directory
 
         out = Path(out_dir)
         if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:

@@ -27,7 +27,7 @@ import torch
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
-from .variants.base import AdaptedLayer
+from ..variants.base import AdaptedLayer
 
 #: the name peft uses for "no adapter" in ``adapter_names``
 BASE_ROW = "__base__"
@@ -183,7 +183,7 @@ def install_adapter_names(
                 f"{where}: adapter {name!r} is a {variant!r} adapter, which cannot serve mixed batches (its output "
                 "depends on the whole weight it transforms); activate it alone instead"
             )
-        # layers that see something else than the batch's rows (MoE experts see routed tokens: lorma.experts)
+        # layers that see something else than the batch's rows (MoE experts see routed tokens: lorma.layers.experts)
         refused = [m for m in layers if name in m.lorma_A and not getattr(m, "mixed_batch", True)]
         if refused:
             raise ValueError(

@@ -1,11 +1,12 @@
-"""The peft tuner layer: LoRMA around an ``nn.Linear`` or a transformers ``Conv1D``.
+"""What every LoRMA layer is: :class:`LormaLayer`, the peft tuner layer that the layers of this package specialise
+(``linear.py``: ``nn.Linear`` / ``Conv1D``, ``conv.py``, ``embedding.py``, ``experts.py``, ``bnb.py``).
 
 This module holds the parameters (``lorma_A`` / ``lorma_B`` per adapter name, as peft's LoRA holds ``lora_A`` /
 ``lora_B``) and implements peft's merge / unmerge / multi-adapter protocol. What an adapter computes is asked of
 its variant object (:class:`lorma.variants.LormaVariant`: plain LoRMA unless ``LormaConfig.variant`` names
 another), which holds the adapter's inflation (:mod:`lorma.inflations`); the math is in :mod:`lorma.functional`.
 How the base weight is read and written is asked of :attr:`LormaLayer.base_weight` (:class:`FloatWeight` here;
-a quantized base has its own, :class:`lorma.bnb.QuantizedWeight`).
+a quantized base has its own, :class:`lorma.layers.bnb.QuantizedWeight`).
 
 Forward, for the active adapters in order (the same composition that merging them in that order gives):
 post-side transforms act on the input, in reverse order (``W0 I1 I2 x`` applies ``I2`` first), then the base
@@ -22,17 +23,17 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .functional import SIDES
-from .inflations import DEFAULT_FFT_CHUNK_BYTES, DEFAULT_MAX_DENSE_BYTES, get_inflation
+from ..functional import SIDES
+from ..inflations import DEFAULT_FFT_CHUNK_BYTES, DEFAULT_MAX_DENSE_BYTES, get_inflation
+from ..plumbing.sharding import full_weight, refuse_sharded_write
+from ..variants import LormaVariant, get_variant
 from .mixed_batch import mixed_batch_forward
-from .sharding import full_weight, refuse_sharded_write
-from .variants import LormaVariant, get_variant
 
 
 class FloatWeight:
     """The weight of a float base layer as the adapter math reads and writes it: ``nn.Linear`` layout.
 
-    The counterpart for a bitsandbytes 4/8-bit base is :class:`lorma.bnb.QuantizedWeight`; a layer's merge and
+    The counterpart for a bitsandbytes 4/8-bit base is :class:`lorma.layers.bnb.QuantizedWeight`; a layer's merge and
     unmerge go through these methods only, so that the quantized layer differs in this object alone.
     """
 
@@ -44,7 +45,8 @@ class FloatWeight:
 
     def read(self, base: nn.Module) -> torch.Tensor:
         """``W`` ``(d_out, d_in)``: a view of the parameter (transposed for ``Conv1D``), in its dtype; gathered whole
-        when it is sharded (FSDP2 / ZeRO-3 outside the base layer's forward: :func:`lorma.sharding.full_weight`)."""
+        when it is sharded (FSDP2 / ZeRO-3 outside the base layer's forward:
+        :func:`lorma.plumbing.sharding.full_weight`)."""
         weight = full_weight(base.weight)
         return weight.T if self.fan_in_fan_out else weight
 
@@ -129,7 +131,7 @@ class LormaLayer(BaseTunerLayer):
     def transform_sizes_of(self, base: nn.Module) -> tuple[int, int] | None:
         """``(d_in, d_out)``, the sizes of the post- and pre-side transforms, for a base layer that is neither an
         ``nn.Linear`` nor a ``Conv1D``; ``None`` if this class does not adapt it. Overridden by the convolution and
-        embedding layers (:mod:`lorma.conv_layer`, :mod:`lorma.embedding_layer`)."""
+        embedding layers (:mod:`lorma.layers.conv`, :mod:`lorma.layers.embedding`)."""
         return None
 
     # ------------------------------------------------------------------ construction
@@ -311,7 +313,7 @@ class LormaLayer(BaseTunerLayer):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        # one adapter per row of the batch (peft's keyword; lorma.mixed_batch)
+        # one adapter per row of the batch (peft's keyword; lorma.layers.mixed_batch)
         adapter_names = kwargs.pop("adapter_names", None)
         if self.disable_adapters:
             if self.merged:
@@ -352,22 +354,3 @@ class LormaLayer(BaseTunerLayer):
     def __repr__(self) -> str:
         return "lorma." + super().__repr__()
 
-
-class Linear(nn.Module, LormaLayer):
-    """LoRMA around an ``nn.Linear`` (or a ``Conv1D``, whose weight is stored transposed)."""
-
-    def __init__(
-        self,
-        base_layer: nn.Module,
-        adapter_name: str,
-        module_name: str = "",
-        fan_in_fan_out: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__()
-        LormaLayer.__init__(self, base_layer, module_name=module_name, fan_in_fan_out=fan_in_fan_out)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, **kwargs)
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return LormaLayer.forward(self, x, *args, **kwargs)
