@@ -8,7 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from lorma.fileio import read_json
+from lorma.plumbing.fileio import read_json
 from lorma.study.plan import build_plan, plan_table
 from lorma.study.profiles import Profile
 
