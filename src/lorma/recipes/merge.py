@@ -63,6 +63,6 @@ def _tokenizer(adapter: Path, base: str) -> tuple[object | None, str | None]:
     try:
         return AutoTokenizer.from_pretrained(source), None
     except (OSError, ValueError, TypeError, KeyError):
-        where = f"the adapter ({adapter}) nor the base model ({base})" if source == base else f"{source}"
-        return None, (f"no tokenizer copied: {'neither ' if source == base else ''}{where} holds one that loads; save "
-                      "one beside the merged model before using it")
+        why = (f"neither the adapter ({adapter}) nor the base model ({base}) holds one" if source == base
+               else f"the one in {adapter} does not load")
+        return None, f"no tokenizer copied: {why}; save one beside the merged model before using it"
