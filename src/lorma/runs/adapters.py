@@ -14,6 +14,7 @@ into is never merged, exported or measured.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -277,7 +278,9 @@ def load_adapter_model(adapter: Path, base_model: str | None = None, model_class
         class_name = cls.__name__
         model, new_weights = _load_base_model(base, cls, source, shapes, prefix, saved_modules)
     try:
-        peft_model = PeftModel.from_pretrained(model, str(adapter))
+        with warnings.catch_warnings():  # what peft only warns about is refused below, naming the tensors
+            warnings.filterwarnings("ignore", message=".*missing adapter keys", category=UserWarning)
+            peft_model = PeftModel.from_pretrained(model, str(adapter))
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         raise InputError(f"cannot load adapter {adapter} onto base model '{base}' (as {class_name}, from {source}): "
                          f"{str(err).strip().splitlines()[0]}") from None
