@@ -166,7 +166,7 @@ def test_combined_verdict_and_stopping_rule() -> None:
     assert S.combine(["met", "met"]) == "met"
     assert S.combine(["met", "inconclusive"]) == "inconclusive"
     assert S.combine(["inconclusive", "not met", "met"]) == "not met"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least one verdict"):
         S.combine([])
     assert S.precise_enough([S.Estimate(1.0, 0.96, 1.04, 5), S.Estimate(2.0, 1.95, 2.05, 5)])
     assert not S.precise_enough([S.Estimate(1.0, 0.96, 1.04, 5), S.Estimate(2.0, 1.9, 2.05, 5)])
