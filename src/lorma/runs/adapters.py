@@ -194,9 +194,10 @@ def _plan_base_model(cls: Any, config: Any, shapes: dict[str, tuple[int, ...]], 
 
 def _load_base_model(base: str, cls: Any, source: str, shapes: dict[str, tuple[int, ...]], prefix: str,
                      saved_modules: set[str]) -> tuple[Any, list[str]]:
-    """The base model as ``cls``, its head sized as the adapter saved it; refused when weights of its backbone (or
-    of a module the adapter adapts) are missing from the checkpoint. Returns the model and the weights that were
-    newly initialized (a head the adapter did not save)."""
+    """The base model as ``cls``, its head sized as the adapter saved it; refused when the weights of a module the
+    adapter adapts are missing from the checkpoint (transformers would fill them at random, e.g. a class whose
+    backbone has another name than the checkpoint's). Returns the model and the weights that were newly
+    initialized otherwise (a head the adapter did not save): a merged model holds them as they were drawn."""
     from transformers import AutoConfig
 
     where = f"base model '{base}' as {cls.__name__} (the class from {source})"
@@ -215,21 +216,19 @@ def _load_base_model(base: str, cls: Any, source: str, shapes: dict[str, tuple[i
     mismatched = {item[0] if isinstance(item, tuple) else item for item in info.get("mismatched_keys") or ()}
     fresh = sorted(set(info.get("missing_keys") or ()) | mismatched)
     adapted = {_module_of(key, prefix)[0] for key in shapes if _module_of(key, prefix)[1]}
-    backbone = getattr(model, "base_model_prefix", "")
-    has_backbone = bool(backbone) and hasattr(model, backbone) and getattr(model, backbone) is not model
 
     def covered(name: str) -> bool:  # saved with the adapter: the adapter's copy replaces it
         return any(name == m or name.startswith(f"{m}.") for m in saved_modules)
 
-    def vital(name: str) -> bool:  # a backbone weight or one an adapter transforms: never trained from random
-        return not has_backbone or name.startswith(f"{backbone}.") or any(name.startswith(f"{m}.") for m in adapted)
+    def transformed(name: str) -> bool:  # the weight W0 of an adapted module: its update I(BA) W0 depends on it
+        return any(name.startswith(f"{m}.") for m in adapted)
 
     fresh = [name for name in fresh if not covered(name)]
-    broken = [name for name in fresh if vital(name)]
+    broken = [name for name in fresh if transformed(name)]
     if broken:
-        raise InputError(f"{where}: {len(broken)} of its weights are not in the checkpoint (first: {broken[0]}), so "
-                         "they would be random: the checkpoint is not a model of this class; give --base-model the "
-                         f"model the adapter was trained on, or {MODEL_CLASS_FLAG}")
+        raise InputError(f"{where}: {len(broken)} weights of the modules the adapter adapts are not in the checkpoint "
+                         f"(first: {broken[0]}), so they would be random: the checkpoint is not a model of this "
+                         f"class; give --base-model the model the adapter was trained on, or {MODEL_CLASS_FLAG}")
     return model, fresh
 
 
