@@ -75,6 +75,7 @@ SLOW_FIRST = {
     "test_distributed_sharded.py": 22,
     "test_input_fingerprints.py": 20,
     "test_compile.py": 20,
+    "test_handmade_adapters.py": 20,
 }
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -164,7 +166,7 @@ def test_combined_verdict_and_stopping_rule() -> None:
     assert S.combine(["met", "met"]) == "met"
     assert S.combine(["met", "inconclusive"]) == "inconclusive"
     assert S.combine(["inconclusive", "not met", "met"]) == "not met"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least one verdict"):
         S.combine([])
     assert S.precise_enough([S.Estimate(1.0, 0.96, 1.04, 5), S.Estimate(2.0, 1.95, 2.05, 5)])
     assert not S.precise_enough([S.Estimate(1.0, 0.96, 1.04, 5), S.Estimate(2.0, 1.9, 2.05, 5)])
@@ -244,13 +246,22 @@ def test_device_selection() -> None:
     assert D.select_device("auto") == D.select_device("auto", torch.cuda.is_available())
 
 
-def test_cuda_clock_synchronises_around_the_step_and_cpu_clock_does_not() -> None:
+def test_cuda_clock_synchronises_around_the_step_and_cpu_clock_does_not(monkeypatch) -> None:
+    """A fake clock that each event moves on by its own amount: the time returned is the step and the wait for its
+    kernels (the second sync), never the wait for work queued before it (the first)."""
+    now = [0.0]
     events: list[str] = []
-    clock = D.step_clock(torch.device("cuda"), synchronize=lambda: events.append("sync"))
-    assert clock(lambda: events.append("step")) >= 0.0
+
+    def event(name: str, seconds: float) -> Callable[[], None]:
+        return lambda: (events.append(name), now.__setitem__(0, now[0] + seconds))
+
+    monkeypatch.setattr(D, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    sync = iter([event("sync", 1.0), event("sync", 100.0)])
+    clock = D.step_clock(torch.device("cuda"), synchronize=lambda: next(sync)())
+    assert clock(event("step", 10.0)) == 110.0
     assert events == ["sync", "step", "sync"]
     events.clear()
-    D.step_clock(torch.device("cpu"))(lambda: events.append("step"))
+    assert D.step_clock(torch.device("cpu"))(event("step", 10.0)) == 10.0
     assert events == ["step"]
 
 

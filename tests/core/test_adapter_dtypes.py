@@ -120,7 +120,9 @@ def test_half_adapters_forward_merge_unmerge(dtype: torch.dtype, inflation: str,
     w0 = linear_weight(layer).clone()
     x = torch.randn(7, 16, dtype=dtype)
     expected = dense_forward(layer, "default", x)  # float64 formula on the half-precision values
-    tol = 30 * EPS[dtype] * expected.abs().max().item()
+    # rounding costs at most 0.96 eps * max over these cases; the adapter moves the output by 60 to 2000 eps * max
+    # (30 eps, the old bound, let an adapter half skipped through)
+    tol = 4 * EPS[dtype] * expected.abs().max().item()
     with torch.no_grad():
         outputs = {"chosen": layer(x)}
         if inflation != "plus":

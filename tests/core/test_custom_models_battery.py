@@ -147,6 +147,11 @@ def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> bool:
     return torch.allclose(a, b, atol=tol, rtol=tol)
 
 
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64."""
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
 def tuner_layers(model: nn.Module) -> list[LormaLayer]:
     return [m for m in model.modules() if isinstance(m, LormaLayer)]
 
@@ -331,12 +336,19 @@ def test_bfloat16_base_forward_and_merge(case: tuple[str, str, str]) -> None:
     name, inflation, side = case
     x = inputs(name)
     model = peft_model(name, inflation, side)
+    with torch.no_grad():  # float32 references: the adapted output, and the adapter's own effect on it
+        reference = model(x).double()
+        with model.disable_adapter():
+            effect = relative_error(model(x), reference)
     model = model.to(torch.bfloat16)
     x = x if x.dtype == torch.long else x.to(torch.bfloat16)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     out = model(x)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     model.merge_adapter()
-    assert torch.allclose(model(x).float(), out.float(), atol=0.1, rtol=0.05)
+    # bfloat16 rounding costs about 0.4% here; the adapter moves the output by 1.8% to 80% (a merge that did nothing
+    # would be off by that much): the merged output must be within bfloat16's precision and well inside the effect
+    error = relative_error(model(x), reference)
+    assert error < 0.01 and error < effect / 3, (error, effect)
     model.unmerge_adapter()
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)

@@ -463,14 +463,15 @@ def test_cli_choices_are_the_library_ones() -> None:
 
 
 def test_cli_refuses_modules_to_save_before_loading(llama_adapter, tmp_path: Path, capsys, monkeypatch) -> None:
-    import lorma.recipes.merge
+    import lorma.runs.adapters
 
     adapter, _ = llama_adapter
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the refusal")
 
-    monkeypatch.setattr(lorma.recipes.merge, "load_adapter_model", no_loading)
+    # export loads through lorma.runs.adapters (imported at call time, so the patched name is the one called)
+    monkeypatch.setattr(lorma.runs.adapters, "load_adapter_model", no_loading)
     out = tmp_path / "out"
     for serving in SERVING_CHOICES:
         assert main(["export", str(adapter), str(out), "--serving", serving]) == 2
@@ -516,7 +517,7 @@ def test_cli_refuses_a_base_llamacpp_cannot_convert_before_loading(tiny_gpt2, tm
                                                                     monkeypatch) -> None:
     from transformers import AutoModelForCausalLM
 
-    import lorma.recipes.merge
+    import lorma.runs.adapters
 
     tiny_gpt2.save_pretrained(tmp_path / "base")
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
@@ -524,7 +525,7 @@ def test_cli_refuses_a_base_llamacpp_cannot_convert_before_loading(tiny_gpt2, tm
     model.save_pretrained(tmp_path / "adapter")
     out = tmp_path / "out"
     with monkeypatch.context() as patch:
-        patch.setattr(lorma.recipes.merge, "load_adapter_model", lambda *a, **k: pytest.fail("loaded"))
+        patch.setattr(lorma.runs.adapters, "load_adapter_model", lambda *a, **k: pytest.fail("loaded"))
         assert main(["export", str(tmp_path / "adapter"), str(out), "--serving", "llamacpp"]) == 2
     assert "the base model is a GPT2LMHeadModel" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "adapter"), str(out), "--serving", "vllm"]) == 2  # known once loaded

@@ -101,7 +101,7 @@ def test_staged_directory_replaces_only_when_complete(tmp_path: Path) -> None:
     final = tmp_path / "adapter"
     with staged_directory(final) as tmp:
         (tmp / "a").write_text("old")
-    with pytest.raises(RuntimeError), staged_directory(final) as tmp:
+    with pytest.raises(RuntimeError, match="^killed$"), staged_directory(final) as tmp:
         (tmp / "a").write_text("new, half")
         raise RuntimeError("killed")
     assert (final / "a").read_text() == "old"

@@ -135,7 +135,7 @@ def test_compiled_model_does_not_recompile(tmp_path: Path, inflation: str, side:
         # the check can see a recompile: changing a Python value the forward reads (the scaling) triggers one
         layer = next(m for m in model.modules() if isinstance(m, LormaLayer))
         layer.scaling["default"] = layer.scaling["default"] * 2
-        with pytest.raises(Exception, match="[Rr]ecompil"):
+        with pytest.raises(torch._dynamo.exc.RecompileError, match="[Rr]ecompil"):
             compiled(X)
     torch._dynamo.reset()
 

@@ -74,7 +74,7 @@ def test_forward_is_the_formula_around_the_quantized_layer(monkeypatch, kind: st
     out = layer(x)
     out.square().mean().backward()
     monkeypatch.undo()
-    assert rel_err(out.detach(), expected_output(layer, x)) < 2e-3 if kind == "8bit" else 1e-5
+    assert rel_err(out.detach(), expected_output(layer, x)) < (2e-3 if kind == "8bit" else 1e-5)
     assert layer.lorma_A["default"].grad is not None and layer.lorma_B["default"].grad is not None
     if kind == "4bit":  # and it is LoRMA of the dequantized weight
         W0 = LB.dequantized_weight(layer.get_base_layer()).double()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorma.plumbing.errors import InputError
+from lorma.plumbing.errors import DataFormatError, InputError
 from lorma.tasks.chat import heldout_nll
 from lorma.tasks.chat_template import chat_segments, encode_conversation, resolve_chat_template
 from lorma.tasks.readers.chat import read_chat
@@ -163,11 +163,13 @@ def test_reader_formats_and_errors(tmp_path: Path) -> None:
                                       {"role": "assistant", "content": "Hi."})
     bad_role = write_jsonl(tmp_path / "role.jsonl", [{"messages": THREE_TURNS},
                                                      {"messages": [{"role": "bot", "content": "x"}]}])
-    with pytest.raises(Exception, match=r"role\.jsonl:2: .*role 'bot'"):
+    with pytest.raises(DataFormatError, match=r"role\.jsonl:2: .*role 'bot'") as bad:
         read_chat(bad_role)
+    assert (bad.value.path, bad.value.line) == (str(bad_role), 2)
     no_reply = write_jsonl(tmp_path / "noreply.jsonl", [{"messages": [{"role": "user", "content": "Hello"}]}])
-    with pytest.raises(Exception, match=r"noreply\.jsonl:1: .*no non-empty assistant turn"):
+    with pytest.raises(DataFormatError, match=r"noreply\.jsonl:1: .*no non-empty assistant turn") as bad:
         read_chat(no_reply)
+    assert (bad.value.path, bad.value.line) == (str(no_reply), 1)
     assert len(read_chat(bad_role, skip_bad=True).items) == 1
 
 

@@ -104,13 +104,13 @@ def test_transaction_refuses_before_writing(tmp_path: Path) -> None:
 
 def test_an_error_before_training_removes_what_the_transaction_created(tmp_path: Path) -> None:
     out = tmp_path / "new" / "deeper" / "run"
-    with pytest.raises(RuntimeError), RunTransaction(out) as txn:
+    with pytest.raises(RuntimeError, match="^bad target modules$"), RunTransaction(out) as txn:
         txn.prepare()
         (txn.work / "config.yaml").write_text("x")
         raise RuntimeError("bad target modules")
     assert list(tmp_path.iterdir()) == []
     # after training started, the run stays for --resume; the lock goes either way
-    with pytest.raises(RuntimeError), RunTransaction(out) as txn:
+    with pytest.raises(RuntimeError, match="^out of memory at step 3$"), RunTransaction(out) as txn:
         txn.prepare()
         (txn.work / "config.yaml").write_text("x")
         txn.started()
@@ -120,7 +120,7 @@ def test_an_error_before_training_removes_what_the_transaction_created(tmp_path:
 
 def test_overwrite_is_staged_beside_and_swapped_on_commit(tmp_path: Path) -> None:
     run = _run_dir(tmp_path / "run")
-    with pytest.raises(RuntimeError), RunTransaction(run, overwrite=True) as txn:
+    with pytest.raises(RuntimeError, match="^crash$"), RunTransaction(run, overwrite=True) as txn:
         assert txn.work == tmp_path / ".run.new"
         txn.prepare()
         (txn.work / "config.yaml").write_text("new")

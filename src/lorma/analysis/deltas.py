@@ -104,37 +104,16 @@ def resolve_base_model(adapter_dir: str | os.PathLike[str], base_model: str | No
     return str(path)
 
 
-def load_adapter_model(adapter_dir: str | os.PathLike[str], base_model: str) -> Any:
+def load_adapter_model(adapter_dir: str | os.PathLike[str], base_model: str, model_class: str | None = None) -> Any:
     """The base model with the saved adapter loaded, float32, eval mode: rebuilt as ``lorma merge`` rebuilds it.
 
-    :func:`lorma.recipes.merge.load_adapter_model` checks the adapter's files and the base model's recorded
-    shapes, and rebuilds the base model through the task recorded at training (a classification head of the
-    run's size and labels), or for an adapter trained elsewhere as the transformers class of its peft
-    ``task_type``. Afterwards every saved tensor is checked against the loaded model, because a key that matched
-    nothing would otherwise leave that adapter at its initial value and every measurement silently wrong.
+    :func:`lorma.runs.adapters.load_adapter_model` checks the adapter's files and the base model's recorded
+    shapes, rebuilds the base model as the class the adapter was trained on (the task recorded by ``lorma train``,
+    else peft's record, else ``model_class``), and refuses an adapter whose saved tensors did not all land
+    unchanged: a tensor that matched nothing would leave that adapter at its initial value and every measurement
+    silently wrong.
     """
-    import torch
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import load_file
-
     from lorma.runs.adapters import load_adapter_model as load_as_merge_does
-    from lorma.runs.layout import adapter_weights_file
 
-    adapter_dir = Path(adapter_dir)
-    weights = adapter_weights_file(adapter_dir)
-    model, _ = load_as_merge_does(adapter_dir, base_model)
-    model.float().eval()
-    if weights.suffix == ".safetensors":
-        tensors = load_file(str(weights))
-    else:
-        tensors = torch.load(str(weights), map_location="cpu", weights_only=True)
-    loaded = get_peft_model_state_dict(model)
-    for key, value in tensors.items():
-        if key not in loaded:
-            raise ValueError(
-                f"{adapter_dir}: saved tensor {key!r} matches no module of base model {base_model} "
-                f"(is it the adapter's base model?)"
-            )
-        if loaded[key].shape != value.shape or not torch.equal(loaded[key].float().cpu(), value.float()):
-            raise ValueError(f"{adapter_dir}: saved tensor {key!r} did not load into {base_model} unchanged")
-    return model
+    model = load_as_merge_does(Path(adapter_dir), base_model, model_class).model
+    return model.float().eval()

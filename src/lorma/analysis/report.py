@@ -43,7 +43,8 @@ OUTPUT_NAMES = (
     "final_ranks.png",
 )
 
-def _measure_model(run: RunInfo, base_model: str | None, rtol: float | None) -> tuple[dict[str, Any], str]:
+def _measure_model(run: RunInfo, base_model: str | None, rtol: float | None,
+                   model_class: str | None = None) -> tuple[dict[str, Any], str]:
     """Deltas (numpy, for comparisons) and per-module measurements of one run's adapter."""
     from lorma.runs.rank_log import rank_records
 
@@ -52,7 +53,7 @@ def _measure_model(run: RunInfo, base_model: str | None, rtol: float | None) -> 
     if run.adapter_dir is None:
         raise ValueError(f"{run.path}: no saved adapter (adapter_config.json) found in the run directory")
     base = resolve_base_model(run.adapter_dir, base_model, run.base_model_hint)
-    model = load_adapter_model(run.adapter_dir, base)
+    model = load_adapter_model(run.adapter_dir, base, model_class)
     deltas = extract_deltas(model)
     transforms = {}
     for rec in rank_records(model, rtol=rtol):
@@ -110,13 +111,15 @@ def analyze(
     smoothing: Smoothing = 5,
     seed: int = 0,
     plots: bool = True,
+    model_class: str | None = None,
 ) -> dict[str, Any]:
     """Measure ``run_dir`` (and compare with ``against``); write ``analysis.json``/``.txt`` and PNGs to ``out_dir``.
 
     ``rtol`` is the relative rank tolerance (None: ``max(m, n) * eps(float32)``, the deltas being
     float32). ``against_base_model`` defaults to ``base_model``. ``seed`` seeds the random controls
     (module ``i`` in sorted order uses ``seed`` + a CRC of its name, so controls do not depend on which
-    other modules are present).
+    other modules are present). ``model_class`` is the transformers class to rebuild a base model as, for an
+    adapter that records none (both runs).
     """
     run = read_run(run_dir)
     other = read_run(against) if against is not None else None
@@ -136,7 +139,7 @@ def analyze(
     }
     measured = None
     if run.adapter_dir is not None:
-        measured, base = _measure_model(run, base_model, rtol)
+        measured, base = _measure_model(run, base_model, rtol, model_class)
         result["run"]["base_model"] = base
         result["run"]["adapter_dir"] = str(run.adapter_dir)
         result["modules"] = measured["modules"]
@@ -161,7 +164,7 @@ def analyze(
         if other_budget is not None:
             result.setdefault("final_ranks", {})["against"] = other_budget
         if measured is not None and other.adapter_dir is not None:
-            ref, ref_base = _measure_model(other, against_base_model or base_model, rtol)
+            ref, ref_base = _measure_model(other, against_base_model or base_model, rtol, model_class)
             result["against"]["base_model"] = ref_base
             result["against"]["modules"] = ref["modules"]
             result["comparison"] = _compare(measured["arrays"], ref["arrays"], seed)

@@ -30,9 +30,11 @@ from lorma.runs.layout import (
     RUN_INFO_FILE,
     TRAINER_STATE_FILE,
     missing_adapter_reason,
+    named_adapter_dirs,
     read_adapter_config,
     read_yaml_settings,
     scan_checkpoints,
+    several_adapters_message,
 )
 from lorma.runs.loss_curve import read_loss_log
 from lorma.runs.method_registry import label_of, method_of_adapter_config
@@ -80,8 +82,10 @@ def find_adapter_dir(run_dir: Path) -> Path | None:
     checkpoints = [p for p in _complete_checkpoints(run_dir) if (p / ADAPTER_CONFIG_FILE).is_file()]
     if checkpoints:
         return checkpoints[0]
-    others = sorted(p.parent for p in run_dir.glob(f"*/{ADAPTER_CONFIG_FILE}"))
-    return others[0] if len(others) == 1 else None
+    others = named_adapter_dirs(run_dir)
+    if len(others) > 1:  # several adapters saved side by side (peft's folders per adapter name): never one at random
+        raise ValueError(several_adapters_message(run_dir, others))
+    return others[0] if others else None
 
 
 def read_loss_curve(run_dir: Path) -> tuple[tuple[list[float], list[float]], Path] | None:

@@ -1,7 +1,8 @@
 """``lorma analyze RUN_DIR [--against OTHER] [--base-model DIR] [--out DIR] [--tol RTOL]``.
 
 Prints a table per module and a summary over modules, and writes ``analysis.json``, ``analysis.txt``
-and PNG plots to ``--out`` (default ``RUN_DIR/analysis``). Heavy imports happen inside :func:`run`.
+and PNG plots to ``--out`` (default ``RUN_DIR/analysis``, or ``RUN_DIR-analysis`` beside an adapter directory,
+which a command never writes into). Heavy imports happen inside :func:`run`.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import argparse
 import math
 from pathlib import Path
 from typing import Any
+
+from lorma.runs.adapters import MODEL_CLASS_HELP
 
 __all__ = ["register", "run"]
 
@@ -41,6 +44,18 @@ def _rtol(text: str) -> float:
     return value
 
 
+def default_out(run_dir: Path) -> Path:
+    """Where the report goes without ``--out``: ``RUN_DIR/analysis`` for a run directory; beside a saved adapter
+    directory (``ADAPTER-analysis``), because a command never writes into its own input."""
+    from lorma.runs.layout import ADAPTER_CONFIG_FILE
+
+    if not (run_dir / ADAPTER_CONFIG_FILE).is_file():
+        return run_dir / "analysis"
+    if run_dir.name in ("", ".", ".."):
+        run_dir = run_dir.resolve()
+    return run_dir.parent / f"{run_dir.name}-analysis"
+
+
 def register(subparsers: Any) -> None:
     """Add the ``analyze`` subcommand."""
     p = subparsers.add_parser(
@@ -60,7 +75,9 @@ def register(subparsers: Any) -> None:
         help="Base model directory (default: from the run's config, else the adapter's base_model_name_or_path).",
     )
     p.add_argument("--against-base-model", metavar="DIR", help="Base model of --against (default: --base-model).")
-    p.add_argument("--out", metavar="DIR", help="Where to write the report and plots (default: RUN_DIR/analysis).")
+    p.add_argument("--model-class", metavar="CLASS", help=MODEL_CLASS_HELP + " Applies to --against too.")
+    p.add_argument("--out", metavar="DIR", help="Where to write the report and plots (default: RUN_DIR/analysis; "
+                   "for a saved adapter directory, RUN_DIR-analysis beside it).")
     p.add_argument(
         "--tol",
         type=_rtol,
@@ -94,11 +111,15 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (("--base-model", args.base_model), ("--against-base-model", args.against_base_model)):
         if value is not None and not Path(value).is_dir():
             raise InputError(f"{flag} {value}: not a local directory")
-    out = Path(args.out) if args.out else run_dir / "analysis"
     from lorma.analysis.report import OUTPUT_NAMES
     from lorma.analysis.runs import read_run
-    from lorma.runs.layout import adapter_weights_file, compare_runs, missing_adapter_reason
+    from lorma.runs.adapters import check_model_class
+    from lorma.runs.layout import ADAPTER_CONFIG_FILE, adapter_weights_file, compare_runs, missing_adapter_reason
     from lorma.runs.paths import check_not_input, check_output_location
+
+    check_model_class(args.model_class)
+    beside = args.out is None and (run_dir / ADAPTER_CONFIG_FILE).is_file()
+    out = Path(args.out) if args.out else default_out(run_dir)
 
     check_output_location(out, "--out")
     existing = [name for name in OUTPUT_NAMES if (out / name).exists()]
@@ -142,11 +163,15 @@ def run(args: argparse.Namespace) -> int:
             smoothing=args.smoothing,
             seed=args.seed,
             plots=not args.no_plots,
+            model_class=args.model_class,
         )
     except InputError:
         raise
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         raise InputError(str(err)) from err
     print(format_report(result), end="")
+    if beside:
+        print(f"{run_dir} is an adapter directory, which a command never writes into: the report went beside it, to "
+              f"{out} (--out chooses another place)")
     print(f"report: {out / 'analysis.txt'}, {out / 'analysis.json'}")
     return 0

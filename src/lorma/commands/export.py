@@ -25,6 +25,7 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 from lorma.plumbing.errors import InputError
+from lorma.runs.adapters import MODEL_CLASS_HELP
 
 if TYPE_CHECKING:
     pass
@@ -49,6 +50,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("out_dir", metavar="OUT_DIR", help="Where to write the exported adapter.")
     parser.add_argument("--format", default="lora", choices=FORMATS, help="Adapter format to write (default lora).")
     parser.add_argument("--base-model", default=None, help="Base model (default: the one recorded with the adapter).")
+    parser.add_argument("--model-class", default=None, metavar="CLASS", help=MODEL_CLASS_HELP)
     parser.add_argument("--rank", type=int, default=None, help="pi / none: LoRA rank of every module.")
     parser.add_argument("--max-error", type=float, default=None, help="pi / none: per module, the smallest rank "
                         "whose relative error ||dW - B A||_F / ||dW||_F is at most this (e.g. 0.05).")
@@ -88,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             serving=args.serving,
             modules_to_save=args.modules_to_save,
+            model_class=args.model_class,
         )
     except ExportError as err:
         if err.modules:  # a refused lossy export: show what it would have been, module by module

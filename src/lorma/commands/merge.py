@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from lorma.runs.adapters import MODEL_CLASS_HELP
+
 
 def register(subparsers: Any) -> None:
     """Add the ``merge`` subcommand."""
@@ -22,6 +24,7 @@ def register(subparsers: Any) -> None:
     merge.add_argument("out_dir", metavar="OUT_DIR", help="Where to save the merged model.")
     merge.add_argument("--base-model", default=None, help="Base model to merge into (default: the one recorded "
                                                           "with the adapter).")
+    merge.add_argument("--model-class", default=None, metavar="CLASS", help=MODEL_CLASS_HELP)
     merge.add_argument("--overwrite", action="store_true", help="Replace a non-empty OUT_DIR.")
     merge.set_defaults(func=run)
 
@@ -30,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
     """``lorma merge``: adapter + base -> one plain transformers model."""
     from lorma.recipes.merge import merge_adapter
 
-    out = merge_adapter(args.adapter_dir, args.out_dir, base_model=args.base_model, overwrite=args.overwrite)
+    out = merge_adapter(args.adapter_dir, args.out_dir, base_model=args.base_model, overwrite=args.overwrite,
+                        model_class=args.model_class)
     print(f"merged model saved to {out} (load it with transformers' from_pretrained)")
     return 0

@@ -24,8 +24,12 @@ def export_adapter(
     overwrite: bool = False,
     serving: str | None = None,
     modules_to_save: str | None = None,
+    model_class: str | None = None,
 ) -> tuple[LoraExport, Path]:
-    """``lorma export``: the LoRMA adapter of a run (or adapter) directory, written as a LoRA adapter to ``out_dir``."""
+    """``lorma export``: the LoRMA adapter of a run (or adapter) directory, written as a LoRA adapter to ``out_dir``.
+
+    ``model_class`` names the transformers class to rebuild the base model as, for an adapter that records none.
+    """
     from lorma.export.lora import (
         ExportError,
         ServingFacts,
@@ -34,7 +38,7 @@ def export_adapter(
         lora_export,
         saved_module_sizes,
     )
-    from lorma.runs.adapters import base_model_config, base_model_of, load_adapter_model
+    from lorma.runs.adapters import base_model_config, base_model_of, check_model_class, load_adapter_model
     from lorma.runs.layout import adapter_weights_file, find_adapter
     from lorma.runs.paths import check_not_input, check_output_location
 
@@ -50,6 +54,7 @@ def export_adapter(
     if recorded.get("peft_type") != "LORMA":
         raise ExportError(f"{adapter} holds a {recorded.get('peft_type')} adapter, not a LoRMA one (nothing to export)")
     check_options("default", str(recorded.get("inflation")), rank, max_error, recorded.get("variant"))
+    check_model_class(model_class)
     if modules_to_save is not None and serving is None:
         raise ExportError("--modules-to-save applies to --serving exports (a plain export keeps modules_to_save in "
                           "the adapter, as peft loads them)")
@@ -63,9 +68,9 @@ def export_adapter(
             saved=saved_module_sizes(sizes, recorded.get("modules_to_save") or ()),
             rank=rank,
         ), modules_to_save)
-    peft_model, _ = load_adapter_model(adapter, base_model)
+    loaded = load_adapter_model(adapter, base_model, model_class)
     exported = lora_export(
-        peft_model, "default", rank=rank, max_error=max_error, allow_approximate=allow_approximate,
+        loaded.model, "default", rank=rank, max_error=max_error, allow_approximate=allow_approximate,
         serving=serving, modules_to_save=modules_to_save,
     )
     exported.source["adapter"] = str(adapter)

@@ -257,11 +257,33 @@ def find_adapter(path: Path) -> FinishedAdapter:
         raise InputError(f"adapter directory not found: {path}")
     if not path.is_dir():
         raise InputError(f"{path}: not a directory (give an adapter directory or a run directory)")
+    named = named_adapter_dirs(path)
     if (path / ADAPTER_CONFIG_FILE).is_file():
+        if named:
+            notify(f"{path} also holds the adapters {', '.join(p.name for p in named)} (peft's folders for adapters "
+                   f"not named 'default'); using the one in {path} itself; give {named[0]} to use another")
         return FinishedAdapter(path, check_adapter_dir(path), None)
     adapter = path / ADAPTER_DIR
     if (adapter / ADAPTER_CONFIG_FILE).is_file():
         config = check_adapter_dir(adapter)
         check_run_consistency(path, adapter, config)
         return FinishedAdapter(adapter, config, path)
+    if len(named) == 1:
+        notify(f"using {named[0]}, the one adapter in {path} (peft saves an adapter not named 'default' in a folder "
+               "of its name)")
+        return FinishedAdapter(named[0], check_adapter_dir(named[0]), None)
+    if named:
+        raise InputError(several_adapters_message(path, named))
     raise InputError(f"{path}: {missing_adapter_reason(path)}")
+
+
+def named_adapter_dirs(path: Path) -> list[Path]:
+    """The adapters peft saved in sub-folders of ``path`` (``save_pretrained`` puts an adapter not named
+    ``default`` in a folder of its name), sorted; a run's ``adapter/`` is not one of them."""
+    return sorted(p.parent for p in path.glob(f"*/{ADAPTER_CONFIG_FILE}") if p.parent.name != ADAPTER_DIR)
+
+
+def several_adapters_message(path: Path, named: list[Path]) -> str:
+    """Why ``path`` is refused when it holds several named adapters and none of its own: which to give instead."""
+    return (f"{path} holds {len(named)} adapters ({', '.join(p.name for p in named)}), each in a folder of its "
+            f"name as peft saves them: give one of them, e.g. {named[0]}")
