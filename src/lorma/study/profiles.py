@@ -109,29 +109,29 @@ class Profile:
 MINILM = "minilm"
 SMOLLM2 = "smollm2"
 #: the NLU datasets of the cpu profile, all packaged (lorma.tasks.readers.packaged_data): sentiment (tweets, Rotten
-#: Tomatoes sentences: SST-2's source), topics (BBC news, conversations), SMS spam, TREC question types, and a sentence
-#: pair set (movie replies, QNLI-like). The two other tweet sets (imbalanced, ambiguous) repeat tweets-small's domain
-#: and are left out for time.
+#: Tomatoes sentences: SST-2's source), conversation topics, SMS spam, TREC question types, and a sentence-pair set
+#: (movie replies, QNLI-like). Left out for time: the two other tweet sets (they repeat tweets-small's domain) and
+#: bbc-imbalanced (long articles, and every method already reaches 0.95 macro-F1 there: docs/main-job.md).
 CPU_NLU_DATASETS = ("tweets-small", "chatterbot-topics", "rt-polarity", "movie-replies", "sms-spam",
-                    "trec-questions", "bbc-imbalanced")
+                    "trec-questions")
 #: the ablations run where the main results are neither saturated nor at chance and the texts are short (cheap):
 #: tweet sentiment (3 classes, the corpus's own balance) and conversation topics (6 classes, naturally skewed)
 CPU_ABLATION_DATASETS = ("tweets-small", "chatterbot-topics")
 
 CPU_NLU_SETTINGS: dict[str, Any] = {
     "r": 8, "alpha": 8, "target_modules": ["query", "value"], "max_seq_length": 128,
-    "training": {"max_steps": 300, "per_device_train_batch_size": 16, "eval_strategy": "epoch",
+    "training": {"max_steps": 200, "per_device_train_batch_size": 16, "eval_strategy": "epoch",
                  "save_strategy": "no", "logging_steps": 5, "report_to": "none"},
 }
 # E2E on SmolLM2: Table 16's adapter settings (r = 4, alpha = 32, dropout 0.1, label smoothing 0.1, weight decay 0.01,
-# linear schedule) for a budget of 150 steps of 8 pairs (1,200 pairs, a quarter of the 4,672) instead of 5 epochs of
+# linear schedule) for a budget of 100 steps of 8 pairs (800 pairs, a sixth of the 4,672) instead of 5 epochs of
 # 42k: a training step of SmolLM2 costs about 11 CPU seconds here. The rate is raised from 2e-4 to 2e-3 to learn in
 # that budget (docs/generation.md's real run), the same for every method as in the paper's table. Decoding: greedy
 # with no_repeat_ngram_size 4 (the paper: beam 10, length penalty 0.9): beam 10 on the 630 test MRs would cost 1.5-3
 # CPU hours per run here, greedy about 17 minutes. The held-out loss is taken on the first 640 test pairs.
 CPU_E2E_SETTINGS: dict[str, Any] = {
     "r": 4, "alpha": 32, "dropout": 0.1, "max_seq_length": 96,
-    "training": {"max_steps": 150, "per_device_train_batch_size": 8, "learning_rate": 2e-3, "warmup_steps": 10,
+    "training": {"max_steps": 100, "per_device_train_batch_size": 8, "learning_rate": 2e-3, "warmup_steps": 10,
                  "lr_scheduler_type": "linear", "label_smoothing_factor": 0.1, "weight_decay": 0.01,
                  "eval_strategy": "no", "save_strategy": "steps", "save_steps": 50, "save_total_limit": 1,
                  "logging_steps": 5, "report_to": "none", "use_cpu": True},
@@ -145,15 +145,20 @@ CPU = Profile(
     seeds=3,
     nlu=NluSetup(model=MINILM, datasets=CPU_NLU_DATASETS, methods=("lora", "lorma-plus", "lorma-pi", "full"),
                  settings=CPU_NLU_SETTINGS),
-    ablation=AblationSetup(datasets=CPU_ABLATION_DATASETS, rank_datasets=("tweets-small",),
-                           tune_datasets=("tweets-small",)),
+    # the sweeps thinned to fit the budget: ranks 1, 4, 16 beside the main runs' 8; three target sets at the
+    # budget of {q, v} r = 4 (Table 10's points: one matrix, two, four)
+    ablation=AblationSetup(datasets=CPU_ABLATION_DATASETS, ranks=(1, 4, 16), rank_datasets=("tweets-small",),
+                           target_sets=((("query",), 8), (("query", "value"), 4),
+                                        (("query", "key", "value", "dense"), 2)),
+                           default_rate_methods=("lora", "lorma-plus"), tune_datasets=("tweets-small",),
+                           tune_methods=("lorma-plus",)),
     nlg=(NlgSetup(model=SMOLLM2, task="e2e", train_file="{nlg_data}/e2e_devset.csv",
                   eval_file="{nlg_data}/e2e_testset_w_refs.csv", methods=("lora", "lorma-plus", "lorma-pi"),
                   settings=CPU_E2E_SETTINGS, eval_inputs=630,
                   note="trained on the E2E development set (4,672 pairs; the 42k training set is not reachable)"),),
     # measured here (see REPRODUCTION.md, "Cost"); nlu-eval per row, nlg-decode per input at beam 10
-    seconds={"nlu-adapter": 0.45, "nlu-full": 0.75, "nlu-eval": 0.004, "nlg-train": 11.0, "nlg-decode": 1.6,
-             "nlg-loss": 0.25, "range-test": 0.6, "analysis": 60.0},
+    seconds={"nlu-adapter": 1.3, "nlu-full": 2.0, "nlu-eval": 0.015, "nlg-train": 11.0, "nlg-decode": 1.6,
+             "nlg-loss": 0.25, "range-test": 1.8, "analysis": 60.0},
     untested={
         2: "WebNLG and DART are not run (budget); E2E only",
     },
