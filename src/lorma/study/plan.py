@@ -251,5 +251,5 @@ def plan_table(steps: list[Step], done: set[str], jobs: int = 1) -> tuple[list[s
     total = sum(r[2] for r in rows.values())
     closing = (f"{len(steps)} steps, {sum(1 for s in steps if s.key in done)} done; estimated {total / 3600:.1f} CPU "
                f"hours in all, {left / 3600:.1f} left: about {left / 3600 / max(jobs, 1):.1f} hours of wall time with "
-               f"--jobs {jobs} on an otherwise idle machine (one thread per job)")
+               f"--jobs {jobs} (one thread per job) on a machine like the one the costs were measured on")
     return header, table, closing

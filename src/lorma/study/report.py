@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from lorma.plumbing.fileio import atomic_write_text, read_json, read_jsonl
+from lorma.study.plan import ADAPTER_NAMES
 from lorma.study.profiles import Profile
 
 __all__ = ["Results", "read_results", "write_report"]
@@ -581,12 +582,17 @@ def claims(profile: Profile, facts: dict[str, Any]) -> list[Claim]:
                      f"post - pre: {counts(side)}", parity_verdict(side) if side and sum(side.values()) else
                      "no result yet"))
     rank = abl.get("rank")
+    ablation = profile.ablation
+    main_r = int(profile.nlu.settings.get("r", 8)) if profile.nlu else 8
+    ranks = sorted({*(ablation.ranks if ablation else ()), main_r})
     out.append(Claim(6, "Performance grows with r, and with more target matrices", "Table 8, Fig. 5",
-                     "r in {1, 2, 4, 8, 16}, alpha = r", f"largest r - smallest r: {counts(rank)}",
+                     f"r in {{{', '.join(map(str, ranks))}}}, alpha = r", f"largest r - smallest r: {counts(rank)}",
                      superiority_verdict(rank) if rank and sum(rank.values()) else "no result yet"))
     targets = abl.get("targets")
     out.append(Claim(7, "At a fixed budget, spreading it over more matrices is better", "Table 10 (RoBERTa base)",
-                     "LoRMA+ on {q} r=8, {q,k} r=4, {q,v} r=4, {q,k,v,o} r=2", f"against {{q}} r=8: {counts(targets)}",
+                     "LoRMA+ on " + ", ".join("{" + ",".join(ADAPTER_NAMES.get(m, m) for m in mods) + f"}} r={r}"
+                                              for mods, r in (ablation.target_sets if ablation else ())),
+                     f"against {{q}} alone: {counts(targets)}",
                      superiority_verdict(targets) if targets and sum(targets.values()) else "no result yet"))
     closer = facts["delta"]["closer"]
     if closer:
