@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +84,10 @@ class LoraExport:
     serving: str | None = None  # the loader it was checked for (``--serving``)
     #: with ``modules_to_save="separate"``: the trained modules' tensors under the base model's own parameter names
     separate: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: what :meth:`save` wrote the adapter as: "lora" (a peft adapter) or "gguf" (llama.cpp's LoRA file)
+    format: str = "lora"
+    #: the files the adapter was written to, relative to the output directory (set by :meth:`save`)
+    files: list[str] = field(default_factory=list)
 
     @property
     def max_relative_error(self) -> float:
@@ -97,13 +101,15 @@ class LoraExport:
     def report(self) -> dict[str, Any]:
         """What ``lorma_export.json`` holds."""
         report = {
-            "format": "lora",
+            "format": self.format,
             "source": self.source,
             "r": self.config.r,
             "exact": self.exact,
             "max_relative_error": self.max_relative_error,
             "modules": [asdict(m) for m in self.modules],
         }
+        if self.files:
+            report["files"] = list(self.files)
         if self.serving is not None:
             report["serving"] = self.serving
             if self.serving == "vllm":
@@ -119,10 +125,13 @@ class LoraExport:
         """The per-module rank and relative error, as printed by ``lorma export``."""
         return format_table(self.modules)
 
-    def save(self, out_dir: str | os.PathLike[str], overwrite: bool = False) -> Path:
+    def save(self, out_dir: str | os.PathLike[str], overwrite: bool = False,
+             writer: Callable[[Path], list[str]] | None = None) -> Path:
         """Write ``adapter_config.json``, ``adapter_model.safetensors`` and ``lorma_export.json`` atomically.
 
         With modules kept apart (``separate``): also ``modules_to_save.safetensors`` and the note on merging them.
+        ``writer``: writes the adapter in another format into the staging directory instead of the peft files and
+        returns the names it wrote (:func:`lorma.gguf_export.gguf_writer_for`: llama.cpp's GGUF).
         """
         from safetensors.torch import save_file
 
@@ -132,9 +141,12 @@ class LoraExport:
         if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
             raise ExportError(f"output directory {out} exists and is not empty; give --overwrite")
         with staged_directory(out) as tmp:  # an existing directory is replaced only once the new one is complete
-            self.config.save_pretrained(str(tmp))
-            tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict.items()}
-            save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+            if writer is not None:
+                self.files = writer(tmp)
+            else:
+                self.config.save_pretrained(str(tmp))
+                tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict.items()}
+                save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
             if self.separate:
                 separate = {k: v.detach().to("cpu").contiguous() for k, v in self.separate.items()}
                 save_file(separate, str(tmp / MODULES_TO_SAVE_FILE), metadata={"format": "pt"})
@@ -505,7 +517,8 @@ def lora_export(
             f"this export is lossy: {len(lossy)} of {len(modules)} modules lose more than float32 rounding "
             f"(worst {worst.module}: relative error {worst.relative_error:.3g} at rank {worst.rank}), because a "
             f"{inflation!r} adapter's update is full rank and LoRA keeps only the top singular directions; give "
-            "--allow-approximate to write it anyway, or a larger --rank / smaller --max-error",
+            "--allow-approximate to write it anyway, or a larger --rank / smaller --max-error; to serve it exactly, "
+            "merge it (lorma merge) and serve or convert the merged model (llama.cpp: convert_hf_to_gguf.py)",
             modules,
         )
 
@@ -587,7 +600,8 @@ def check_options(
         raise ExportError(
             f"adapter {adapter_name!r} has {kind}: its update W - W0 is full rank, so a LoRA "
             "adapter can only approximate it (a truncated SVD per module); give --rank K or --max-error E, "
-            "and --allow-approximate"
+            "and --allow-approximate, or serve it exactly by merging it (lorma merge) and serving or converting the "
+            "merged model (llama.cpp: convert_hf_to_gguf.py)"
         )
 
 

@@ -24,13 +24,26 @@ def export_adapter(
     overwrite: bool = False,
     serving: str | None = None,
     modules_to_save: str | None = None,
+    format: str = "lora",
 ) -> tuple[LoraExport, Path]:
-    """``lorma export``: the LoRMA adapter of a run (or adapter) directory, written as a LoRA adapter to ``out_dir``."""
+    """``lorma export``: the LoRMA adapter of a run (or adapter) directory, written as a LoRA adapter to ``out_dir``.
+
+    ``format="gguf"``: llama.cpp's LoRA GGUF file (:mod:`lorma.gguf_export`), checked as ``serving="llamacpp"``.
+    """
     from lorma.export import ExportError, ServingFacts, check_options, check_serving, lora_export, saved_module_sizes
     from lorma.runs.adapters import base_model_config, base_model_of, load_adapter_model
     from lorma.runs.layout import adapter_weights_file, find_adapter
     from lorma.runs.paths import check_not_input, check_output_location
 
+    if format not in ("lora", "gguf"):
+        raise ExportError(f"--format must be lora or gguf, got {format!r}")
+    if format == "gguf":  # llama.cpp's file: its loader's rules, and the gguf package to write it
+        from lorma.gguf_export import check_gguf_available
+
+        if serving not in (None, "llamacpp"):
+            raise ExportError(f"--format gguf is llama.cpp's adapter file; --serving {serving} does not apply to it")
+        serving = "llamacpp"
+        check_gguf_available()
     found = find_adapter(Path(source))  # the adapter's files checked, and a run's adapter/ consistent with it
     adapter, recorded = found.path, found.config
     out = Path(out_dir)
@@ -62,7 +75,15 @@ def export_adapter(
         serving=serving, modules_to_save=modules_to_save,
     )
     exported.source["adapter"] = str(adapter)
-    return exported, exported.save(out, overwrite=overwrite)
+    writer = None
+    if format == "gguf":
+        from lorma.gguf_export import gguf_writer_for
+
+        hparams = peft_model.base_model.model.config.to_dict()
+        hparams["architectures"] = [exported.source.get("architecture")]
+        writer = gguf_writer_for(exported, hparams, out.resolve().name)
+        exported.format = "gguf"
+    return exported, exported.save(out, overwrite=overwrite, writer=writer)
 
 
 def tensor_sizes(weights: Path) -> dict[str, int]:
