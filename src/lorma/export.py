@@ -39,6 +39,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from peft.utils.other import AuxiliaryTrainingWrapper
 from transformers.pytorch_utils import Conv1D
 
+from .export_threads import map_modules
 from .inflations import get_inflation
 from .layer import LormaLayer
 from .model import LormaModel
@@ -500,12 +501,16 @@ def lora_export(
     try:
         for v in nested:
             v.inference_rank = rank if rank is not None else v.inference_rank
-        with torch.no_grad():
-            for key, layer in layers:
-                b_lora, a_lora, line = _module_factors(key, layer, adapter_name, None if nested else rank, max_error)
-                factors[key] = (b_lora, a_lora)
-                modules.append(line)
-                conv1d = conv1d or isinstance(layer.get_base_layer(), Conv1D)
+        # the modules in parallel, each single-threaded where it can be: an SVD's threads spin at barriers on a
+        # busy machine (export_threads)
+        results = map_modules(
+            lambda item: _module_factors(item[0], item[1], adapter_name, None if nested else rank, max_error),
+            layers, [layer.get_base_layer().weight.numel() for _, layer in layers],
+        )
+        for (key, layer), (b_lora, a_lora, line) in zip(layers, results):
+            factors[key] = (b_lora, a_lora)
+            modules.append(line)
+            conv1d = conv1d or isinstance(layer.get_base_layer(), Conv1D)
     finally:
         for v, before in zip(nested, previous):
             v.inference_rank = before
