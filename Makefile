@@ -63,9 +63,9 @@ bench-quick: $(STAMP)
 # Opt-in, never part of `make test`: LoRMA adapters served by llama.cpp itself (its runtime, built once from the
 # llama-cpp-python sdist into ~/.cache/lorma-serving/wheels: more than 30 minutes on 2 busy cores the first time;
 # its converter scripts from the same sdist), compared with transformers at every position (docs/serving.md).
-# LORMA_SERVING_CACHE moves the cache.
+# LORMA_SERVING_CACHE moves the cache. One torch thread: the training steps and SVDs do not spin on a busy machine.
 serving-check: $(STAMP)
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) scripts/serving_check.py
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) scripts/serving_check.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
