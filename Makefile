@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench bench-quick clean java-runtime
+.PHONY: install demo test lint bench bench-quick clean java-runtime serving-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,13 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.run --quick
+
+# Opt-in, never part of `make test`: LoRMA adapters served by llama.cpp itself (its runtime, built once from the
+# llama-cpp-python sdist into ~/.cache/lorma-serving/wheels: more than 30 minutes on 2 busy cores the first time;
+# its converter scripts from the same sdist), compared with transformers at every position (docs/serving.md).
+# LORMA_SERVING_CACHE moves the cache. One torch thread: the training steps and SVDs do not spin on a busy machine.
+serving-check: $(STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) scripts/serving_check.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

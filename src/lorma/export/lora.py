@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ from ..inflations import get_inflation
 from ..layers.base import LormaLayer
 from ..model import LormaModel
 from ..variants import DyLormaVariant, LormaVariant, get_variant
+from .threads import map_modules
 
 EXPORT_REPORT_FILE = "lorma_export.json"
 #: peft's prefix for LoRMA's own tensors (``lorma_A``, ``lorma_B``, a variant's ``lorma_...``); every other tensor of
@@ -84,6 +85,10 @@ class LoraExport:
     serving: str | None = None  # the loader it was checked for (``--serving``)
     #: with ``modules_to_save="separate"``: the trained modules' tensors under the base model's own parameter names
     separate: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: what :meth:`save` wrote the adapter as: "lora" (a peft adapter) or "gguf" (llama.cpp's LoRA file)
+    format: str = "lora"
+    #: the files the adapter was written to, relative to the output directory (set by :meth:`save`)
+    files: list[str] = field(default_factory=list)
 
     @property
     def max_relative_error(self) -> float:
@@ -97,13 +102,15 @@ class LoraExport:
     def report(self) -> dict[str, Any]:
         """What ``lorma_export.json`` holds."""
         report = {
-            "format": "lora",
+            "format": self.format,
             "source": self.source,
             "r": self.config.r,
             "exact": self.exact,
             "max_relative_error": self.max_relative_error,
             "modules": [asdict(m) for m in self.modules],
         }
+        if self.files:
+            report["files"] = list(self.files)
         if self.serving is not None:
             report["serving"] = self.serving
             if self.serving == "vllm":
@@ -119,10 +126,13 @@ class LoraExport:
         """The per-module rank and relative error, as printed by ``lorma export``."""
         return format_table(self.modules)
 
-    def save(self, out_dir: str | os.PathLike[str], overwrite: bool = False) -> Path:
+    def save(self, out_dir: str | os.PathLike[str], overwrite: bool = False,
+             writer: Callable[[Path], list[str]] | None = None) -> Path:
         """Write ``adapter_config.json``, ``adapter_model.safetensors`` and ``lorma_export.json`` atomically.
 
         With modules kept apart (``separate``): also ``modules_to_save.safetensors`` and the note on merging them.
+        ``writer``: writes the adapter in another format into the staging directory instead of the peft files and
+        returns the names it wrote (:func:`lorma.export.gguf.gguf_writer_for`: llama.cpp's GGUF).
         """
         from safetensors.torch import save_file
 
@@ -132,9 +142,12 @@ class LoraExport:
         if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
             raise ExportError(f"output directory {out} exists and is not empty; give --overwrite")
         with staged_directory(out) as tmp:  # an existing directory is replaced only once the new one is complete
-            self.config.save_pretrained(str(tmp))
-            tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict.items()}
-            save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+            if writer is not None:
+                self.files = writer(tmp)
+            else:
+                self.config.save_pretrained(str(tmp))
+                tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict.items()}
+                save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
             if self.separate:
                 separate = {k: v.detach().to("cpu").contiguous() for k, v in self.separate.items()}
                 save_file(separate, str(tmp / MODULES_TO_SAVE_FILE), metadata={"format": "pt"})
@@ -488,12 +501,16 @@ def lora_export(
     try:
         for v in nested:
             v.inference_rank = rank if rank is not None else v.inference_rank
-        with torch.no_grad():
-            for key, layer in layers:
-                b_lora, a_lora, line = _module_factors(key, layer, adapter_name, None if nested else rank, max_error)
-                factors[key] = (b_lora, a_lora)
-                modules.append(line)
-                conv1d = conv1d or isinstance(layer.get_base_layer(), Conv1D)
+        # the modules in parallel, each single-threaded where it can be: an SVD's threads spin at barriers on a
+        # busy machine (lorma.export.threads)
+        results = map_modules(
+            lambda item: _module_factors(item[0], item[1], adapter_name, None if nested else rank, max_error),
+            layers, [layer.get_base_layer().weight.numel() for _, layer in layers],
+        )
+        for (key, layer), (b_lora, a_lora, line) in zip(layers, results):
+            factors[key] = (b_lora, a_lora)
+            modules.append(line)
+            conv1d = conv1d or isinstance(layer.get_base_layer(), Conv1D)
     finally:
         for v, before in zip(nested, previous):
             v.inference_rank = before
@@ -505,7 +522,8 @@ def lora_export(
             f"this export is lossy: {len(lossy)} of {len(modules)} modules lose more than float32 rounding "
             f"(worst {worst.module}: relative error {worst.relative_error:.3g} at rank {worst.rank}), because a "
             f"{inflation!r} adapter's update is full rank and LoRA keeps only the top singular directions; give "
-            "--allow-approximate to write it anyway, or a larger --rank / smaller --max-error",
+            "--allow-approximate to write it anyway, or a larger --rank / smaller --max-error; to serve it exactly, "
+            "merge it (lorma merge) and serve or convert the merged model (llama.cpp: convert_hf_to_gguf.py)",
             modules,
         )
 
@@ -587,7 +605,8 @@ def check_options(
         raise ExportError(
             f"adapter {adapter_name!r} has {kind}: its update W - W0 is full rank, so a LoRA "
             "adapter can only approximate it (a truncated SVD per module); give --rank K or --max-error E, "
-            "and --allow-approximate"
+            "and --allow-approximate, or serve it exactly by merging it (lorma merge) and serving or converting the "
+            "merged model (llama.cpp: convert_hf_to_gguf.py)"
         )
 
 

@@ -25,10 +25,12 @@ def export_adapter(
     serving: str | None = None,
     modules_to_save: str | None = None,
     model_class: str | None = None,
+    format: str = "lora",
 ) -> tuple[LoraExport, Path]:
     """``lorma export``: the LoRMA adapter of a run (or adapter) directory, written as a LoRA adapter to ``out_dir``.
 
     ``model_class`` names the transformers class to rebuild the base model as, for an adapter that records none.
+    ``format="gguf"``: llama.cpp's LoRA GGUF file (:mod:`lorma.export.gguf`), checked as ``serving="llamacpp"``.
     """
     from lorma.export.lora import (
         ExportError,
@@ -42,6 +44,15 @@ def export_adapter(
     from lorma.runs.layout import adapter_weights_file, find_adapter
     from lorma.runs.paths import check_not_input, check_output_location
 
+    if format not in ("lora", "gguf"):
+        raise ExportError(f"--format must be lora or gguf, got {format!r}")
+    if format == "gguf":  # llama.cpp's file: its loader's rules, and the gguf package to write it
+        from lorma.export.gguf import check_gguf_available
+
+        if serving not in (None, "llamacpp"):
+            raise ExportError(f"--format gguf is llama.cpp's adapter file; --serving {serving} does not apply to it")
+        serving = "llamacpp"
+        check_gguf_available()
     found = find_adapter(Path(source))  # the adapter's files checked, and a run's adapter/ consistent with it
     adapter, recorded = found.path, found.config
     out = Path(out_dir)
@@ -74,7 +85,15 @@ def export_adapter(
         serving=serving, modules_to_save=modules_to_save,
     )
     exported.source["adapter"] = str(adapter)
-    return exported, exported.save(out, overwrite=overwrite)
+    writer = None
+    if format == "gguf":
+        from lorma.export.gguf import gguf_writer_for
+
+        hparams = loaded.model.base_model.model.config.to_dict()
+        hparams["architectures"] = [exported.source.get("architecture")]
+        writer = gguf_writer_for(exported, hparams, out.resolve().name)
+        exported.format = "gguf"
+    return exported, exported.save(out, overwrite=overwrite, writer=writer)
 
 
 def tensor_sizes(weights: Path) -> dict[str, int]:
