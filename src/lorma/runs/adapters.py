@@ -145,7 +145,9 @@ def _module_of(key: str, prefix: str) -> tuple[str, bool]:
     (``...query.lorma_A``, ``...q_proj.lora_A.weight``) rather than a module trained in full (``classifier.weight``)."""
     parts = key.removeprefix(_PEFT_PREFIX).split(".")
     for i, part in enumerate(parts):
-        if part.startswith(prefix):
+        # ``...lm_head.base_layer.weight``: the base weight of an adapted embedding-like layer, which peft saves
+        # with the adapter (``save_embedding_layers``) and loads into its wrapper: it belongs to the adapted module
+        if part.startswith(prefix) or part == "base_layer":
             return ".".join(parts[:i]), True
     return ".".join(parts[:-1]), False
 
