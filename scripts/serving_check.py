@@ -47,7 +47,8 @@ CMAKE_ARGS = ("-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=
               "-DLLAMA_BUILD_SERVER=OFF")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-#: the adapted difference from transformers may be at most this multiple of the engine's base-only difference
+#: the adapted difference from transformers may be at most this multiple of the floor: the larger of the engine's
+#: base-only difference and transformers' own float32 rounding on the adapted model
 BOUND_FACTOR = 3.0
 PROMPT = ("The old lighthouse keeper climbed the stairs every evening, counting each step, and when he reached the "
           "top he lit the lamp and watched the ships pass in the dark.")
@@ -157,8 +158,10 @@ def train_adapter(base: Path, out: Path, inflation: str, side: str, steps: int) 
     model.save_pretrained(out)
 
 
-def transformers_logits(base: Path, tokens: list[int], adapter: Path | None = None) -> np.ndarray:
-    """float64 logits at every position of the base (or the base with a LoRMA adapter), computed in float64."""
+def transformers_logits(base: Path, tokens: list[int], adapter: Path | None = None,
+                        double: bool = True) -> np.ndarray:
+    """Logits at every position of the base (or the base with a LoRMA adapter), computed in float64 (``double``)
+    or in float32 (the precision llama.cpp computes in: how far float32 rounding alone moves this model)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -168,8 +171,9 @@ def transformers_logits(base: Path, tokens: list[int], adapter: Path | None = No
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter)
+    model = model.double() if double else model
     with torch.no_grad():
-        return model.double().eval()(input_ids=torch.tensor([tokens])).logits[0].numpy()
+        return model.eval()(input_ids=torch.tensor([tokens])).logits[0].double().numpy()
 
 
 def llama_logits(llama_cpp: Any, model: Path, tokens: list[int], lora: Path | None = None,
@@ -287,7 +291,13 @@ def main(argv: list[str] | None = None) -> int:
         adapter = work / "adapters" / name
         train_adapter(base, adapter, "plus", side, args.steps)
         hf_adapted = transformers_logits(base, tokens, adapter)
-        entry: dict[str, Any] = {"adapter_effect_max_abs": float(np.abs(hf_adapted - hf_base).max())}
+        # the floor: the engine's own base-only difference, or float32 rounding's effect on this adapted model in
+        # transformers itself, whichever is larger (a strongly trained adapter can magnify float32 rounding: the post
+        # adapter here moved transformers' own float32 logits 1.7e-3 from float64, 36x the pre one's)
+        own_f32 = float(np.abs(transformers_logits(base, tokens, adapter, double=False) - hf_adapted).max())
+        floor_of = {kv: max(floors[kv]["max_abs"], own_f32) for kv in floors}
+        entry: dict[str, Any] = {"adapter_effect_max_abs": float(np.abs(hf_adapted - hf_base).max()),
+                                 "transformers_f32_vs_f64_max_abs": own_f32, "floor": floor_of}
         run([*lorma_cli, "export", adapter, work / "lora" / name, "--serving", "llamacpp"])
         converted = work / "converted" / f"{name}.gguf"
         converted.parent.mkdir(exist_ok=True)
@@ -301,15 +311,15 @@ def main(argv: list[str] | None = None) -> int:
             for label, lora in (("ours", ours), ("converter", converted)):
                 got = difference(llama_logits(llama_cpp, base_gguf, tokens, lora, kv), hf_adapted)
                 entry[f"{label}_{kv}"] = got
-                check(f"{side} {label} {kv} cache: max |diff| {got['max_abs']:.3g} <= {BOUND_FACTOR} x base's "
-                      f"{floors[kv]['max_abs']:.3g}, argmax equal",
-                      got["max_abs"] <= BOUND_FACTOR * floors[kv]["max_abs"] and got["argmax_mismatches"] == 0)
+                check(f"{side} {label} {kv} cache: max |diff| {got['max_abs']:.3g} <= {BOUND_FACTOR} x the floor "
+                      f"{floor_of[kv]:.3g}, argmax equal",
+                      got["max_abs"] <= BOUND_FACTOR * floor_of[kv] and got["argmax_mismatches"] == 0)
         for how in ("scale", "unpermuted"):
             bad = planted(ours, work / "gguf" / f"{name}-{how}.gguf", how, hparams)
             got = difference(llama_logits(llama_cpp, base_gguf, tokens, bad, "f32"), hf_adapted)
             entry[f"planted_{how}_f32"] = got
-            check(f"{side} planted error ({how}) caught: {got['max_abs']:.3g} > {BOUND_FACTOR} x "
-                  f"{floors['f32']['max_abs']:.3g}", got["max_abs"] > BOUND_FACTOR * floors["f32"]["max_abs"])
+            check(f"{side} planted error ({how}) caught: {got['max_abs']:.3g} > {BOUND_FACTOR} x the floor "
+                  f"{floor_of['f32']:.3g}", got["max_abs"] > BOUND_FACTOR * floor_of["f32"])
         if side == "pre":  # GGUF in, GGUF out: the same adapter file on the packaged Q4_1 base
             q4 = packaged_smollm2()
             q4_entry = {}
