@@ -47,8 +47,9 @@ CMAKE_ARGS = ("-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=
               "-DLLAMA_BUILD_SERVER=OFF")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-#: the adapted difference from transformers may be at most this multiple of the floor: the larger of the engine's
-#: base-only difference and transformers' own float32 rounding on the adapted model
+#: the adapted difference from transformers may be at most this multiple of the floor: the engine's base-only difference
+#: scaled by how much more the adapted model magnifies float32 rounding than the base (in transformers itself), or that
+#: rounding's own effect on the adapted model, whichever is larger
 BOUND_FACTOR = 3.0
 PROMPT = ("The old lighthouse keeper climbed the stairs every evening, counting each step, and when he reached the "
           "top he lit the lamp and watched the ships pass in the dark.")
@@ -279,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     base_gguf = work / "base-f32.gguf"
     converter(llama_src, site, "convert_hf_to_gguf.py", base, "--outtype", "f32", "--outfile", base_gguf)
     hf_base = transformers_logits(base, tokens)
+    base_own_f32 = float(np.abs(transformers_logits(base, tokens, double=False) - hf_base).max())
+    results["transformers_f32_vs_f64_base_max_abs"] = base_own_f32
     floors = {}
     for kv in ("f32", "f16"):
         floors[kv] = difference(llama_logits(llama_cpp, base_gguf, tokens, kv=kv), hf_base)
@@ -291,13 +294,15 @@ def main(argv: list[str] | None = None) -> int:
         adapter = work / "adapters" / name
         train_adapter(base, adapter, "plus", side, args.steps)
         hf_adapted = transformers_logits(base, tokens, adapter)
-        # the floor: the engine's own base-only difference, or float32 rounding's effect on this adapted model in
-        # transformers itself, whichever is larger (a strongly trained adapter can magnify float32 rounding: the post
-        # adapter here moved transformers' own float32 logits 1.7e-3 from float64, 36x the pre one's)
+        # the floor (BOUND_FACTOR's comment): a strongly trained adapter can magnify rounding, the engine's as much as
+        # transformers' (the post adapter here moved transformers' own float32 logits 1.7e-3 from float64, 36x the pre)
         own_f32 = float(np.abs(transformers_logits(base, tokens, adapter, double=False) - hf_adapted).max())
-        floor_of = {kv: max(floors[kv]["max_abs"], own_f32) for kv in floors}
+        # how much more this model magnifies rounding than the base does scales the engine's floor (f16 cache too)
+        amplification = max(1.0, own_f32 / max(base_own_f32, 1e-30))
+        floor_of = {kv: max(floors[kv]["max_abs"] * amplification, own_f32) for kv in floors}
         entry: dict[str, Any] = {"adapter_effect_max_abs": float(np.abs(hf_adapted - hf_base).max()),
-                                 "transformers_f32_vs_f64_max_abs": own_f32, "floor": floor_of}
+                                 "transformers_f32_vs_f64_max_abs": own_f32, "amplification": amplification,
+                                 "floor": floor_of}
         run([*lorma_cli, "export", adapter, work / "lora" / name, "--serving", "llamacpp"])
         converted = work / "converted" / f"{name}.gguf"
         converted.parent.mkdir(exist_ok=True)
