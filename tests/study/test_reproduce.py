@@ -88,9 +88,9 @@ def test_a_tuning_step_is_configured_as_lorma_train_tune(tmp_path: Path) -> None
     from lorma.study.runner import step_config
 
     paths = StudyPaths(root=tmp_path / "root", results=tmp_path / "res", nlg_data=NLG_DATA)
-    step = next(s for s in build_plan(CPU) if s.key == "rates/tweets-small/lora-tuned/seed-0")
+    step = next(s for s in build_plan(CPU) if s.key == "rates/tweets-small/lorma-plus-tuned/seed-0")
     cfg = step_config(step, CPU, paths)
-    assert cfg.tune == ["learning_rate"] and cfg.tune_folds == 3 and cfg.method == "lora"
+    assert cfg.tune == ["learning_rate"] and cfg.tune_folds == 3 and cfg.method == "lorma-plus"
     assert cfg.output_dir == str(paths.run_dir(step.key)) and cfg.train_file.endswith("tweets-small-train.csv")
     default = step_config(next(s for s in build_plan(CPU) if s.key == "rates/tweets-small/lora-default/seed-0"),
                           CPU, paths)
