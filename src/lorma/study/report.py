@@ -243,6 +243,8 @@ def nlu_section(results: Results, profile: Profile) -> tuple[list[str], dict[str
             diff = paired(results.cell("nlu", d, m), ref, main_value)
             diff_best = paired(results.cell("nlu", d, m), ref, lambda r: main_value(r, best=True))
             facts["diffs"][m][d] = {"final": diff, "best": diff_best}
+            if diff is None:  # no run of this method (or of LoRA) on this dataset yet: not a comparison
+                continue
             outcomes.append(outcome(diff))
             outcomes_best.append(outcome(diff_best))
         facts["tally"][m] = tally(outcomes)
