@@ -206,13 +206,13 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def _preset(path: str) -> dict[str, Any]:
-    import yaml
+    """A YAML preset under ``configs/`` (read as ``lorma train`` reads a config file), without its output_dir."""
+    from lorma.recipes.config import load_yaml, normalise_yaml
 
-    file = Path(path)
-    if not file.is_file():
+    if not Path(path).is_file():
         raise InputError(f"preset {path} not found: the paper profile reads the presets under configs/ of a lorma "
                          "checkout (run it from the checkout's root)")
-    values = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    values = normalise_yaml(load_yaml(path))
     values.pop("output_dir", None)
     return values
 
@@ -381,13 +381,14 @@ def run_study(profile: Profile, paths: StudyPaths, jobs: int = 1, only: list[str
 
     from tqdm.auto import tqdm
 
-    steps = build_plan(profile)
+    plan = build_plan(profile)
+    by_key = {s.key: s for s in plan}
+    steps = plan
     if only:
-        steps = [s for s in steps if any(s.key == o or s.key.startswith(o.rstrip("/") + "/") for o in only)]
+        steps = [s for s in plan if any(s.key == o or s.key.startswith(o.rstrip("/") + "/") for o in only)]
         if not steps:
             raise InputError(f"--only {','.join(only)} matches no step of the {profile.name} plan (keys look like "
-                             f"{build_plan(profile)[0].key})")
-    all_keys = {s.key for s in build_plan(profile)}
+                             f"{plan[0].key})")
     finished = done_steps(steps, paths)
     pending = [s for s in steps if s.key not in finished]
     failed: dict[str, str] = {}
@@ -402,10 +403,7 @@ def run_study(profile: Profile, paths: StudyPaths, jobs: int = 1, only: list[str
     running: dict[Future[Any], Step] = {}
 
     def ready(step: Step) -> bool:
-        return all(n in finished or n not in all_keys or is_done_key(n) for n in step.needs)
-
-    def is_done_key(key: str) -> bool:
-        return any((paths.result_dir(key) / f).is_file() for f in set(DONE_FILES.values()))
+        return all(n in finished or n not in by_key or is_done(by_key[n], paths) for n in step.needs)
 
     def blocked(step: Step) -> bool:
         return any(n in failed for n in step.needs)
