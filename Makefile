@@ -30,7 +30,8 @@ java-runtime:
 	{ $$SUDO apt-get update -q >/dev/null && \
 	  $$SUDO apt-get install -y -q --no-install-recommends default-jre-headless >/dev/null; }; }
 
-$(STAMP): $(PY) pyproject.toml requirements-lock.txt | $(WORDNET) java-runtime
+# The Makefile is a prerequisite too: a package added to the lines below reaches an existing .venv.
+$(STAMP): $(PY) pyproject.toml requirements-lock.txt Makefile | $(WORDNET) java-runtime
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -r requirements-lock.txt
