@@ -46,12 +46,24 @@ UNTESTABLE_CPU = [
 ]
 
 
+#: the wall time the default profile is meant to fit on 2 cores (issue 28)
+BUDGET_HOURS = 8.0
+
+
 def _status(profile: Profile, results: Path) -> tuple[list[str], str]:
     from lorma.study.runner import COST_FILE, StudyPaths, done_steps
 
     steps = build_plan(profile)
     done = done_steps(steps, StudyPaths(root=Path("."), results=results))
     header, rows, closing = plan_table(steps, done, jobs=2)
+    wall_hours = sum(s.cost for s in steps) / 3600 / 2
+    if wall_hours > BUDGET_HOURS:
+        closing += (f". The whole plan, about {wall_hours:.1f} hours of wall time on 2 cores, is over the "
+                    f"{BUDGET_HOURS:.0f} hours aimed at; `lorma reproduce --only nlu,e2e` runs the two main "
+                    "comparisons first")
+    elif wall_hours:
+        closing += (f". The whole plan, about {wall_hours:.1f} hours of wall time on 2 cores, fits the "
+                    f"{BUDGET_HOURS:.0f} hours aimed at")
     measured: dict[str, list[float]] = {}
     for s in steps:  # what the finished steps cost their process, against the plan's estimate
         cost_file = results / s.key / COST_FILE
@@ -129,10 +141,10 @@ def render(profile: Profile, data: Any, sections: dict[str, list[str]], claims: 
         "",
         *status,
         "",
-        closing + ". The `CPU h` columns are estimates from per-step costs measured on this project's 2-core machine "
-        "while it was shared with other work (`lorma.study.profiles`; so likely high for an idle machine); the last "
-        "column is what the finished steps cost their own process. The plan is over the 8 hours aimed at; "
-        "`lorma reproduce --only nlu,e2e` runs the two main comparisons first.",
+        closing + ". The `CPU h` columns are estimates from per-step costs (`lorma.study.profiles`), recalibrated "
+        "on the study's own finished steps on this project's 2-core machine; the last column is what the finished "
+        "steps cost their own process (a step that ran beside other work costs more CPU time: the cores' caches and "
+        "memory bandwidth are shared).",
         "",
         "## The verdicts, claim by claim",
         "",
