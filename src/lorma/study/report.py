@@ -280,15 +280,19 @@ def nlg_section(results: Results, profile: Profile) -> tuple[list[str], dict[str
         rows = []
         for m in methods:
             cell = results.cell(task, task, m)
-            rows.append([label(m), str(len(cell)),
+            params = {r["trainable_params"] for r in cell.values() if isinstance(r.get("trainable_params"), int)}
+            rows.append([label(m), str(len(cell)), ", ".join(f"{p:,}" for p in sorted(params)) or "-",
                          *[fmt_interval(t_interval(_values(cell, lambda r, k=k: nlg_value(r, k))), len(cell), 2)
                            for k in NLG_METRICS]])
         for m in methods:
             if m in PAPER_E2E and task == "e2e":
-                rows.append([f"{label(m)} (paper, GPT-2 M)", "-", *[str(v) for v in PAPER_E2E[m]]])
+                rows.append([f"{label(m)} (paper, GPT-2 M)", "-", "-", *[str(v) for v in PAPER_E2E[m]]])
         lines += [f"**{task.upper()}** ({setup.note or setup.train_file}); official scorer on {setup.eval_inputs} "
-                  "inputs; mean over seeds [95% t interval]:", ""]
-        lines += md_table(["method", "seeds", "BLEU", "NIST", "METEOR", "ROUGE-L", "CIDEr"], rows)
+                  "inputs; mean over seeds [95% t interval]. The same r gives LoRMA a different number of "
+                  "trainable parameters than LoRA: on the pre side A and B span the output dimension twice "
+                  "(d_out x r + r x d_out) where LoRA's span input and output (d_in x r + r x d_out).", ""]
+        lines += md_table(["method", "seeds", "trainable parameters", "BLEU", "NIST", "METEOR", "ROUGE-L", "CIDEr"],
+                          rows)
         if "lora" in methods:
             diff_rows = []
             for m in methods:
@@ -561,8 +565,8 @@ def claims(profile: Profile, facts: dict[str, Any]) -> list[Claim]:
                      f"{superiority_verdict(plus) if plus else 'no result yet'}"))
     e2e_pi, e2e_plus = nlg["tally"].get("lorma-pi"), nlg["tally"].get("lorma-plus")
     out.append(Claim(2, "NLG: LoRMA+ and LoRMA_pi on par with LoRA (E2E BLEU 69.3 / 69.0 vs 69.1)",
-                     "Table 3 (GPT-2 M, E2E, beam 10)", "SmolLM2-135M on E2E (dev set for training), 630 test MRs, "
-                     "greedy decoding, official scorer",
+                     "Table 3 (GPT-2 M, E2E, beam 10)", "SmolLM2-135M on E2E (dev set for training; up, down, o, "
+                     "gate, r = 4), 630 test MRs, greedy decoding, official scorer",
                      f"over the 5 metrics, LoRMA+ - LoRA: {counts(e2e_plus)}; LoRMA_pi - LoRA: {counts(e2e_pi)}",
                      f"plus: {parity_verdict(e2e_plus) if e2e_plus else 'no result yet'}; pi: "
                      f"{parity_verdict(e2e_pi) if e2e_pi else 'no result yet'}"))

@@ -76,7 +76,7 @@ def evaluate_data_to_text(
     """
     from lorma.scoring.data_to_text import check_scoring_setup, score_data_to_text
 
-    check_scoring_setup(task, None, scorer)  # Java missing: fail before the beam search, not after
+    check_scoring_setup(task, None, scorer)  # Java missing: fail before decoding, not after
     if not examples:
         raise ValueError("no inputs to generate for")
     missing = [ex.line for ex in examples if not ex.references]
@@ -84,7 +84,9 @@ def evaluate_data_to_text(
         raise ValueError(f"{len(missing)} input(s) have no references (first at line {missing[0]})")
     merged = merged_copy(model)
     prompts = [build_data_to_text_prompt(ex.source) for ex in examples]
-    raw = generate_texts(merged, tokenizer, prompts, decoding, progress=progress, description=f"{task} beam search")
+    how = f"beam {decoding.num_beams}" if decoding.num_beams > 1 else "greedy"
+    raw = generate_texts(merged, tokenizer, prompts, decoding, progress=progress,
+                         description=f"{task} decoding ({how})")
     predictions = [clean_generation(t) for t in raw]
     references = [list(ex.references) for ex in examples]
     if output_prefix is not None:
