@@ -60,7 +60,7 @@ def test_the_plan_covers_every_claim_and_orders_seeds_outermost() -> None:
             assert s.rate == "auto"
     # the ablations keep the main run's rate of their method (Table 6: LoRMA+'s for the run without inflation)
     assert by_key["inflation/tweets-small/lorma-none/seed-1"].rate == "nlu/tweets-small/lorma-plus/seed-0"
-    assert by_key["side/chatterbot-topics/lorma-pi-post/seed-0"].settings == {"side": "post"}
+    assert by_key["side/trec-questions/lorma-pi-post/seed-0"].settings == {"side": "post"}
     target = by_key["targets/tweets-small/lorma-plus-qkvo-r2/seed-0"].settings
     assert target == {"target_modules": ["query", "key", "value", "dense"], "r": 2, "alpha": 2}
     assert "rank/tweets-small/lora-r8/seed-0" not in by_key  # the main run is that point of the sweep
@@ -73,7 +73,7 @@ def test_the_plan_covers_every_claim_and_orders_seeds_outermost() -> None:
     tuned = by_key["rates/tweets-small/lorma-plus-tuned/seed-0"]
     assert tuned.settings == {"tune": ["learning_rate"], "tune_folds": 3}
     assert by_key["rates/tweets-small/lorma-plus-tuned/seed-2"].rate == tuned.key
-    assert by_key["rates/chatterbot-topics/lora-default/seed-1"].rate == "fixed"
+    assert by_key["rates/trec-questions/lora-default/seed-1"].rate == "fixed"
     paper = build_plan(PAPER)  # the paper's GLUE tasks from the Table 14 presets, no cost estimate (GPUs)
     assert {s.dataset for s in paper if s.experiment == "nlu"} >= {"mrpc", "stsb", "cola", "rte"}
     assert all(s.cost == 0 for s in paper)

@@ -82,10 +82,10 @@ def _nlu_cost(profile: Profile, method: str, dataset: str, settings: dict[str, A
     train_rows, eval_rows = _rows(dataset)
     evals = math.ceil(steps * batch / train_rows) if training.get("eval_strategy") == "epoch" else 1
     per_step = profile.seconds.get("nlu-full" if method == "full" else "nlu-adapter", 0.5)
-    cost = STARTUP_SECONDS + steps * per_step + evals * eval_rows * profile.seconds.get("nlu-eval", 0.004)
+    cost = steps * per_step + evals * eval_rows * profile.seconds.get("nlu-eval", 0.004)
     if range_test:
         cost += RANGE_TEST_STEPS * profile.seconds.get("range-test", per_step)
-    return cost
+    return STARTUP_SECONDS + cost * nlu.relative_cost.get(dataset, 1.0)
 
 
 def _nlg_cost(profile: Profile, setup: Any) -> float:
