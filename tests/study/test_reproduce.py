@@ -27,8 +27,9 @@ from lorma.study.report import (
 from lorma.study.runner import StudyPaths, done_steps, run_study
 
 NLG_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "nlg"
-#: the steps the fixture runs: the main classification runs (4 methods x 2 seeds), one measurement, one E2E run
-ONLY = ["nlu/tiny-a", "delta/tiny-a/lorma-pi-vs-lora", "e2e/lorma-plus/seed-0"]
+#: the steps the fixture runs: the main classification runs (4 methods x 2 seeds), one measurement, one E2E run,
+#: and the E2E runs at the method's own rate (2 seeds: the second takes the first's)
+ONLY = ["nlu/tiny-a", "delta/tiny-a/lorma-pi-vs-lora", "e2e/lorma-plus/seed-0", "e2e/lorma-plus-own-rate"]
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +133,14 @@ def test_later_seeds_train_at_the_rate_the_first_seed_chose(study) -> None:
         config = yaml.safe_load((paths.result_dir(f"nlu/tiny-a/{method}/seed-1") / "config.yaml").read_text())
         assert "lr_range_test" in chosen
         assert config["training"]["learning_rate"] == pytest.approx(chosen["learning_rate"]["body"])
+    # generation at the method's own rate: a range test on seed 0, its rate on seed 1 (no head rate of its own)
+    chosen = json.loads((paths.result_dir("e2e/lorma-plus-own-rate/seed-0") / "metrics.json").read_text())
+    config = yaml.safe_load((paths.result_dir("e2e/lorma-plus-own-rate/seed-1") / "config.yaml").read_text())
+    shared = yaml.safe_load((paths.result_dir("e2e/lorma-plus/seed-0") / "config.yaml").read_text())
+    assert "lr_range_test" in chosen and "lr_range_test" not in json.loads(
+        (paths.result_dir("e2e/lorma-plus/seed-0") / "metrics.json").read_text())
+    assert config["training"]["learning_rate"] == pytest.approx(chosen["learning_rate"]["body"])
+    assert shared["training"]["learning_rate"] == pytest.approx(1e-3)
 
 
 def test_a_finished_step_never_runs_again_and_a_lost_one_does(study) -> None:
@@ -255,6 +264,12 @@ def test_the_report_numbers_are_the_result_files_numbers(study, tmp_path: Path) 
     assert f"{analysis['summary']['comparison']['run']['cosine']['mean']:.4f}" in text
     assert (paths.results / "loss_curves.png").stat().st_size > 1000
     assert len(read_results(paths.results).cell("nlu", "tiny-a", "lorma-pi")) == 2
+    # the E2E row at the method's own rate: its chosen rate and its BLEU over the 2 seeds
+    own = [json.loads((paths.result_dir(f"e2e/lorma-plus-own-rate/seed-{s}") / "metrics.json").read_text())
+           for s in (0, 1)]
+    row = next(line for line in text.splitlines() if line.startswith("| LoRMA+ at its own rate ("))
+    assert f"({own[0]['learning_rate']['body']:.2g})" in row and "| 2 |" in row
+    assert f"{np.mean([m['eval']['eval_bleu'] for m in own]):.2f}" in row
 
 
 def test_report_command_rederives_the_same_page_in_a_fresh_process(study, tmp_path: Path) -> None:

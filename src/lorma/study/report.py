@@ -284,13 +284,27 @@ def nlg_section(results: Results, profile: Profile) -> tuple[list[str], dict[str
             rows.append([label(m), str(len(cell)), ", ".join(f"{p:,}" for p in sorted(params)) or "-",
                          *[fmt_interval(t_interval(_values(cell, lambda r, k=k: nlg_value(r, k))), len(cell), 2)
                            for k in NLG_METRICS]])
+        own = [m for m in setup.own_rate_methods if results.cell(task, task, f"{m}-own-rate")]
+        for m in own:
+            cell = results.cell(task, task, f"{m}-own-rate")
+            chosen = sorted({float(r["learning_rate"]["body"]) for r in cell.values()
+                             if isinstance(r.get("learning_rate"), dict) and "body" in r["learning_rate"]})
+            params = {r["trainable_params"] for r in cell.values() if isinstance(r.get("trainable_params"), int)}
+            rows.append([f"{label(m)} at its own rate ({', '.join(f'{v:.2g}' for v in chosen) or '?'})",
+                         str(len(cell)), ", ".join(f"{p:,}" for p in sorted(params)) or "-",
+                         *[fmt_interval(t_interval(_values(cell, lambda r, k=k: nlg_value(r, k))), len(cell), 2)
+                           for k in NLG_METRICS]])
         for m in methods:
             if m in PAPER_E2E and task == "e2e":
                 rows.append([f"{label(m)} (paper, GPT-2 M)", "-", "-", *[str(v) for v in PAPER_E2E[m]]])
         lines += [f"**{task.upper()}** ({setup.note or setup.train_file}); official scorer on {setup.eval_inputs} "
                   "inputs; mean over seeds [95% t interval]. The same r gives LoRMA a different number of "
                   "trainable parameters than LoRA: on the pre side A and B span the output dimension twice "
-                  "(d_out x r + r x d_out) where LoRA's span input and output (d_in x r + r x d_out).", ""]
+                  "(d_out x r + r x d_out) where LoRA's span input and output (d_in x r + r x d_out). Every method "
+                  "trains at one shared rate, as in the paper's Table 16"
+                  + (f"; {', '.join(label(m) for m in setup.own_rate_methods)} also at its own rate (a range test "
+                     "on the training data on the first seed, reused by the later seeds)" if setup.own_rate_methods
+                     else "") + ".", ""]
         lines += md_table(["method", "seeds", "trainable parameters", "BLEU", "NIST", "METEOR", "ROUGE-L", "CIDEr"],
                           rows)
         if "lora" in methods:
@@ -304,6 +318,12 @@ def nlg_section(results: Results, profile: Profile) -> tuple[list[str], dict[str
                 facts["tally"][m] = tally(outcome(diffs[k]) for k in NLG_METRICS)
                 diff_rows.append([f"{label(m)} - LoRA", *[f"{fmt_diff(diffs[k], 2)} {outcome(diffs[k])}"
                                                           for k in NLG_METRICS]])
+            for m in own:  # its own rate against LoRA at the shared rate (LoRA's rate was chosen for LoRA)
+                diffs = {k: paired(results.cell(task, task, f"{m}-own-rate"), results.cell(task, task, "lora"),
+                                   lambda r, k=k: nlg_value(r, k)) for k in NLG_METRICS}
+                facts.setdefault("own_rate_tally", {})[m] = tally(outcome(diffs[k]) for k in NLG_METRICS)
+                diff_rows.append([f"{label(m)} at its own rate - LoRA", *[f"{fmt_diff(diffs[k], 2)} "
+                                                                          f"{outcome(diffs[k])}" for k in NLG_METRICS]])
             lines += ["Paired differences to LoRA (same seed), 95% t interval over seeds:", ""]
             lines += md_table(["", "BLEU", "NIST", "METEOR", "ROUGE-L", "CIDEr"], diff_rows)
     return lines, facts
@@ -567,7 +587,9 @@ def claims(profile: Profile, facts: dict[str, Any]) -> list[Claim]:
     out.append(Claim(2, "NLG: LoRMA+ and LoRMA_pi on par with LoRA (E2E BLEU 69.3 / 69.0 vs 69.1)",
                      "Table 3 (GPT-2 M, E2E, beam 10)", "SmolLM2-135M on E2E (dev set for training; up, down, o, "
                      "gate, r = 4), 630 test MRs, greedy decoding, official scorer",
-                     f"over the 5 metrics, LoRMA+ - LoRA: {counts(e2e_plus)}; LoRMA_pi - LoRA: {counts(e2e_pi)}",
+                     f"over the 5 metrics, LoRMA+ - LoRA: {counts(e2e_plus)}; LoRMA_pi - LoRA: {counts(e2e_pi)}"
+                     + (f"; LoRMA_pi at its own rate - LoRA: {counts(nlg['own_rate_tally']['lorma-pi'])}"
+                        if "lorma-pi" in nlg.get("own_rate_tally", {}) else ""),
                      f"plus: {parity_verdict(e2e_plus) if e2e_plus else 'no result yet'}; pi: "
                      f"{parity_verdict(e2e_pi) if e2e_pi else 'no result yet'}"))
     conv = facts["convergence"]["tally"]

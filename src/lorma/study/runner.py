@@ -257,9 +257,10 @@ def step_config(step: Step, profile: Profile, paths: StudyPaths) -> Any:
         rates = read_json(source).get("learning_rate") or {}
         if "body" not in rates:
             raise InputError(f"{source}: no learning rate recorded; cannot take {step.key}'s rate from it")
-        head = rates.get("head")
-        settings = _merge(settings, {"training": {"learning_rate": rates["body"]},
-                                     "head_learning_rate": "same" if head in (None, rates["body"]) else str(head)})
+        settings = _merge(settings, {"training": {"learning_rate": rates["body"]}})
+        if step.kind == "nlu":  # a classification head has a rate of its own
+            head = rates.get("head")
+            settings["head_learning_rate"] = "same" if head in (None, rates["body"]) else str(head)
     settings["output_dir"] = str(paths.run_dir(step.key))
     return build_config(settings, {}, source=f"study step {step.key}")
 
