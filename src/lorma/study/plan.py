@@ -146,7 +146,7 @@ def build_plan(profile: Profile) -> list[Step]:
                                   cost=_nlg_cost(profile, setup), label=method))
             for method in setup.own_rate_methods:  # the same runs at the method's own rate (range test, seed 0)
                 first = f"{setup.task}/{method}-own-rate/seed-0"
-                range_test = RANGE_TEST_STEPS * profile.seconds.get("nlg-train", 1.0) if seed == 0 else 0.0
+                range_test = RANGE_TEST_STEPS * profile.seconds.get("nlg-range-test", 1.0) if seed == 0 else 0.0
                 steps.append(Step(key=f"{setup.task}/{method}-own-rate/seed-{seed}", experiment=setup.task,
                                   claims=(2, 3), kind="nlg", method=method, seed=seed, dataset=setup.task,
                                   rate="auto" if seed == 0 else first, needs=() if seed == 0 else (first,),

@@ -103,7 +103,8 @@ class Profile:
     ablation: AblationSetup | None
     nlg: tuple[NlgSetup, ...] = ()
     #: CPU seconds per optimizer step (one process, one thread) by run kind: "nlu-adapter", "nlu-full",
-    #: "nlg-train", and per decoded input: "nlg-decode"; per evaluated row: "nlu-eval"
+    #: "nlg-train", per range-test step: "range-test" (NLU), "nlg-range-test"; per decoded input and beam:
+    #: "nlg-decode"; per evaluated row: "nlu-eval"; per held-out pair: "nlg-loss"; per measurement: "analysis"
     seconds: dict[str, float] = field(default_factory=dict)
     #: claims this profile cannot test, with why (REPRODUCTION.md says so)
     untested: dict[int, str] = field(default_factory=dict)
@@ -173,9 +174,9 @@ CPU = Profile(
                   own_rate_methods=("lorma-pi",)),),
     # measured here, on the study's own finished steps (cost.json beside each result; REPRODUCTION.md's status
     # table): nlu-eval per evaluated row, nlg-decode per input and beam (merge and official scorer included),
-    # nlg-loss per held-out pair
+    # nlg-loss per held-out pair; a range-test step also takes the loss of a fixed 64-row probe batch
     seconds={"nlu-adapter": 0.85, "nlu-full": 1.15, "nlu-eval": 0.03, "nlg-train": 9.1, "nlg-decode": 0.45,
-             "nlg-loss": 0.45, "range-test": 1.5, "analysis": 60.0},
+             "nlg-loss": 0.45, "range-test": 1.5, "nlg-range-test": 33.0, "analysis": 60.0},
     untested={
         2: "WebNLG and DART are not run (budget); E2E only",
     },
