@@ -88,7 +88,9 @@ def _nlu_cost(profile: Profile, method: str, dataset: str, settings: dict[str, A
     return STARTUP_SECONDS + cost * nlu.relative_cost.get(dataset, 1.0)
 
 
-def _nlg_cost(profile: Profile, setup: Any) -> float:
+def _nlg_cost(profile: Profile, setup: Any, method: str) -> float:
+    """A generation run's CPU seconds; ``nlg-train:<method>`` overrides ``nlg-train`` for a method that costs more
+    a step (LoRMA_pi's dense d x d transform on an LLM's wide MLP)."""
     if not profile.seconds:
         return 0.0
     training = setup.settings.get("training", {})
@@ -98,7 +100,8 @@ def _nlg_cost(profile: Profile, setup: Any) -> float:
     # decoding grows with the beams about linearly on a CPU (every beam is a row of the batch)
     decode = profile.seconds.get("nlg-decode", 1.0) * setup.eval_inputs * max(beams, 1)
     loss = profile.seconds.get("nlg-loss", 0.0) * int(options.get("max_loss_samples") or setup.eval_inputs * 7)
-    return STARTUP_SECONDS * 3 + steps * profile.seconds.get("nlg-train", 1.0) + decode + loss
+    per_step = profile.seconds.get(f"nlg-train:{method}", profile.seconds.get("nlg-train", 1.0))
+    return STARTUP_SECONDS * 3 + steps * per_step + decode + loss
 
 
 def _targets_label(modules: tuple[str, ...]) -> str:
@@ -143,14 +146,14 @@ def build_plan(profile: Profile) -> list[Step]:
             for method in setup.methods:
                 steps.append(Step(key=f"{setup.task}/{method}/seed-{seed}", experiment=setup.task, claims=(2, 3),
                                   kind="nlg", method=method, seed=seed, dataset=setup.task,
-                                  cost=_nlg_cost(profile, setup), label=method))
+                                  cost=_nlg_cost(profile, setup, method), label=method))
             for method in setup.own_rate_methods:  # the same runs at the method's own rate (range test, seed 0)
                 first = f"{setup.task}/{method}-own-rate/seed-0"
                 range_test = RANGE_TEST_STEPS * profile.seconds.get("nlg-range-test", 1.0) if seed == 0 else 0.0
                 steps.append(Step(key=f"{setup.task}/{method}-own-rate/seed-{seed}", experiment=setup.task,
                                   claims=(2, 3), kind="nlg", method=method, seed=seed, dataset=setup.task,
                                   rate="auto" if seed == 0 else first, needs=() if seed == 0 else (first,),
-                                  cost=_nlg_cost(profile, setup) + range_test, label=f"{method}-own-rate"))
+                                  cost=_nlg_cost(profile, setup, method) + range_test, label=f"{method}-own-rate"))
         if nlu is not None and ablation is not None:
             steps += _ablation_steps(profile, seed, main_key)
         if seed == 0 and nlu is not None and ablation is not None and "lora" in nlu.methods:

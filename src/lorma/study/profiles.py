@@ -176,7 +176,9 @@ CPU = Profile(
     # table): nlu-eval per evaluated row, nlg-decode per input and beam (merge and official scorer included),
     # nlg-loss per held-out pair; a range-test step also takes the loss of a fixed 64-row probe batch
     seconds={"nlu-adapter": 0.85, "nlu-full": 1.15, "nlu-eval": 0.03, "nlg-train": 9.1, "nlg-decode": 0.45,
-             "nlg-loss": 0.45, "range-test": 1.5, "nlg-range-test": 33.0, "analysis": 60.0},
+             "nlg-loss": 0.45, "range-test": 1.5, "nlg-range-test": 33.0, "analysis": 60.0,
+             # LoRMA_pi applies a dense d x d map per module: on SmolLM2's MLP (d = 1536) a step costs twice LoRA's
+             "nlg-train:lorma-pi": 18.6},
     untested={
         2: "WebNLG and DART are not run (budget); E2E only",
     },
