@@ -402,7 +402,8 @@ def ablation_sections(results: Results, profile: Profile) -> tuple[list[str], di
               ""] + md_table(header, rows)
 
     # claim 6: rank sweep (Table 8, Fig. 5): the sweep's points, and the largest rank against the smallest
-    sweep_rows, outs, trend = [], [], {}
+    sweep: list[tuple[str, str, dict[int, tuple[float, float, float] | None], str]] = []
+    outs, trend = [], {}
     for d in results.datasets("rank"):
         by_method: dict[str, dict[int, dict[int, dict[str, Any]]]] = defaultdict(dict)
         for lab, cell in results.runs["rank"][d].items():
@@ -413,21 +414,24 @@ def ablation_sections(results: Results, profile: Profile) -> tuple[list[str], di
             if main:
                 points.setdefault(main_r, main)
             ranks = sorted(points)
-            means = [t_interval(_values(points[r], main_value)) for r in ranks]
-            sweep_rows.append([d, label(method), *[f"r={r}: {fmt(m[0] if m else None)}" for r, m in zip(ranks, means)]])
+            means = {r: t_interval(_values(points[r], main_value)) for r in ranks}
+            change = "-"
             if len(ranks) >= 2:
                 diff = paired(points[ranks[-1]], points[ranks[0]], main_value)
                 o = outcome(diff)
                 outs.append(o)
-                trend[(d, method)] = {"ranks": ranks, "means": [m[0] if m else None for m in means], "diff": diff}
-                sweep_rows[-1].append(f"r={ranks[-1]} - r={ranks[0]}: {fmt_diff(diff)} {o}")
+                trend[(d, method)] = {"ranks": ranks, "means": [m[0] if m else None for m in means.values()],
+                                      "diff": diff}
+                change = f"r={ranks[-1]} - r={ranks[0]}: {fmt_diff(diff)} {o}"
+            sweep.append((d, label(method), means, change))
     facts["rank"] = tally(outs)
     facts["rank_trend"] = trend
-    width = max((len(r) for r in sweep_rows), default=3)
+    all_ranks = sorted({r for _, _, means, _ in sweep for r in means})
     lines += ["**Claim 6, rank sweep (Table 8, Fig. 5):** mean over seeds at each rank (alpha = r), and the largest "
               "rank against the smallest (paired).", ""]
-    lines += md_table(["dataset", "method", *[""] * (width - 2)],
-                      [r + [""] * (width - len(r)) for r in sweep_rows]) if sweep_rows else ["No result yet.", ""]
+    lines += md_table(["dataset", "method", *[f"r={r}" for r in all_ranks], "largest - smallest rank"],
+                      [[d, m, *[fmt(means[r][0] if means.get(r) else None) if r in means else "-" for r in all_ranks],
+                        change] for d, m, means, change in sweep]) if sweep else ["No result yet.", ""]
 
     # claims 6-7: target matrices at a fixed budget (Tables 8 and 10)
     rows, outs = [], []
