@@ -267,6 +267,14 @@ def nlu_section(results: Results, profile: Profile) -> tuple[list[str], dict[str
     return lines, facts
 
 
+def _nlg_row(name: str, cell: dict[int, dict[str, Any]]) -> list[str]:
+    """One row of the generation table: seeds, trainable parameters, each metric's mean [interval]."""
+    params = {r["trainable_params"] for r in cell.values() if isinstance(r.get("trainable_params"), int)}
+    return [name, str(len(cell)), ", ".join(f"{p:,}" for p in sorted(params)) or "-",
+            *[fmt_interval(t_interval(_values(cell, lambda r, k=k: nlg_value(r, k))), len(cell), 2)
+              for k in NLG_METRICS]]
+
+
 def nlg_section(results: Results, profile: Profile) -> tuple[list[str], dict[str, Any]]:
     """Claim 2: official scores per method (mean over seeds), paired differences to LoRA."""
     facts: dict[str, Any] = {"diffs": {}, "tally": {}}
@@ -277,23 +285,13 @@ def nlg_section(results: Results, profile: Profile) -> tuple[list[str], dict[str
             lines += [f"No {task} result yet.", ""]
             continue
         methods = [m for m in setup.methods if results.cell(task, task, m)]
-        rows = []
-        for m in methods:
-            cell = results.cell(task, task, m)
-            params = {r["trainable_params"] for r in cell.values() if isinstance(r.get("trainable_params"), int)}
-            rows.append([label(m), str(len(cell)), ", ".join(f"{p:,}" for p in sorted(params)) or "-",
-                         *[fmt_interval(t_interval(_values(cell, lambda r, k=k: nlg_value(r, k))), len(cell), 2)
-                           for k in NLG_METRICS]])
+        rows = [_nlg_row(label(m), results.cell(task, task, m)) for m in methods]
         own = [m for m in setup.own_rate_methods if results.cell(task, task, f"{m}-own-rate")]
         for m in own:
             cell = results.cell(task, task, f"{m}-own-rate")
             chosen = sorted({float(r["learning_rate"]["body"]) for r in cell.values()
                              if isinstance(r.get("learning_rate"), dict) and "body" in r["learning_rate"]})
-            params = {r["trainable_params"] for r in cell.values() if isinstance(r.get("trainable_params"), int)}
-            rows.append([f"{label(m)} at its own rate ({', '.join(f'{v:.2g}' for v in chosen) or '?'})",
-                         str(len(cell)), ", ".join(f"{p:,}" for p in sorted(params)) or "-",
-                         *[fmt_interval(t_interval(_values(cell, lambda r, k=k: nlg_value(r, k))), len(cell), 2)
-                           for k in NLG_METRICS]])
+            rows.append(_nlg_row(f"{label(m)} at its own rate ({', '.join(f'{v:.2g}' for v in chosen) or '?'})", cell))
         for m in methods:
             if m in PAPER_E2E and task == "e2e":
                 rows.append([f"{label(m)} (paper, GPT-2 M)", "-", "-", *[str(v) for v in PAPER_E2E[m]]])
