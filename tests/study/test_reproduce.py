@@ -282,3 +282,12 @@ def test_report_command_rederives_the_same_page_in_a_fresh_process(study, tmp_pa
                    capture_output=True, text=True, check=True, cwd=tmp_path)
     # the tiny profile's report goes beside its results
     assert page.read_text() == first
+
+
+def test_the_verdict_table_names_the_profiles_own_models(tmp_path: Path) -> None:
+    """Claims 1 and 2 state the setting of the profile the page is written for, not the cpu profile's models."""
+    (tmp_path / "results").mkdir()
+    text = write_report(PAPER, tmp_path / "results", tmp_path / "REPRODUCTION.md").read_text()
+    rows = {n: next(line for line in text.splitlines() if line.startswith(f"| {n} |")) for n in (1, 2)}
+    assert "RoBERTa base" in rows[1] and "GPT-2 M on E2E" in rows[2] and "beam 10" in rows[2]
+    assert not any(name in text for name in ("MiniLM", "SmolLM2"))

@@ -47,6 +47,8 @@ class NluSetup:
     #: CPU cost of a step (training, evaluation, range test) on each dataset relative to the profile's ``nlu-*``
     #: seconds: mostly the length of its texts. Missing datasets count 1.0.
     relative_cost: dict[str, float] = field(default_factory=dict)
+    #: the model and adapter settings in a few words, for the verdict table's "our setting" column
+    summary: str = ""
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,8 @@ class NlgSetup:
     #: methods run a second time at their own learning rate (a range test on the training data on the first seed,
     #: reused by the later seeds), beside the one rate of ``settings`` that every method shares (the paper's way)
     own_rate_methods: tuple[str, ...] = ()
+    #: the model, targets, data and decoding in a few words, for the verdict table's "our setting" column
+    summary: str = ""
 
 
 @dataclass(frozen=True)
@@ -155,7 +159,7 @@ CPU = Profile(
     description="all-MiniLM-L6-v2 on the packaged classification sets, SmolLM2-135M on E2E: 2 CPU cores",
     seeds=3,
     nlu=NluSetup(model=MINILM, datasets=CPU_NLU_DATASETS, methods=("lora", "lorma-plus", "lorma-pi", "full"),
-                 settings=CPU_NLU_SETTINGS,
+                 settings=CPU_NLU_SETTINGS, summary="all-MiniLM-L6-v2, q and v, r = 8",
                  # measured on the LoRA runs of seed 0 (train_runtime less the evaluations, per step, over 0.85 s)
                  relative_cost={"chatterbot-topics": 1.75, "movie-replies": 0.75, "rt-polarity": 0.85,
                                 "sms-spam": 1.0, "trec-questions": 0.4, "tweets-small": 0.9}),
@@ -171,7 +175,9 @@ CPU = Profile(
                   settings=CPU_E2E_SETTINGS, eval_inputs=630,
                   note="trained on the E2E development set (4,672 pairs; the 42k training set is not reachable)",
                   # the shared rate is raised 10x for the short budget, and LoRMA_pi's loss spiked at it (seed 0)
-                  own_rate_methods=("lorma-pi",)),),
+                  own_rate_methods=("lorma-pi",),
+                  summary="SmolLM2-135M on E2E (dev set for training; up, down, o, gate, r = 4), 630 test MRs, greedy "
+                          "decoding, official scorer"),),
     # measured here, on the study's own finished steps (cost.json beside each result; REPRODUCTION.md's status
     # table): nlu-eval per evaluated row, nlg-decode per input and beam (merge and official scorer included),
     # nlg-loss per held-out pair; a range-test step also takes the loss of a fixed 64-row probe batch
@@ -193,13 +199,15 @@ PAPER = Profile(
                 "needs GPUs, GLUE's task folders (--glue-dir) and the models (hub names, or local copies)",
     seeds=3,
     nlu=NluSetup(model="roberta-base", datasets=GLUE_TASKS, methods=("lora", "lorma-plus", "lorma-pi"),
-                 settings={}, learning_rate="preset", preset_dir="configs/glue/roberta-base", track_rank_every=200),
+                 settings={}, learning_rate="preset", preset_dir="configs/glue/roberta-base", track_rank_every=200,
+                 summary="RoBERTa base, q and v, Table 14's settings per task"),
     ablation=AblationSetup(datasets=("mrpc", "stsb"), ranks=(1, 2, 4, 8, 64),
                            target_sets=((("query",), 8), (("key",), 8), (("value",), 8), (("query", "value"), 4),
                                         (("query", "key"), 4), (("query", "key", "value", "dense"), 2))),
     nlg=(NlgSetup(model="gpt2-medium", task="e2e", train_file="{nlg_data}/e2e/train.csv",
                   eval_file="{nlg_data}/e2e/test.csv", methods=("lora", "lorma-plus", "lorma-pi"),
-                  settings={"preset": "configs/nlg/gpt2-medium-e2e-plus.yaml"}, eval_inputs=630),),
+                  settings={"preset": "configs/nlg/gpt2-medium-e2e-plus.yaml"}, eval_inputs=630,
+                  summary="GPT-2 M on E2E (q and v, Table 16's settings), 630 test MRs, beam 10, official scorer"),),
     untested={2: "WebNLG and DART: configs/nlg/ presets, run them with lorma train"},
 )
 

@@ -307,21 +307,17 @@ def nlg_section(results: Results, profile: Profile) -> tuple[list[str], dict[str
                           rows)
         if "lora" in methods:
             diff_rows = []
-            for m in methods:
-                if m == "lora":
-                    continue
-                diffs = {k: paired(results.cell(task, task, m), results.cell(task, task, "lora"),
+            # each method at the shared rate, then the own-rate runs against LoRA at the shared rate (LoRA's rate
+            # was chosen for LoRA)
+            compared = [(m, m, f"{label(m)} - LoRA", facts) for m in methods if m != "lora"]
+            compared += [(f"{m}-own-rate", m, f"{label(m)} at its own rate - LoRA",
+                          facts.setdefault("own_rate", {"diffs": {}, "tally": {}})) for m in own]
+            for run_label, m, name, into in compared:
+                diffs = {k: paired(results.cell(task, task, run_label), results.cell(task, task, "lora"),
                                    lambda r, k=k: nlg_value(r, k)) for k in NLG_METRICS}
-                facts["diffs"][m] = diffs
-                facts["tally"][m] = tally(outcome(diffs[k]) for k in NLG_METRICS)
-                diff_rows.append([f"{label(m)} - LoRA", *[f"{fmt_diff(diffs[k], 2)} {outcome(diffs[k])}"
-                                                          for k in NLG_METRICS]])
-            for m in own:  # its own rate against LoRA at the shared rate (LoRA's rate was chosen for LoRA)
-                diffs = {k: paired(results.cell(task, task, f"{m}-own-rate"), results.cell(task, task, "lora"),
-                                   lambda r, k=k: nlg_value(r, k)) for k in NLG_METRICS}
-                facts.setdefault("own_rate_tally", {})[m] = tally(outcome(diffs[k]) for k in NLG_METRICS)
-                diff_rows.append([f"{label(m)} at its own rate - LoRA", *[f"{fmt_diff(diffs[k], 2)} "
-                                                                          f"{outcome(diffs[k])}" for k in NLG_METRICS]])
+                into["diffs"][m] = diffs
+                into["tally"][m] = tally(outcome(diffs[k]) for k in NLG_METRICS)
+                diff_rows.append([name, *[f"{fmt_diff(diffs[k], 2)} {outcome(diffs[k])}" for k in NLG_METRICS]])
             lines += ["Paired differences to LoRA (same seed), 95% t interval over seeds:", ""]
             lines += md_table(["", "BLEU", "NIST", "METEOR", "ROUGE-L", "CIDEr"], diff_rows)
     return lines, facts
@@ -400,7 +396,7 @@ def ablation_sections(results: Results, profile: Profile) -> tuple[list[str], di
               ""] + md_table(header, rows)
 
     # claim 6: rank sweep (Table 8, Fig. 5): the sweep's points, and the largest rank against the smallest
-    sweep: list[tuple[str, str, dict[int, tuple[float, float, float] | None], str]] = []
+    sweep: list[tuple[str, str, dict[int, str], str]] = []
     outs, trend = [], {}
     for d in results.datasets("rank"):
         by_method: dict[str, dict[int, dict[int, dict[str, Any]]]] = defaultdict(dict)
@@ -421,15 +417,15 @@ def ablation_sections(results: Results, profile: Profile) -> tuple[list[str], di
                 trend[(d, method)] = {"ranks": ranks, "means": [m[0] if m else None for m in means.values()],
                                       "diff": diff}
                 change = f"r={ranks[-1]} - r={ranks[0]}: {fmt_diff(diff)} {o}"
-            sweep.append((d, label(method), means, change))
+            sweep.append((d, label(method), {r: fmt_interval(means[r], len(points[r])) for r in ranks}, change))
     facts["rank"] = tally(outs)
     facts["rank_trend"] = trend
     all_ranks = sorted({r for _, _, means, _ in sweep for r in means})
-    lines += ["**Claim 6, rank sweep (Table 8, Fig. 5):** mean over seeds at each rank (alpha = r), and the largest "
-              "rank against the smallest (paired).", ""]
+    lines += ["**Claim 6, rank sweep (Table 8, Fig. 5):** mean over seeds at each rank (alpha = r) [95% t interval] "
+              "(seeds), and the largest rank against the smallest (paired).", ""]
     lines += md_table(["dataset", "method", *[f"r={r}" for r in all_ranks], "largest - smallest rank"],
-                      [[d, m, *[fmt(means[r][0] if means.get(r) else None) if r in means else "-" for r in all_ranks],
-                        change] for d, m, means, change in sweep]) if sweep else ["No result yet.", ""]
+                      [[d, m, *[cells.get(r, "-") for r in all_ranks], change]
+                       for d, m, cells, change in sweep]) if sweep else ["No result yet.", ""]
 
     # claims 6-7: target matrices at a fixed budget (Tables 8 and 10)
     rows, outs = [], []
@@ -576,7 +572,8 @@ def claims(profile: Profile, facts: dict[str, Any]) -> list[Claim]:
         return "-" if not t else f"{t['win']} W / {t['tie']} T / {t['loss']} L" + (
             f" ({t['n/a']} without interval)" if t.get("n/a") else "")
 
-    setting = "all-MiniLM-L6-v2, q and v, r = 8" if profile.name == "cpu" else f"profile {profile.name}"
+    setting = profile.nlu.summary if profile.nlu and profile.nlu.summary else f"profile {profile.name}"
+    nlg_setting = "; ".join(s.summary or f"{s.model} on {s.task}" for s in profile.nlg) or "-"
     pi, plus = nlu["tally"].get("lorma-pi"), nlu["tally"].get("lorma-plus")
     out.append(Claim(1, "GLUE: LoRMA_pi competitive with LoRA; LoRMA+ ahead of the other PEFT methods",
                      "Table 2 (RoBERTa base/large, q and v)",
@@ -587,11 +584,10 @@ def claims(profile: Profile, facts: dict[str, Any]) -> list[Claim]:
                      f"{superiority_verdict(plus) if plus else 'no result yet'}"))
     e2e_pi, e2e_plus = nlg["tally"].get("lorma-pi"), nlg["tally"].get("lorma-plus")
     out.append(Claim(2, "NLG: LoRMA+ and LoRMA_pi on par with LoRA (E2E BLEU 69.3 / 69.0 vs 69.1)",
-                     "Table 3 (GPT-2 M, E2E, beam 10)", "SmolLM2-135M on E2E (dev set for training; up, down, o, "
-                     "gate, r = 4), 630 test MRs, greedy decoding, official scorer",
+                     "Table 3 (GPT-2 M, E2E, beam 10)", nlg_setting,
                      f"over the 5 metrics, LoRMA+ - LoRA: {counts(e2e_plus)}; LoRMA_pi - LoRA: {counts(e2e_pi)}"
-                     + (f"; LoRMA_pi at its own rate - LoRA: {counts(nlg['own_rate_tally']['lorma-pi'])}"
-                        if "lorma-pi" in nlg.get("own_rate_tally", {}) else ""),
+                     + "".join(f"; {label(m)} at its own rate - LoRA: {counts(t)}"
+                               for m, t in nlg.get("own_rate", {}).get("tally", {}).items()),
                      f"plus: {parity_verdict(e2e_plus) if e2e_plus else 'no result yet'}; pi: "
                      f"{parity_verdict(e2e_pi) if e2e_pi else 'no result yet'}"))
     conv = facts["convergence"]["tally"]

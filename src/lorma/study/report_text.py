@@ -93,6 +93,8 @@ def _pictures(data: Any, facts: dict[str, Any], results: Path) -> dict[str, Path
     pictures: dict[str, Path | None] = {}
     nlu_diffs = {m: {d: v["final"] for d, v in per.items()} for m, per in facts["nlu"]["diffs"].items()}
     nlg_diffs = {m: {k.upper(): v for k, v in per.items()} for m, per in facts["nlg"]["diffs"].items()}
+    nlg_diffs |= {f"{m} (own rate)": {k.upper(): v for k, v in per.items()}
+                  for m, per in facts["nlg"].get("own_rate", {}).get("diffs", {}).items()}
     pictures["nlu"] = plot_paired_differences(nlu_diffs, results / "nlu_paired_differences.png",
                                               "NLU: main metric, LoRMA - LoRA (final epoch)")
     pictures["nlg"] = plot_paired_differences(nlg_diffs, results / "e2e_paired_differences.png",
