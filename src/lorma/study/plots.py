@@ -34,32 +34,53 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def plot_paired_differences(diffs: dict[str, dict[str, dict[str, Any] | None]], path: Path, title: str) -> Path | None:
-    """Forest plot: per task (rows) and method (colours), the paired difference to LoRA with its 95% interval."""
+def _forest(ax: Any, rows: list[tuple[str, int, dict[str, Any]]], legend: list[str] | None = None,
+            gap_after: tuple[int, ...] = ()) -> None:
+    """Points with their intervals, one per row (label, colour index, paired difference), top to bottom, with half
+    a row of space after the rows numbered in ``gap_after``; the y ticks are the labels, ``legend`` names the
+    colours."""
+    colours = ["tab:blue", "tab:orange", "tab:green", "tab:red"]
+    seen: set[int] = set()
+    ys = [index + 0.5 * sum(1 for g in gap_after if g < index) for index in range(len(rows))]
+    for y, (_, colour, d) in zip(ys, rows):
+        low = d["low"] if d.get("low") is not None else d["difference"]
+        high = d["high"] if d.get("high") is not None else d["difference"]
+        ax.errorbar(d["difference"], y, xerr=[[d["difference"] - low], [high - d["difference"]]], fmt="o",
+                    color=colours[colour % len(colours)], capsize=3,
+                    label=legend[colour] if legend and colour not in seen else None)
+        seen.add(colour)
+    ax.axvline(0, color="grey", lw=1, ls="--")
+    ax.set_yticks(ys, [name for name, _, _ in rows], fontsize=8)
+    ax.set_ylim(ys[-1] + 0.5, -0.5)
+
+
+def plot_paired_differences(diffs: dict[str, dict[str, dict[str, Any] | None]], path: Path, title: str,
+                            panel_per_task: bool = False) -> Path | None:
+    """Forest plot: per task and method (colours), the paired difference to LoRA with its 95% interval.
+
+    ``panel_per_task`` gives every task its own panel and x axis: for measures on different scales (E2E's BLEU
+    in points, CIDEr near 1), which one shared axis would flatten to a line.
+    """
     tasks = sorted({t for per in diffs.values() for t, d in per.items() if d is not None})
     if not tasks:
         return None
-    fig, axes = _figure(size=(7, 0.5 + 0.45 * len(tasks) * max(len(diffs), 1)))
+    methods = list(diffs)
+    groups = [[(m, i, diffs[m][t]) for i, m in enumerate(methods) if diffs[m].get(t) is not None] for t in tasks]
+    if panel_per_task:
+        fig, axes = _figure(len(tasks), 1, size=(7, sum(0.6 + 0.35 * len(g) for g in groups)))
+        for index, (task, group) in enumerate(zip(tasks, groups)):
+            ax = axes[index][0]
+            _forest(ax, group)
+            ax.set_title(task, fontsize=9, loc="left")
+        fig.suptitle(title, fontsize=10)
+        axes[-1][0].set_xlabel("difference to LoRA (same seed), 95% t interval over seeds")
+        fig.tight_layout()
+        return _save(fig, path)
+    fig, axes = _figure(size=(7, 0.5 + 0.45 * sum(len(g) for g in groups)))
     ax = axes[0][0]
-    colours = ["tab:blue", "tab:orange", "tab:green", "tab:red"]
-    y = 0
-    ticks, labels = [], []
-    for task in tasks:
-        for i, (method, per) in enumerate(diffs.items()):
-            d = per.get(task)
-            if d is None:
-                continue
-            low = d["low"] if d.get("low") is not None else d["difference"]
-            high = d["high"] if d.get("high") is not None else d["difference"]
-            ax.errorbar(d["difference"], y, xerr=[[d["difference"] - low], [high - d["difference"]]], fmt="o",
-                        color=colours[i % len(colours)], capsize=3, label=method if task == tasks[0] else None)
-            ticks.append(y)
-            labels.append(f"{task} ({method})")
-            y += 1
-        y += 0.5
-    ax.axvline(0, color="grey", lw=1, ls="--")
-    ax.set_yticks(ticks, labels, fontsize=8)
-    ax.invert_yaxis()
+    rows = [(f"{t} ({m})", i, d) for t, group in zip(tasks, groups) for m, i, d in group]
+    ends = tuple(int(e) - 1 for e in np.cumsum([len(g) for g in groups])[:-1])
+    _forest(ax, rows, legend=methods, gap_after=ends)
     ax.set_xlabel("difference to LoRA (same seed), 95% t interval over seeds")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="best")

@@ -98,7 +98,7 @@ def _pictures(data: Any, facts: dict[str, Any], results: Path) -> dict[str, Path
     pictures["nlu"] = plot_paired_differences(nlu_diffs, results / "nlu_paired_differences.png",
                                               "NLU: main metric, LoRMA - LoRA (final epoch)")
     pictures["nlg"] = plot_paired_differences(nlg_diffs, results / "e2e_paired_differences.png",
-                                              "E2E: official scores, LoRMA - LoRA")
+                                              "E2E: official scores, LoRMA - LoRA", panel_per_task=True)
     curves: dict[str, dict[str, list[Path]]] = defaultdict(lambda: defaultdict(list))
     for key, folder in sorted(data.folders.items()):
         parts = key.split("/")
