@@ -238,6 +238,9 @@ def test_verdict_rules() -> None:
     assert superiority_verdict(tally(["win", "win", "tie"])) == "holds"
     assert superiority_verdict(tally(["win", "tie", "loss"])) == "does not hold"
     assert superiority_verdict(tally(["win", "tie", "tie"])) == "cannot tell at this scale"
+    # a study under way: the verdict is provisional and says on how many comparisons it rests
+    assert parity_verdict(tally(["tie", "tie", "n/a"])) == "holds so far (2 of 3 with an interval)"
+    assert superiority_verdict(tally(["win", "n/a", "n/a"])) == "holds so far (1 of 3 with an interval)"
 
 
 def test_the_report_numbers_are_the_result_files_numbers(study, tmp_path: Path) -> None:

@@ -12,6 +12,8 @@ How a verdict is reached (one rule per kind of claim, stated in the report too):
   outnumber the wins; otherwise the evidence is mixed.
 - *Superiority* ("ahead", "matters", "grows", "lower AUC") holds when the wins outnumber the ties and losses
   together, does not hold when losses are at least as many as wins, and otherwise cannot be told at this scale.
+- While some comparisons still lack an interval (a study under way), a verdict says "so far" and on how many of
+  them it rests.
 """
 
 from __future__ import annotations
@@ -137,15 +139,21 @@ def tally(outcomes: Iterable[str]) -> dict[str, int]:
     return counts
 
 
+def _so_far(counts: dict[str, int]) -> str:
+    """A verdict drawn while some comparisons still lack an interval is provisional, and says on how many it rests."""
+    decided = counts["win"] + counts["tie"] + counts["loss"]
+    return f" so far ({decided} of {decided + counts['n/a']} with an interval)" if counts["n/a"] else ""
+
+
 def parity_verdict(counts: dict[str, int]) -> str:
     decided = counts["win"] + counts["tie"] + counts["loss"]
     if decided == 0:
         return "cannot tell yet (fewer than 2 seeds)"
     if counts["loss"] == 0:
-        return "holds"
+        return "holds" + _so_far(counts)
     if counts["loss"] > counts["win"]:
-        return "does not hold"
-    return "mixed"
+        return "does not hold" + _so_far(counts)
+    return "mixed" + _so_far(counts)
 
 
 def superiority_verdict(counts: dict[str, int]) -> str:
@@ -153,10 +161,10 @@ def superiority_verdict(counts: dict[str, int]) -> str:
     if decided == 0:
         return "cannot tell yet (fewer than 2 seeds)"
     if counts["win"] > counts["tie"] + counts["loss"]:
-        return "holds"
+        return "holds" + _so_far(counts)
     if counts["loss"] >= counts["win"] and counts["loss"] > 0:
-        return "does not hold"
-    return "cannot tell at this scale"
+        return "does not hold" + _so_far(counts)
+    return "cannot tell at this scale" + _so_far(counts)
 
 
 def fmt(value: float | None, digits: int = 3) -> str:

@@ -139,7 +139,8 @@ def render(profile: Profile, data: Any, sections: dict[str, list[str]], claims: 
         "hold** when losses outnumber wins (otherwise: mixed). A claim of superiority (\"ahead\", \"matters\", "
         "\"grows\", \"lower\") **holds** when wins outnumber ties and losses together, **does not hold** when losses "
         "are at least as many as wins, and otherwise **cannot be told at this scale**. With one seed there is no "
-        "interval: *cannot tell yet*.",
+        "interval: *cannot tell yet*; while some comparisons still lack one, a verdict says *so far* and on how many "
+        "it rests.",
         "",
         "## Status of the study",
         "",
