@@ -294,3 +294,30 @@ def test_the_verdict_table_names_the_profiles_own_models(tmp_path: Path) -> None
     rows = {n: next(line for line in text.splitlines() if line.startswith(f"| {n} |")) for n in (1, 2)}
     assert "RoBERTa base" in rows[1] and "GPT-2 M on E2E" in rows[2] and "beam 10" in rows[2]
     assert not any(name in text for name in ("MiniLM", "SmolLM2"))
+
+
+def test_a_dataset_where_nothing_was_learned_is_left_out_of_the_verdicts(tmp_path: Path) -> None:
+    """A flat training loss for every run of every method (the task not learned) makes a tie meaningless: the report
+    names the dataset and keeps it out of the counts; a dataset where one run learned stays in."""
+    from lorma.study.report import gather, not_learned
+
+    def write(dataset: str, method: str, seed: int, losses: list[float], score: float) -> None:
+        folder = tmp_path / "nlu" / dataset / method / f"seed-{seed}"
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text(json.dumps(
+            {"main_metric": "eval_macro_f1", "eval": {"eval_macro_f1": score}, "best_eval": {"eval_macro_f1": score}}))
+        (folder / "train_log.jsonl").write_text("".join(json.dumps({"step": 5 * i, "loss": v}) + "\n"
+                                                        for i, v in enumerate(losses)))
+
+    flat, falling = [0.693] * 16, [0.693 - 0.02 * i for i in range(16)]
+    for seed in (0, 1):
+        for method, score in (("lora", 0.50), ("lorma-plus", 0.51 + 0.001 * seed)):
+            write("flat-set", method, seed, flat, score)
+            # one learning run is enough for the dataset to count
+            write("mixed-set", method, seed, falling if (method, seed) == ("lora", 1) else flat, score)
+    results = read_results(tmp_path)
+    assert not_learned(results) == ["flat-set"]
+    sections, facts = gather(TINY, results)
+    assert facts["nlu"]["tally"]["lorma-plus"] == {"win": 1, "tie": 0, "loss": 0, "n/a": 0}  # mixed-set only
+    text = "\n".join(sections["nlu"])
+    assert "Nothing was learned on flat-set" in text and "(nothing learned)" in text

@@ -176,7 +176,7 @@ def _rate_steps(profile: Profile) -> list[Step]:
     assert nlu is not None and ablation is not None
     out: list[Step] = []
     for seed in range(profile.seeds):
-        for dataset in ablation.datasets:
+        for dataset in ablation.default_rate_datasets or ablation.datasets:
             for method in ablation.default_rate_methods:
                 out.append(Step(key=f"rates/{dataset}/{method}-default/seed-{seed}", experiment="rates", claims=(),
                                 kind="nlu", method=method, seed=seed, dataset=dataset, rate="fixed",

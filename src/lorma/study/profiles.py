@@ -73,6 +73,7 @@ class AblationSetup:
     #: ``lorma train --tune learning_rate`` (k-fold on the training data) on ``tune_datasets`` for ``tune_methods``;
     #: both against the range test's rate of the main runs
     default_rate_methods: tuple[str, ...] = ("lora", "lorma-plus", "lorma-pi")
+    default_rate_datasets: tuple[str, ...] | None = None  # None: ``datasets``
     tune_datasets: tuple[str, ...] = ()
     tune_methods: tuple[str, ...] = ("lora", "lorma-plus")
     tune_folds: int = 3
@@ -168,7 +169,11 @@ CPU = Profile(
     ablation=AblationSetup(datasets=CPU_ABLATION_DATASETS, ranks=(1, 4, 16), rank_datasets=("tweets-small",),
                            target_sets=((("query",), 8), (("query", "value"), 4),
                                         (("query", "key", "value", "dense"), 2)),
-                           default_rate_methods=("lora", "lorma-plus"), tune_datasets=("tweets-small",),
+                           default_rate_methods=("lora", "lorma-plus"),
+                           # movie replies beside the ablation sets: its range test chose a rate at which nothing
+                           # was learned (seeds 0-1), which the default rate tests
+                           default_rate_datasets=(*CPU_ABLATION_DATASETS, "movie-replies"),
+                           tune_datasets=("tweets-small",),
                            tune_methods=("lorma-plus",)),
     nlg=(NlgSetup(model=SMOLLM2, task="e2e", train_file="{nlg_data}/e2e_devset.csv",
                   eval_file="{nlg_data}/e2e_testset_w_refs.csv", methods=("lora", "lorma-plus", "lorma-pi"),
