@@ -312,9 +312,9 @@ def nlu_section(results: Results, profile: Profile) -> tuple[list[str], dict[str
             lines += [f"Nothing was learned on {', '.join(facts['not_learned'])}: no run of any method lowered its "
                       f"training loss by {LEARNED_DROP:.0%} (the last eighth of the loss log against the first), so "
                       "every method there scores near where it started and a tie says nothing about the methods. It "
-                      "is left out of the counts below and of the verdicts. The range test's rate there (a tenth of "
-                      "the rate at the lowest loss of a nearly flat sweep) is one cause that the learning-rate section "
-                      "tests against the default rate.", ""]
+                      "is left out of the counts below and of the verdicts. Whether the range test's rate there is the "
+                      "cause (a tenth of the rate at the lowest loss of a nearly flat sweep), the learning-rate "
+                      "section tests with the default rate.", ""]
         lines += ["Win / tie / loss against LoRA over the datasets:", ""]
         lines += md_table(["method", "wins", "ties", "losses", "no interval yet", "best epoch: W / T / L"], tally_rows)
     return lines, facts
