@@ -17,6 +17,7 @@ from lorma.plumbing.errors import InputError
 from lorma.study.plan import build_plan
 from lorma.study.profiles import CPU, PAPER, TINY, get_profile
 from lorma.study.report import (
+    CLOSE_TIE,
     outcome,
     parity_verdict,
     read_results,
@@ -231,7 +232,12 @@ def test_verdict_rules() -> None:
     assert outcome({"difference": 0.0, "low": -0.1, "high": 0.1, "seeds": 3}) == "tie"
     assert outcome({"difference": 0.1, "low": None, "high": None, "seeds": 1}) == "n/a"
     assert outcome({"difference": -5.0, "low": -6.0, "high": -4.0, "seeds": 3}, lower_is_better=True) == "win"
-    assert parity_verdict(tally(["tie", "win", "tie"])) == "holds"
+    # parity needs close ties (interval within 2% of the reference's score), not merely ties
+    close = outcome({"difference": 0.001, "low": -0.01, "high": 0.012, "seeds": 3}, reference=0.8)
+    wide = outcome({"difference": 0.001, "low": -0.02, "high": 0.012, "seeds": 3}, reference=0.8)
+    assert (close, wide) == (CLOSE_TIE, "tie") and tally([close, wide])["tie"] == 2
+    assert parity_verdict(tally([close, "win", wide])) == "holds"
+    assert parity_verdict(tally(["tie", "win", "tie"])).startswith("cannot tell at this scale (2 of 3 intervals")
     assert parity_verdict(tally(["loss", "loss", "win"])) == "does not hold"
     assert parity_verdict(tally(["loss", "win"])) == "mixed"
     assert parity_verdict(tally(["n/a"])).startswith("cannot tell yet")
@@ -239,7 +245,7 @@ def test_verdict_rules() -> None:
     assert superiority_verdict(tally(["win", "tie", "loss"])) == "does not hold"
     assert superiority_verdict(tally(["win", "tie", "tie"])) == "cannot tell at this scale"
     # a study under way: the verdict is provisional and says on how many comparisons it rests
-    assert parity_verdict(tally(["tie", "tie", "n/a"])) == "holds so far (2 of 3 with an interval)"
+    assert parity_verdict(tally([CLOSE_TIE, CLOSE_TIE, "n/a"])) == "holds so far (2 of 3 with an interval)"
     assert superiority_verdict(tally(["win", "n/a", "n/a"])) == "holds so far (1 of 3 with an interval)"
 
 
@@ -318,6 +324,6 @@ def test_a_dataset_where_nothing_was_learned_is_left_out_of_the_verdicts(tmp_pat
     results = read_results(tmp_path)
     assert not_learned(results) == ["flat-set"]
     sections, facts = gather(TINY, results)
-    assert facts["nlu"]["tally"]["lorma-plus"] == {"win": 1, "tie": 0, "loss": 0, "n/a": 0}  # mixed-set only
+    assert facts["nlu"]["tally"]["lorma-plus"] == {"win": 1, "tie": 0, "loss": 0, "n/a": 0, "close": 0}  # mixed-set
     text = "\n".join(sections["nlu"])
     assert "Nothing was learned on flat-set" in text and "(nothing learned)" in text

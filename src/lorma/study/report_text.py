@@ -134,13 +134,16 @@ def render(profile: Profile, data: Any, sections: dict[str, list[str]], claims: 
         "```",
         "",
         "How a verdict is reached: a difference between two methods is the paired difference seed by seed with its "
-        "95% t interval over seeds; *win* / *tie* / *loss* when the interval lies above / around / below 0. A claim "
-        "of parity (\"competitive\", \"on par\", \"comparable\") **holds** when there is no loss and **does not "
-        "hold** when losses outnumber wins (otherwise: mixed). A claim of superiority (\"ahead\", \"matters\", "
-        "\"grows\", \"lower\") **holds** when wins outnumber ties and losses together, **does not hold** when losses "
-        "are at least as many as wins, and otherwise **cannot be told at this scale**. With one seed there is no "
-        "interval: *cannot tell yet*; while some comparisons still lack one, a verdict says *so far* and on how many "
-        "it rests.",
+        "95% t interval over seeds; *win* / *tie* / *loss* when the interval lies above / around / below 0. A tie is "
+        "*within 2%* when its whole interval lies within 2% of the score compared against (LoRA's; for pre against "
+        "post, the main run's): an interval that holds 0 but is wider than that cannot tell parity from a difference "
+        "a user would mind. A claim of parity (\"competitive\", \"on par\", \"comparable\") **holds** when there is "
+        "no loss and the wins and ties within 2% outnumber the wider ties, **cannot be told at this scale** when "
+        "there is no loss but mostly wider ties, and **does not hold** when losses outnumber wins (otherwise: mixed)."
+        " A claim of superiority (\"ahead\", \"matters\", \"grows\", \"lower\") **holds** when wins outnumber ties "
+        "and losses together, **does not hold** when losses are at least as many as wins, and otherwise **cannot be "
+        "told at this scale**. With one seed there is no interval: *cannot tell yet*; while some comparisons still "
+        "lack one, a verdict says *so far* and on how many it rests.",
         "",
         "## Status of the study",
         "",
