@@ -694,7 +694,10 @@ def claims(profile: Profile, facts: dict[str, Any]) -> list[Claim]:
                      + "".join(f"; {label(m)} at its own rate - LoRA: {counts(t)}"
                                for m, t in nlg.get("own_rate", {}).get("tally", {}).items()),
                      f"plus: {parity_verdict(e2e_plus) if e2e_plus else 'no result yet'}; pi: "
-                     f"{parity_verdict(e2e_pi) if e2e_pi else 'no result yet'}"))
+                     f"{parity_verdict(e2e_pi) if e2e_pi else 'no result yet'}"
+                     # the paper's verdict is at the shared rate; a method at its own rate is told apart beside it
+                     + "".join(f"; {label(m)} at its own rate: {parity_verdict(t)}"
+                               for m, t in nlg.get("own_rate", {}).get("tally", {}).items())))
     conv = facts["convergence"]["tally"]
     out.append(Claim(3, "Faster convergence: lower area under the training-loss curve than LoRA",
                      "Table 5, Fig. 6 (CoLA, SST-2: 30-52% lower)", "the main runs' loss logs",
