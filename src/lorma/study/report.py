@@ -341,7 +341,7 @@ def nlu_section(results: Results, profile: Profile) -> tuple[list[str], dict[str
         lines += md_table(diff_header, diff_rows)
         lines += ["Best epoch:", ""]
         lines += md_table(diff_header, diff_best_rows)
-        tally_rows = [[label(m), *(str(facts["tally"][m][k]) for k in ("win", "tie", "loss", "n/a")),
+        tally_rows = [[label(m), *(str(facts["tally"][m][k]) for k in ("win", "tie", "close", "loss", "n/a")),
                        " / ".join(str(facts["tally_best"][m][k]) for k in ("win", "tie", "loss"))]
                       for m in methods if m != "lora"]
         if facts["not_learned"]:
@@ -352,7 +352,8 @@ def nlu_section(results: Results, profile: Profile) -> tuple[list[str], dict[str
                       "cause (a tenth of the rate at the lowest loss of a nearly flat sweep), the learning-rate "
                       "section tests with the default rate.", ""]
         lines += ["Win / tie / loss against LoRA over the datasets:", ""]
-        lines += md_table(["method", "wins", "ties", "losses", "no interval yet", "best epoch: W / T / L"], tally_rows)
+        lines += md_table(["method", "wins", "ties", f"of them within {PARITY_MARGIN:.0%}", "losses",
+                           "no interval yet", "best epoch: W / T / L"], tally_rows)
     return lines, facts
 
 
