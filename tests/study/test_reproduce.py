@@ -327,3 +327,31 @@ def test_a_dataset_where_nothing_was_learned_is_left_out_of_the_verdicts(tmp_pat
     assert facts["nlu"]["tally"]["lorma-plus"] == {"win": 1, "tie": 0, "loss": 0, "n/a": 0, "close": 0}  # mixed-set
     text = "\n".join(sections["nlu"])
     assert "Nothing was learned on flat-set" in text and "(nothing learned)" in text
+
+
+def test_the_rates_section_leaves_out_a_pair_of_rates_where_nothing_was_learned(tmp_path: Path) -> None:
+    """The default rate against the range test's: where neither run lowered its loss the row is marked and left out
+    of the counts; where the default learned and the chosen rate did not, it is a real loss and counted."""
+    from lorma.study.report import rates_section
+
+    def write(experiment: str, dataset: str, label: str, seed: int, losses: list[float], score: float) -> None:
+        folder = tmp_path / experiment / dataset / label / f"seed-{seed}"
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text(json.dumps(
+            {"main_metric": "eval_macro_f1", "eval": {"eval_macro_f1": score}, "best_eval": {"eval_macro_f1": score},
+             "learning_rate": {"body": 1e-3 if experiment == "rates" else 5e-5}}))
+        (folder / "train_log.jsonl").write_text("".join(json.dumps({"step": 5 * i, "loss": v}) + "\n"
+                                                        for i, v in enumerate(losses)))
+
+    assert "No results yet" in "\n".join(rates_section(read_results(tmp_path))[0])
+    flat, falling = [0.693] * 16, [0.693 - 0.02 * i for i in range(16)]
+    for seed in (0, 1):
+        write("nlu", "flat-set", "lora", seed, flat, 0.50 + 0.01 * seed)
+        write("rates", "flat-set", "lora-default", seed, flat, 0.40)
+        write("nlu", "default-learns", "lora", seed, flat, 0.50 + 0.01 * seed)
+        write("rates", "default-learns", "lora-default", seed, falling, 0.80)
+    lines, facts = rates_section(read_results(tmp_path))
+    rows = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| ") and "dataset" not in line}
+    assert rows["flat-set"].rstrip(" |").endswith("(nothing learned)")
+    assert rows["default-learns"].rstrip(" |").endswith("loss")
+    assert facts["range test"] == {"win": 0, "tie": 0, "loss": 1, "n/a": 0, "close": 0}

@@ -631,6 +631,14 @@ def rank_log_section(results: Results) -> tuple[list[str], dict[str, Any]]:
     return lines, facts
 
 
+def _largest_drop(results: Results, experiment: str, dataset: str, label: str,
+                  cell: dict[int, Any]) -> float | None:
+    """The largest fall of the training loss (:func:`loss_drop`) over a cell's seeds; None without loss logs."""
+    drops = [loss_drop(folder) for seed in cell if (folder := results.folder(experiment, dataset, label, seed))]
+    known = [x for x in drops if x is not None]
+    return max(known) if known else None
+
+
 def rates_section(results: Results) -> tuple[list[str], dict[str, Any]]:
     """The learning rates the study leans on: the range test's (the main runs) and ``--tune``'s (k-fold) against the
     family default, paired by seed on the test rows."""
@@ -642,13 +650,20 @@ def rates_section(results: Results) -> tuple[list[str], dict[str, Any]]:
                 continue
             method = lab[: -len("-default")]
             default = cells[lab]
-            chosen = {"range test": results.cell("nlu", d, method), "k-fold tuned": cells.get(f"{method}-tuned", {})}
-            for how, cell in chosen.items():
+            # how the rate was chosen -> where those runs are (experiment, label)
+            chosen = {"range test": ("nlu", method), "k-fold tuned": ("rates", f"{method}-tuned")}
+            default_drop = _largest_drop(results, "rates", d, lab, default)
+            for how, (experiment, run_label) in chosen.items():
+                cell = results.cell(experiment, d, run_label)
                 if not cell:
                     continue
                 diff = paired(cell, default, main_value)
-                o = outcome(diff)
-                outcomes[how].append(o)
+                drops = [default_drop, _largest_drop(results, experiment, d, run_label, cell)]
+                if all(x is not None and x < LEARNED_DROP for x in drops):
+                    o = "(nothing learned)"  # neither rate moved the loss: the difference says nothing about rates
+                else:
+                    o = outcome(diff)
+                    outcomes[how].append(o)
                 rates = sorted({(r.get("learning_rate") or {}).get("body") for r in cell.values()} - {None})
                 rows.append([d, label(method), how, ", ".join(f"{x:.2g}" for x in rates),
                              fmt_interval(t_interval(_values(cell, main_value)), len(cell)),
@@ -659,8 +674,13 @@ def rates_section(results: Results) -> tuple[list[str], dict[str, Any]]:
              "run above) and `--tune learning_rate` (k-fold cross-validation over the default grid, extended past an "
              "edge that wins). A win means the chosen rate did better on the held-out test rows than the default.",
              ""]
+    if not rows:
+        return lines + ["No results yet: `lorma reproduce --only rates` runs them.", ""], facts
     lines += md_table(["dataset", "method", "chosen by", "rate(s)", "score", "default's score", "difference",
                        "outcome"], rows)
+    if any(r[-1] == "(nothing learned)" for r in rows):
+        lines += ["", f"*(nothing learned)*: no run at either rate lowered its training loss by {LEARNED_DROP:.0%}; "
+                  "such a row is left out of the counts below.", ""]
     for how, t in facts.items():
         if sum(t.values()):
             lines += [f"- {how} against the default: {t['win']} wins, {t['tie']} ties, {t['loss']} losses"
