@@ -119,12 +119,19 @@ def not_learned(results: Results, experiment: str = "nlu") -> list[str]:
     started, so a tie between them says nothing about the methods, and the verdicts leave them out."""
     out = []
     for d in results.datasets(experiment):
-        drops = [loss_drop(folder) for lab, cell in results.runs[experiment][d].items() for seed in cell
-                 if (folder := results.folder(experiment, d, lab, seed)) is not None]
+        drops = [_largest_drop(results, experiment, d, lab, cell) for lab, cell in results.runs[experiment][d].items()]
         known = [x for x in drops if x is not None]
         if known and max(known) < LEARNED_DROP:
             out.append(d)
     return out
+
+
+def _largest_drop(results: Results, experiment: str, dataset: str, label: str,
+                  cell: dict[int, Any]) -> float | None:
+    """The largest fall of the training loss (:func:`loss_drop`) over a cell's seeds; None without loss logs."""
+    drops = [loss_drop(folder) for seed in cell if (folder := results.folder(experiment, dataset, label, seed))]
+    known = [x for x in drops if x is not None]
+    return max(known) if known else None
 
 
 def nlg_value(metrics: dict[str, Any], name: str) -> float | None:
@@ -632,14 +639,6 @@ def rank_log_section(results: Results) -> tuple[list[str], dict[str, Any]]:
     return lines, facts
 
 
-def _largest_drop(results: Results, experiment: str, dataset: str, label: str,
-                  cell: dict[int, Any]) -> float | None:
-    """The largest fall of the training loss (:func:`loss_drop`) over a cell's seeds; None without loss logs."""
-    drops = [loss_drop(folder) for seed in cell if (folder := results.folder(experiment, dataset, label, seed))]
-    known = [x for x in drops if x is not None]
-    return max(known) if known else None
-
-
 def rates_section(results: Results) -> tuple[list[str], dict[str, Any]]:
     """The learning rates the study leans on: the range test's (the main runs) and ``--tune``'s (k-fold) against the
     family default, paired by seed on the test rows."""
@@ -680,7 +679,7 @@ def rates_section(results: Results) -> tuple[list[str], dict[str, Any]]:
     lines += md_table(["dataset", "method", "chosen by", "rate(s)", "score", "default's score", "difference",
                        "outcome"], rows)
     if any(r[-1] == "(nothing learned)" for r in rows):
-        lines += ["", f"*(nothing learned)*: no run at either rate lowered its training loss by {LEARNED_DROP:.0%}; "
+        lines += [f"*(nothing learned)*: no run at either rate lowered its training loss by {LEARNED_DROP:.0%}; "
                   "such a row is left out of the counts below.", ""]
     for how, t in facts.items():
         if sum(t.values()):
