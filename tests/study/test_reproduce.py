@@ -18,6 +18,7 @@ from lorma.study.plan import build_plan
 from lorma.study.profiles import CPU, PAPER, TINY, get_profile
 from lorma.study.report import (
     CLOSE_TIE,
+    NOTHING_LEARNED,
     outcome,
     parity_verdict,
     read_results,
@@ -326,7 +327,7 @@ def test_a_dataset_where_nothing_was_learned_is_left_out_of_the_verdicts(tmp_pat
     sections, facts = gather(TINY, results)
     assert facts["nlu"]["tally"]["lorma-plus"] == {"win": 1, "tie": 0, "loss": 0, "n/a": 0, "close": 0}  # mixed-set
     text = "\n".join(sections["nlu"])
-    assert "Nothing was learned on flat-set" in text and "(nothing learned)" in text
+    assert "Nothing was learned on flat-set" in text and NOTHING_LEARNED in text
 
 
 def test_the_rates_section_leaves_out_a_pair_of_rates_where_nothing_was_learned(tmp_path: Path) -> None:
@@ -352,6 +353,6 @@ def test_the_rates_section_leaves_out_a_pair_of_rates_where_nothing_was_learned(
         write("rates", "default-learns", "lora-default", seed, falling, 0.80)
     lines, facts = rates_section(read_results(tmp_path))
     rows = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| ") and "dataset" not in line}
-    assert rows["flat-set"].rstrip(" |").endswith("(nothing learned)")
+    assert rows["flat-set"].rstrip(" |").endswith(NOTHING_LEARNED)
     assert rows["default-learns"].rstrip(" |").endswith("loss")
     assert facts["range test"] == {"win": 0, "tie": 0, "loss": 1, "n/a": 0, "close": 0}

@@ -100,6 +100,8 @@ def main_value(metrics: dict[str, Any], best: bool = False) -> float | None:
 #: log against the first eighth). On this study's sets every run falls by 10-99%, except where the task is not
 #: learned at all (movie replies: 0.2%, every method at ln 2 from start to end).
 LEARNED_DROP = 0.05
+#: the outcome cell of a comparison where nothing was learned (no win, tie or loss to count), in every table
+NOTHING_LEARNED = "nothing learned"
 
 
 def loss_drop(folder: Path) -> float | None:
@@ -340,7 +342,7 @@ def nlu_section(results: Results, profile: Profile) -> tuple[list[str], dict[str
     if "lora" in methods:
         for d in datasets:
             diff_rows.append([d, *[f"{fmt_diff(facts['diffs'][m][d]['final'])} "
-                                   + ("(nothing learned)" if d in facts["not_learned"] else
+                                   + (NOTHING_LEARNED if d in facts["not_learned"] else
                                       facts['diffs'][m][d]['outcome']) for m in methods if m != "lora"]])
             diff_best_rows.append([d, *[fmt_diff(facts["diffs"][m][d]["best"]) for m in methods if m != "lora"]])
         lines += ["Paired difference to LoRA, seed by seed, with its 95% t interval over seeds; win / tie / loss: "
@@ -454,7 +456,7 @@ def convergence_section(results: Results, nlu_not_learned: list[str] | None = No
                     decrease["seeds"] = pct["seeds"]
                 o = outcome(pct, lower_is_better=True)
                 if d in flat[e]:  # a flat loss: no curve lies lower (see nlu_section)
-                    o = "nothing learned"
+                    o = NOTHING_LEARNED
                 else:
                     per_method[m].append(o)
                 rows.append([e if d == e else f"{e}: {d}", label(m), fmt(ref_mean, 1),
@@ -660,7 +662,7 @@ def rates_section(results: Results) -> tuple[list[str], dict[str, Any]]:
                 diff = paired(cell, default, main_value)
                 drops = [default_drop, _largest_drop(results, experiment, d, run_label, cell)]
                 if all(x is not None and x < LEARNED_DROP for x in drops):
-                    o = "(nothing learned)"  # neither rate moved the loss: the difference says nothing about rates
+                    o = NOTHING_LEARNED  # neither rate moved the loss: the difference says nothing about rates
                 else:
                     o = outcome(diff)
                     outcomes[how].append(o)
@@ -678,8 +680,8 @@ def rates_section(results: Results) -> tuple[list[str], dict[str, Any]]:
         return lines + ["No results yet: `lorma reproduce --only rates` runs them.", ""], facts
     lines += md_table(["dataset", "method", "chosen by", "rate(s)", "score", "default's score", "difference",
                        "outcome"], rows)
-    if any(r[-1] == "(nothing learned)" for r in rows):
-        lines += [f"*(nothing learned)*: no run at either rate lowered its training loss by {LEARNED_DROP:.0%}; "
+    if any(r[-1] == NOTHING_LEARNED for r in rows):
+        lines += [f"*{NOTHING_LEARNED}*: no run at either rate lowered its training loss by {LEARNED_DROP:.0%}; "
                   "such a row is left out of the counts below.", ""]
     for how, t in facts.items():
         if sum(t.values()):
