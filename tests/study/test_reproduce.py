@@ -243,8 +243,11 @@ def test_verdict_rules() -> None:
     assert parity_verdict(tally(["loss", "win"])) == "mixed"
     assert parity_verdict(tally(["n/a"])).startswith("cannot tell yet")
     assert superiority_verdict(tally(["win", "win", "tie"])) == "holds"
-    assert superiority_verdict(tally(["win", "tie", "loss"])) == "does not hold"
+    assert superiority_verdict(tally(["win", "tie", "loss"])) == "does not hold (1 for, 1 against)"
+    assert superiority_verdict(tally(["tie", "tie", "loss"])) == "does not hold"
     assert superiority_verdict(tally(["win", "tie", "tie"])) == "cannot tell at this scale"
+    # a reversal is not outvoted: wins with a loss beside them are mixed, not "holds"
+    assert superiority_verdict(tally(["win", "win", "win", "loss"])) == "mixed (3 for, 1 against)"
     # a study under way: the verdict is provisional and says on how many comparisons it rests
     assert parity_verdict(tally([CLOSE_TIE, CLOSE_TIE, "n/a"])) == "holds so far (2 of 3 with an interval)"
     assert superiority_verdict(tally(["win", "n/a", "n/a"])) == "holds so far (1 of 3 with an interval)"

@@ -13,8 +13,10 @@ How a verdict is reached (one rule per kind of claim, stated in the report too):
   Parity holds when there are no losses and the wins and close ties (interval within the margin) outnumber the wide
   ties; with no losses but mostly wide ties it cannot be told at this scale; it does not hold when the losses
   outnumber the wins; otherwise the evidence is mixed.
-- *Superiority* ("ahead", "matters", "grows", "lower AUC") holds when the wins outnumber the ties and losses
-  together, does not hold when losses are at least as many as wins, and otherwise cannot be told at this scale.
+- *Superiority* ("ahead", "matters", "grows", "lower AUC") holds when there are no losses and the wins outnumber
+  the ties; with no losses but mostly ties it cannot be told at this scale; it does not hold when there are losses
+  and at least as many losses as wins; when there are wins and losses, the wins at least as many, it is mixed: the
+  claim holds on some tasks and is reversed on others, which a user must know (a reversal is not outvoted).
 - While some comparisons still lack an interval (a study under way), a verdict says "so far" and on how many of
   them it rests.
 """
@@ -233,11 +235,12 @@ def superiority_verdict(counts: dict[str, int]) -> str:
     decided = counts["win"] + counts["tie"] + counts["loss"]
     if decided == 0:
         return "cannot tell yet (fewer than 2 seeds)"
-    if counts["win"] > counts["tie"] + counts["loss"]:
-        return "holds" + _so_far(counts)
-    if counts["loss"] >= counts["win"] and counts["loss"] > 0:
-        return "does not hold" + _so_far(counts)
-    return "cannot tell at this scale" + _so_far(counts)
+    if counts["loss"] == 0:
+        return ("holds" if counts["win"] > counts["tie"] else "cannot tell at this scale") + _so_far(counts)
+    split = f" ({counts['win']} for, {counts['loss']} against)" if counts["win"] else ""
+    if counts["loss"] >= counts["win"]:
+        return "does not hold" + split + _so_far(counts)
+    return "mixed" + split + _so_far(counts)
 
 
 def fmt(value: float | None, digits: int = 3) -> str:

@@ -148,10 +148,11 @@ def render(profile: Profile, data: Any, sections: dict[str, list[str]], claims: 
         "a user would mind. A claim of parity (\"competitive\", \"on par\", \"comparable\") **holds** when there is "
         "no loss and the wins and ties within 2% outnumber the wider ties, **cannot be told at this scale** when "
         "there is no loss but mostly wider ties, and **does not hold** when losses outnumber wins (otherwise: mixed)."
-        " A claim of superiority (\"ahead\", \"matters\", \"grows\", \"lower\") **holds** when wins outnumber ties "
-        "and losses together, **does not hold** when losses are at least as many as wins, and otherwise **cannot be "
-        "told at this scale**. With one seed there is no interval: *cannot tell yet*; while some comparisons still "
-        "lack one, a verdict says *so far* and on how many it rests.",
+        " A claim of superiority (\"ahead\", \"matters\", \"grows\", \"lower\") **holds** when there is no loss "
+        "and wins outnumber ties, **cannot be told at this scale** when there is no loss but mostly ties, **does not "
+        "hold** when there are losses, at least as many as wins, and is **mixed** when there are fewer losses than "
+        "wins: it holds on some tasks and is reversed on others. With one seed there is no interval: *cannot tell "
+        "yet*; while some comparisons still lack one, a verdict says *so far* and on how many it rests.",
         "",
         "## Status of the study",
         "",
