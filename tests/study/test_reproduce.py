@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -333,19 +334,26 @@ def test_a_dataset_where_nothing_was_learned_is_left_out_of_the_verdicts(tmp_pat
     assert "Nothing was learned on flat-set" in text and NOTHING_LEARNED in text
 
 
+def _write_rate_run(root: Path, experiment: str, dataset: str, label: str, seed: int, losses: list[float],
+                    score: float) -> None:
+    """One run's result files as the study leaves them: its metrics (at the default rate under rates/, at a
+    range-tested one under nlu/) and its loss log."""
+    folder = root / experiment / dataset / label / f"seed-{seed}"
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps(
+        {"main_metric": "eval_macro_f1", "eval": {"eval_macro_f1": score}, "best_eval": {"eval_macro_f1": score},
+         "learning_rate": {"body": 1e-3 if experiment == "rates" else 5e-5}}))
+    (folder / "train_log.jsonl").write_text("".join(json.dumps({"step": 5 * i, "loss": v}) + "\n"
+                                                    for i, v in enumerate(losses)))
+
+
 def test_the_rates_section_leaves_out_a_pair_of_rates_where_nothing_was_learned(tmp_path: Path) -> None:
     """The default rate against the range test's: where neither run lowered its loss the row is marked and left out
     of the counts; where the default learned and the chosen rate did not, it is a real loss and counted."""
     from lorma.study.report import rates_section
 
-    def write(experiment: str, dataset: str, label: str, seed: int, losses: list[float], score: float) -> None:
-        folder = tmp_path / experiment / dataset / label / f"seed-{seed}"
-        folder.mkdir(parents=True)
-        (folder / "metrics.json").write_text(json.dumps(
-            {"main_metric": "eval_macro_f1", "eval": {"eval_macro_f1": score}, "best_eval": {"eval_macro_f1": score},
-             "learning_rate": {"body": 1e-3 if experiment == "rates" else 5e-5}}))
-        (folder / "train_log.jsonl").write_text("".join(json.dumps({"step": 5 * i, "loss": v}) + "\n"
-                                                        for i, v in enumerate(losses)))
+    def write(*args: Any) -> None:
+        _write_rate_run(tmp_path, *args)
 
     assert "No results yet" in "\n".join(rates_section(read_results(tmp_path))[0])
     flat, falling = [0.693] * 16, [0.693 - 0.02 * i for i in range(16)]
@@ -359,3 +367,26 @@ def test_the_rates_section_leaves_out_a_pair_of_rates_where_nothing_was_learned(
     assert rows["flat-set"].rstrip(" |").endswith(NOTHING_LEARNED)
     assert rows["default-learns"].rstrip(" |").endswith("loss")
     assert facts["range test"] == {"win": 0, "tie": 0, "loss": 1, "n/a": 0, "close": 0}
+
+
+def test_the_rates_section_sets_the_methods_side_by_side_at_one_shared_rate(tmp_path: Path) -> None:
+    """LoRMA+ against LoRA with both at the default rate, beside the same difference at their own rates: the paired
+    differences are the result files' own, seed by seed."""
+    from lorma.study.report import rates_section
+
+    falling = [0.693 - 0.02 * i for i in range(16)]
+    default_scores = {"lora": [0.60, 0.62, 0.61], "lorma-plus": [0.68, 0.67, 0.69]}
+    own_scores = {"lora": [0.64, 0.63, 0.66], "lorma-plus": [0.60, 0.60, 0.61]}
+    for method in ("lora", "lorma-plus"):
+        for seed in range(3):
+            _write_rate_run(tmp_path, "rates", "set", f"{method}-default", seed, falling, default_scores[method][seed])
+            _write_rate_run(tmp_path, "nlu", "set", method, seed, falling, own_scores[method][seed])
+    lines, _ = rates_section(read_results(tmp_path))
+    start = next(i for i, line in enumerate(lines) if "at the default rate" in line)
+    row = next(line for line in lines[start:] if line.startswith("| set |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    for column, scores in ((2, default_scores), (4, own_scores)):
+        diffs = np.subtract(scores["lorma-plus"], scores["lora"])
+        low, high = stats.t.interval(0.95, len(diffs) - 1, loc=diffs.mean(), scale=stats.sem(diffs))
+        assert cells[column] == f"{diffs.mean():+.3f} [{low:+.3f}, {high:+.3f}]"
+    assert cells[1] == "LoRMA+ - LoRA" and cells[3] == "win" and cells[5] == "loss"

@@ -688,9 +688,44 @@ def rates_section(results: Results) -> tuple[list[str], dict[str, Any]]:
                   "such a row is left out of the counts below.", ""]
     for how, t in facts.items():
         if sum(t.values()):
-            lines += [f"- {how} against the default: {t['win']} wins, {t['tie']} ties, {t['loss']} losses"
+            lines += [f"- {how} against the default: {_count(t['win'], 'win')}, {_count(t['tie'], 'tie')}, "
+                      f"{_count(t['loss'], 'loss')}"
                       + (f", {t['n/a']} without an interval yet" if t["n/a"] else "") + "."]
-    return lines + [""], facts
+    return [*lines, "", *_shared_rate_lines(results)], facts
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "es" if noun.endswith("s") else "s")
+
+
+def _shared_rate_lines(results: Results) -> list[str]:
+    """The methods against LoRA with both at the default rate, beside the same difference at each one's own
+    range-tested rate (the main runs): whether a method's deficit is the method's or its rate's."""
+    flat_main = set(not_learned(results))
+    rows = []
+    for d in results.datasets("rates"):
+        cells = results.runs["rates"][d]
+        ref = cells.get("lora-default")
+        if not ref:
+            continue
+        ref_drop = _largest_drop(results, "rates", d, "lora-default", ref)
+        for lab in sorted(cells):
+            if not lab.endswith("-default") or lab == "lora-default":
+                continue
+            method = lab[: -len("-default")]
+            at_default = paired(cells[lab], ref, main_value)
+            drops = [ref_drop, _largest_drop(results, "rates", d, lab, cells[lab])]
+            flat = all(x is not None and x < LEARNED_DROP for x in drops)
+            at_own = paired(results.cell("nlu", d, method), results.cell("nlu", d, "lora"), main_value)
+            rows.append([d, f"{label(method)} - LoRA", fmt_diff(at_default),
+                         NOTHING_LEARNED if flat else outcome(at_default), fmt_diff(at_own),
+                         NOTHING_LEARNED if d in flat_main else outcome(at_own)])
+    if not rows:
+        return []
+    return ["The methods against LoRA at one shared rate (both at the default, as the paper keeps one rate for all "
+            "methods in its Table 16) and at each one's own range-tested rate (the main runs), paired by seed:", "",
+            *md_table(["dataset", "difference", "at the default rate", "outcome", "at their own rates", "outcome"],
+                      rows)]
 
 
 def claims(profile: Profile, facts: dict[str, Any]) -> list[Claim]:
