@@ -669,8 +669,9 @@ def rates_section(results: Results) -> tuple[list[str], dict[str, Any]]:
                 else:
                     o = outcome(diff)
                     outcomes[how].append(o)
-                rates = sorted({(r.get("learning_rate") or {}).get("body") for r in cell.values()} - {None})
-                rows.append([d, label(method), how, ", ".join(f"{x:.2g}" for x in rates),
+                rates = _body_rates(cell)
+                rows.append([d, label(method), how, ", ".join(f"{x:.2g}" for x in rates)
+                             + (" (the default)" if rates == _body_rates(default) else ""),
                              fmt_interval(t_interval(_values(cell, main_value)), len(cell)),
                              fmt_interval(t_interval(_values(default, main_value)), len(default)), fmt_diff(diff), o])
     facts = {how: tally(outs) for how, outs in outcomes.items()}
@@ -692,6 +693,11 @@ def rates_section(results: Results) -> tuple[list[str], dict[str, Any]]:
                       f"{_count(t['loss'], 'loss')}"
                       + (f", {t['n/a']} without an interval yet" if t["n/a"] else "") + "."]
     return [*lines, "", *_shared_rate_lines(results)], facts
+
+
+def _body_rates(cell: dict[int, dict[str, Any]]) -> list[float]:
+    """The body learning rates a cell's runs trained at (one, unless its seeds differ)."""
+    return sorted({(r.get("learning_rate") or {}).get("body") for r in cell.values()} - {None})
 
 
 def _count(n: int, noun: str) -> str:
