@@ -381,7 +381,8 @@ def test_the_rates_section_sets_the_methods_side_by_side_at_one_shared_rate(tmp_
         for seed in range(3):
             _write_rate_run(tmp_path, "rates", "set", f"{method}-default", seed, falling, default_scores[method][seed])
             _write_rate_run(tmp_path, "nlu", "set", method, seed, falling, own_scores[method][seed])
-    lines, _ = rates_section(read_results(tmp_path))
+    lines, facts = rates_section(read_results(tmp_path))
+    assert facts["shared rate"] == {"lorma-plus": {"win": 1, "tie": 0, "loss": 0, "n/a": 0, "close": 0}}
     start = next(i for i, line in enumerate(lines) if "at the default rate" in line)
     row = next(line for line in lines[start:] if line.startswith("| set |"))
     cells = [c.strip() for c in row.strip("|").split("|")]

@@ -692,7 +692,8 @@ def rates_section(results: Results) -> tuple[list[str], dict[str, Any]]:
             lines += [f"- {how} against the default: {_count(t['win'], 'win')}, {_count(t['tie'], 'tie')}, "
                       f"{_count(t['loss'], 'loss')}"
                       + (f", {t['n/a']} without an interval yet" if t["n/a"] else "") + "."]
-    return [*lines, "", *_shared_rate_lines(results)], facts
+    shared_lines, facts["shared rate"] = _shared_rate_lines(results)
+    return [*lines, "", *shared_lines], facts
 
 
 def _body_rates(cell: dict[int, dict[str, Any]]) -> list[float]:
@@ -704,11 +705,12 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "es" if noun.endswith("s") else "s")
 
 
-def _shared_rate_lines(results: Results) -> list[str]:
+def _shared_rate_lines(results: Results) -> tuple[list[str], dict[str, dict[str, int]]]:
     """The methods against LoRA with both at the default rate, beside the same difference at each one's own
-    range-tested rate (the main runs): whether a method's deficit is the method's or its rate's."""
+    range-tested rate (the main runs): whether a method's deficit is the method's or its rate's. Also the win / tie /
+    loss count at the default rate, per method."""
     flat_main = set(not_learned(results))
-    rows = []
+    rows, outcomes = [], {}
     for d in results.datasets("rates"):
         cells = results.runs["rates"][d]
         ref = cells.get("lora-default")
@@ -723,15 +725,17 @@ def _shared_rate_lines(results: Results) -> list[str]:
             drops = [ref_drop, _largest_drop(results, "rates", d, lab, cells[lab])]
             flat = all(x is not None and x < LEARNED_DROP for x in drops)
             at_own = paired(results.cell("nlu", d, method), results.cell("nlu", d, "lora"), main_value)
+            if not flat:
+                outcomes.setdefault(method, []).append(outcome(at_default))
             rows.append([d, f"{label(method)} - LoRA", fmt_diff(at_default),
                          NOTHING_LEARNED if flat else outcome(at_default), fmt_diff(at_own),
                          NOTHING_LEARNED if d in flat_main else outcome(at_own)])
     if not rows:
-        return []
+        return [], {}
     return ["The methods against LoRA at one shared rate (both at the default, as the paper keeps one rate for all "
             "methods in its Table 16) and at each one's own range-tested rate (the main runs), paired by seed:", "",
             *md_table(["dataset", "difference", "at the default rate", "outcome", "at their own rates", "outcome"],
-                      rows)]
+                      rows)], {m: tally(o) for m, o in outcomes.items()}
 
 
 def claims(profile: Profile, facts: dict[str, Any]) -> list[Claim]:
@@ -753,7 +757,11 @@ def claims(profile: Profile, facts: dict[str, Any]) -> list[Claim]:
                      f"{len(profile.nlu.datasets) if profile.nlu else 0}"
                      + (f" ({', '.join(nlu['not_learned'])} left out: nothing learned there)"
                         if nlu.get("not_learned") else "") + "; final epoch",
-                     f"LoRMA_pi - LoRA: {counts(pi)}; LoRMA+ - LoRA: {counts(plus)}",
+                     f"LoRMA_pi - LoRA: {counts(pi)}; LoRMA+ - LoRA: {counts(plus)}"
+                     # the main runs' rates are each method's own; the rates section also has them at one rate
+                     + "".join(f"; at one shared rate (the default, {sum(t.values()) - t['close']} sets): "
+                               f"{label(m)} - LoRA: {counts(t)}"
+                               for m, t in facts.get("rates", {}).get("shared rate", {}).items()),
                      f"pi competitive: {parity_verdict(pi) if pi else 'no result yet'}; plus ahead of LoRA: "
                      f"{superiority_verdict(plus) if plus else 'no result yet'}"))
     e2e_pi, e2e_plus = nlg["tally"].get("lorma-pi"), nlg["tally"].get("lorma-plus")
