@@ -732,8 +732,8 @@ def _shared_rate_lines(results: Results) -> tuple[list[str], dict[str, dict[str,
                          NOTHING_LEARNED if d in flat_main else outcome(at_own)])
     if not rows:
         return [], {}
-    return ["The methods against LoRA at one shared rate (both at the default, as the paper keeps one rate for all "
-            "methods in its Table 16) and at each one's own range-tested rate (the main runs), paired by seed:", "",
+    return ["The methods against LoRA at one shared rate (both at the default, as the paper's E2E runs share one "
+            "rate, Table 16) and at each one's own range-tested rate (the main runs), paired by seed:", "",
             *md_table(["dataset", "difference", "at the default rate", "outcome", "at their own rates", "outcome"],
                       rows)], {m: tally(o) for m, o in outcomes.items()}
 
