@@ -260,8 +260,7 @@ def plan_table(steps: list[Step], done: set[str], jobs: int = 1) -> tuple[list[s
     left = sum(r[3] for r in rows.values())
     total = sum(r[2] for r in rows.values())
     finished = sum(1 for s in steps if s.key in done)
-    closing = f"{len(steps)} steps, {finished} done; estimated {total / 3600:.1f} CPU hours"
-    closing += (f" in all, {left / 3600:.1f} left: about {left / 3600 / max(jobs, 1):.1f} hours of wall time with "
-                f"--jobs {jobs} (one thread per job) on a machine like the one the costs were measured on" if left else
-                " in all, nothing left")
+    closing = f"{len(steps)} steps, {finished} done; estimated {total / 3600:.1f} CPU hours in all, " + (
+        f"{left / 3600:.1f} left: about {left / 3600 / max(jobs, 1):.1f} hours of wall time with --jobs {jobs} (one "
+        "thread per job) on a machine like the one the costs were measured on" if left else "nothing left")
     return header, table, closing

@@ -138,6 +138,11 @@ def _largest_drop(results: Results, experiment: str, dataset: str, label: str,
     return max(known) if known else None
 
 
+def _none_learned(drops: list[float | None]) -> bool:
+    """Every one of a comparison's cells has a loss log and none fell by :data:`LEARNED_DROP`: nothing to compare."""
+    return all(x is not None and x < LEARNED_DROP for x in drops)
+
+
 def nlg_value(metrics: dict[str, Any], name: str) -> float | None:
     value = (metrics.get("eval") or {}).get(f"eval_{name}")
     return float(value) if isinstance(value, (int, float)) else None
@@ -663,8 +668,7 @@ def rates_section(results: Results) -> tuple[list[str], dict[str, Any]]:
                 if not cell:
                     continue
                 diff = paired(cell, default, main_value)
-                drops = [default_drop, _largest_drop(results, experiment, d, run_label, cell)]
-                if all(x is not None and x < LEARNED_DROP for x in drops):
+                if _none_learned([default_drop, _largest_drop(results, experiment, d, run_label, cell)]):
                     o = NOTHING_LEARNED  # neither rate moved the loss: the difference says nothing about rates
                 else:
                     o = outcome(diff)
@@ -722,8 +726,7 @@ def _shared_rate_lines(results: Results) -> tuple[list[str], dict[str, dict[str,
                 continue
             method = lab[: -len("-default")]
             at_default = paired(cells[lab], ref, main_value)
-            drops = [ref_drop, _largest_drop(results, "rates", d, lab, cells[lab])]
-            flat = all(x is not None and x < LEARNED_DROP for x in drops)
+            flat = _none_learned([ref_drop, _largest_drop(results, "rates", d, lab, cells[lab])])
             at_own = paired(results.cell("nlu", d, method), results.cell("nlu", d, "lora"), main_value)
             if not flat:
                 outcomes.setdefault(method, []).append(outcome(at_default))
@@ -759,8 +762,8 @@ def claims(profile: Profile, facts: dict[str, Any]) -> list[Claim]:
                         if nlu.get("not_learned") else "") + "; final epoch",
                      f"LoRMA_pi - LoRA: {counts(pi)}; LoRMA+ - LoRA: {counts(plus)}"
                      # the main runs' rates are each method's own; the rates section also has them at one rate
-                     + "".join(f"; at one shared rate (the default, {sum(t.values()) - t['close']} sets): "
-                               f"{label(m)} - LoRA: {counts(t)}"
+                     + "".join(f"; at one shared rate (the default, "
+                               f"{t['win'] + t['tie'] + t['loss'] + t['n/a']} sets): {label(m)} - LoRA: {counts(t)}"
                                for m, t in facts.get("rates", {}).get("shared rate", {}).items()),
                      f"pi competitive: {parity_verdict(pi) if pi else 'no result yet'}; plus ahead of LoRA: "
                      f"{superiority_verdict(plus) if plus else 'no result yet'}"))
