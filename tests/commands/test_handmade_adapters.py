@@ -13,7 +13,6 @@ merged weight minus the base weight. What cannot be rebuilt is refused with one 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import pytest
 import torch
 
+import fresh_python
 from recipe_support import make_tiny_bert
 
 TOL = 1e-5
@@ -204,8 +204,7 @@ def matrix(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         argvs += [["merge", str(case.given), str(out / "merged"), *base],
                   ["export", str(case.given), str(out / "lora")],
                   ["analyze", str(case.given), "--no-plots"]]
-    proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(argvs)], capture_output=True, text=True,
-                          timeout=600, cwd=root)
+    proc = fresh_python.run([sys.executable, "-c", DRIVER, json.dumps(argvs)], timeout=600, cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     by_case = {case.name: dict(zip(("merge", "export", "analyze"), results[3 * i: 3 * i + 3], strict=True))

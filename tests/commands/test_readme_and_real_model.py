@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+import fresh_python
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,7 +43,7 @@ def test_readme_quick_start_runs_as_written(tmp_path) -> None:
         + "print(json.dumps({'max_diff': (a - b).abs().max().item(), 'effect': (a - c).abs().max().item(),\n"
         + "                  'layers': len(layers), 'loss': loss.item()}))\n"
     )
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True)
+    proc = fresh_python.run([sys.executable, str(script)], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "out/adapter/adapter_model.safetensors").exists()
     config = (tmp_path / "out/adapter/adapter_config.json").read_text()

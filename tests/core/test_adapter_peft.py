@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import subprocess
 import sys
 import textwrap
 
@@ -11,6 +10,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
+import fresh_python
 from conftest import reference_inflation
 from lorma import LormaConfig
 from lorma.layers.base import LormaLayer
@@ -218,10 +218,9 @@ def test_save_and_load_in_fresh_process_bit_for_bit(tiny_gpt2, tmp_path, inflati
         expected = model(input_ids=ids).logits
     script = tmp_path / "load.py"
     script.write_text(SCRIPT)
-    subprocess.run(
+    fresh_python.run(
         [sys.executable, str(script), base_dir, adapter_dir, tmp_path / "ids.pt", tmp_path / "o.pt"],
         check=True,
-        capture_output=True,
     )
     assert torch.equal(torch.load(tmp_path / "o.pt"), expected)
 

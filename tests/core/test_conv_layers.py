@@ -9,7 +9,6 @@ base convolution with it, so stride, dilation, padding and padding modes are tor
 from __future__ import annotations
 
 import copy
-import subprocess
 import sys
 import textwrap
 import warnings
@@ -20,6 +19,7 @@ import torch
 from peft import get_peft_model
 from torch import nn
 
+import fresh_python
 from conftest import reference_inflation
 from lorma import LormaConfig
 from lorma.layers.conv import Conv
@@ -273,8 +273,8 @@ def test_save_and_load_in_a_fresh_process(tmp_path: Path) -> None:
     torch.save({"x": x, "y": y}, tmp_path / "io.pt")
     script = tmp_path / "load.py"
     script.write_text(LOAD_SCRIPT)
-    result = subprocess.run([sys.executable, str(script), str(tmp_path / "adapter"), str(tmp_path / "io.pt")],
-                            capture_output=True, text=True, timeout=300)
+    result = fresh_python.run([sys.executable, str(script), str(tmp_path / "adapter"), str(tmp_path / "io.pt")],
+                              timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok")
 

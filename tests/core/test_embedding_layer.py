@@ -5,7 +5,6 @@ table is E0 I(BA)^T; and tied embeddings, whose output layer computes E0 I(BA)^T
 from __future__ import annotations
 
 import copy
-import subprocess
 import sys
 import textwrap
 import warnings
@@ -18,6 +17,7 @@ from peft import get_peft_model
 from torch import nn
 from torch.func import functional_call
 
+import fresh_python
 from conftest import reference_inflation
 from lorma import LormaConfig
 from lorma.layers.embedding import Embedding, TiedLinear
@@ -151,8 +151,8 @@ def test_save_and_load_in_a_fresh_process(tmp_path: Path) -> None:
     model.save_pretrained(tmp_path / "adapter")
     torch.save({"ids": ids, "y": model(ids).detach()}, tmp_path / "io.pt")
     (tmp_path / "load.py").write_text(LOAD_LOOKUP)
-    result = subprocess.run([sys.executable, str(tmp_path / "load.py"), str(tmp_path / "adapter"),
-                             str(tmp_path / "io.pt")], capture_output=True, text=True, timeout=300)
+    result = fresh_python.run([sys.executable, str(tmp_path / "load.py"), str(tmp_path / "adapter"),
+                               str(tmp_path / "io.pt")], timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok")
 
@@ -298,8 +298,8 @@ def test_tied_adapter_saves_and_loads_in_a_fresh_process(tmp_path: Path) -> None
         model.save_pretrained(tmp_path / "adapter", save_embedding_layers=False)
     torch.save({"ids": ids, "logits": model(ids).logits.detach()}, tmp_path / "io.pt")
     (tmp_path / "load.py").write_text(TIED_LOAD)
-    result = subprocess.run([sys.executable, str(tmp_path / "load.py"), str(tmp_path / "adapter"),
-                             str(tmp_path / "io.pt")], capture_output=True, text=True, timeout=300)
+    result = fresh_python.run([sys.executable, str(tmp_path / "load.py"), str(tmp_path / "adapter"),
+                               str(tmp_path / "io.pt")], timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok")
 

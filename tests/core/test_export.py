@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
+import fresh_python
 from conftest import reference_inflation
 from lorma import LormaConfig
 from lorma.cli import main
@@ -203,8 +203,7 @@ PLAIN_PEFT = textwrap.dedent(
 def plain_peft_logits(tmp_path: Path, spec: dict, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     torch.save(inputs, tmp_path / "inputs.pt")
     spec = {**spec, "inputs": str(tmp_path / "inputs.pt"), "outputs": str(tmp_path / "outputs.pt")}
-    proc = subprocess.run([sys.executable, "-c", PLAIN_PEFT, json.dumps(spec)], capture_output=True, text=True,
-                          cwd=tmp_path)
+    proc = fresh_python.run([sys.executable, "-c", PLAIN_PEFT, json.dumps(spec)], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(tmp_path / "outputs.pt")
 

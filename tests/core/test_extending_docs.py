@@ -19,6 +19,7 @@ import torch
 from peft import get_peft_model
 from torch import nn
 
+import fresh_python
 from inflation_contract import check_inflation_contract
 from lorma import LormaConfig
 from lorma.inflations import base as inflations_base
@@ -227,7 +228,6 @@ def test_a_built_in_inflation_is_one_file_that_reaches_lorma_train(tmp_path: Pat
     ``__path__``, in a fresh process, so the source tree is not touched) is offered as ``lorma-exp`` by ``lorma
     compare --help`` and trained by ``lorma train``, with no other file edited."""
     import json
-    import subprocess
 
     from recipe_support import make_tiny_bert, sentiment_rows, write_csv
 
@@ -249,7 +249,7 @@ assert "lorma-exp" in helped.getvalue(), helped.getvalue()
 sys.exit(main(["train", "--model", {str(model)!r}, "--train-file", {str(data)!r}, "--output-dir", {str(out)!r},
                "--method", "lorma-exp", "--max-steps", "2", "--per-device-train-batch-size", "8"]))
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    done = fresh_python.run([sys.executable, "-c", script], timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert adapter["inflation"] == "exp" and adapter["peft_type"] == "LORMA"

@@ -4,7 +4,6 @@ memory bounds as LormaConfig fields saved with the adapter."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import textwrap
 
@@ -13,6 +12,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from torch import nn
 
+import fresh_python
 from conftest import reference_inflation
 from inflation_contract import check_inflation_contract
 from lorma import LormaConfig
@@ -216,7 +216,7 @@ def test_bounds_are_saved_with_the_adapter_and_loaded_in_a_fresh_process(tmp_pat
         assert torch.equal(out, torch.load(r"{tmp_path / 'out.pt'}"))
         print("ok")
     """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    done = fresh_python.run([sys.executable, "-c", script], timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
     # an adapter saved before the fields existed loads with the defaults
     del saved["max_dense_bytes"], saved["fft_chunk_bytes"], saved["variant"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from peft import PeftModel, get_peft_model
 from torch.func import functional_call
 from transformers import GptOssConfig, GptOssForCausalLM, MixtralConfig, MixtralForCausalLM
 
+import fresh_python
 from conftest import reference_inflation
 from lorma import LormaConfig, hotswap_adapter
 from lorma.layers.experts import LormaExperts
@@ -206,7 +206,7 @@ model = PeftModel.from_pretrained(base, {str(tmp_path / "adapter")!r}).eval()
 ids = torch.tensor({IDS.tolist()})
 print(json.dumps(model(input_ids=ids).logits.tolist()))
 """
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)
+    run = fresh_python.run([sys.executable, "-c", script], timeout=300, check=False)
     assert run.returncode == 0, run.stderr[-2000:]
     loaded = torch.tensor(json.loads(run.stdout.strip().splitlines()[-1]))
     torch.testing.assert_close(loaded, expected, rtol=1e-5, atol=1e-6)

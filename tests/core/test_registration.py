@@ -10,12 +10,20 @@ from pathlib import Path
 
 import pytest
 
+import fresh_python
+
 ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "transformers", "peft")
 
 
-def _fresh(code: str) -> dict:
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+def _fresh(code: str, heavy_preloaded: bool = False) -> dict:
+    """``code``'s last line of output (JSON) in a new process: a new interpreter, or with ``heavy_preloaded`` a child
+    of a zygote that has imported torch and transformers but neither peft nor lorma (:mod:`fresh_python`), where
+    the test is about peft and lorma alone."""
+    if heavy_preloaded:
+        proc = fresh_python.run([sys.executable, "-c", code], timeout=300, preload=fresh_python.WITHOUT_PEFT)
+    else:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -68,7 +76,8 @@ def test_peft_knows_lorma_whatever_the_import_order(order: str, saved_adapter: P
         f"config = PeftConfig.from_pretrained({str(saved_adapter)!r})\n"
         "hooks = [type(f).__name__ for f in sys.meta_path if type(f).__module__ == 'lorma.peft_method.registration']\n"
         "print(json.dumps({'config': type(config).__name__, 'r': config.r, 'tuner': "
-        "PEFT_TYPE_TO_TUNER_MAPPING['LORMA'].__name__, 'hooks': hooks}))\n"
+        "PEFT_TYPE_TO_TUNER_MAPPING['LORMA'].__name__, 'hooks': hooks}))\n",
+        heavy_preloaded=True,
     )
     assert result == {"config": "LormaConfig", "r": 2, "tuner": "LormaModel", "hooks": []}
 
@@ -76,9 +85,9 @@ def test_peft_knows_lorma_whatever_the_import_order(order: str, saved_adapter: P
 def test_without_import_lorma_peft_cannot_know_it_and_the_docs_say_so(saved_adapter: Path) -> None:
     """The one case lorma cannot reach: a process that never imports it. The README and the model card saved
     with every LoRMA adapter of `lorma train` say what to do."""
-    proc = subprocess.run([sys.executable, "-c", f"from peft import PeftConfig\n"
-                                                 f"PeftConfig.from_pretrained({str(saved_adapter)!r})"],
-                          capture_output=True, text=True, timeout=300)
+    proc = fresh_python.run([sys.executable, "-c", f"from peft import PeftConfig\n"
+                                                   f"PeftConfig.from_pretrained({str(saved_adapter)!r})"],
+                            timeout=300, preload=fresh_python.WITHOUT_PEFT)
     assert proc.returncode != 0 and "KeyError: 'LORMA'" in proc.stderr
     readme = (ROOT / "README.md").read_text()
     assert "KeyError: 'LORMA'" in readme and "import lorma" in readme

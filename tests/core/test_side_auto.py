@@ -4,7 +4,6 @@ config's ``side_pattern`` and saved with the adapter (issue 14)."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import textwrap
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 
+import fresh_python
 from conftest import reference_inflation
 from lorma import LormaConfig
 from lorma.config import cheaper_side
@@ -115,8 +115,8 @@ def test_save_and_load_in_a_fresh_process(tiny_llama, tmp_path) -> None:
         expected = model(input_ids=ids).logits
     script = tmp_path / "load.py"
     script.write_text(LOAD)
-    run = subprocess.run([sys.executable, str(script), base_dir, adapter_dir, tmp_path / "ids.pt",
-                          tmp_path / "out.pt"], check=True, capture_output=True, text=True)
+    run = fresh_python.run([sys.executable, str(script), base_dir, adapter_dir, tmp_path / "ids.pt",
+                            tmp_path / "out.pt"], check=True)
     assert run.stdout.strip() == "post,pre"
     assert torch.equal(torch.load(tmp_path / "out.pt"), expected)
     # the saved pattern is what decides: a hand-edited side no longer fits the saved weights, named

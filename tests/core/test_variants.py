@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
 import sys
 import textwrap
 
@@ -14,6 +13,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from torch import nn
 
+import fresh_python
 from conftest import reference_inflation
 from lorma import LormaConfig
 from lorma.layers.base import LormaLayer
@@ -251,8 +251,8 @@ def test_save_and_load_in_a_fresh_process(tiny_bert, tmp_path, variant: str, inf
         expected = model(input_ids=ids).last_hidden_state
     script = tmp_path / "load.py"
     script.write_text(LOAD_SCRIPT)
-    done = subprocess.run([sys.executable, str(script), base_dir, adapter_dir, tmp_path / "ids.pt", tmp_path / "o.pt"],
-                          capture_output=True, text=True)
+    done = fresh_python.run([sys.executable, str(script), base_dir, adapter_dir, tmp_path / "ids.pt",
+                             tmp_path / "o.pt"])
     assert done.returncode == 0, done.stderr[-2000:]
     assert torch.equal(torch.load(tmp_path / "o.pt"), expected)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import fresh_python
 from lorma.plumbing.errors import DataFormatError, InputError
 from lorma.tasks.chat import heldout_nll
 from lorma.tasks.chat_template import chat_segments, encode_conversation, resolve_chat_template
@@ -143,9 +144,9 @@ def test_model_without_chat_template_is_a_clear_error(tmp_path: Path) -> None:
     # through the command: exit code 2, one line, and no run directory left behind
     data = write_jsonl(tmp_path / "train.jsonl", [{"messages": c} for c in conversations()])
     out = tmp_path / "run"
-    result = subprocess.run([LORMA, "train", "--task", "chat", "--model", str(model), "--train-file", str(data),
-                             "--output-dir", str(out), "--max-steps", "1"], capture_output=True, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    result = fresh_python.run([LORMA, "train", "--task", "chat", "--model", str(model), "--train-file", str(data),
+                               "--output-dir", str(out), "--max-steps", "1"],
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "has no chat template" in result.stderr and "Traceback" not in result.stderr
     assert not out.exists()
@@ -200,7 +201,8 @@ def test_heldout_nll_is_the_per_token_mean_and_packing_gives_the_same(chat_model
     assert padded["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
 
 
-def _train(model: Path, tmp_path: Path, out: Path, *extra: str, command: str = "train") -> subprocess.CompletedProcess:
+def _train(model: Path, tmp_path: Path, out: Path, *extra: str,
+           command: str = "train") -> subprocess.CompletedProcess[str]:
     train = write_jsonl(tmp_path / "train.jsonl", [{"messages": c} for c in conversations() * 3])
     held = write_jsonl(tmp_path / "test.jsonl", [{"messages": c} for c in conversations()[:4]] + [
         {"messages": THREE_TURNS}])
@@ -208,7 +210,7 @@ def _train(model: Path, tmp_path: Path, out: Path, *extra: str, command: str = "
            str(held), "--output-dir", str(out), "--learning-rate", "2e-2", "--per-device-train-batch-size", "4",
            "--r", "4", "--max-seq-length", "96", "--task-option", "max_new_tokens=8", "--report-to", "none", *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    return fresh_python.run(cmd, env=env, timeout=600)
 
 
 def test_lorma_train_task_chat_reports_loss_before_and_after(chat_model: Path, tmp_path: Path) -> None:
