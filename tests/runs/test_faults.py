@@ -15,20 +15,17 @@ import json
 import os
 import random
 import re
-import resource
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import fault_injection as fi
+import fresh_python
 from recipe_support import make_tiny_bert, sentiment_rows, write_csv
 
 pytestmark = pytest.mark.slow
@@ -273,14 +270,15 @@ def test_a_crashed_overwrite_leaves_the_old_run_whole(setup: dict[str, Any]) -> 
 
 FILE_SIZE_LIMIT = 8000  # bytes: above the files a run writes before its first checkpoint's weights, below those
 
-
-def _with_file_size_limit(limit: int) -> Callable[[], None]:
-    """For ``subprocess``'s ``preexec_fn``: writes past ``limit`` bytes fail with EFBIG, as on a full disk (SIGXFSZ
-    ignored, or the kernel would kill the process instead)."""
-    def limit_writes() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
-    return limit_writes
+#: ``lorma <argv>`` in a process whose writes past ``limit`` bytes fail with EFBIG, as on a full disk (SIGXFSZ
+#: ignored, or the kernel would kill the process instead); argv[1]: the limit, then the command's arguments
+LIMITED_LORMA = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), resource.RLIM_INFINITY))
+from lorma.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
 
 
 def test_a_file_size_limit_stops_the_run_with_one_line_and_resume_finishes_it(setup: dict[str, Any]) -> None:
@@ -292,10 +290,9 @@ def test_a_file_size_limit_stops_the_run_with_one_line_and_resume_finishes_it(se
     assert sizes["README.md"] < FILE_SIZE_LIMIT < sizes["adapter_model.safetensors"]  # the premise: as reported
     run = setup["root"] / "file-size-limit" / "run"
     run.parent.mkdir()
-    command = [sys.executable, "-m", "lorma.cli"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    full = subprocess.run([*command, *_train_args(setup, run)], capture_output=True, text=True, env=env,
-                          timeout=600, preexec_fn=_with_file_size_limit(FILE_SIZE_LIMIT))
+    full = fresh_python.run([sys.executable, "-c", LIMITED_LORMA, str(FILE_SIZE_LIMIT), *_train_args(setup, run)],
+                            env=env, timeout=600)
     lines = [line for line in re.split(r"[\r\n]", full.stderr) if line.strip() and "%|" not in line]
     assert full.returncode == 1 and "Traceback" not in full.stderr, full.stderr[-3000:]
     assert len(lines) == 1 and lines[0].startswith("lorma train: error: file too large"), lines
@@ -304,7 +301,7 @@ def test_a_file_size_limit_stops_the_run_with_one_line_and_resume_finishes_it(se
     log = run / "lorma_error.log"
     assert f"(traceback in {log})" in lines[0]
     assert "Traceback" in log.read_text() and "File too large (os error 27)" in log.read_text()
-    resumed = subprocess.run([*command, "train", "--resume", "--output-dir", str(run)], capture_output=True,
-                             text=True, env=env, timeout=600)
+    resumed = fresh_python.run([sys.executable, "-m", "lorma.cli", "train", "--resume", "--output-dir", str(run)],
+                               env=env, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(run, setup["reference"], "a run resumed after its file-size limit was lifted")
