@@ -19,13 +19,19 @@ import pytest
 import torch
 
 import distributed_worker as worker
+import fresh_python
 
 WORKER = str(Path(__file__).parents[1] / "distributed_worker.py")
 
 
-def _run(cmd: list[str]) -> str:
+def _run(cmd: list[str], one_process: bool = False) -> str:
+    """``cmd``'s output; with ``one_process`` in a child of the tests' zygote (:mod:`fresh_python`) instead of a new
+    interpreter (torchrun's ranks are new interpreters)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    if one_process:
+        result = fresh_python.run(cmd, env=env, timeout=900)
+    else:
+        result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stdout
 
@@ -65,7 +71,7 @@ def _check(single: Path, sharded: Path, stdout: str, cases: list[str]) -> None:
 
 def _single_and_sharded(tmp_path: Path, cases: list[str]) -> tuple[Path, Path, str]:
     single, sharded = tmp_path / "single", tmp_path / "sharded"
-    _run([sys.executable, WORKER, str(single), "--cases", ",".join(cases)])
+    _run([sys.executable, WORKER, str(single), "--cases", ",".join(cases)], one_process=True)
     stdout = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", WORKER,
                    str(sharded), "--cases", ",".join(cases)])
     return single, sharded, stdout

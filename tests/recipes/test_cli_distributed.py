@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import fresh_python
 from recipe_support import make_tiny_bert, sentiment_rows, write_csv
 
 LORMA = str(Path(sys.executable).parent / "lorma")
@@ -43,7 +44,7 @@ def test_two_processes_train_one_model(tmp_path: Path) -> None:
     single = cmd[cmd.index("train") - 1 :]
     single[single.index("--output-dir") + 1] = str(one)
     single[single.index("--per-device-train-batch-size") + 1] = "8"
-    result = subprocess.run(single, capture_output=True, text=True, env=env, timeout=600)
+    result = fresh_python.run(single, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     alone = json.loads((one / "metrics.json").read_text())
     assert alone["world_size"] == 1

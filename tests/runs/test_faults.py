@@ -128,10 +128,10 @@ def _choose(events: list[tuple[str, str]], counts: dict[str, int], rng: random.R
 def test_killed_runs_resume_to_the_same_weights(setup: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
     rng = random.Random(SEED)
     plans: list[tuple[str, dict[str, Any] | None, float | None]] = []
-    for number, name in _choose(setup["events"], {"checkpoint": 8, "final save": 4, "loss log": 1, "config": 1},
+    for number, name in _choose(setup["events"], {"checkpoint": 5, "final save": 3, "loss log": 1, "config": 1},
                                 rng):
         plans.append((f"kill in {name}", {"kind": "kill", "event": number, "fraction": rng.random()}, None))
-    for _ in range(6):  # at a random moment: mostly during the steps
+    for _ in range(3):  # at a random moment: mostly during the steps
         plans.append(("kill at a random time", None, rng.uniform(0.5, setup["duration"])))
     outcomes: Counter[str] = Counter()
     for i, (what, plan, delay) in enumerate(plans):
@@ -150,7 +150,7 @@ def test_killed_runs_resume_to_the_same_weights(setup: dict[str, Any], capsys: p
         assert_same_run(run, setup["reference"], f"{what} (plan {plan}, delay {delay})")
     with capsys.disabled():
         print(f"\nfault injection (seed {SEED}): {len(plans)} kills: {dict(outcomes)}")
-    assert outcomes["killed"] >= 15  # the timed kills may land after a short run has finished
+    assert outcomes["killed"] >= 10  # the timed kills may land after a short run has finished
 
 
 def test_full_disk_stops_with_a_message_and_resumes_to_the_same_weights(
@@ -158,7 +158,7 @@ def test_full_disk_stops_with_a_message_and_resumes_to_the_same_weights(
 ) -> None:
     rng = random.Random(SEED + 1)
     outcomes: Counter[str] = Counter()
-    chosen = _choose(setup["events"], {"checkpoint": 9, "final save": 7, "loss log": 3, "config": 1}, rng, WRITES)
+    chosen = _choose(setup["events"], {"checkpoint": 5, "final save": 4, "loss log": 2, "config": 1}, rng, WRITES)
     for i, (number, name) in enumerate(chosen):
         run = setup["root"] / f"enospc-{i}" / "run"
         run.parent.mkdir()
@@ -177,7 +177,7 @@ def test_full_disk_stops_with_a_message_and_resumes_to_the_same_weights(
         assert_same_run(run, setup["reference"], f"ENOSPC in {name} ({plan})")
     with capsys.disabled():
         print(f"\nfault injection (seed {SEED + 1}): {len(chosen)} ENOSPC: {dict(outcomes)}")
-    assert sum(v for k, v in outcomes.items() if k.startswith("ENOSPC")) == 20
+    assert sum(v for k, v in outcomes.items() if k.startswith("ENOSPC")) == 12
 
 
 def test_ctrl_c_says_where_the_run_stopped_and_resumes(setup: dict[str, Any]) -> None:
