@@ -392,11 +392,20 @@ def measure_session(session: Session, plan: Plan, device: torch.device, log: Cal
                 f"({widest[0][1]} / {widest[1][1]}, {widest[0][0]})")
 
     clock = step_clock(device)
-    session.time_log = run_rounds({k: timed_measure(clock, s) for k, s in steps.items()},
-                                  min_rounds=plan.min_rounds, max_rounds=plan.max_rounds, precise=precise,
-                                  budget_s=plan.table_budget_s, warmup_rounds=plan.warmup_rounds, on_round=progress)
-    session.mem_log = run_rounds({k: peak_measure(device, steps[k], models[k]) for k in steps},
-                                 min_rounds=plan.memory_rounds, max_rounds=plan.memory_rounds, seed=1)
+    # every timed step starts after a full collection; what exists now (the models, the libraries) is not garbage,
+    # so it is moved out of the collector's way (gc.freeze) and each collection walks only what the steps made,
+    # not the whole heap of a process that has imported torch and transformers (0.1-0.5 s a collection)
+    gc.collect()
+    gc.freeze()
+    try:
+        session.time_log = run_rounds({k: timed_measure(clock, s) for k, s in steps.items()},
+                                      min_rounds=plan.min_rounds, max_rounds=plan.max_rounds, precise=precise,
+                                      budget_s=plan.table_budget_s, warmup_rounds=plan.warmup_rounds,
+                                      on_round=progress)
+        session.mem_log = run_rounds({k: peak_measure(device, steps[k], models[k]) for k in steps},
+                                     min_rounds=plan.memory_rounds, max_rounds=plan.memory_rounds, seed=1)
+    finally:
+        gc.unfreeze()
     fill_rows(session, {k: sum(p.numel() for p in H.trainable(model)) for k, model in models.items()})
     for work in session.works:
         log(f"  {work.name}: " + ", ".join(f"{m} {r.time_ratio.format()}" for m, r in session.rows[work.name].items()))
