@@ -85,9 +85,9 @@ def test_webnlg_and_dart_default_to_generation_eval() -> None:
 def test_generation_eval_meteor_identical_disjoint_and_best_reference() -> None:
     preds = ["The cat is on the mat.", "x y z"]
     refs = [["a dog barks", "The cat is on the mat."], ["a b c"]]
-    # METEOR 1.5 aggregates over the corpus; one input at a time: identical (one chunk, no fragmentation
-    # penalty) -> 1; nothing in common -> 0
+    # METEOR 1.5 aggregates over the corpus: identical to its best reference (one chunk, no fragmentation
+    # penalty) -> 1; with a second input that has nothing in common with its one reference (the reference file
+    # padded to two per input), strictly between. Each call starts the jar (10 s: its paraphrase table), so two.
     assert score_generation_eval(preds[:1], refs[:1], ["meteor"])["meteor"] == pytest.approx(100.0)
-    assert score_generation_eval(preds[1:], refs[1:], ["meteor"])["meteor"] == pytest.approx(0.0)
     both = score_generation_eval(preds, refs, ["meteor"])["meteor"]
     assert 0.0 < both < 100.0
