@@ -1,6 +1,8 @@
 """The tests' fresh processes (:mod:`fresh_python`): a child of the zygote must be what a new interpreter would be
 for everything the tests rely on: nothing of lorma or of the test's process in it, its own argv, working directory,
-environment, ``sys.path``, standard streams and exit code, and a timeout that kills it."""
+environment, ``sys.path``, standard streams and exit code, and a timeout that kills it. (The zygote without peft is
+checked where it is used: each import-order case of tests/core/test_registration.py first asserts that neither
+peft nor lorma is loaded.)"""
 
 from __future__ import annotations
 
@@ -62,9 +64,3 @@ def test_a_timeout_kills_the_child_and_the_zygote_serves_the_next() -> None:
     with pytest.raises(subprocess.TimeoutExpired):
         fresh_python.run([sys.executable, "-c", "import time; time.sleep(60)"], timeout=1)
     assert fresh_python.run([sys.executable, "-c", "print(6 * 7)"]).stdout == "42\n"
-
-
-def test_the_zygote_without_peft_has_not_imported_it() -> None:
-    code = "import sys; print(sorted(m for m in ('peft', 'lorma', 'transformers') if m in sys.modules))"
-    done = fresh_python.run([sys.executable, "-c", code], preload=fresh_python.WITHOUT_PEFT)
-    assert done.stdout == "['transformers']\n", done.stderr

@@ -70,6 +70,7 @@ ORDERS = {
 def test_peft_knows_lorma_whatever_the_import_order(order: str, saved_adapter: Path) -> None:
     result = _fresh(
         "import json, sys\n"
+        "assert not any(m == name or m.startswith(name + '.') for m in sys.modules for name in ('peft', 'lorma'))\n"
         + ORDERS[order] + "\n"
         "from peft import PeftConfig\n"
         "from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING\n"
