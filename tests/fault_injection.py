@@ -34,8 +34,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-PRELOAD = ["torch", "transformers", "peft", "safetensors.torch", "datasets", "sklearn.model_selection",
-           "lorma", "lorma.recipes.train", "lorma.commands.run_options", "lorma.tasks.classification", "lorma.model"]
+from fresh_python import STACK
+
+#: the third-party stack of the tests' fresh processes, and here lorma's training path too (these children are
+#: runs to break, not fresh processes)
+PRELOAD = [*STACK, "sklearn.model_selection", "lorma", "lorma.recipes.train", "lorma.commands.run_options",
+           "lorma.tasks.classification", "lorma.model"]
 
 
 def context() -> Any:
