@@ -189,3 +189,55 @@ def test_compare_and_train_summaries_name_the_scorer() -> None:
     run = {"method": "lora", "task": "e2e", "seed": 0, "global_step": 1, "trainable_params": 10,
            "total_params": 20, "eval": {"eval_bleu": 60.5}, "data": {"scorer": E2E_SCORER_LABEL}}
     assert f"scorer: {E2E_SCORER_LABEL}" in format_run_summary(run, "runs/x")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="forks")
+def test_the_meteor_jvm_is_kept_for_the_next_call_and_a_forked_copy_leaves_it() -> None:
+    import gc
+
+    from lorma.scoring import java
+
+    hypotheses = ["the cat sat on the mat", "a dog ran"]
+    references = [["the cat is on the mat", "a cat sat on a mat"], ["the dog runs"]]
+    first = java.meteor_stdio_score(hypotheses, references)
+    assert java._kept_meteor is not None
+    owner, kept = java._kept_meteor
+    assert owner == os.getpid() and kept.meteor_p.poll() is None
+    assert java.meteor_stdio_score(hypotheses[:1], references[:1]) != first  # another corpus, its own EVAL
+    assert java.meteor_stdio_score(hypotheses, references) == first
+    assert java._kept_meteor[1] is kept  # no second JVM
+    child = os.fork()
+    if child == 0:  # a forked copy, dropped and collected: its __del__ closes and kills, but only its own
+        java._kept_meteor = None
+        del kept
+        gc.collect()
+        os._exit(0)
+    _, status = os.waitpid(child, 0)
+    assert status == 0
+    assert kept.meteor_p.poll() is None and java._kept_meteor[1] is kept
+    assert java.meteor_stdio_score(hypotheses, references) == first
+
+
+def test_a_meteor_jvm_that_stops_answering_is_an_error_and_is_not_kept() -> None:
+    import threading
+
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    from lorma.scoring import java
+    from lorma.scoring.java import OfficialScorerError
+
+    # in place of the JVM, a process that is alive but has closed its output, as a JVM that died mid-answer has
+    dead = Meteor.__new__(Meteor)
+    dead.meteor_p = subprocess.Popen(["sh", "-c", "exec 1>&-; echo gone >&2; exec sleep 60"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    dead.lock = threading.Lock()
+    before = java._kept_meteor
+    java._kept_meteor = (os.getpid(), dead)
+    try:
+        with pytest.raises(OfficialScorerError, match="METEOR 1.5 failed .*gone"):
+            java.meteor_stdio_score(["a cat"], [["the cat"]])
+        assert dead.meteor_p.wait(timeout=10) is not None  # ended, not left running
+        assert not dead.lock.locked() and java._kept_meteor is None  # the next call starts a new JVM
+    finally:
+        dead.meteor_p.kill()
+        java._kept_meteor = before

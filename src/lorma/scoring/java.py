@@ -16,9 +16,11 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "JAVA_INSTALL_HINT",
@@ -118,27 +120,55 @@ def ptb_tokenize(texts: Sequence[str]) -> list[str]:
     return [" ".join(w for w in line.rstrip().split(" ") if w not in punctuation) for line in lines[: len(texts)]]
 
 
+_METEOR_LOCK = threading.Lock()
+#: (the process that started it, pycocoevalcap's Meteor)
+_kept_meteor: tuple[int, Any] | None = None
+
+
+def _meteor_server() -> Any:
+    """pycocoevalcap's ``Meteor`` (METEOR 1.5 in ``-stdio`` mode, one JVM), started on the first call and kept for
+    the next ones in this process: a start costs about 10 s here (METEOR reads its paraphrase table), scoring a
+    few hundred inputs well under a second, and a process that scores several times (a study's worker, a test
+    session) paid the start every time. Keeping it changes no number: each call sends its own ``SCORE`` lines and
+    an ``EVAL`` over exactly their statistics. A process forked from this one starts a JVM of its own (the pipes
+    are the parent's); a forked copy collected there leaves the parent's JVM alone (``Popen`` signals only its own
+    children). The JVM ends when the process that started it does (its stdin closes). Call with ``_METEOR_LOCK``
+    held."""
+    global _kept_meteor
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    if _kept_meteor is not None:
+        owner, kept = _kept_meteor
+        if owner == os.getpid() and kept.meteor_p.poll() is None:
+            return kept
+    _kept_meteor = (os.getpid(), Meteor())
+    return _kept_meteor[1]
+
+
 def meteor_stdio_score(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> float:
     """Corpus METEOR 1.5 (``-l en -norm``, fraction 0-1) as the E2E scorer computes it: pycocoevalcap's
     ``Meteor`` wrapper, one ``SCORE`` line per input (all its references), then ``EVAL`` over all the
-    statistics (an aggregate over the corpus, not a mean of per-input scores)."""
+    statistics (an aggregate over the corpus, not a mean of per-input scores). The JVM is kept for the next
+    call in this process (:func:`_meteor_server`)."""
+    global _kept_meteor
     find_java()
     _jar("meteor/meteor-1.5.jar")
     _jar("meteor/data/paraphrase-en.gz")
-    from pycocoevalcap.meteor.meteor import Meteor
 
     keys = list(range(len(hypotheses)))
-    scorer = Meteor()
-    try:
-        score, _ = scorer.compute_score(
-            {k: list(references[k]) for k in keys}, {k: [hypotheses[k]] for k in keys}
-        )
-    except (ValueError, OSError) as err:  # the JVM died: its answer is an empty line or a broken pipe
-        scorer.meteor_p.kill()
-        detail = scorer.meteor_p.stderr.read().decode("utf-8", "replace")[-500:]
-        raise OfficialScorerError(f"METEOR 1.5 failed ({err}): {detail}") from None
-    finally:
-        del scorer  # its __del__ ends the JVM
+    with _METEOR_LOCK:
+        scorer = _meteor_server()
+        try:
+            score, _ = scorer.compute_score(
+                {k: list(references[k]) for k in keys}, {k: [hypotheses[k]] for k in keys}
+            )
+        except (ValueError, OSError) as err:  # the JVM died: its answer is an empty line or a broken pipe
+            scorer.meteor_p.kill()
+            detail = scorer.meteor_p.stderr.read().decode("utf-8", "replace")[-500:]
+            if scorer.lock.locked():  # compute_score does not release its lock when it fails
+                scorer.lock.release()
+            _kept_meteor = None  # the next call starts a new JVM
+            raise OfficialScorerError(f"METEOR 1.5 failed ({err}): {detail}") from None
     return float(score)
 
 
