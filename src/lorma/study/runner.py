@@ -49,10 +49,10 @@ FAILURES = "failures.jsonl"
 COST_FILE = "cost.json"
 #: what the forkserver imports before it forks the first child: lorma first (its import hook keeps peft's import
 #: quiet), then what a training or measuring step imports (transformers' Trainer pulls accelerate; peft pulls
-#: bitsandbytes; the classification metrics and the plots); an optional one that is missing is skipped
+#: bitsandbytes; the classification metrics; matplotlib but not pyplot, whose backend each plot sets to Agg first);
+#: an optional one that is missing is skipped
 CHILD_PRELOAD = ("lorma", "torch", "transformers", "transformers.modeling_utils", "transformers.trainer", "peft",
-                 "safetensors.torch", "datasets", "sklearn.metrics", "matplotlib.pyplot", "lorma.model",
-                 "lorma.recipes.train")
+                 "safetensors.torch", "datasets", "sklearn.metrics", "matplotlib", "lorma.model", "lorma.recipes.train")
 #: the environment every child starts with (where not set already): the study reads local files only
 CHILD_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
