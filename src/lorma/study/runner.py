@@ -344,7 +344,7 @@ def _die_with_parent() -> None:
     from multiprocessing.connection import wait
 
     parent = multiprocessing.parent_process()
-    if parent is None or parent.sentinel is None:
+    if parent is None:  # not a child of multiprocessing
         return
 
     def watch() -> None:

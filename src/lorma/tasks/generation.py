@@ -60,7 +60,7 @@ def encode_pair(tokenizer: Any, prompt: str, target: str, max_length: int) -> di
 
 
 _GGUF_LOCK = threading.RLock()
-_gguf_depth = 0
+_gguf_shared = False  # an outer block of this thread (the lock's holder) shares them already
 
 
 @contextlib.contextmanager
@@ -75,19 +75,15 @@ def gguf_parsed_once() -> Iterator[None]:
     because transformers' GGUF loader takes a path, never a parsed file. The two names are put back on the ``gguf``
     module when the outermost block ends; blocks nest, and one thread at a time holds them.
     """
-    global _gguf_depth
+    global _gguf_shared
     try:
         import gguf
     except ImportError:  # transformers' GGUF loader says what to install
         yield
         return
     with _GGUF_LOCK:
-        if _gguf_depth:
-            _gguf_depth += 1
-            try:
-                yield
-            finally:
-                _gguf_depth -= 1
+        if _gguf_shared:  # nested: the outer block restores gguf when it ends
+            yield
             return
         reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
         parsed: dict[tuple[str, str], Any] = {}
@@ -99,11 +95,11 @@ def gguf_parsed_once() -> Iterator[None]:
             return parsed[key]
 
         gguf.GGUFReader, gguf.get_tensor_name_map = parse_once, functools.lru_cache(maxsize=None)(name_map)
-        _gguf_depth = 1
+        _gguf_shared = True
         try:
             yield
         finally:
-            _gguf_depth = 0
+            _gguf_shared = False
             gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
 
 
