@@ -34,12 +34,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fresh_python import STACK
+from lorma.study.runner import CHILD_PRELOAD
 
-#: the third-party stack of the tests' fresh processes, and here lorma's training path too (these children are
-#: runs to break, not fresh processes)
-PRELOAD = [*STACK, "sklearn.model_selection", "lorma", "lorma.recipes.train", "lorma.commands.run_options",
-           "lorma.tasks.classification", "lorma.model"]
+#: what the study's forkserver preloads (a process has one forkserver, so whichever starts it first, both kinds of
+#: child find the training stack imported), and the command line's path into a classification run
+PRELOAD = [*CHILD_PRELOAD, "sklearn.model_selection", "lorma.commands.run_options", "lorma.tasks.classification"]
 
 
 def context() -> Any:
